@@ -1,0 +1,1 @@
+"""Stage 1: corpus → embeddings → index build job."""

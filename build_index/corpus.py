@@ -1,0 +1,174 @@
+"""Corpus reading: files → normalised, deduplicated prompts, streamed, with every skipped row counted.
+
+Supported: .txt (one prompt a line), .csv / .tsv / .parquet (a named column). Deterministic order: files
+in the order given (each glob sorted), rows in file order, so shard N is the same prompts on every run.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from img2prompt.errors import UserError
+
+TEXT_SUFFIXES = (".txt",)
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+DEFAULT_MAX_CHARS = 4000
+READ_CHUNK_ROWS = 50_000
+
+# Why a row is skipped; the build summary lists each count.
+SKIP_EMPTY = "empty"
+SKIP_DUPLICATE = "duplicate"
+SKIP_INVALID_UTF8 = "invalid_utf8"
+SKIP_NUL = "nul_byte"
+SKIP_TOO_LONG = "too_long"
+SKIP_NULL = "null"
+
+
+@dataclass
+class CorpusReport:
+    files: list[str] = field(default_factory=list)
+    read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"files": self.files, "read": self.read, "kept": self.kept,
+                "skipped": {reason: self.skipped[reason] for reason in sorted(self.skipped)}}
+
+
+def normalise_prompt(text: str) -> str:
+    """Collapse all whitespace runs (CR, LF, tabs, NBSP…) into single spaces and strip the ends."""
+    return " ".join(text.split())
+
+
+def dedup_key(prompt: str) -> int:
+    """8-byte hash of the case- and whitespace-insensitive form: compact enough for tens of millions."""
+    return int.from_bytes(hashlib.blake2b(normalise_prompt(prompt).casefold().encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest(), "little")
+
+
+def expand_corpus_paths(patterns: Iterable[str]) -> list[Path]:
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise UserError(f"corpus pattern matched no file: {pattern}")
+        for match in matches:
+            path = Path(match)
+            if not path.is_file():
+                raise UserError(f"corpus file not found: {match}")
+            if path.suffix.lower() not in TEXT_SUFFIXES + TABLE_SUFFIXES:
+                raise UserError(f"{match}: unsupported corpus format {path.suffix!r} "
+                                f"(use {', '.join(TEXT_SUFFIXES + TABLE_SUFFIXES)})")
+            if path not in paths:
+                paths.append(path)
+    return paths
+
+
+def file_fingerprint(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+RawRow = tuple[str | None, str | None]  # (text, None) or (None, skip reason)
+
+
+def _raw_text_rows(path: Path) -> Iterator[RawRow]:
+    """Lines of a text file, BOM and CRLF handled; a line that is not valid UTF-8 is a skip."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle):
+            if number == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8"), None
+            except UnicodeDecodeError:
+                yield None, SKIP_INVALID_UTF8
+
+
+def _check_column(path: Path, column: str, columns: list[str]) -> None:
+    if column not in columns:
+        raise UserError(f"{path}: no column {column!r}; its columns are {', '.join(map(repr, columns))} "
+                        "(choose one with --column)")
+
+
+def _raw_table_rows(path: Path, column: str) -> Iterator[RawRow]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:
+            raise UserError(f"{path}: not a readable parquet file ({exc})") from exc
+        _check_column(path, column, parquet.schema_arrow.names)
+        for batch in parquet.iter_batches(columns=[column], batch_size=READ_CHUNK_ROWS):
+            for value in batch.column(0).to_pylist():
+                yield (None, SKIP_NULL) if value is None else (str(value), None)
+        return
+    import pandas as pd
+
+    if path.stat().st_size == 0:
+        return
+    separator = "\t" if suffix == ".tsv" else ","
+    try:
+        header = pd.read_csv(path, sep=separator, nrows=0, encoding="utf-8-sig", encoding_errors="replace")
+        _check_column(path, column, [str(name) for name in header.columns])
+        # surrogateescape keeps undecodable bytes visible so the row can be skipped and counted.
+        reader = pd.read_csv(path, sep=separator, usecols=[column], dtype=str, keep_default_na=False,
+                             na_values=[], encoding="utf-8-sig", encoding_errors="surrogateescape",
+                             chunksize=READ_CHUNK_ROWS)
+        for chunk in reader:
+            for value in chunk[column].tolist():
+                yield (None, SKIP_INVALID_UTF8) if _has_surrogates(value) else (value, None)
+    except pd.errors.ParserError as exc:
+        raise UserError(f"{path}: cannot parse as {'TSV' if separator == chr(9) else 'CSV'}: {exc}") from exc
+
+
+def _has_surrogates(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def iter_prompts(paths: list[Path], column: str = "prompt", report: CorpusReport | None = None,
+                 max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[str]:
+    """Yield each kept prompt once, in order; count every read row and each skip reason in `report`."""
+    report = report if report is not None else CorpusReport()
+    seen: set[int] = set()
+    for path in paths:
+        report.files.append(str(path))
+        is_text = path.suffix.lower() in TEXT_SUFFIXES
+        rows = _raw_text_rows(path) if is_text else _raw_table_rows(path, column)
+        for raw, skip_reason in rows:
+            report.read += 1
+            if skip_reason:
+                report.skipped[skip_reason] += 1
+                continue
+            if "\x00" in raw:
+                report.skipped[SKIP_NUL] += 1
+                continue
+            prompt = normalise_prompt(raw)
+            if not prompt:
+                report.skipped[SKIP_EMPTY] += 1
+                continue
+            if len(prompt) > max_chars:
+                report.skipped[SKIP_TOO_LONG] += 1
+                continue
+            key = dedup_key(prompt)
+            if key in seen:
+                report.skipped[SKIP_DUPLICATE] += 1
+                continue
+            seen.add(key)
+            report.kept += 1
+            yield prompt
+
+
+def corpus_size_bytes(paths: list[Path]) -> int:
+    return sum(os.path.getsize(path) for path in paths)

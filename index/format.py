@@ -1,0 +1,314 @@
+"""The on-disk index format. The only module that knows file names, dtypes and the manifest schema.
+
+    INDEX_DIR/
+      manifest.json        format version, state, models (+ weight sha256), dims, count, files + checksums
+      prompts.parquet      id (int64), prompt (string); row i is prompt id i
+      minilm.f16           float16 [count, text_dim], L2-normalised scorer embeddings, row i ↔ prompt id i
+      clip.f16             float16 [count, clip_dim], L2-normalised CLIP text embeddings (exact re-rank, recall)
+      minilm_mean.npy      float32 [text_dim], mean of the MiniLM rows (the corpus-mean prediction)
+      clip.faiss           FAISS index over the CLIP vectors, inner product, ids = prompt ids
+      shards/NNNNN.*       row-aligned shards while a build runs (deleted once the index is complete)
+
+Every file is written to NAME.tmp, fsynced and renamed. A shard exists only once the manifest lists it,
+and the index loads only when the manifest says state == "complete": a crashed build never loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from img2prompt.atomic import atomic_path, write_atomic, write_json_atomic
+from img2prompt.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROMPTS = "prompts.parquet"
+MINILM = "minilm.f16"
+CLIP_VECTORS = "clip.f16"
+MINILM_MEAN = "minilm_mean.npy"
+FAISS = "clip.faiss"
+SHARDS = "shards"
+STATE_BUILDING = "building"
+STATE_COMPLETE = "complete"
+VECTOR_DTYPE = np.float16
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prompts_sha256(prompts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(prompt.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def read_manifest(root: Path) -> dict | None:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: manifest is not valid JSON ({exc})") from exc
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    write_atomic(path, lambda handle: np.save(handle, array, allow_pickle=False))
+
+
+def _save_prompts(path: Path, first_id: int, prompts: list[str]) -> None:
+    table = pa.table({"id": pa.array(np.arange(first_id, first_id + len(prompts), dtype=np.int64)),
+                      "prompt": pa.array(prompts, type=pa.string())})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+@dataclass
+class Shard:
+    """One completed shard: rows [first_id, first_id + count) of the index."""
+    number: int
+    first_id: int
+    count: int
+    prompts_sha256: str
+    clip_truncated: int = 0  # prompts cut to CLIP's context in this shard
+
+    def path(self, root: Path, kind: str) -> Path:
+        return shard_path(root, self.number, kind)
+
+
+def shard_path(root: Path, number: int, kind: str) -> Path:
+    suffix = {"prompts": ".parquet", "clip": ".clip.npy", "minilm": ".minilm.npy"}[kind]
+    return Path(root) / SHARDS / f"{number:05d}{suffix}"
+
+
+class IndexWriter:
+    """Writes an index directory shard by shard; `resume=True` continues a crashed build.
+
+    `build` is the part of the manifest that must not change across a resume (models, corpus files,
+    shard size, column): resuming with anything different is refused rather than mixing two builds.
+    """
+
+    def __init__(self, root: str | Path, build: dict, *, resume: bool = False, overwrite: bool = False):
+        self.root = Path(root)
+        existing = read_manifest(self.root) if self.root.is_dir() else None
+        if existing and existing.get("state") == STATE_COMPLETE and not overwrite:
+            raise UserError(f"{self.root} already holds a complete index: pass --overwrite to replace it")
+        if resume and existing and existing.get("state") == STATE_BUILDING:
+            if existing.get("build") != build:
+                changed = sorted(key for key in set(build) | set(existing.get("build", {}))
+                                 if build.get(key) != existing.get("build", {}).get(key))
+                raise UserError(f"{self.root}: cannot resume, the build settings differ from the interrupted "
+                                f"build ({', '.join(changed)}); rerun without --resume to start over")
+            self.manifest = existing
+        else:
+            if self.root.exists() and any(self.root.iterdir()) and existing is None and not overwrite:
+                raise UserError(f"{self.root} exists, is not empty and is not an index: choose another --out")
+            self._clear()
+            self.manifest = {"format_version": FORMAT_VERSION, "state": STATE_BUILDING, "build": build,
+                             "shards": [], "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            self._save_manifest()
+
+    def _clear(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest = self.root / MANIFEST
+        if manifest.exists():
+            manifest.unlink()  # first, so a half-cleared folder never looks complete
+        for name in (PROMPTS, MINILM, CLIP_VECTORS, MINILM_MEAN, FAISS):
+            (self.root / name).unlink(missing_ok=True)
+        shutil.rmtree(self.root / SHARDS, ignore_errors=True)
+
+    def _save_manifest(self) -> None:
+        write_json_atomic(self.root / MANIFEST, self.manifest)
+
+    @property
+    def shards(self) -> list[Shard]:
+        return [Shard(**record) for record in self.manifest["shards"]]
+
+    @property
+    def rows_written(self) -> int:
+        return sum(shard.count for shard in self.shards)
+
+    def write_shard(self, prompts: list[str], clip: np.ndarray, minilm: np.ndarray, clip_truncated: int = 0) -> Shard:
+        if not (len(prompts) == len(clip) == len(minilm)):
+            raise ValueError(f"shard rows disagree: {len(prompts)} prompts, {len(clip)} clip, {len(minilm)} minilm")
+        shard = Shard(number=len(self.manifest["shards"]), first_id=self.rows_written, count=len(prompts),
+                      prompts_sha256=prompts_sha256(prompts), clip_truncated=clip_truncated)
+        (self.root / SHARDS).mkdir(exist_ok=True)
+        _save_prompts(shard.path(self.root, "prompts"), shard.first_id, prompts)
+        _save_array(shard.path(self.root, "clip"), np.asarray(clip, dtype=VECTOR_DTYPE))
+        _save_array(shard.path(self.root, "minilm"), np.asarray(minilm, dtype=VECTOR_DTYPE))
+        # Only now does the shard exist: the manifest is the commit point.
+        self.manifest["shards"].append(shard.__dict__)
+        self._save_manifest()
+        return shard
+
+    def iter_shard_arrays(self, kind: str) -> Iterator[np.ndarray]:
+        for shard in self.shards:
+            yield np.load(shard.path(self.root, kind), mmap_mode="r")
+
+    def consolidate(self) -> tuple[int, int, int]:
+        """Concatenate shards into prompts.parquet, minilm.f16, clip.f16 and minilm_mean.npy (streamed)."""
+        count = self.rows_written
+        if count == 0:
+            raise UserError("the corpus holds no usable prompt: nothing to index")
+        clip_dim = self._concat_vectors("clip", CLIP_VECTORS)
+        text_dim = self._concat_vectors("minilm", MINILM)
+        total = np.zeros(text_dim, dtype=np.float64)
+        for block in self.iter_shard_arrays("minilm"):
+            total += block.astype(np.float64).sum(axis=0)
+        _save_array(self.root / MINILM_MEAN, (total / count).astype(np.float32))
+        with atomic_path(self.root / PROMPTS) as tmp:
+            writer = None
+            for shard in self.shards:
+                table = pq.read_table(shard.path(self.root, "prompts"))
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+            writer.close()
+        return count, clip_dim, text_dim
+
+    def _concat_vectors(self, kind: str, name: str) -> int:
+        dim = None
+        with atomic_path(self.root / name) as tmp:
+            with open(tmp, "wb") as handle:
+                for block in self.iter_shard_arrays(kind):
+                    dim = dim or block.shape[1]
+                    handle.write(np.ascontiguousarray(block, dtype=VECTOR_DTYPE).tobytes())
+        return int(dim)
+
+    def vectors(self, kind: str) -> np.memmap:
+        """The consolidated vectors (after consolidate()) as a read-only memmap."""
+        name = {"clip": CLIP_VECTORS, "minilm": MINILM}[kind]
+        dim = next(self.iter_shard_arrays(kind)).shape[1]
+        return np.memmap(self.root / name, dtype=VECTOR_DTYPE, mode="r", shape=(self.rows_written, dim))
+
+    @property
+    def faiss_path(self) -> Path:
+        return self.root / FAISS
+
+    def complete(self, info: dict) -> dict:
+        """Write the final manifest (the commit point of the whole build), then drop the shards."""
+        files = {name: file_record(self.root / name) for name in (PROMPTS, MINILM, CLIP_VECTORS, MINILM_MEAN, FAISS)}
+        manifest = {"format_version": FORMAT_VERSION, "state": STATE_COMPLETE,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info,
+                    "build": self.manifest["build"], "files": files}
+        write_json_atomic(self.root / MANIFEST, manifest)
+        shutil.rmtree(self.root / SHARDS, ignore_errors=True)
+        self.manifest = manifest
+        return manifest
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+@dataclass
+class PromptIndex:
+    """A complete index opened for reading; vectors are memory-mapped, the rest loads on first use."""
+    root: Path
+    manifest: dict
+    _faiss: Any = field(default=None, repr=False)
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def clip_dim(self) -> int:
+        return int(self.manifest["models"]["clip"]["dim"])
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.manifest["models"]["text"]["dim"])
+
+    @property
+    def clip_identity(self) -> dict:
+        return self.manifest["models"]["clip"]
+
+    @property
+    def text_identity(self) -> dict:
+        return self.manifest["models"]["text"]
+
+    @cached_property
+    def minilm(self) -> np.memmap:
+        return np.memmap(self.root / MINILM, dtype=VECTOR_DTYPE, mode="r", shape=(self.count, self.text_dim))
+
+    @cached_property
+    def clip_vectors(self) -> np.memmap:
+        return np.memmap(self.root / CLIP_VECTORS, dtype=VECTOR_DTYPE, mode="r", shape=(self.count, self.clip_dim))
+
+    @cached_property
+    def minilm_mean(self) -> np.ndarray:
+        return np.load(self.root / MINILM_MEAN)
+
+    @cached_property
+    def prompts(self) -> list[str]:
+        table = pq.read_table(self.root / PROMPTS, columns=["prompt"])
+        if table.num_rows != self.count:
+            raise UserError(f"{self.root / PROMPTS}: {table.num_rows} prompts, manifest says {self.count}")
+        return table.column("prompt").to_pylist()
+
+    def prompt_rows(self, ids: np.ndarray) -> list[str]:
+        prompts = self.prompts
+        return [prompts[int(i)] for i in ids]
+
+    @property
+    def faiss_path(self) -> Path:
+        return self.root / FAISS
+
+
+def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
+    """Open a complete index; sizes are always checked, sha256 checksums too with verify=True."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"index folder not found: {root}")
+    if not root.is_dir():
+        raise UserError(f"{root} is not an index folder")
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise UserError(f"{root} is not an index: no {MANIFEST}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise UserError(f"{root / MANIFEST}: no format_version: not an img2prompt index")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{root} has index format {version}, newer than this img2prompt reads "
+                        f"({FORMAT_VERSION}): upgrade img2prompt")
+    if manifest.get("state") != STATE_COMPLETE:
+        raise UserError(f"{root} holds an unfinished build ({len(manifest.get('shards', []))} shards done): "
+                        "finish it with `img2prompt build ... --resume`")
+    index = PromptIndex(root=root, manifest=manifest)
+    expected_bytes = {MINILM: index.count * index.text_dim * 2, CLIP_VECTORS: index.count * index.clip_dim * 2}
+    for name, record in manifest["files"].items():
+        path = root / name
+        if not path.is_file():
+            raise UserError(f"{root}: index file {name} is missing")
+        size = path.stat().st_size
+        if size != record["bytes"] or size != expected_bytes.get(name, size):
+            raise UserError(f"{path}: {size} bytes, the manifest expects {record['bytes']} "
+                            f"({index.count} rows): the index is damaged, rebuild it")
+        if verify and file_sha256(path) != record["sha256"]:
+            raise UserError(f"{path}: sha256 differs from the manifest: the file is damaged, rebuild the index")
+    prompt_rows = pq.ParquetFile(root / PROMPTS).metadata.num_rows
+    if prompt_rows != index.count:
+        raise UserError(f"{root / PROMPTS}: {prompt_rows} prompts, the manifest says {index.count}: rebuild the index")
+    return index

@@ -1,0 +1,84 @@
+"""Image files → decoded RGB images, safely: every failure becomes a named, counted reason, never a crash.
+
+imgId = file stem. Handles upper-case extensions, EXIF rotation, CMYK / palette / alpha / 16-bit modes,
+and refuses decompression bombs before decoding them (Pillow checks the header size first).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from img2prompt.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_PIXELS = 2 * 89_478_485  # Pillow's own bomb limit (2 × MAX_IMAGE_PIXELS): ~179 MP, e.g. 13k × 13k
+
+
+class ImageDecodeError(Exception):
+    """An image that cannot be used; the message is the reason shown in reports."""
+
+
+@dataclass
+class ImageListing:
+    paths: dict[str, Path]  # imgId → file, in sorted id order
+    duplicates: dict[str, list[Path]] = field(default_factory=dict)  # imgId → files not used
+
+
+def list_images(folder: str | Path) -> ImageListing:
+    """All images under `folder` (not recursive), keyed by stem; a stem seen twice keeps the first by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"images folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths: dict[str, Path] = {}
+    duplicates: dict[str, list[Path]] = {}
+    for path in files:
+        if path.stem in paths:
+            duplicates.setdefault(path.stem, []).append(path)
+        else:
+            paths[path.stem] = path
+    return ImageListing(paths=dict(sorted(paths.items())), duplicates=duplicates)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits (a plain convert clips everything above 255 to white).
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)  # transparent areas become white, not black
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode one image as RGB, EXIF orientation applied; raises ImageDecodeError with the reason."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise ImageDecodeError(f"too large ({width}×{height} pixels, limit {MAX_PIXELS:,})")
+                image.load()
+                image = ImageOps.exif_transpose(image) or image
+                return _to_rgb(image)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"too large ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageDecodeError("not an image Pillow can read") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
+        raise ImageDecodeError(f"corrupt image ({str(exc).splitlines()[0][:120]})") from exc
