@@ -119,7 +119,7 @@ def _raw_table_rows(path: Path, column: str) -> Iterator[RawRow]:
         header = pd.read_csv(path, sep=separator, nrows=0, encoding="utf-8-sig", encoding_errors="replace")
         _check_column(path, column, [str(name) for name in header.columns])
         # surrogateescape keeps undecodable bytes visible so the row can be skipped and counted.
-        reader = pd.read_csv(path, sep=separator, usecols=[column], dtype=str, keep_default_na=False,
+        reader = pd.read_csv(path, sep=separator, usecols=[column], dtype=object, keep_default_na=False,
                              na_values=[], encoding="utf-8-sig", encoding_errors="surrogateescape",
                              chunksize=READ_CHUNK_ROWS)
         for chunk in reader:

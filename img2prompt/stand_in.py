@@ -1,0 +1,39 @@
+"""A tiny open_clip model with random weights, written as a `local-dir:` folder (config + weights).
+
+For offline smoke runs and the tests only: it goes through exactly the loading path of a real checkpoint
+folder, but its retrievals are meaningless. Never judge quality or tune defaults with it.
+
+    python -m img2prompt.stand_in out/tiny-clip
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+
+def write_tiny_clip(folder: str | Path, seed: int = 0, config: dict | None = None) -> Path:
+    """Write open_clip_config.json + open_clip_pytorch_model.bin (random weights from `seed`) to `folder`."""
+    import open_clip
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config or TINY_CLIP_CONFIG
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**config)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}, indent=2))
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m img2prompt.stand_in OUT_FOLDER")
+    print(write_tiny_clip(sys.argv[1]))

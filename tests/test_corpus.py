@@ -1,0 +1,83 @@
+"""Corpus reading: formats, normalisation, dedup, and hostile input skipped and counted per reason."""
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from img2prompt.build_index.corpus import CorpusReport, expand_corpus_paths, iter_prompts
+from img2prompt.errors import UserError
+
+
+def read(paths, column="prompt", max_chars=4000):
+    report = CorpusReport()
+    prompts = list(iter_prompts([*paths], column, report, max_chars))
+    return prompts, report
+
+
+def test_normalise_and_dedup_across_files(tmp_path):
+    (tmp_path / "a.txt").write_text("a  red\tfox\n\nA Red Fox\nblue bird\n", encoding="utf-8")
+    pd.DataFrame({"prompt": ["blue   bird", "green frog", ""], "other": [1, 2, 3]}).to_csv(tmp_path / "b.csv", index=False)
+    prompts, report = read([tmp_path / "a.txt", tmp_path / "b.csv"])
+    assert prompts == ["a red fox", "blue bird", "green frog"]
+    assert (report.read, report.kept) == (7, 3)
+    assert dict(report.skipped) == {"empty": 2, "duplicate": 2}
+
+
+def test_tsv_and_parquet_with_nulls(tmp_path):
+    pd.DataFrame({"text": ["one", "two"]}).to_csv(tmp_path / "a.tsv", sep="\t", index=False)
+    pq.write_table(pa.table({"text": pa.array(["three", None, "one"])}), tmp_path / "b.parquet")
+    prompts, report = read([tmp_path / "a.tsv", tmp_path / "b.parquet"], column="text")
+    assert prompts == ["one", "two", "three"]
+    assert dict(report.skipped) == {"null": 1, "duplicate": 1}
+
+
+def test_missing_column_names_file_and_columns(tmp_path):
+    pd.DataFrame({"caption": ["x"], "id": [1]}).to_csv(tmp_path / "c.csv", index=False)
+    with pytest.raises(UserError, match=r"c\.csv: no column 'prompt'; its columns are 'caption', 'id'"):
+        read([tmp_path / "c.csv"])
+    pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "d.parquet")
+    with pytest.raises(UserError, match=r"d\.parquet: no column 'prompt'; its columns are 'caption'"):
+        read([tmp_path / "d.parquet"])
+
+
+def test_hostile_text_file(tmp_path):
+    data = (b"\xef\xbb\xbffirst prompt\r\n"      # BOM + CRLF
+            b"bad \xff\xfe bytes\n"               # not UTF-8
+            b"nul\x00inside\n"                    # NUL byte
+            + b"x" * 100_000 + b"\n"              # very long line
+            b"caf\xc3\xa9 au lait\r\n"            # valid UTF-8, CRLF
+            b"first prompt\n")                    # duplicate after BOM removal
+    (tmp_path / "h.txt").write_bytes(data)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    prompts, report = read([tmp_path / "h.txt", tmp_path / "empty.txt"])
+    assert prompts == ["first prompt", "café au lait"]
+    assert report.read == 6
+    assert dict(report.skipped) == {"invalid_utf8": 1, "nul_byte": 1, "too_long": 1, "duplicate": 1}
+
+
+def test_invalid_utf8_in_csv_is_counted(tmp_path):
+    (tmp_path / "x.csv").write_bytes(b"prompt\ngood one\nbad \xff one\n")
+    prompts, report = read([tmp_path / "x.csv"])
+    assert prompts == ["good one"] and report.skipped["invalid_utf8"] == 1
+
+
+def test_millions_of_duplicates_keep_one(tmp_path):
+    (tmp_path / "d.txt").write_text("same prompt\n" * 200_000 + "other\n", encoding="utf-8")
+    prompts, report = read([tmp_path / "d.txt"])
+    assert prompts == ["same prompt", "other"]
+    assert report.skipped["duplicate"] == 199_999
+
+
+def test_globs_sorted_and_bad_paths(tmp_path):
+    for name in ("b.txt", "a.txt"):
+        (tmp_path / name).write_text(name + "\n")
+    assert [p.name for p in expand_corpus_paths([str(tmp_path / "*.txt")])] == ["a.txt", "b.txt"]
+    with pytest.raises(UserError, match="matched no file"):
+        expand_corpus_paths([str(tmp_path / "*.csv")])
+    with pytest.raises(UserError, match="corpus file not found"):
+        expand_corpus_paths([str(tmp_path / "missing.txt")])
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(UserError, match="unsupported corpus format '.json'"):
+        expand_corpus_paths([str(tmp_path / "x.json")])

@@ -1,0 +1,80 @@
+"""Model loading: local folders and checkpoint files go through open_clip's real loading path; identity is
+the weights' sha256; bad names fail with a clear message."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from img2prompt.errors import UserError
+from img2prompt.models import load_clip, resolve_device, weights_sha256
+
+
+def test_local_dir_loads_the_checkpoint_weights(tiny_clip_dir, clip):
+    saved = torch.load(tiny_clip_dir / "open_clip_pytorch_model.bin", weights_only=True)
+    loaded = clip.model.state_dict()
+    assert set(saved) == set(loaded)
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, loaded[name]), name
+    assert clip.dim == 64 and clip.context_length == 77
+    assert clip.name.startswith("local-dir:")
+
+
+def test_identity_is_content_not_path(tmp_path, tiny_clip_dir, other_clip_dir, clip):
+    copy = shutil.copytree(tiny_clip_dir, tmp_path / "elsewhere")
+    assert load_clip(f"local-dir:{copy}").sha256 == clip.sha256
+    assert load_clip(str(other_clip_dir)).sha256 != clip.sha256
+    assert len(clip.sha256) == 64
+
+
+def test_architecture_name_with_checkpoint_file(tmp_path, tiny_clip_dir, clip):
+    """The Kaggle form `--clip-model ARCH --clip-pretrained FILE`, with the tiny config registered as ARCH."""
+    import open_clip
+
+    config = json.loads((tiny_clip_dir / "open_clip_config.json").read_text())["model_cfg"]
+    (tmp_path / "tiny-test-arch.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "tiny-test-arch.json")
+    loaded = load_clip("tiny-test-arch", str(tiny_clip_dir / "open_clip_pytorch_model.bin"))
+    assert loaded.sha256 == clip.sha256
+
+
+@pytest.mark.parametrize("name, pretrained, message", [
+    ("ViT-B-32", None, "needs weights: pass --clip-pretrained"),
+    ("ViT-B-32", "/no/such/file.bin", "CLIP checkpoint file not found: /no/such/file.bin"),
+    ("no-such-arch", "openai", "unknown open_clip model 'no-such-arch'"),
+])
+def test_bad_clip_names_are_clear_errors(name, pretrained, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        load_clip(name, pretrained)
+
+
+def test_hub_name_offline_fails_with_local_path_hint():
+    with pytest.raises(UserError) as error:
+        load_clip("ViT-B-32", "openai")
+    assert "--clip-pretrained /kaggle/input/" in str(error.value)
+
+
+def test_folder_without_weights_is_refused(tmp_path, tiny_clip_dir):
+    shutil.copy(tiny_clip_dir / "open_clip_config.json", tmp_path / "open_clip_config.json")
+    with pytest.raises(UserError, match="holds no weights file"):
+        load_clip(str(tmp_path))
+
+
+def test_cuda_asked_without_cuda_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match="no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_weights_sha256_changes_with_any_weight():
+    layer = torch.nn.Linear(3, 2)
+    before = weights_sha256(layer)
+    with torch.no_grad():
+        layer.weight[0, 0] += 1e-6
+    assert weights_sha256(layer) != before
+    assert np.isfinite(layer.weight.detach().numpy()).all()
