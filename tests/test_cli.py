@@ -1,0 +1,68 @@
+"""The console script end to end in subprocesses, and argument errors: one line, exit code 2, no traceback."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import DATA, run_cli
+
+
+def test_end_to_end_build_submit_search_eval(tmp_path, tiny_clip_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join((DATA / "prompts.txt").read_text().splitlines()[:120]) + "\n")
+    index = tmp_path / "index"
+    built = run_cli("build", corpus, "--out", index, "--clip-model", tiny_clip_dir, "--shard-size", "50", "--json")
+    assert built.returncode == 0, built.stderr
+    summary = json.loads(built.stdout)
+    assert summary["count"] == 120 and summary["corpus"]["kept"] == 120
+
+    out = tmp_path / "submission.csv"
+    submitted = run_cli("submit", index, DATA / "images", "--out", out, "--k", "4", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    report = json.loads(submitted.stdout)
+    assert report["images"] == 6 and report["predicted"] == 6
+    frame = pd.read_csv(out)
+    assert len(frame) == 6 * 384 and frame["imgId_eId"].iloc[0] == "sample00_0"
+
+    query = corpus.read_text().splitlines()[7]
+    searched = run_cli("search", index, "--text", query, "--k", "3", "--json")
+    assert searched.returncode == 0, searched.stderr
+    entries = json.loads(searched.stdout)
+    assert entries[0]["query"] == query
+    assert [sorted(r) for r in entries[0]["results"]] == [["id", "prompt", "rank", "score"]] * 3
+    assert entries[0]["results"][0]["prompt"] == query and entries[0]["results"][0]["id"] == 7
+
+    table = run_cli("search", index, "--image", DATA / "images" / "sample00.png", "--k", "2")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith(f"query: {DATA / 'images' / 'sample00.png'}") and "    1  " in table.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["submit", "{index}", "{images}", "--k", "0"], "--k must be at least 1 (got 0)"),
+    (["submit", "{index}", "{images}", "--temperature", "-1"], "--temperature must be > 0 (got -1.0)"),
+    (["submit", "{index}", "{images}", "--k", "100000"], "--k 100000 is larger than the index (160 prompts)"),
+    (["submit", "{tmp}/nowhere", "{images}"], "index folder not found: {tmp}/nowhere"),
+    (["submit", "{tmp}", "{images}"], "{tmp} is not an index: no manifest.json"),
+    (["submit", "{index}", "{tmp}/no-images"], "images folder not found: {tmp}/no-images"),
+    (["build", "{tmp}/none.txt", "--out", "{tmp}/x", "--clip-model", "ViT-B-32"], "corpus file not found"),
+    (["search", "{index}", "--image", "{tmp}/none.png"], "image not found: {tmp}/none.png"),
+])
+def test_argument_errors_are_one_line_exit_2(args, message, built_index, sample_images, tmp_path):
+    values = {"index": built_index, "images": sample_images, "tmp": tmp_path}
+    result = run_cli(*[arg.format(**values) for arg in args])
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert lines[-1].startswith(f"img2prompt {args[0]}: error: ")
+    assert message.format(**values) in lines[-1]
+
+
+def test_help_lists_commands_and_examples():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("build", "submit", "search", "eval"):
+        assert command in result.stdout
+    submit_help = run_cli("submit", "--help").stdout
+    assert "--sample-submission" in submit_help and "examples:" in submit_help and "provisional" in submit_help

@@ -1,0 +1,87 @@
+"""Hostile images: each decodable one is predicted, each undecodable one is named with its reason."""
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from img2prompt.query.images import ImageDecodeError, list_images, load_image
+from img2prompt.query.submit import SubmitOptions, run_submit
+
+
+def png_bytes(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hostile_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    full = png_bytes(rgb)
+    (folder / "truncated.png").write_bytes(full[: len(full) // 2])
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.jpg").write_bytes(b"this is not an image at all\n" * 10)
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    palette = rgb.convert("P")
+    palette.info["transparency"] = 0
+    palette.save(folder / "palette.png", transparency=0)
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("LA").save(folder / "la.png")
+    Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)).save(folder / "sixteen.png")
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(folder / "tiny.png")
+    Image.new("L", (10_000, 10_000), 128).save(folder / "huge.png", optimize=False)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    Image.new("RGB", (60, 20), (0, 128, 255)).save(folder / "rotated.jpg", exif=exif.tobytes())
+    rgb.save(folder / "UPPER.PNG")
+    rgb.save(folder / "dup.png")
+    rgb.save(folder / "dup.jpg")
+    # A decompression bomb: a tiny file whose header claims 20000 × 20000 pixels.
+    Image.new("1", (20_000, 20_000)).save(folder / "bomb.png", optimize=True)
+    return folder
+
+
+def test_modes_are_converted_sensibly(hostile_folder):
+    assert load_image(hostile_folder / "cmyk.jpg").mode == "RGB"
+    assert load_image(hostile_folder / "la.png").mode == "RGB"
+    rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    rgba.save(hostile_folder / "clear.png")
+    assert load_image(hostile_folder / "clear.png").getpixel((0, 0)) == (255, 255, 255)  # transparent → white
+    sixteen = np.asarray(load_image(hostile_folder / "sixteen.png"))
+    assert sixteen.max() > 100 and sixteen.min() < 10  # scaled, not clipped to white
+    assert load_image(hostile_folder / "rotated.jpg").size == (20, 60)  # EXIF orientation applied
+    assert load_image(hostile_folder / "huge.png").size == (10_000, 10_000)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("truncated.png", "corrupt image"), ("zero.png", "empty file (0 bytes)"),
+    ("text.jpg", "not an image Pillow can read"), ("bomb.png", "too large")])
+def test_undecodable_images_have_reasons(hostile_folder, name, reason):
+    with pytest.raises(ImageDecodeError, match=re.escape(reason)):
+        load_image(hostile_folder / name)
+
+
+def test_listing_upper_case_and_duplicate_stems(hostile_folder):
+    listing = list_images(hostile_folder)
+    assert "UPPER" in listing.paths
+    assert listing.paths["dup"].name == "dup.jpg"  # first by name
+    assert [p.name for p in listing.duplicates["dup"]] == ["dup.png"]
+
+
+def test_submit_over_hostile_folder_is_complete(built_index, hostile_folder, tmp_path):
+    out = tmp_path / "submission.csv"
+    report = run_submit(SubmitOptions(index=str(built_index), images=str(hostile_folder), out=str(out),
+                                      device="cpu", progress=False, k=3))
+    assert set(report.failed) == {"truncated", "zero", "text", "bomb"}
+    assert report.failed["zero"] == "empty file (0 bytes)"
+    assert report.predicted == report.images - 4
+    assert [p.split("/")[-1] for p in report.duplicate_files] == ["dup.png"]
+    frame = pd.read_csv(out)
+    assert len(frame) == report.images * 384
+    assert np.isfinite(frame["val"]).all()
