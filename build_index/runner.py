@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index import ann
 from img2prompt.index.format import IndexWriter, prompts_sha256
+from img2prompt.memory import release_free_memory
 from img2prompt.models import load_clip, load_text_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,11 @@ class PhaseTimer:
         return _Phase()
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
     while batch := list(itertools.islice(items, size)):
         yield batch
@@ -116,7 +123,9 @@ def run_build(options: BuildOptions) -> BuildResult:
             writer.write_shard(batch, clip_result.vectors, minilm, clip_result.truncated)
         truncated += clip_result.truncated
         bar.update(len(batch))
+        release_free_memory()
     bar.close()
+    memory = {"peak_rss_mib_after_encode": peak_rss_mib()}
     if len(finished) and report.kept < writer.rows_written:
         raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
 
@@ -138,6 +147,7 @@ def run_build(options: BuildOptions) -> BuildResult:
     if recall["recall"] < ann.RECALL_WARN:
         log.warning("recall@%d of the %s index is %.3f (< %.2f): consider --index flat or a larger "
                     "--max-memory", recall["k"], plan.kind, recall["recall"], ann.RECALL_WARN)
+    memory["peak_rss_mib_at_end"] = peak_rss_mib()
     corpus_report = report.as_dict()
     corpus_report["clip_truncated"] = truncated
     timings = {name: round(seconds, 3) for name, seconds in timer.seconds.items()}
@@ -153,6 +163,7 @@ def run_build(options: BuildOptions) -> BuildResult:
                           "max_memory": max_memory, "seed": options.seed},
         "timings_s": timings,
         "rates": {"prompts_per_s": round(new_rows / encode_seconds, 1) if encode_seconds else None},
+        "memory": memory,
     })
     log.info("built %s: %d prompts in %s", Path(options.out), count, timings)
     return BuildResult(manifest=manifest, report=corpus_report, timings=timings)

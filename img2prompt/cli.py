@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 from img2prompt.errors import UserError
+from img2prompt.memory import fix_mmap_threshold
 
 EPILOG_BUILD = """examples:
   img2prompt build data/prompts.txt --out out/index --clip-model ViT-L-14 \\
@@ -72,6 +73,11 @@ def _add_blend_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"shrinkage towards the corpus-mean vector, 0..1 (default {DEFAULT_ALPHA})")
 
 
+def _add_image_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--workers", type=int, help="image decoding workers (default: 8 on GPU, 0 on CPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="img2prompt",
@@ -114,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--explain", metavar="CSV", help="also write each image's top prompts, scores, weights")
     submit.add_argument("--strict", action="store_true",
                         help="fail on an undecodable image instead of giving it the corpus-mean prediction")
-    submit.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    submit.add_argument("--workers", type=int, help="image decoding workers (default: 8 on GPU, 0 on CPU)")
+    _add_image_flags(submit)
     submit.add_argument("--verify", action="store_true", help="check the index files' sha256 before use")
     submit.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_blend_flags(submit)
@@ -146,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.add_argument("--exclude-exact", action="store_true",
                           help="drop corpus prompts identical to the true prompt before ranking (leakage guard)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--workers", type=int)
+    _add_image_flags(evaluate)
     _add_blend_flags(evaluate)
     _add_model_flags(evaluate, for_build=False)
     return parser
@@ -157,6 +161,13 @@ def _overrides(args):
     from img2prompt.query.session import ModelOverrides
 
     return ModelOverrides(args.clip_model, args.clip_pretrained, args.text_model)
+
+
+def _retrieval_settings(args) -> dict:
+    """The RetrievalSettings fields that submit and eval share."""
+    return {"k": args.k, "temperature": args.temperature, "alpha": args.alpha, "models": _overrides(args),
+            "device": args.device, "batch_size": args.batch_size, "workers": args.workers,
+            "progress": not args.quiet}
 
 
 def cmd_build(args) -> None:
@@ -189,9 +200,7 @@ def cmd_submit(args) -> None:
 
     report = run_submit(SubmitOptions(
         index=args.index, images=args.images, out=args.out, sample_submission=args.sample_submission,
-        k=args.k, temperature=args.temperature, alpha=args.alpha, explain=args.explain, models=_overrides(args),
-        device=args.device, batch_size=args.batch_size, workers=args.workers, strict=args.strict,
-        verify=args.verify, progress=not args.quiet))
+        explain=args.explain, strict=args.strict, verify=args.verify, **_retrieval_settings(args)))
     if args.json:
         print(json.dumps(report.__dict__, indent=2))
         return
@@ -218,10 +227,8 @@ def cmd_eval(args) -> None:
     from img2prompt.query.evaluate import EvalOptions, format_report, run_eval
 
     report = run_eval(EvalOptions(
-        index=args.index, labels=args.labels, images=args.images, k=args.k, temperature=args.temperature,
-        alpha=args.alpha, sweep=args.sweep, plot=args.plot, out=args.out, exclude_exact=args.exclude_exact,
-        models=_overrides(args), device=args.device, batch_size=args.batch_size, workers=args.workers,
-        progress=not args.quiet))
+        index=args.index, labels=args.labels, images=args.images, sweep=args.sweep, plot=args.plot, out=args.out,
+        exclude_exact=args.exclude_exact, **_retrieval_settings(args)))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 
@@ -229,6 +236,7 @@ COMMANDS = {"build": cmd_build, "submit": cmd_submit, "search": cmd_search, "eva
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    fix_mmap_threshold()  # flat build memory under glibc; see img2prompt/memory.py
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,

@@ -33,6 +33,39 @@ def write_tiny_clip(folder: str | Path, seed: int = 0, config: dict | None = Non
     return folder
 
 
+def write_tiny_text_model(folder: str | Path, dim: int = 32, seed: int = 0) -> Path:
+    """A sentence-transformers folder with MiniLM's tokenizer and a 1-layer random BERT of width `dim`.
+
+    A stand-in for speed and memory benches of the build only (it is not the scorer: its vectors mean
+    nothing and a submission needs the real 384-d all-MiniLM-L6-v2).
+    """
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from img2prompt.models import default_text_model_path
+
+    source, folder = Path(default_text_model_path()), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "sentence_bert_config.json", "modules.json", "config_sentence_transformers.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=dim, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=dim * 2, max_position_embeddings=512)
+    BertModel(config).save_pretrained(folder)
+    for sub in ("1_Pooling", "2_Normalize"):
+        if (source / sub).is_dir():
+            shutil.copytree(source / sub, folder / sub, dirs_exist_ok=True)
+    pooling = folder / "1_Pooling" / "config.json"
+    settings = json.loads(pooling.read_text())
+    settings["word_embedding_dimension"] = dim
+    pooling.write_text(json.dumps(settings, indent=2))
+    return folder
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m img2prompt.stand_in OUT_FOLDER")

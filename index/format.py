@@ -116,6 +116,9 @@ class IndexWriter:
         existing = read_manifest(self.root) if self.root.is_dir() else None
         if existing and existing.get("state") == STATE_COMPLETE and not overwrite:
             raise UserError(f"{self.root} already holds a complete index: pass --overwrite to replace it")
+        if existing and existing.get("state") == STATE_BUILDING and not (resume or overwrite):
+            raise UserError(f"{self.root} holds an unfinished build ({len(existing.get('shards', []))} shards done): "
+                            "pass --resume to continue it or --overwrite to start over")
         if resume and existing and existing.get("state") == STATE_BUILDING:
             if existing.get("build") != build:
                 changed = sorted(key for key in set(build) | set(existing.get("build", {}))
@@ -262,15 +265,29 @@ class PromptIndex:
         return np.load(self.root / MINILM_MEAN)
 
     @cached_property
-    def prompts(self) -> list[str]:
-        table = pq.read_table(self.root / PROMPTS, columns=["prompt"])
-        if table.num_rows != self.count:
-            raise UserError(f"{self.root / PROMPTS}: {table.num_rows} prompts, manifest says {self.count}")
-        return table.column("prompt").to_pylist()
+    def _prompt_column(self) -> pa.ChunkedArray:
+        # Arrow strings: ~1 byte a character, not a Python object per prompt (10M prompts stay cheap).
+        column = pq.read_table(self.root / PROMPTS, columns=["prompt"]).column("prompt")
+        if len(column) != self.count:
+            raise UserError(f"{self.root / PROMPTS}: {len(column)} prompts, manifest says {self.count}")
+        return column
 
-    def prompt_rows(self, ids: np.ndarray) -> list[str]:
-        prompts = self.prompts
-        return [prompts[int(i)] for i in ids]
+    @property
+    def prompts(self) -> list[str]:
+        """Every prompt as a Python list (small indexes, tests); prefer prompt_rows / iter_prompt_batches."""
+        return self._prompt_column.to_pylist()
+
+    def prompt_rows(self, ids) -> list[str]:
+        """The prompts with these ids (an id < 0, i.e. no neighbour, gives "")."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        found = self._prompt_column.take(pa.array(np.where(ids < 0, 0, ids))).to_pylist()
+        return [prompt if i >= 0 else "" for prompt, i in zip(found, ids)]
+
+    def iter_prompt_batches(self, size: int = 100_000) -> Iterator[tuple[int, list[str]]]:
+        """(first id, prompts) in id order, a batch at a time."""
+        column = self._prompt_column
+        for start in range(0, len(column), size):
+            yield start, column.slice(start, size).to_pylist()
 
     @property
     def faiss_path(self) -> Path:

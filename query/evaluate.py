@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +21,11 @@ from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index import ann
 from img2prompt.models import load_text_model
-from img2prompt.query.blend import (DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE, check_blend_args,
-                                    corpus_mean_prediction)
+from img2prompt.query.blend import check_blend_args, corpus_mean_prediction
 from img2prompt.query.images import list_images
-from img2prompt.query.predict import Retrieved, blend_neighbours, retrieve_images
+from img2prompt.query.predict import RetrievalSettings, Retrieved, blend_neighbours, retrieve_images
 from img2prompt.query.search import Neighbours
-from img2prompt.query.session import ModelOverrides, QuerySession, open_session
+from img2prompt.query.session import QuerySession, open_session
 
 SWEEP_K = (1, 2, 3, 5, 10, 20, 30, 50, 100)
 SWEEP_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
@@ -37,22 +36,14 @@ BOOTSTRAP_SAMPLES = 1000
 
 
 @dataclass
-class EvalOptions:
+class EvalOptions(RetrievalSettings):
     index: str
     labels: str
     images: str | None = None
-    k: int = DEFAULT_K
-    temperature: float = DEFAULT_TEMPERATURE
-    alpha: float = DEFAULT_ALPHA
     sweep: bool = False
     plot: str | None = None
     out: str | None = None
     exclude_exact: bool = False
-    models: ModelOverrides = field(default_factory=ModelOverrides)
-    device: str = "auto"
-    batch_size: int = 64
-    workers: int | None = None
-    progress: bool = True
     sweep_k: tuple = SWEEP_K
     sweep_temperature: tuple = SWEEP_TEMPERATURE
     sweep_alpha: tuple = SWEEP_ALPHA
@@ -105,10 +96,11 @@ def exact_matches(session: QuerySession, true_prompts: list[str]) -> list[set[in
     matches: list[set[int]] = [set() for _ in true_prompts]
     keys = [dedup_key(prompt) for prompt in true_prompts]
     by_key: dict[int, set[int]] = {}
-    for prompt_id, prompt in enumerate(session.index.prompts):
-        key = dedup_key(prompt)
-        if key in wanted:
-            by_key.setdefault(key, set()).add(prompt_id)
+    for first_id, prompts in session.index.iter_prompt_batches():
+        for offset, prompt in enumerate(prompts):
+            key = dedup_key(prompt)
+            if key in wanted:
+                by_key.setdefault(key, set()).add(first_id + offset)
     for row, key in enumerate(keys):
         matches[row] = by_key.get(key, set())
     return matches

@@ -10,32 +10,24 @@ import time
 from dataclasses import dataclass, field
 import numpy as np
 from img2prompt.errors import UserError
-from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE, check_blend_args, softmax_weights
+from img2prompt.query.blend import check_blend_args, softmax_weights
 from img2prompt.query.images import list_images
-from img2prompt.query.predict import blend_neighbours, retrieve_images
-from img2prompt.query.session import ModelOverrides, open_session
+from img2prompt.query.predict import RetrievalSettings, blend_neighbours, retrieve_images
+from img2prompt.query.session import open_session
 from img2prompt.query.submission import EMBED_DIM, read_sample_submission, write_explain, write_submission
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SubmitOptions:
+class SubmitOptions(RetrievalSettings):
     index: str
     images: str
     out: str = "submission.csv"
     sample_submission: str | None = None
-    k: int = DEFAULT_K
-    temperature: float = DEFAULT_TEMPERATURE
-    alpha: float = DEFAULT_ALPHA
     explain: str | None = None
-    models: ModelOverrides = field(default_factory=ModelOverrides)
-    device: str = "auto"
-    batch_size: int = 64
-    workers: int | None = None
     strict: bool = False
     verify: bool = False
-    progress: bool = True
 
 
 @dataclass
@@ -85,7 +77,7 @@ def run_submit(options: SubmitOptions) -> SubmitReport:
         weights = np.zeros_like(result.neighbours.scores)
         ok = (result.neighbours.ids >= 0).all(axis=1)
         weights[ok] = softmax_weights(result.neighbours.scores[ok], options.temperature)
-        prompts = [[session.index.prompts[i] if i >= 0 else "" for i in row] for row in result.neighbours.ids]
+        prompts = [session.index.prompt_rows(row) for row in result.neighbours.ids]
         write_explain(options.explain, image_ids, result.neighbours.scores, result.neighbours.ids, weights, prompts)
     return SubmitReport(
         out=str(options.out), images=len(image_ids), predicted=len(image_ids) - len(result.failed),

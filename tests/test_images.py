@@ -85,3 +85,13 @@ def test_submit_over_hostile_folder_is_complete(built_index, hostile_folder, tmp
     frame = pd.read_csv(out)
     assert len(frame) == report.images * 384
     assert np.isfinite(frame["val"]).all()
+
+
+def test_search_reports_a_bad_image_and_answers_the_rest(built_index, hostile_folder):
+    from img2prompt.query.lookup import SearchOptions, format_table, run_search
+
+    entries = run_search(SearchOptions(index=str(built_index), device="cpu", k=2,
+                                       images=[str(hostile_folder / "zero.png"), str(hostile_folder / "tiny.png")]))
+    assert entries[0]["error"] == "empty file (0 bytes)" and entries[0]["results"] == []
+    assert [r["rank"] for r in entries[1]["results"]] == [1, 2] and "error" not in entries[1]
+    assert "  error: empty file (0 bytes)" in format_table(entries)

