@@ -25,7 +25,7 @@ from img2prompt.errors import UserError
 from img2prompt.index import ann
 from img2prompt.index.format import IndexWriter, prompts_sha256
 from img2prompt.memory import release_free_memory
-from img2prompt.models import load_clip, load_text_model, resolve_device
+from img2prompt.models import ClipModel, TextModel, load_clip, load_text_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +101,49 @@ def run_build(options: BuildOptions) -> BuildResult:
     build_key = {"models": models, "corpus": [file_fingerprint(path) for path in paths],
                  "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars}
     writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
-    finished = writer.shards
-    if finished:
-        log.info("resuming after %d complete shards (%d prompts)", len(finished), writer.rows_written)
+    resumed_rows = writer.rows_written
+    if resumed_rows:
+        log.info("resuming after %d complete shards (%d prompts)", len(writer.shards), resumed_rows)
+    corpus = CorpusReport()
+    prompts = iter_prompts(paths, options.column, corpus, options.max_chars)
+    report = encode_shards(writer, prompts, corpus, clip, text_model, options, timer)
+    memory = {"peak_rss_mib_after_encode": peak_rss_mib()}
+    if corpus.kept < writer.rows_written:
+        raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
+    count, faiss_info = build_and_check_faiss(writer, options, timer)
+    memory["peak_rss_mib_at_end"] = peak_rss_mib()
+    timings = {name: round(seconds, 3) for name, seconds in timer.seconds.items()}
+    encode_seconds = timings.get("encode_clip", 0) + timings.get("encode_minilm", 0)
+    manifest = writer.complete({
+        "count": count,
+        "metric": "inner_product",
+        "models": models,
+        "faiss": faiss_info,
+        "corpus": report,
+        "build_options": {"batch_size": options.batch_size, "device": str(device), "index": options.index,
+                          "max_memory": options.max_memory, "seed": options.seed},
+        "timings_s": timings,
+        "rates": {"prompts_per_s": round((count - resumed_rows) / encode_seconds, 1) if encode_seconds else None},
+        "memory": memory,
+    })
+    log.info("built %s: %d prompts in %s", Path(options.out), count, timings)
+    return BuildResult(manifest=manifest, report=report, timings=timings)
 
-    report = CorpusReport()
-    prompts = iter_prompts(paths, options.column, report, options.max_chars)
+
+def encode_shards(writer: IndexWriter, prompts: Iterator[str], corpus: CorpusReport, clip: ClipModel,
+                  text_model: TextModel, options: BuildOptions, timer: PhaseTimer) -> dict:
+    """Encode and commit every shard the writer does not have yet; returns the corpus report.
+
+    Shards already committed (a resume) are re-read from the corpus only to check they are unchanged.
+    """
+    finished = writer.shards
     truncated = sum(shard.clip_truncated for shard in finished)
     bar = tqdm(total=None, unit="prompt", desc="encode", disable=not options.progress, dynamic_ncols=True)
     for number, batch in enumerate(_batched(prompts, options.shard_size)):
         if number < len(finished):
             if prompts_sha256(batch) != finished[number].prompts_sha256:
                 raise UserError(f"{options.out}: cannot resume, the corpus no longer gives the same prompts for "
-                                f"shard {number}; rerun without --resume")
+                                f"shard {number}; rerun with --overwrite to start over")
             continue
         with timer.phase("encode_clip"):
             clip_result = clip_text_embeddings(clip, batch, options.batch_size)
@@ -125,15 +155,15 @@ def run_build(options: BuildOptions) -> BuildResult:
         bar.update(len(batch))
         release_free_memory()
     bar.close()
-    memory = {"peak_rss_mib_after_encode": peak_rss_mib()}
-    if len(finished) and report.kept < writer.rows_written:
-        raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
+    return {**corpus.as_dict(), "clip_truncated": truncated}
 
+
+def build_and_check_faiss(writer: IndexWriter, options: BuildOptions, timer: PhaseTimer) -> tuple[int, dict]:
+    """Consolidate the shards, build the planned FAISS index from them, measure its recall."""
     with timer.phase("consolidate"):
-        count, clip_dim, text_dim = writer.consolidate()
+        count, clip_dim, _ = writer.consolidate()
     vectors = writer.vectors("clip")
-    max_memory = options.max_memory
-    plan = ann.plan_index(count, clip_dim, options.index, max_memory)
+    plan = ann.plan_index(count, clip_dim, options.index, options.max_memory)
     log.info("index %s (%s), about %.1f MiB", plan.kind, plan.reason, plan.estimated_bytes / 2**20)
     with timer.phase("build_faiss"):
         faiss_bar = tqdm(total=count, unit="vec", desc=f"faiss {plan.kind}", disable=not options.progress)
@@ -142,28 +172,10 @@ def run_build(options: BuildOptions) -> BuildResult:
         ann.write_faiss(faiss_index, writer.faiss_path)
     plan_info = ann.plan_dict(plan)
     with timer.phase("recall"):
+        # Tunes efSearch / nprobe to the recall target and stores the chosen value in plan_info.
         recall = ann.measure_recall(faiss_index, plan_info, vectors, queries=options.recall_queries,
-                                    seed=options.seed)
+                                    seed=options.seed, target=ann.RECALL_WARN)
     if recall["recall"] < ann.RECALL_WARN:
         log.warning("recall@%d of the %s index is %.3f (< %.2f): consider --index flat or a larger "
                     "--max-memory", recall["k"], plan.kind, recall["recall"], ann.RECALL_WARN)
-    memory["peak_rss_mib_at_end"] = peak_rss_mib()
-    corpus_report = report.as_dict()
-    corpus_report["clip_truncated"] = truncated
-    timings = {name: round(seconds, 3) for name, seconds in timer.seconds.items()}
-    encode_seconds = timings.get("encode_clip", 0) + timings.get("encode_minilm", 0)
-    new_rows = count - sum(shard.count for shard in finished)
-    manifest = writer.complete({
-        "count": count,
-        "metric": "inner_product",
-        "models": models,
-        "faiss": {**plan_info, "file": "clip.faiss", "recall_at_10": recall},
-        "corpus": corpus_report,
-        "build_options": {"batch_size": options.batch_size, "device": str(device), "index": options.index,
-                          "max_memory": max_memory, "seed": options.seed},
-        "timings_s": timings,
-        "rates": {"prompts_per_s": round(new_rows / encode_seconds, 1) if encode_seconds else None},
-        "memory": memory,
-    })
-    log.info("built %s: %d prompts in %s", Path(options.out), count, timings)
-    return BuildResult(manifest=manifest, report=corpus_report, timings=timings)
+    return count, {**plan_info, "file": writer.faiss_path.name, "recall_at_10": recall}

@@ -28,6 +28,13 @@ HNSW_EF_SEARCH = 128
 RERANK_FACTOR = 8  # approximate indexes fetch k * this many candidates, then re-rank them exactly
 ADD_CHUNK = 65_536
 RECALL_WARN = 0.95
+# Search settings that trade speed for recall, tried in order when tuning to a recall target. For IVF-PQ
+# the re-rank depth matters as much as nprobe: PQ distances blur near neighbours in tight clusters.
+SEARCH_STEPS = {
+    "hnsw": [{"ef_search": ef} for ef in (128, 256, 512, 1024, 2048, 4096)],
+    "ivfpq": [{"nprobe": nprobe, "rerank": rerank}
+              for nprobe, rerank in ((32, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256))],
+}
 
 
 @dataclass
@@ -111,7 +118,7 @@ def build_faiss(plan: IndexPlan, vectors: np.ndarray, *, seed: int = 0,
         index = faiss.IndexIVFPQ(quantizer, dim, plan.params["nlist"], plan.params["m"], plan.params["nbits"],
                                  faiss.METRIC_INNER_PRODUCT)
         # Train on a seeded random sample, not the first rows (corpora are often sorted by source).
-        sample_size = min(count, max(256 * plan.params["nlist"] // 4, 50_000))
+        sample_size = min(count, max(50_000, 64 * plan.params["nlist"]))  # FAISS wants 39–256 per list
         sample_ids = np.sort(np.random.default_rng(seed).choice(count, size=sample_size, replace=False))
         index.train(np.ascontiguousarray(vectors[sample_ids], dtype=np.float32))
     else:
@@ -187,7 +194,7 @@ def search(index, plan: dict, queries: np.ndarray, k: int, vectors: np.ndarray):
         scores, ids = index.search(queries, k)
         return scores, ids
     _configure(index, plan)
-    candidates = min(index.ntotal, k * RERANK_FACTOR)
+    candidates = min(index.ntotal, k * plan.get("params", {}).get("rerank", RERANK_FACTOR))
     _, candidate_ids = index.search(queries, candidates)
     safe_ids = np.where(candidate_ids < 0, 0, candidate_ids)
     exact = np.einsum("qd,qcd->qc", queries, vectors[safe_ids.ravel()].astype(np.float32).reshape(
@@ -197,33 +204,56 @@ def search(index, plan: dict, queries: np.ndarray, k: int, vectors: np.ndarray):
     return np.take_along_axis(exact, order, axis=1), np.take_along_axis(candidate_ids, order, axis=1)
 
 
-def measure_recall(index, plan: dict, vectors: np.ndarray, *, queries: int = 1000, k: int = 10,
-                   seed: int = 0) -> dict:
-    """recall@k of the index (with its re-rank) against exact search, on queries that are not in the index.
+def recall_queries(vectors: np.ndarray, queries: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Query sets for recall: "held_out" (not in the index) and "in_index" (indexed vectors themselves).
 
     Real queries are images, which sit away from every text vector (the CLIP modality gap); a query equal
-    to an indexed vector flatters approximate indexes. So each query is an indexed vector pushed off the
-    text manifold (cosine ≈ 0.5 to its source, random direction); the in-index figure is kept beside it.
+    to an indexed vector flatters approximate indexes. So each held-out query is an indexed vector pushed
+    off the text manifold (cosine 0.5 to its source, random orthogonal direction).
     """
-    count, dim = vectors.shape
     rng = np.random.default_rng(seed)
-    source = np.sort(rng.choice(count, size=min(queries, count), replace=False))
+    source = np.sort(rng.choice(len(vectors), size=min(queries, len(vectors)), replace=False))
     base = np.asarray(vectors[source], dtype=np.float32)
     noise = rng.standard_normal(base.shape).astype(np.float32)
-    noise -= (noise * base).sum(1, keepdims=True) * base  # orthogonal to the source vector
+    noise -= (noise * base).sum(1, keepdims=True) * base
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-    held_out = base * 0.5 + noise * math.sqrt(1 - 0.25)
-    result = {"k": k, "queries": len(source), "seed": seed}
-    for name, query in (("held_out", held_out), ("in_index", base)):
-        if plan.get("kind") == "flat":
-            result[name] = 1.0  # flat search is exact by construction
-            continue
-        _, truth = exact_search(vectors, query, min(k, count))
-        _, found = search(index, plan, query, min(k, count), vectors)
-        hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist()))
-        result[name] = hits / truth.size
-    result["recall"] = min(result["held_out"], result["in_index"])
-    return result
+    return {"held_out": base * 0.5 + noise * math.sqrt(1 - 0.25), "in_index": base}
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist())) / truth.size
+
+
+def measure_recall(index, plan: dict, vectors: np.ndarray, *, queries: int = 1000, k: int = 10,
+                   seed: int = 0, target: float | None = None) -> dict:
+    """recall@k of the index (with its re-rank) against exact search, held-out and in-index queries.
+
+    With `target`, the search settings (SEARCH_STEPS: HNSW efSearch; IVF nprobe and re-rank depth) are
+    raised step by step until both recalls reach it (or the last step); the chosen ones go into plan["params"].
+    """
+    count = len(vectors)
+    k = min(k, count)
+    query_sets = recall_queries(vectors, queries, seed)
+    result = {"k": k, "queries": len(query_sets["held_out"]), "seed": seed}
+    if plan.get("kind") == "flat":
+        return {**result, "held_out": 1.0, "in_index": 1.0, "recall": 1.0}  # exact by construction
+    truths = {name: exact_search(vectors, query, k)[1] for name, query in query_sets.items()}
+
+    def measure() -> dict:
+        found = {name: _recall(search(index, plan, query, k, vectors)[1], truths[name])
+                 for name, query in query_sets.items()}
+        return {**found, "recall": min(found.values())}
+
+    if target is None:
+        return {**result, **measure()}
+    limit = plan["params"].get("nlist", math.inf)
+    steps = [step for step in SEARCH_STEPS[plan["kind"]] if step.get("nprobe", 0) <= limit]
+    for step in steps or SEARCH_STEPS[plan["kind"]][:1]:
+        plan["params"].update(step)
+        measured = measure()
+        if measured["recall"] >= target:
+            break
+    return {**result, **measured, "tuned": dict(step)}
 
 
 def plan_dict(plan: IndexPlan) -> dict:

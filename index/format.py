@@ -124,7 +124,7 @@ class IndexWriter:
                 changed = sorted(key for key in set(build) | set(existing.get("build", {}))
                                  if build.get(key) != existing.get("build", {}).get(key))
                 raise UserError(f"{self.root}: cannot resume, the build settings differ from the interrupted "
-                                f"build ({', '.join(changed)}); rerun without --resume to start over")
+                                f"build ({', '.join(changed)}); rerun with --overwrite to start over")
             self.manifest = existing
         else:
             if self.root.exists() and any(self.root.iterdir()) and existing is None and not overwrite:

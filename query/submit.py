@@ -77,7 +77,9 @@ def run_submit(options: SubmitOptions) -> SubmitReport:
         weights = np.zeros_like(result.neighbours.scores)
         ok = (result.neighbours.ids >= 0).all(axis=1)
         weights[ok] = softmax_weights(result.neighbours.scores[ok], options.temperature)
-        prompts = [session.index.prompt_rows(row) for row in result.neighbours.ids]
+        ids = result.neighbours.ids
+        flat = session.index.prompt_rows(ids.ravel())
+        prompts = [flat[row * ids.shape[1]:(row + 1) * ids.shape[1]] for row in range(len(ids))]
         write_explain(options.explain, image_ids, result.neighbours.scores, result.neighbours.ids, weights, prompts)
     return SubmitReport(
         out=str(options.out), images=len(image_ids), predicted=len(image_ids) - len(result.failed),

@@ -54,6 +54,10 @@ def test_approximate_indexes_rerank_and_recall(kind):
     assert recall["queries"] == 200 and 0.0 <= recall["held_out"] <= 1.0
     assert recall["recall"] == min(recall["held_out"], recall["in_index"])
     assert recall["in_index"] >= 0.9
+    tuned = ann.measure_recall(index, plan_info, vectors, queries=200, target=0.95)
+    steps = [step for step in ann.SEARCH_STEPS[kind] if step.get("nprobe", 0) <= plan_info["params"].get("nlist", 1e9)]
+    assert tuned["tuned"] in steps and all(plan_info["params"][key] == value for key, value in tuned["tuned"].items())
+    assert tuned["recall"] >= 0.95 or tuned["tuned"] == steps[-1]
     queries = clustered(10, 64, seed=3).astype(np.float32)
     scores, ids = ann.search(index, plan_info, queries, 10, vectors)
     exact = np.einsum("qd,qkd->qk", queries, vectors[ids].astype(np.float32))
