@@ -90,7 +90,7 @@ def plan_index(count: int, dim: int, kind: str = "auto", max_memory: int | None 
         if name not in table or (name == "flat" and count > FLAT_AUTO_LIMIT):
             continue
         if max_memory is None or table[name] <= max_memory:
-            reason = "exact search fits" if name == "flat" else f"smallest exact-enough index within the budget"
+            reason = "exact search fits" if name == "flat" else "smallest exact-enough index within the budget"
             return IndexPlan(name, candidates[name], table[name], reason)
     sizes = ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in table.items())
     raise UserError(f"no index type fits --max-memory {max_memory / 2**30:.2f} GiB for {count:,}×{dim} vectors "

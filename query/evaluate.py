@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from img2prompt.atomic import write_json_atomic
+from img2prompt.atomic import atomic_path, write_json_atomic
 from img2prompt.build_index.corpus import dedup_key
 from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index import ann
+from img2prompt.index.format import MANIFEST, file_sha256
 from img2prompt.models import load_text_model
 from img2prompt.query.blend import check_blend_args, corpus_mean_prediction
 from img2prompt.query.images import list_images
@@ -92,18 +93,15 @@ def read_labels(path: str | Path) -> pd.DataFrame:
 
 def exact_matches(session: QuerySession, true_prompts: list[str]) -> list[set[int]]:
     """For each true prompt, the corpus ids holding the same prompt after normalisation (case, spaces)."""
-    wanted = {dedup_key(prompt): row for row, prompt in enumerate(true_prompts)}
-    matches: list[set[int]] = [set() for _ in true_prompts]
     keys = [dedup_key(prompt) for prompt in true_prompts]
+    wanted = set(keys)
     by_key: dict[int, set[int]] = {}
     for first_id, prompts in session.index.iter_prompt_batches():
         for offset, prompt in enumerate(prompts):
             key = dedup_key(prompt)
             if key in wanted:
                 by_key.setdefault(key, set()).add(first_id + offset)
-    for row, key in enumerate(keys):
-        matches[row] = by_key.get(key, set())
-    return matches
+    return [by_key.get(key, set()) for key in keys]
 
 
 def _text_queries(session: QuerySession, labels: pd.DataFrame, k: int, exclude) -> Retrieved:
@@ -190,8 +188,6 @@ def run_eval(options: EvalOptions) -> dict:
 
 
 def _manifest_sha(root: Path) -> str:
-    from img2prompt.index.format import MANIFEST, file_sha256
-
     return file_sha256(Path(root) / MANIFEST)
 
 
@@ -226,8 +222,6 @@ def plot_sweep(rows: list[dict], path: str, alpha: float) -> None:
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    from img2prompt.atomic import atomic_path
-
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=110, format="png")
     plt.close(figure)
