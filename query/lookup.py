@@ -19,6 +19,7 @@ class SearchOptions:
     k: int = 10
     models: ModelOverrides = field(default_factory=ModelOverrides)
     device: str = "auto"
+    verify: bool = False
 
 
 def run_search(options: SearchOptions) -> list[dict]:
@@ -31,7 +32,7 @@ def run_search(options: SearchOptions) -> list[dict]:
     for image in options.images:
         if not Path(image).is_file():
             raise UserError(f"image not found: {image}")
-    session = open_session(options.index, options.models, options.device)
+    session = open_session(options.index, options.models, options.device, options.verify)
     session.retriever.check_k(options.k)
     entries = [{"query": str(path), "results": []} for path in options.images]
     if options.images:

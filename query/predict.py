@@ -32,6 +32,7 @@ class RetrievalSettings:
     batch_size: int = 64
     workers: int | None = None
     progress: bool = True
+    verify: bool = False  # check the index files' sha256 on open
 
 
 @dataclass

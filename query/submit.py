@@ -27,7 +27,6 @@ class SubmitOptions(RetrievalSettings):
     sample_submission: str | None = None
     explain: str | None = None
     strict: bool = False
-    verify: bool = False
 
 
 @dataclass

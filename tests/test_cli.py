@@ -17,7 +17,7 @@ def test_end_to_end_build_submit_search_eval(tmp_path, tiny_clip_dir):
     assert summary["count"] == 120 and summary["corpus"]["kept"] == 120
 
     out = tmp_path / "submission.csv"
-    submitted = run_cli("submit", index, DATA / "images", "--out", out, "--k", "4", "--json")
+    submitted = run_cli("submit", index, DATA / "images", "--out", out, "--k", "4", "--json", "--verify")
     assert submitted.returncode == 0, submitted.stderr
     report = json.loads(submitted.stdout)
     assert report["images"] == 6 and report["predicted"] == 6

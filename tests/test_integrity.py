@@ -103,3 +103,15 @@ def test_unfinished_build_is_kept_unless_asked(tmp_path):
         IndexWriter(tmp_path / "idx", {"models": "x"})
     assert IndexWriter(tmp_path / "idx", {"models": "x"}, resume=True).rows_written == 2
     assert IndexWriter(tmp_path / "idx", {"models": "x"}, overwrite=True).rows_written == 0
+
+
+def test_verify_flag_reaches_the_checksums(built_index, tmp_path):
+    from conftest import run_cli
+
+    root = copy_index(built_index, tmp_path)
+    data = bytearray((root / "minilm.f16").read_bytes())
+    data[0] ^= 0xFF
+    (root / "minilm.f16").write_bytes(bytes(data))
+    result = run_cli("search", root, "--text", "a castle", "--verify")
+    assert result.returncode == 2
+    assert "minilm.f16: sha256 differs from the manifest" in result.stderr.splitlines()[-1]
