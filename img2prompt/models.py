@@ -135,9 +135,11 @@ def load_clip(model_name: str, pretrained: str | None = None, device: str | torc
         if not pretrained:
             raise UserError(f"CLIP model {model_name} needs weights: pass --clip-pretrained with an open_clip "
                             "tag (e.g. openai) or a local checkpoint file")
-        if not os.path.isfile(pretrained):
-            if os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES):
-                raise UserError(f"CLIP checkpoint file not found: {pretrained}")
+        if os.path.isfile(pretrained):
+            pretrained = str(Path(pretrained).resolve())  # the manifest must name it unambiguously
+        elif os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES):
+            raise UserError(f"CLIP checkpoint file not found: {pretrained}")
+        else:
             _go_offline_if_unreachable()
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
