@@ -1,7 +1,6 @@
 """Helpers for the bench scripts (run by hand; they print figures, they assert nothing about speed)."""
 from __future__ import annotations
 
-import resource
 import sys
 from pathlib import Path
 
@@ -30,11 +29,6 @@ def synthetic_corpus(path: Path, count: int) -> Path:
             lap = number // len(base)
             handle.write(f"{prompt}, variation {lap}\n" if lap else f"{prompt}\n")
     return path
-
-
-def peak_rss_mib(children: bool = False) -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
-    return usage.ru_maxrss / 1024  # Linux reports KiB
 
 
 def random_clip(arch: str = "ViT-B-32"):

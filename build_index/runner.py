@@ -172,7 +172,7 @@ def build_and_check_faiss(writer: IndexWriter, options: BuildOptions, timer: Pha
         ann.write_faiss(faiss_index, writer.faiss_path)
     plan_info = ann.plan_dict(plan)
     with timer.phase("recall"):
-        # Tunes efSearch / nprobe to the recall target and stores the chosen value in plan_info.
+        # Tunes the search settings (efSearch; nprobe + re-rank depth) to the recall target, into plan_info.
         recall = ann.measure_recall(faiss_index, plan_info, vectors, queries=options.recall_queries,
                                     seed=options.seed, target=ann.RECALL_WARN)
     if recall["recall"] < ann.RECALL_WARN:

@@ -220,7 +220,8 @@ def recall_queries(vectors: np.ndarray, queries: int = 1000, seed: int = 0) -> d
     return {"held_out": base * 0.5 + noise * math.sqrt(1 - 0.25), "in_index": base}
 
 
-def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Share of the true top-k ids (rows of `truth`) that the search found (rows of `found`)."""
     return sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist())) / truth.size
 
 
@@ -240,7 +241,7 @@ def measure_recall(index, plan: dict, vectors: np.ndarray, *, queries: int = 100
     truths = {name: exact_search(vectors, query, k)[1] for name, query in query_sets.items()}
 
     def measure() -> dict:
-        found = {name: _recall(search(index, plan, query, k, vectors)[1], truths[name])
+        found = {name: recall_at_k(search(index, plan, query, k, vectors)[1], truths[name])
                  for name, query in query_sets.items()}
         return {**found, "recall": min(found.values())}
 

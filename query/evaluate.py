@@ -200,8 +200,7 @@ def recall_on_queries(session: QuerySession, retrieved: Retrieved) -> float | No
     k = min(10, session.index.count)
     _, truth = ann.exact_search(session.index.clip_vectors, vectors, k)
     found = session.retriever.search(vectors, k)
-    hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.ids.tolist()))
-    return hits / truth.size
+    return ann.recall_at_k(found.ids, truth)
 
 
 def plot_sweep(rows: list[dict], path: str, alpha: float) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+
 import numpy as np
+
 from img2prompt.errors import UserError
 from img2prompt.query.blend import check_blend_args, softmax_weights
 from img2prompt.query.images import list_images
@@ -57,7 +59,6 @@ def run_submit(options: SubmitOptions) -> SubmitReport:
     if session.index.text_dim != EMBED_DIM:
         raise UserError(f"the index's text model gives {session.index.text_dim}-d vectors; a submission needs "
                         f"the {EMBED_DIM}-d all-MiniLM-L6-v2 scorer")
-    session.retriever.check_k(options.k)
     result = retrieve_images(session, image_ids, listing.paths, options.k, batch_size=options.batch_size,
                              workers=options.workers, progress=options.progress)
     started = time.perf_counter()
