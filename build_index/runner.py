@@ -7,7 +7,6 @@ still yields exactly the same prompts for them.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import resource
 import time
@@ -16,15 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
-
-from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, expand_corpus_paths,
+from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, count_rows, expand_corpus_paths,
                                            file_fingerprint, iter_prompts)
 from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
 from img2prompt.errors import UserError
-from img2prompt.index import ann
-from img2prompt.index.format import IndexWriter, prompts_sha256
+from img2prompt.index.backend import backend_class
+from img2prompt.index.format import IndexWriter, ShardTask, plan_shards, save_shard
+from img2prompt.index.plan import plan_index
+from img2prompt.index.recall import RECALL_TARGET, measure_recall
 from img2prompt.memory import release_free_memory
+from img2prompt.progress import progress_bar
 from img2prompt.models import ClipModel, TextModel, load_clip, load_text_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,9 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    while batch := list(itertools.islice(items, size)):
-        yield batch
+def precision_of(device) -> str:
+    """What the CLIP vectors are computed in: part of the resume key, so a build never mixes precisions."""
+    return "fp16-autocast" if device.type == "cuda" else "fp32"
 
 
 def run_build(options: BuildOptions) -> BuildResult:
@@ -98,19 +98,16 @@ def run_build(options: BuildOptions) -> BuildResult:
         clip = load_clip(options.clip_model, options.clip_pretrained, device)
         text_model = load_text_model(options.text_model, device)
     models = {"clip": clip.identity(), "text": text_model.identity()}
-    build_key = {"models": models, "corpus": [file_fingerprint(path) for path in paths],
+    build_key = {"models": models, "precision": precision_of(device), "batch_size": options.batch_size,
+                 "corpus": [file_fingerprint(path) for path in paths],
                  "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars}
     writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
-    resumed_rows = writer.rows_written
-    if resumed_rows:
-        log.info("resuming after %d complete shards (%d prompts)", len(writer.shards), resumed_rows)
     corpus = CorpusReport()
     prompts = iter_prompts(paths, options.column, corpus, options.max_chars)
-    report = encode_shards(writer, prompts, corpus, clip, text_model, options, timer)
+    report, encoded_rows = encode_shards(writer, plan_shards(prompts, options.shard_size), corpus, clip, text_model,
+                                         options, timer, total_rows=count_rows(paths))
     memory = {"peak_rss_mib_after_encode": peak_rss_mib()}
-    if corpus.kept < writer.rows_written:
-        raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
-    count, faiss_info = build_and_check_faiss(writer, options, timer)
+    count, search_info, backend_files = build_search_backend(writer, options, timer)
     memory["peak_rss_mib_at_end"] = peak_rss_mib()
     timings = {name: round(seconds, 3) for name, seconds in timer.seconds.items()}
     encode_seconds = timings.get("encode_clip", 0) + timings.get("encode_minilm", 0)
@@ -118,64 +115,66 @@ def run_build(options: BuildOptions) -> BuildResult:
         "count": count,
         "metric": "inner_product",
         "models": models,
-        "faiss": faiss_info,
+        "search": search_info,
         "corpus": report,
         "build_options": {"batch_size": options.batch_size, "device": str(device), "index": options.index,
                           "max_memory": options.max_memory, "seed": options.seed},
         "timings_s": timings,
-        "rates": {"prompts_per_s": round((count - resumed_rows) / encode_seconds, 1) if encode_seconds else None},
+        "rates": {"prompts_per_s": round(encoded_rows / encode_seconds, 1) if encoded_rows and encode_seconds
+                  else None, "encoded_now": encoded_rows},
         "memory": memory,
-    })
+    }, backend_files)
     log.info("built %s: %d prompts in %s", Path(options.out), count, timings)
     return BuildResult(manifest=manifest, report=report, timings=timings)
 
 
-def encode_shards(writer: IndexWriter, prompts: Iterator[str], corpus: CorpusReport, clip: ClipModel,
-                  text_model: TextModel, options: BuildOptions, timer: PhaseTimer) -> dict:
-    """Encode and commit every shard the writer does not have yet; returns the corpus report.
+def encode_shards(writer: IndexWriter, tasks: Iterator[ShardTask], corpus: CorpusReport, clip: ClipModel,
+                  text_model: TextModel, options: BuildOptions, timer: PhaseTimer,
+                  total_rows: int | None = None) -> tuple[dict, int]:
+    """Encode and commit every shard task without a valid committed record; (corpus report, rows encoded).
 
-    Shards already committed (a resume) are re-read from the corpus only to check they are unchanged.
+    Committed shards (a resume) are re-read from the corpus only to check they are unchanged, and their
+    files are checked against the recorded sha256: a damaged one is encoded again.
     """
-    finished = writer.shards
-    truncated = sum(shard.clip_truncated for shard in finished)
-    bar = tqdm(total=None, unit="prompt", desc="encode", disable=not options.progress, dynamic_ncols=True)
-    for number, batch in enumerate(_batched(prompts, options.shard_size)):
-        if number < len(finished):
-            if prompts_sha256(batch) != finished[number].prompts_sha256:
-                raise UserError(f"{options.out}: cannot resume, the corpus no longer gives the same prompts for "
-                                f"shard {number}; rerun with --overwrite to start over")
-            continue
-        with timer.phase("encode_clip"):
-            clip_result = clip_text_embeddings(clip, batch, options.batch_size)
-        with timer.phase("encode_minilm"):
-            minilm = minilm_embeddings(text_model, batch, options.batch_size)
-        with timer.phase("write_shards"):
-            writer.write_shard(batch, clip_result.vectors, minilm, clip_result.truncated)
-        truncated += clip_result.truncated
-        bar.update(len(batch))
-        release_free_memory()
+    truncated = encoded = 0
+    bar = progress_bar(enabled=options.progress, total=total_rows, unit="row", desc="encode")
+    for task in tasks:
+        if writer.is_committed(task):
+            truncated += writer.records[task.number]["clip_truncated"]
+        else:
+            with timer.phase("encode_clip"):
+                clip_result = clip_text_embeddings(clip, task.prompts, options.batch_size)
+            with timer.phase("encode_minilm"):
+                minilm = minilm_embeddings(text_model, task.prompts, options.batch_size)
+            with timer.phase("write_shards"):
+                writer.commit_shard(save_shard(writer.root, task, clip_result.vectors, minilm, clip_result.truncated))
+            truncated += clip_result.truncated
+            encoded += len(task.prompts)
+            release_free_memory()
+        bar.update(corpus.read - bar.n)
     bar.close()
-    return {**corpus.as_dict(), "clip_truncated": truncated}
+    stale = [number for number in writer.records if number * options.shard_size >= corpus.kept]
+    if stale:
+        raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
+    return {**corpus.as_dict(), "clip_truncated": truncated}, encoded
 
 
-def build_and_check_faiss(writer: IndexWriter, options: BuildOptions, timer: PhaseTimer) -> tuple[int, dict]:
-    """Consolidate the shards, build the planned FAISS index from them, measure its recall."""
+def build_search_backend(writer: IndexWriter, options: BuildOptions, timer: PhaseTimer) -> tuple[int, dict, tuple]:
+    """Consolidate the shards, build the planned search backend over them, tune and measure its recall."""
     with timer.phase("consolidate"):
         count, clip_dim, _ = writer.consolidate()
     vectors = writer.vectors("clip")
-    plan = ann.plan_index(count, clip_dim, options.index, options.max_memory)
+    plan = plan_index(count, clip_dim, options.index, options.max_memory)
     log.info("index %s (%s), about %.1f MiB", plan.kind, plan.reason, plan.estimated_bytes / 2**20)
-    with timer.phase("build_faiss"):
-        faiss_bar = tqdm(total=count, unit="vec", desc=f"faiss {plan.kind}", disable=not options.progress)
-        faiss_index = ann.build_faiss(plan, vectors, seed=options.seed, progress=faiss_bar.update)
-        faiss_bar.close()
-        ann.write_faiss(faiss_index, writer.faiss_path)
-    plan_info = ann.plan_dict(plan)
+    backend_cls = backend_class(plan.kind)
+    with timer.phase("build_index"):
+        with progress_bar(enabled=options.progress, total=count, unit="vec", desc=f"index {plan.kind}") as bar:
+            backend = backend_cls.build(vectors, plan.params, writer.root, seed=options.seed, progress=bar.update)
     with timer.phase("recall"):
-        # Tunes the search settings (efSearch; nprobe + re-rank depth) to the recall target, into plan_info.
-        recall = ann.measure_recall(faiss_index, plan_info, vectors, queries=options.recall_queries,
-                                    seed=options.seed, target=ann.RECALL_WARN)
-    if recall["recall"] < ann.RECALL_WARN:
+        # Tunes the search settings (efSearch; nprobe + re-rank depth) on one query set, reports on another.
+        recall = measure_recall(backend, queries=options.recall_queries, seed=options.seed, target=RECALL_TARGET)
+    if recall["recall"] < RECALL_TARGET:
         log.warning("recall@%d of the %s index is %.3f (< %.2f): consider --index flat or a larger "
-                    "--max-memory", recall["k"], plan.kind, recall["recall"], ann.RECALL_WARN)
-    return count, {**plan_info, "file": writer.faiss_path.name, "recall_at_10": recall}
+                    "--max-memory", recall["k"], plan.kind, recall["recall"], RECALL_TARGET)
+    info = {**plan.as_dict(), "params": dict(backend.params), "recall_at_10": recall}
+    return count, info, backend_cls.files()

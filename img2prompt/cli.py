@@ -180,15 +180,15 @@ def cmd_build(args) -> None:
         overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet))
     manifest = result.manifest
     summary = {"index": args.out, "count": manifest["count"], "corpus": result.report,
-               "faiss": {"kind": manifest["faiss"]["kind"], "recall_at_10": manifest["faiss"]["recall_at_10"]},
+               "search": {"kind": manifest["search"]["kind"], "recall_at_10": manifest["search"]["recall_at_10"]},
                "timings_s": result.timings, "rates": manifest["rates"]}
     if args.json:
         print(json.dumps(summary, indent=2))
         return
     report = result.report
     skipped = ", ".join(f"{reason} {count}" for reason, count in report["skipped"].items()) or "none"
-    print(f"index {args.out}: {manifest['count']} prompts ({manifest['faiss']['kind']} FAISS, "
-          f"recall@10 {manifest['faiss']['recall_at_10']['recall']:.3f})")
+    print(f"index {args.out}: {manifest['count']} prompts ({manifest['search']['kind']} search, "
+          f"recall@10 {manifest['search']['recall_at_10']['recall']:.3f})")
     print(f"corpus: read {report['read']}, kept {report['kept']}, skipped: {skipped}; "
           f"cut to CLIP's context: {report['clip_truncated']}")
     print("timings (s): " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.timings.items())

@@ -4,18 +4,23 @@
       manifest.json        format version, state, models (+ weight sha256), dims, count, files + checksums
       prompts.parquet      id (int64), prompt (string); row i is prompt id i
       minilm.f16           float16 [count, text_dim], L2-normalised scorer embeddings, row i ↔ prompt id i
-      clip.f16             float16 [count, clip_dim], L2-normalised CLIP text embeddings (exact re-rank, recall)
+      clip.f16             float16 [count, clip_dim], L2-normalised CLIP text embeddings: the searchable vectors
+                           (flat/torch search them directly; approximate kinds re-rank from them)
       minilm_mean.npy      float32 [text_dim], mean of the MiniLM rows (the corpus-mean prediction)
-      clip.faiss           FAISS index over the CLIP vectors, inner product, ids = prompt ids
+      clip.faiss           only for approximate kinds (hnsw, ivfpq): the FAISS index, inner product, ids = prompt ids
       shards/NNNNN.*       row-aligned shards while a build runs (deleted once the index is complete)
 
-Every file is written to NAME.tmp, fsynced and renamed. A shard exists only once the manifest lists it,
-and the index loads only when the manifest says state == "complete": a crashed build never loads.
+Every file is written to a temp name, fsynced and renamed. A shard exists only once the manifest lists it
+(with each file's sha256), and the index loads only when the manifest says state == "complete": a crashed
+build never loads. Format 1 (flat indexes also held a float32 clip.faiss) still opens; its extra file is
+ignored. The manifest's "search" section (format 1: "faiss") names the backend kind and its settings.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,7 +35,10 @@ import pyarrow.parquet as pq
 from img2prompt.atomic import atomic_path, write_atomic, write_json_atomic
 from img2prompt.errors import UserError
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 2: flat indexes keep one copy of the vectors (no clip.faiss); shard files carry sha256
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.parquet"
 MINILM = "minilm.f16"
@@ -41,6 +49,8 @@ SHARDS = "shards"
 STATE_BUILDING = "building"
 STATE_COMPLETE = "complete"
 VECTOR_DTYPE = np.float16
+INDEX_FILES = (PROMPTS, MINILM, CLIP_VECTORS, MINILM_MEAN)  # every kind has these; backends add their own
+SHARD_SUFFIXES = {"prompts": ".parquet", "clip": ".clip.npy", "minilm": ".minilm.npy"}
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -87,32 +97,59 @@ def _save_prompts(path: Path, first_id: int, prompts: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------- writing
 
 @dataclass
-class Shard:
-    """One completed shard: rows [first_id, first_id + count) of the index."""
+class ShardTask:
+    """One unit of build work, fully described by the plan: rows [first_id, first_id + len(prompts))."""
     number: int
     first_id: int
-    count: int
-    prompts_sha256: str
-    clip_truncated: int = 0  # prompts cut to CLIP's context in this shard
+    prompts: list[str]
 
-    def path(self, root: Path, kind: str) -> Path:
-        return shard_path(root, self.number, kind)
+    @property
+    def prompts_sha256(self) -> str:
+        return prompts_sha256(self.prompts)
+
+
+def plan_shards(prompts: Iterator[str], shard_size: int) -> Iterator[ShardTask]:
+    """Cut the (deduplicated) prompt stream into shard tasks; shard n starts at row n × shard_size."""
+    number = 0
+    while batch := list(itertools.islice(prompts, shard_size)):
+        yield ShardTask(number=number, first_id=number * shard_size, prompts=batch)
+        number += 1
 
 
 def shard_path(root: Path, number: int, kind: str) -> Path:
-    suffix = {"prompts": ".parquet", "clip": ".clip.npy", "minilm": ".minilm.npy"}[kind]
-    return Path(root) / SHARDS / f"{number:05d}{suffix}"
+    return Path(root) / SHARDS / f"{number:05d}{SHARD_SUFFIXES[kind]}"
+
+
+def save_shard(root: str | Path, task: ShardTask, clip: np.ndarray, minilm: np.ndarray,
+               clip_truncated: int = 0) -> dict:
+    """Write one shard's files atomically (any process, any order); returns the record to commit.
+
+    The record carries each file's sha256, so a resume can tell a committed shard from a damaged one.
+    """
+    if not (len(task.prompts) == len(clip) == len(minilm)):
+        raise ValueError(f"shard rows disagree: {len(task.prompts)} prompts, {len(clip)} clip, {len(minilm)} minilm")
+    root = Path(root)
+    (root / SHARDS).mkdir(parents=True, exist_ok=True)
+    _save_prompts(shard_path(root, task.number, "prompts"), task.first_id, task.prompts)
+    _save_array(shard_path(root, task.number, "clip"), np.asarray(clip, dtype=VECTOR_DTYPE))
+    _save_array(shard_path(root, task.number, "minilm"), np.asarray(minilm, dtype=VECTOR_DTYPE))
+    files = {kind: file_record(shard_path(root, task.number, kind)) for kind in SHARD_SUFFIXES}
+    return {"number": task.number, "first_id": task.first_id, "count": len(task.prompts),
+            "prompts_sha256": task.prompts_sha256, "clip_truncated": clip_truncated, "files": files}
 
 
 class IndexWriter:
     """Writes an index directory shard by shard; `resume=True` continues a crashed build.
 
-    `build` is the part of the manifest that must not change across a resume (models, corpus files,
-    shard size, column): resuming with anything different is refused rather than mixing two builds.
+    `build` is the part of the manifest that must not change across a resume (models, precision, corpus
+    files, shard size, batch size, column): resuming with anything different is refused rather than
+    mixing two builds. Shards are committed by number in any order; the manifest is the commit point.
     """
 
     def __init__(self, root: str | Path, build: dict, *, resume: bool = False, overwrite: bool = False):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--out {self.root} is a file, not a folder")
         existing = read_manifest(self.root) if self.root.is_dir() else None
         if existing and existing.get("state") == STATE_COMPLETE and not overwrite:
             raise UserError(f"{self.root} already holds a complete index: pass --overwrite to replace it")
@@ -125,6 +162,9 @@ class IndexWriter:
                                  if build.get(key) != existing.get("build", {}).get(key))
                 raise UserError(f"{self.root}: cannot resume, the build settings differ from the interrupted "
                                 f"build ({', '.join(changed)}); rerun with --overwrite to start over")
+            if existing.get("format_version") != FORMAT_VERSION:
+                raise UserError(f"{self.root}: the unfinished build was started by another img2prompt version "
+                                f"(format {existing.get('format_version')}); rerun with --overwrite")
             self.manifest = existing
         else:
             if self.root.exists() and any(self.root.iterdir()) and existing is None and not overwrite:
@@ -139,7 +179,7 @@ class IndexWriter:
         manifest = self.root / MANIFEST
         if manifest.exists():
             manifest.unlink()  # first, so a half-cleared folder never looks complete
-        for name in (PROMPTS, MINILM, CLIP_VECTORS, MINILM_MEAN, FAISS):
+        for name in INDEX_FILES + (FAISS,):
             (self.root / name).unlink(missing_ok=True)
         shutil.rmtree(self.root / SHARDS, ignore_errors=True)
 
@@ -147,34 +187,53 @@ class IndexWriter:
         write_json_atomic(self.root / MANIFEST, self.manifest)
 
     @property
-    def shards(self) -> list[Shard]:
-        return [Shard(**record) for record in self.manifest["shards"]]
+    def records(self) -> dict[int, dict]:
+        return {record["number"]: record for record in self.manifest["shards"]}
 
-    @property
-    def rows_written(self) -> int:
-        return sum(shard.count for shard in self.shards)
+    def rows_committed(self) -> int:
+        return sum(record["count"] for record in self.manifest["shards"])
 
-    def write_shard(self, prompts: list[str], clip: np.ndarray, minilm: np.ndarray, clip_truncated: int = 0) -> Shard:
-        if not (len(prompts) == len(clip) == len(minilm)):
-            raise ValueError(f"shard rows disagree: {len(prompts)} prompts, {len(clip)} clip, {len(minilm)} minilm")
-        shard = Shard(number=len(self.manifest["shards"]), first_id=self.rows_written, count=len(prompts),
-                      prompts_sha256=prompts_sha256(prompts), clip_truncated=clip_truncated)
-        (self.root / SHARDS).mkdir(exist_ok=True)
-        _save_prompts(shard.path(self.root, "prompts"), shard.first_id, prompts)
-        _save_array(shard.path(self.root, "clip"), np.asarray(clip, dtype=VECTOR_DTYPE))
-        _save_array(shard.path(self.root, "minilm"), np.asarray(minilm, dtype=VECTOR_DTYPE))
-        # Only now does the shard exist: the manifest is the commit point.
-        self.manifest["shards"].append(shard.__dict__)
+    def is_committed(self, task: ShardTask) -> bool:
+        """Whether `task` has a committed record whose prompts and files are intact (checked by sha256).
+
+        A record that fails the check is dropped, so the shard is encoded again: a damaged or deleted
+        shard file never reaches the index.
+        """
+        record = self.records.get(task.number)
+        if record is None:
+            return False
+        if record["prompts_sha256"] != task.prompts_sha256 or record["first_id"] != task.first_id:
+            raise UserError(f"{self.root}: cannot resume, the corpus no longer gives the same prompts for "
+                            f"shard {task.number}; rerun with --overwrite to start over")
+        for kind, expected in record.get("files", {}).items():
+            path = shard_path(self.root, task.number, kind)
+            if not path.is_file() or path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+                log.warning("shard %d: %s is missing or damaged; encoding the shard again", task.number, path.name)
+                self.manifest["shards"] = [r for r in self.manifest["shards"] if r["number"] != task.number]
+                self._save_manifest()
+                return False
+        return "files" in record
+
+    def commit_shard(self, record: dict) -> None:
+        """Record a saved shard in the manifest (the commit point), replacing any record of that number."""
+        shards = [r for r in self.manifest["shards"] if r["number"] != record["number"]]
+        self.manifest["shards"] = sorted(shards + [record], key=lambda r: r["number"])
         self._save_manifest()
-        return shard
+
+    def _ordered_records(self) -> list[dict]:
+        records = self.manifest["shards"]
+        if [r["number"] for r in records] != list(range(len(records))):
+            raise UserError(f"{self.root}: shards {[r['number'] for r in records]} are not contiguous: "
+                            "finish the build with --resume")
+        return records
 
     def iter_shard_arrays(self, kind: str) -> Iterator[np.ndarray]:
-        for shard in self.shards:
-            yield np.load(shard.path(self.root, kind), mmap_mode="r")
+        for record in self._ordered_records():
+            yield np.load(shard_path(self.root, record["number"], kind), mmap_mode="r")
 
     def consolidate(self) -> tuple[int, int, int]:
         """Concatenate shards into prompts.parquet, minilm.f16, clip.f16 and minilm_mean.npy (streamed)."""
-        count = self.rows_written
+        count = self.rows_committed()
         if count == 0:
             raise UserError("the corpus holds no usable prompt: nothing to index")
         clip_dim = self._concat_vectors("clip", CLIP_VECTORS)
@@ -185,8 +244,8 @@ class IndexWriter:
         _save_array(self.root / MINILM_MEAN, (total / count).astype(np.float32))
         with atomic_path(self.root / PROMPTS) as tmp:
             writer = None
-            for shard in self.shards:
-                table = pq.read_table(shard.path(self.root, "prompts"))
+            for record in self._ordered_records():
+                table = pq.read_table(shard_path(self.root, record["number"], "prompts"))
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
             writer.close()
@@ -205,15 +264,11 @@ class IndexWriter:
         """The consolidated vectors (after consolidate()) as a read-only memmap."""
         name = {"clip": CLIP_VECTORS, "minilm": MINILM}[kind]
         dim = next(self.iter_shard_arrays(kind)).shape[1]
-        return np.memmap(self.root / name, dtype=VECTOR_DTYPE, mode="r", shape=(self.rows_written, dim))
+        return np.memmap(self.root / name, dtype=VECTOR_DTYPE, mode="r", shape=(self.rows_committed(), dim))
 
-    @property
-    def faiss_path(self) -> Path:
-        return self.root / FAISS
-
-    def complete(self, info: dict) -> dict:
+    def complete(self, info: dict, backend_files: tuple[str, ...] = ()) -> dict:
         """Write the final manifest (the commit point of the whole build), then drop the shards."""
-        files = {name: file_record(self.root / name) for name in (PROMPTS, MINILM, CLIP_VECTORS, MINILM_MEAN, FAISS)}
+        files = {name: file_record(self.root / name) for name in INDEX_FILES + tuple(backend_files)}
         manifest = {"format_version": FORMAT_VERSION, "state": STATE_COMPLETE,
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info,
                     "build": self.manifest["build"], "files": files}
@@ -290,8 +345,16 @@ class PromptIndex:
             yield start, column.slice(start, size).to_pylist()
 
     @property
-    def faiss_path(self) -> Path:
-        return self.root / FAISS
+    def search_plan(self) -> dict:
+        """{"kind", "params", "recall_at_10", ...} of the search backend (format 1 called it "faiss")."""
+        return self.manifest.get("search") or self.manifest["faiss"]
+
+    def open_backend(self, device: str = "cpu"):
+        """The search backend for this index on `device` (a flat index on CUDA searches with torch)."""
+        from img2prompt.index.backend import backend_class
+
+        plan = self.search_plan
+        return backend_class(plan["kind"]).load(self.root, self.clip_vectors, plan.get("params", {}), device)
 
 
 def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
@@ -307,9 +370,9 @@ def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise UserError(f"{root / MANIFEST}: no format_version: not an img2prompt index")
-    if version > FORMAT_VERSION:
-        raise UserError(f"{root} has index format {version}, newer than this img2prompt reads "
-                        f"({FORMAT_VERSION}): upgrade img2prompt")
+    if version not in READABLE_VERSIONS:
+        raise UserError(f"{root} has index format {version}; this img2prompt reads formats "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade img2prompt")
     if manifest.get("state") != STATE_COMPLETE:
         raise UserError(f"{root} holds an unfinished build ({len(manifest.get('shards', []))} shards done): "
                         "finish it with `img2prompt build ... --resume`")

@@ -19,7 +19,8 @@ from img2prompt.atomic import atomic_path, write_json_atomic
 from img2prompt.build_index.corpus import dedup_key
 from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
 from img2prompt.errors import UserError
-from img2prompt.index import ann
+from img2prompt.index.flat import exact_search
+from img2prompt.index.recall import recall_at_k
 from img2prompt.index.format import MANIFEST, file_sha256
 from img2prompt.models import load_text_model
 from img2prompt.query.blend import check_blend_args, corpus_mean_prediction
@@ -170,10 +171,10 @@ def run_eval(options: EvalOptions) -> dict:
                     "excluded_corpus_rows": sum(len(ids) for ids in matches) if options.exclude_exact else 0},
         "failed": retrieved.failed,
         "index": {"path": str(index.root), "created_at": index.manifest.get("created_at"), "count": index.count,
-                  "faiss": index.manifest["faiss"]["kind"], "manifest_sha256": _manifest_sha(index.root)},
+                  "faiss": index.search_plan["kind"], "manifest_sha256": _manifest_sha(index.root)},
         "models": {"clip": index.clip_identity, "text": index.text_identity},
     }
-    if index.manifest["faiss"]["kind"] != "flat":
+    if index.search_plan["kind"] != "flat":
         report["query_recall_at_10"] = recall_on_queries(session, retrieved)
     if options.sweep:
         rows = [{"k": k, "temperature": t, "alpha": a, "score": float(score_of(k, t, a).mean())}
@@ -198,9 +199,9 @@ def recall_on_queries(session: QuerySession, retrieved: Retrieved) -> float | No
         return None
     vectors = retrieved.query_vectors[ok]
     k = min(10, session.index.count)
-    _, truth = ann.exact_search(session.index.clip_vectors, vectors, k)
+    _, truth = exact_search(session.index.clip_vectors, vectors, k)
     found = session.retriever.search(vectors, k)
-    return ann.recall_at_k(found.ids, truth)
+    return recall_at_k(found.ids, truth)
 
 
 def plot_sweep(rows: list[dict], path: str, alpha: float) -> None:

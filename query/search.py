@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from img2prompt.errors import UserError
-from img2prompt.index import ann
 from img2prompt.index.format import PromptIndex
 
 
@@ -17,10 +16,9 @@ class Neighbours:
 
 
 class Retriever:
-    def __init__(self, index: PromptIndex, use_gpu: bool = False) -> None:
+    def __init__(self, index: PromptIndex, device: str = "cpu") -> None:
         self.index = index
-        self.plan = index.manifest["faiss"]
-        self.faiss = ann.read_faiss(index.faiss_path, index.count, use_gpu=use_gpu)
+        self.backend = index.open_backend(device)
 
     def check_k(self, k: int) -> None:
         if k <= 0:
@@ -38,7 +36,7 @@ class Retriever:
             return Neighbours(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
         extra = max((len(ids) for ids in exclude), default=0) if exclude else 0
         fetch = min(self.index.count, k + extra)
-        scores, ids = ann.search(self.faiss, self.plan, queries, fetch, self.index.clip_vectors)
+        scores, ids = self.backend.search(queries, fetch)
         if extra:
             kept_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
             kept_ids = np.full((len(ids), k), -1, dtype=np.int64)

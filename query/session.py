@@ -64,11 +64,10 @@ def check_text_model(index: PromptIndex, name: str, device) -> None:
 class QuerySession:
     index: PromptIndex
     clip: ClipModel
-    use_gpu: bool
 
     @cached_property
     def retriever(self) -> Retriever:
-        return Retriever(self.index, use_gpu=self.use_gpu)
+        return Retriever(self.index, device=str(self.clip.device))
 
 
 def open_session(index_dir: str, overrides: ModelOverrides | None = None, device: str = "auto",
@@ -79,4 +78,4 @@ def open_session(index_dir: str, overrides: ModelOverrides | None = None, device
     if overrides.text_model:
         check_text_model(index, overrides.text_model, torch_device)
     clip = load_index_clip(index, overrides, torch_device)
-    return QuerySession(index=index, clip=clip, use_gpu=torch_device.type == "cuda")
+    return QuerySession(index=index, clip=clip)

@@ -20,9 +20,12 @@ def test_build_counts_and_manifest(built_index, clip, text_model):
     assert corpus["skipped"] == {"duplicate": 2, "empty": 2}
     assert manifest["models"]["clip"]["sha256"] == clip.sha256 and manifest["models"]["clip"]["dim"] == 64
     assert manifest["models"]["text"]["sha256"] == text_model.sha256 and manifest["models"]["text"]["dim"] == 384
-    assert manifest["metric"] == "inner_product" and manifest["faiss"]["kind"] == "flat"
-    assert manifest["faiss"]["recall_at_10"]["recall"] == 1.0
-    assert set(manifest["files"]) == {"prompts.parquet", "minilm.f16", "clip.f16", "minilm_mean.npy", "clip.faiss"}
+    assert manifest["metric"] == "inner_product" and manifest["search"]["kind"] == "flat"
+    assert manifest["search"]["recall_at_10"]["recall"] == 1.0
+    # one copy of the vectors: a flat index searches clip.f16 itself, no float32 clip.faiss beside it
+    assert set(manifest["files"]) == {"prompts.parquet", "minilm.f16", "clip.f16", "minilm_mean.npy"}
+    assert not (built_index / "clip.faiss").exists()
+    assert manifest["build"]["precision"] == "fp32" and manifest["build"]["batch_size"] == 32
     assert not (built_index / "shards").exists()
 
 

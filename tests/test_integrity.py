@@ -9,8 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from img2prompt.errors import UserError
-from img2prompt.index.format import FORMAT_VERSION, IndexWriter, open_index
-from img2prompt.query.session import ModelOverrides, open_session
+from img2prompt.index.format import FORMAT_VERSION, IndexWriter, ShardTask, open_index, save_shard, shard_path
 
 
 def copy_index(built_index, tmp_path):
@@ -46,18 +45,19 @@ def test_row_counts_must_agree(built_index, tmp_path):
         open_index(root)
 
 
-def test_faiss_rows_must_agree(built_index, tmp_path):
+def test_faiss_rows_must_agree(tmp_path):
     import faiss
 
-    root = copy_index(built_index, tmp_path)
+    from img2prompt.index.faiss_file import read_faiss
+
     small = faiss.IndexFlatIP(64)
     small.add(np.eye(64, dtype=np.float32)[:10])
-    faiss.write_index(small, str(root / "clip.faiss"))
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["files"]["clip.faiss"]["bytes"] = (root / "clip.faiss").stat().st_size
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    faiss.write_index(small, str(tmp_path / "clip.faiss"))
     with pytest.raises(UserError, match="FAISS holds 10 vectors, the index has 160 prompts"):
-        open_session(str(root), ModelOverrides(), "cpu").retriever
+        read_faiss(tmp_path / "clip.faiss", 160)
+    (tmp_path / "junk.faiss").write_bytes(b"not faiss")
+    with pytest.raises(UserError, match="junk.faiss: not a readable FAISS index"):
+        read_faiss(tmp_path / "junk.faiss", 160)
 
 
 def test_newer_format_and_not_an_index(built_index, tmp_path):
@@ -65,7 +65,7 @@ def test_newer_format_and_not_an_index(built_index, tmp_path):
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["format_version"] = FORMAT_VERSION + 1
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match=f"has index format {FORMAT_VERSION + 1}, newer than this img2prompt reads"):
+    with pytest.raises(UserError, match=f"has index format {FORMAT_VERSION + 1}; this img2prompt reads formats 1, 2"):
         open_index(root)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="is not an index: no manifest.json"):
@@ -77,8 +77,7 @@ def test_newer_format_and_not_an_index(built_index, tmp_path):
 def test_half_written_build_never_loads(tmp_path):
     """A build that dies after its shards, even after consolidating, is not an index until the manifest says so."""
     writer = IndexWriter(tmp_path / "idx", {"models": "x"})
-    vectors = np.eye(4, 8, dtype=np.float32)
-    writer.write_shard(["a", "b", "c", "d"], vectors, vectors)
+    commit(writer, 0, ["a", "b", "c", "d"])
     writer.consolidate()
     with pytest.raises(UserError, match=r"unfinished build \(1 shards done\).*--resume"):
         open_index(tmp_path / "idx")
@@ -97,12 +96,40 @@ def test_existing_index_is_not_overwritten_silently(built_index, tmp_path):
 
 def test_unfinished_build_is_kept_unless_asked(tmp_path):
     writer = IndexWriter(tmp_path / "idx", {"models": "x"})
-    vectors = np.eye(2, 4, dtype=np.float32)
-    writer.write_shard(["a", "b"], vectors, vectors)
+    commit(writer, 0, ["a", "b"])
     with pytest.raises(UserError, match=r"holds an unfinished build \(1 shards done\): pass --resume"):
         IndexWriter(tmp_path / "idx", {"models": "x"})
-    assert IndexWriter(tmp_path / "idx", {"models": "x"}, resume=True).rows_written == 2
-    assert IndexWriter(tmp_path / "idx", {"models": "x"}, overwrite=True).rows_written == 0
+    assert IndexWriter(tmp_path / "idx", {"models": "x"}, resume=True).rows_committed() == 2
+    assert IndexWriter(tmp_path / "idx", {"models": "x"}, overwrite=True).rows_committed() == 0
+
+
+def test_shards_commit_in_any_order_and_damage_is_caught(tmp_path):
+    """Shards are independent tasks: committed out of order they consolidate in id order; a committed
+    shard whose file was changed or deleted is not trusted (its record is dropped, so it is re-encoded)."""
+    writer = IndexWriter(tmp_path / "idx", {"models": "x"})
+    tasks = [ShardTask(1, 2, ["c", "d"]), ShardTask(0, 0, ["a", "b"])]
+    for task in tasks:
+        commit(writer, task.number, task.prompts, first_id=task.first_id)
+    assert all(writer.is_committed(task) for task in tasks)
+    writer.consolidate()
+    assert pq.read_table(tmp_path / "idx" / "prompts.parquet").column("prompt").to_pylist() == ["a", "b", "c", "d"]
+    clip_file = shard_path(tmp_path / "idx", 1, "clip")
+    data = bytearray(clip_file.read_bytes())
+    data[-1] ^= 0x01
+    clip_file.write_bytes(bytes(data))
+    assert not writer.is_committed(tasks[0]) and sorted(writer.records) == [0]
+    shard_path(tmp_path / "idx", 0, "minilm").unlink()
+    resumed = IndexWriter(tmp_path / "idx", {"models": "x"}, resume=True)
+    assert not resumed.is_committed(tasks[1]) and resumed.records == {}
+    with pytest.raises(UserError, match="no longer gives the same prompts for shard 0"):
+        commit(resumed, 0, ["a", "b"])
+        resumed.is_committed(ShardTask(0, 0, ["a", "x"]))
+
+
+def commit(writer, number, prompts, first_id=None):
+    vectors = np.eye(len(prompts), 8, k=number, dtype=np.float32)
+    task = ShardTask(number, number * len(prompts) if first_id is None else first_id, prompts)
+    writer.commit_shard(save_shard(writer.root, task, vectors, vectors))
 
 
 def test_verify_flag_reaches_the_checksums(built_index, tmp_path):
