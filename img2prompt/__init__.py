@@ -1,3 +1,24 @@
-"""img2prompt: recover a Stable-Diffusion prompt embedding by CLIP retrieval over a prompt corpus."""
+"""img2prompt: recover a Stable-Diffusion prompt embedding by CLIP retrieval over a prompt corpus.
 
-__version__ = "0.1.0"
+    import img2prompt
+    with img2prompt.open_index("index/", clip_model="clip/") as index:
+        vectors = index.predict(["a.png", "b.png"])        # float32 [2, 384]
+        index.submission("images/", "submission.csv")
+
+The API names load on first use, so `import img2prompt` (and the CLI's --help) stays fast.
+"""
+
+__version__ = "0.2.0"
+__all__ = ["build", "open_index", "SearchResult", "UserError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("build", "open_index", "SearchResult"):
+        from img2prompt import api
+
+        return getattr(api, name)
+    if name == "UserError":
+        from img2prompt.errors import UserError
+
+        return UserError
+    raise AttributeError(f"module 'img2prompt' has no attribute {name!r}")

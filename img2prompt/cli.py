@@ -79,16 +79,26 @@ def _add_image_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="image decoding workers (default: 8 on GPU, 0 on CPU)")
 
 
+def _add_verbosity_flags(parser: argparse.ArgumentParser, default=False) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress bars, warnings only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="img2prompt",
         description="Recover Stable-Diffusion prompts by retrieval: build a CLIP index over a prompt corpus, "
                     "then predict the all-MiniLM-L6-v2 embedding of each image's prompt.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from img2prompt import __version__
 
-    build = commands.add_parser("build", help="embed a prompt corpus and write an index folder",
+    parser.add_argument("--version", action="version", version=f"img2prompt {__version__}")
+    _add_verbosity_flags(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    _add_verbosity_flags(common, default=argparse.SUPPRESS)  # -v/-q also after the command name
+
+    build = commands.add_parser("build", parents=[common], help="embed a prompt corpus and write an index folder",
                                 epilog=EPILOG_BUILD, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Read, normalise and deduplicate prompts; embed them with CLIP "
                                             "(text) and MiniLM; write a resumable, atomically committed index.")
@@ -110,15 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--overwrite", action="store_true", help="replace a complete index in --out")
     group.add_argument("--json", action="store_true", help="print the build summary as JSON")
 
-    submit = commands.add_parser("submit", help="write a Kaggle submission.csv for a folder of images",
+    submit = commands.add_parser("submit", parents=[common], help="write a Kaggle submission.csv for a folder of images",
                                  epilog=EPILOG_SUBMIT, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Predict each image's prompt embedding (384-d) by similarity-"
                                              "weighted top-k retrieval and write imgId_eId,val rows.")
-    submit.add_argument("index", metavar="INDEX_DIR")
+    submit.add_argument("index", metavar="INDEX_DIR", help="an index folder written by `img2prompt build`")
     submit.add_argument("images", metavar="IMAGES_DIR", help="folder of .png/.jpg/.jpeg/.webp; imgId = file stem")
     submit.add_argument("--out", default="submission.csv", help="output CSV (default submission.csv)")
     submit.add_argument("--sample-submission", metavar="CSV", help="take image ids and row order from this file")
     submit.add_argument("--explain", metavar="CSV", help="also write each image's top prompts, scores, weights")
+    submit.add_argument("--save-npy", metavar="NPY", help="also save the predictions as float32 [n, 384] (for "
+                                                          "ensembling), with the imgId order in NAME.ids.txt")
     submit.add_argument("--strict", action="store_true",
                         help="fail on an undecodable image instead of giving it the corpus-mean prediction")
     _add_image_flags(submit)
@@ -126,9 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_blend_flags(submit)
     _add_model_flags(submit, for_build=False)
 
-    search = commands.add_parser("search", help="rank the index's prompts for images or a text",
-                                 epilog=EPILOG_SEARCH, formatter_class=argparse.RawDescriptionHelpFormatter)
-    search.add_argument("index", metavar="INDEX_DIR")
+    search = commands.add_parser("search", parents=[common], help="rank the index's prompts for images or a text",
+                                 epilog=EPILOG_SEARCH, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description="Find the prompts nearest to each query image (CLIP image → CLIP "
+                                             "text) or query text (CLIP text → CLIP text), best first.")
+    search.add_argument("index", metavar="INDEX_DIR", help="an index folder written by `img2prompt build`")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", action="append", metavar="PATH", help="query image (repeatable)")
     query.add_argument("--text", action="append", metavar="TEXT", help="query text (repeatable)")
@@ -136,11 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="JSON: [{query, results: [{rank, score, prompt, id}]}]")
     _add_model_flags(search, for_build=False)
 
-    evaluate = commands.add_parser("eval", help="score k/temperature/alpha and baselines on a labelled set",
+    evaluate = commands.add_parser("eval", parents=[common], help="score k/temperature/alpha and baselines on a labelled set",
                                    epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter,
                                    description="The competition metric (mean cosine to the scorer's embedding "
                                                "of the true prompt) with baselines and an optional sweep.")
-    evaluate.add_argument("index", metavar="INDEX_DIR")
+    evaluate.add_argument("index", metavar="INDEX_DIR", help="an index folder written by `img2prompt build`")
     evaluate.add_argument("--labels", required=True, metavar="CSV",
                           help="csv/parquet with imgId,prompt (the competition's prompts.csv layout)")
     evaluate.add_argument("--images", metavar="IMAGES_DIR",
@@ -154,20 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_flags(evaluate)
     _add_blend_flags(evaluate)
     _add_model_flags(evaluate, for_build=False)
+
+    from img2prompt.cli_kit import add_parser as add_kaggle_kit_parser
+
+    _add_verbosity_flags(add_kaggle_kit_parser(commands), default=argparse.SUPPRESS)
     return parser
 
 
-def _overrides(args):
-    from img2prompt.query.session import ModelOverrides
+def _open(args):
+    """The one way every query command opens an index: the public API."""
+    from img2prompt.api import open_index
 
-    return ModelOverrides(args.clip_model, args.clip_pretrained, args.text_model)
+    return open_index(args.index, device=args.device, clip_model=args.clip_model,
+                      clip_pretrained=args.clip_pretrained, text_model=args.text_model, verify=args.verify)
 
 
 def _retrieval_settings(args) -> dict:
     """The RetrievalSettings fields that submit and eval share."""
-    return {"k": args.k, "temperature": args.temperature, "alpha": args.alpha, "models": _overrides(args),
-            "device": args.device, "batch_size": args.batch_size, "workers": args.workers,
-            "progress": not args.quiet, "verify": args.verify}
+    return {"k": args.k, "temperature": args.temperature, "alpha": args.alpha, "batch_size": args.batch_size,
+            "workers": args.workers, "progress": not args.quiet}
 
 
 def cmd_build(args) -> None:
@@ -196,43 +215,56 @@ def cmd_build(args) -> None:
 
 
 def cmd_submit(args) -> None:
-    from img2prompt.query.submit import SubmitOptions, run_submit
-
-    report = run_submit(SubmitOptions(
-        index=args.index, images=args.images, out=args.out, sample_submission=args.sample_submission,
-        explain=args.explain, strict=args.strict, **_retrieval_settings(args)))
+    with _open(args) as index:
+        report = index.submission(args.images, args.out, args.sample_submission, explain=args.explain,
+                                  save_npy=args.save_npy, strict=args.strict, **_retrieval_settings(args))
     if args.json:
         print(json.dumps(report.__dict__, indent=2))
         return
     print(f"wrote {report.out}: {report.images} images × 384 rows; predicted {report.predicted}, "
-          f"corpus-mean fallback {len(report.failed)}")
+          f"corpus-mean fallback {len(report.failed)}"
+          + (f"; {report.images_per_s} images/s" if report.images_per_s else ""))
+    if report.missing:
+        print(f"  {len(report.missing)} image(s) named in the sample submission are not in {args.images}")
     for image_id, reason in report.failed.items():
         print(f"  {image_id}: {reason}")
     if report.duplicate_files:
         print(f"  ignored (same imgId as another file): {', '.join(report.duplicate_files)}")
     if report.not_in_sample:
         print(f"  {report.not_in_sample} image(s) in the folder are not in the sample submission (ignored)")
+    if args.save_npy:
+        from img2prompt.query.submit import npy_ids_path
+
+        print(f"  predictions array: {args.save_npy} (imgId order: {npy_ids_path(args.save_npy)})")
     print("timings (s): " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in report.timings_s.items()))
 
 
 def cmd_search(args) -> None:
-    from img2prompt.query.lookup import SearchOptions, format_json, format_table, run_search
+    from img2prompt.query.lookup import format_json, format_table, run_search
 
-    entries = run_search(SearchOptions(index=args.index, images=args.image or [], texts=args.text or [],
-                                       k=args.k, models=_overrides(args), device=args.device, verify=args.verify))
-    sys.stdout.write(format_json(entries) + "\n" if args.json else format_table(entries))
+    with _open(args) as index:
+        results = run_search(index, args.image or [], args.text or [], args.k)
+    sys.stdout.write(format_json(results) + "\n" if args.json else format_table(results))
 
 
 def cmd_eval(args) -> None:
     from img2prompt.query.evaluate import EvalOptions, format_report, run_eval
 
-    report = run_eval(EvalOptions(
-        index=args.index, labels=args.labels, images=args.images, sweep=args.sweep, plot=args.plot, out=args.out,
-        exclude_exact=args.exclude_exact, **_retrieval_settings(args)))
+    with _open(args) as index:
+        report = run_eval(index.session, EvalOptions(
+            labels=args.labels, images=args.images, sweep=args.sweep, plot=args.plot, out=args.out,
+            exclude_exact=args.exclude_exact, text_model=args.text_model, **_retrieval_settings(args)))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 
-COMMANDS = {"build": cmd_build, "submit": cmd_submit, "search": cmd_search, "eval": cmd_eval}
+def cmd_kaggle_kit(args) -> None:
+    from img2prompt.cli_kit import run
+
+    run(args)
+
+
+COMMANDS = {"build": cmd_build, "submit": cmd_submit, "search": cmd_search, "eval": cmd_eval,
+            "kaggle-kit": cmd_kaggle_kit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from img2prompt.query.blend import check_blend_args, corpus_mean_prediction
 from img2prompt.query.images import list_images
 from img2prompt.query.predict import RetrievalSettings, Retrieved, blend_neighbours, retrieve_images
 from img2prompt.query.search import Neighbours
-from img2prompt.query.session import QuerySession, open_session
+from img2prompt.query.session import QuerySession
 
 SWEEP_K = (1, 2, 3, 5, 10, 20, 30, 50, 100)
 SWEEP_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
@@ -39,8 +39,8 @@ BOOTSTRAP_SAMPLES = 1000
 
 @dataclass
 class EvalOptions(RetrievalSettings):
-    index: str
     labels: str
+    text_model: str | None = None  # the scorer for the ground truth (default: as the index names it)
     images: str | None = None
     sweep: bool = False
     plot: str | None = None
@@ -118,15 +118,15 @@ def sweep_grid(options: EvalOptions, kmax: int) -> list[tuple[int, float, float]
     return list(itertools.product(ks, options.sweep_temperature, options.sweep_alpha))
 
 
-def run_eval(options: EvalOptions) -> dict:
+def run_eval(session: QuerySession, options: EvalOptions) -> dict:
+    """The report for a labelled set, on an opened session (the index and its CLIP model)."""
     check_blend_args(options.k, options.temperature, options.alpha)
     if options.plot and not options.sweep:
         raise UserError("--plot draws the sweep: add --sweep")
     labels = read_labels(options.labels)
-    session = open_session(options.index, options.models, options.device, options.verify)
     index = session.index
     session.retriever.check_k(options.k)
-    text_model = load_text_model(options.models.text_model or index.text_identity["name"], session.clip.device)
+    text_model = load_text_model(options.text_model or index.text_identity["name"], session.clip.device)
     if text_model.sha256 != index.text_identity["sha256"]:
         raise UserError("the scorer loaded for the ground truth differs from the index's text model "
                         f"({text_model.name}): pass --text-model with the index's scorer")

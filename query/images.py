@@ -44,7 +44,8 @@ def list_images(folder: str | Path) -> ImageListing:
     return ImageListing(paths=dict(sorted(paths.items())), duplicates=duplicates)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB (16-bit scaled, transparency composited on white)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bits (a plain convert clips everything above 255 to white).
         array = np.asarray(image, dtype=np.float64)
@@ -73,7 +74,7 @@ def load_image(path: str | Path) -> Image.Image:
                     raise ImageDecodeError(f"too large ({width}×{height} pixels, limit {MAX_PIXELS:,})")
                 image.load()
                 image = ImageOps.exif_transpose(image) or image
-                return _to_rgb(image)
+                return to_rgb(image)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:

@@ -6,33 +6,28 @@ repeated for any (k ≤ that, temperature, alpha) without touching the images ag
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from img2prompt.index.format import PromptIndex
 from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE, blend, corpus_mean_prediction
 from img2prompt.query.embed_images import embed_images
 from img2prompt.query.search import Neighbours
-from img2prompt.query.session import ModelOverrides, QuerySession
+from img2prompt.query.session import QuerySession
 
 MISSING_FILE = "not found in the images folder"
 
 
 @dataclass(kw_only=True)
 class RetrievalSettings:
-    """What submit and eval share: blending, models, device and image loading."""
+    """What submit and eval share: blending and image loading (models and device come with the session)."""
     k: int = DEFAULT_K
     temperature: float = DEFAULT_TEMPERATURE
     alpha: float = DEFAULT_ALPHA
-    models: ModelOverrides = field(default_factory=ModelOverrides)
-    device: str = "auto"
     batch_size: int = 64
     workers: int | None = None
     progress: bool = True
-    verify: bool = False  # check the index files' sha256 on open
 
 
 @dataclass
@@ -53,8 +48,7 @@ def retrieve_images(session: QuerySession, image_ids: list[str], paths: dict[str
     present = [image_id for image_id in image_ids if image_id in paths]
     failed = {image_id: MISSING_FILE for image_id in image_ids if image_id not in paths}
     started = time.perf_counter()
-    with tqdm(total=len(present), unit="img", desc="encode images", disable=not progress) as bar:
-        embedded = embed_images(session.clip, [paths[i] for i in present], batch_size, workers, bar.update)
+    embedded = embed_images(session.clip, [paths[i] for i in present], batch_size, workers, progress=progress)
     timings["decode_encode"] = time.perf_counter() - started
     timings["decode"], timings["encode"] = embedded.decode_s, embedded.encode_s
     failed.update({present[position]: reason for position, reason in embedded.failed.items()})

@@ -1,33 +1,37 @@
 """The Kaggle retrieval submission: images → CLIP → top-k prompts → blended MiniLM vectors → submission.csv.
 
 Images that cannot be decoded get the corpus-mean prediction (reported by name and counted), so the
-submission is always complete; with strict=True they are an error instead.
+submission is always complete; with strict=True they are an error instead. Images the sample submission
+names but the folder lacks are loud: all of them missing is an error (the wrong folder, most likely).
+Output paths are checked before any image is encoded. Failures are returned in the report (the CLI and
+the notebook print it), not logged one by one.
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from img2prompt.atomic import write_atomic
 from img2prompt.errors import UserError
 from img2prompt.query.blend import check_blend_args, softmax_weights
 from img2prompt.query.images import list_images
-from img2prompt.query.predict import RetrievalSettings, blend_neighbours, retrieve_images
-from img2prompt.query.session import open_session
+from img2prompt.query.predict import MISSING_FILE, RetrievalSettings, blend_neighbours, retrieve_images
+from img2prompt.query.session import QuerySession
 from img2prompt.query.submission import EMBED_DIM, read_sample_submission, write_explain, write_submission
 
-log = logging.getLogger(__name__)
+SHOWN_IDS = 5  # ids quoted in messages about missing images
 
 
 @dataclass
 class SubmitOptions(RetrievalSettings):
-    index: str
     images: str
     out: str = "submission.csv"
     sample_submission: str | None = None
     explain: str | None = None
+    save_npy: str | None = None  # float32 [n, 384] predictions + NAME.ids.txt (imgId order), for ensembling
     strict: bool = False
 
 
@@ -37,53 +41,108 @@ class SubmitReport:
     images: int
     predicted: int
     failed: dict[str, str] = field(default_factory=dict)  # imgId → reason; these got the corpus mean
+    missing: list[str] = field(default_factory=list)  # sample ids without an image file (also in failed)
     duplicate_files: list[str] = field(default_factory=list)
     not_in_sample: int = 0
     settings: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
+    images_per_s: float | None = None  # decode + encode, steady state over the whole folder
 
 
-def run_submit(options: SubmitOptions) -> SubmitReport:
+def npy_ids_path(npy: str | Path) -> Path:
+    """The imgId list written beside --save-npy's array (row i of the array is line i)."""
+    npy = Path(npy)
+    return npy.with_name(npy.name.removesuffix(".npy") + ".ids.txt")
+
+
+def check_output_paths(options: SubmitOptions) -> None:
+    """Refuse unusable or colliding outputs before any work (no image is encoded for nothing)."""
+    outputs = {"--out": options.out, "--explain": options.explain, "--save-npy": options.save_npy}
+    inputs = {"--sample-submission": options.sample_submission}
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved.is_dir():
+            raise UserError(f"{flag} {path} is a folder: give a file path")
+        if not resolved.parent.is_dir():
+            raise UserError(f"{flag} {path}: the folder {Path(path).parent} does not exist")
+        if resolved in seen:
+            raise UserError(f"{flag} and {seen[resolved]} name the same file {path}: give each output its own path")
+        for input_flag, input_path in inputs.items():
+            if input_path is not None and Path(input_path).resolve() == resolved:
+                raise UserError(f"{flag} {path} would overwrite the {input_flag} input")
+        seen[resolved] = flag
+    if options.save_npy is not None and not str(options.save_npy).endswith(".npy"):
+        raise UserError(f"--save-npy {options.save_npy}: the file name must end in .npy")
+
+
+def select_image_ids(options: SubmitOptions, listing) -> tuple[list[str], list[str] | None, int]:
+    """(image ids to predict, row order or None, folder images not in the sample)."""
+    if not options.sample_submission:
+        if not listing.paths:
+            raise UserError(f"no images (.png/.jpg/.jpeg/.webp) in {options.images}")
+        return list(listing.paths), None, 0
+    image_ids, order = read_sample_submission(options.sample_submission)
+    present = [image_id for image_id in image_ids if image_id in listing.paths]
+    if not present:
+        expected = ", ".join(f"{image_id}.png" for image_id in image_ids[:SHOWN_IDS])
+        raise UserError(f"none of the {len(image_ids)} images named in {options.sample_submission} is in "
+                        f"{options.images} (expected e.g. {expected}): is it the right folder?")
+    return image_ids, order, len(set(listing.paths) - set(image_ids))
+
+
+def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
     check_blend_args(options.k, options.temperature, options.alpha)
-    listing = list_images(options.images)
-    order = None
-    not_in_sample = 0
-    if options.sample_submission:
-        image_ids, order = read_sample_submission(options.sample_submission)
-        not_in_sample = len(set(listing.paths) - set(image_ids))
-    else:
-        image_ids = list(listing.paths)
-    if not image_ids:
-        raise UserError(f"no images (.png/.jpg/.jpeg/.webp) in {options.images}")
-    session = open_session(options.index, options.models, options.device, options.verify)
+    check_output_paths(options)
+    session.retriever.check_k(options.k)
     if session.index.text_dim != EMBED_DIM:
         raise UserError(f"the index's text model gives {session.index.text_dim}-d vectors; a submission needs "
                         f"the {EMBED_DIM}-d all-MiniLM-L6-v2 scorer")
+    listing = list_images(options.images)
+    image_ids, order, not_in_sample = select_image_ids(options, listing)
+    missing = [image_id for image_id in image_ids if image_id not in listing.paths]
+    if missing:
+        shown = ", ".join(missing[:SHOWN_IDS]) + (" …" if len(missing) > SHOWN_IDS else "")
+        if options.strict:
+            raise UserError(f"{len(missing)} of {len(image_ids)} images are not in {options.images} (--strict): {shown}")
     result = retrieve_images(session, image_ids, listing.paths, options.k, batch_size=options.batch_size,
                              workers=options.workers, progress=options.progress)
     started = time.perf_counter()
     predictions = blend_neighbours(session.index, result.neighbours, k=options.k,
                                    temperature=options.temperature, alpha=options.alpha)
     result.timings_s["blend"] = time.perf_counter() - started
-    if result.failed and options.strict:
-        listed = "; ".join(f"{image_id}: {reason}" for image_id, reason in list(result.failed.items())[:5])
-        raise UserError(f"{len(result.failed)} image(s) could not be predicted (--strict): {listed}")
-    for image_id, reason in result.failed.items():
-        log.warning("image %s: %s; it gets the corpus-mean prediction", image_id, reason)
+    undecodable = {image_id: reason for image_id, reason in result.failed.items() if reason != MISSING_FILE}
+    if undecodable and options.strict:
+        listed = "; ".join(f"{image_id}: {reason}" for image_id, reason in list(undecodable.items())[:SHOWN_IDS])
+        raise UserError(f"{len(undecodable)} image(s) could not be predicted (--strict): {listed}")
     started = time.perf_counter()
     write_submission(options.out, image_ids, predictions, order)
+    if options.save_npy:
+        write_atomic(options.save_npy, lambda handle: np.save(handle, predictions, allow_pickle=False))
+        ids_text = "".join(f"{image_id}\n" for image_id in image_ids).encode("utf-8")
+        write_atomic(npy_ids_path(options.save_npy), lambda handle: handle.write(ids_text))
     result.timings_s["write"] = time.perf_counter() - started
     if options.explain:
-        weights = np.zeros_like(result.neighbours.scores)
-        ok = (result.neighbours.ids >= 0).all(axis=1)
-        weights[ok] = softmax_weights(result.neighbours.scores[ok], options.temperature)
-        ids = result.neighbours.ids
-        flat = session.index.prompt_rows(ids.ravel())
-        prompts = [flat[row * ids.shape[1]:(row + 1) * ids.shape[1]] for row in range(len(ids))]
-        write_explain(options.explain, image_ids, result.neighbours.scores, result.neighbours.ids, weights, prompts)
+        write_explain_for(session, options, image_ids, result.neighbours)
+    decoded = len(image_ids) - len(missing)
+    encode_seconds = result.timings_s.get("decode_encode", 0.0)
     return SubmitReport(
         out=str(options.out), images=len(image_ids), predicted=len(image_ids) - len(result.failed),
-        failed=result.failed, duplicate_files=[str(p) for paths in listing.duplicates.values() for p in paths],
+        failed=result.failed, missing=missing,
+        duplicate_files=[str(p) for paths in listing.duplicates.values() for p in paths],
         not_in_sample=not_in_sample,
         settings={"k": options.k, "temperature": options.temperature, "alpha": options.alpha},
-        timings_s={name: round(seconds, 3) for name, seconds in result.timings_s.items()})
+        timings_s={name: round(seconds, 3) for name, seconds in result.timings_s.items()},
+        images_per_s=round(decoded / encode_seconds, 1) if decoded and encode_seconds else None)
+
+
+def write_explain_for(session: QuerySession, options: SubmitOptions, image_ids: list[str], neighbours) -> None:
+    weights = np.zeros_like(neighbours.scores)
+    ok = (neighbours.ids >= 0).all(axis=1)
+    weights[ok] = softmax_weights(neighbours.scores[ok], options.temperature)
+    ids = neighbours.ids
+    flat = session.index.prompt_rows(ids.ravel())
+    prompts = [flat[row * ids.shape[1]:(row + 1) * ids.shape[1]] for row in range(len(ids))]
+    write_explain(options.explain, image_ids, neighbours.scores, ids, weights, prompts)

@@ -31,8 +31,15 @@ def labels(tmp_path_factory):
     return path
 
 
+_OPENED: dict = {}  # index path → Img2PromptIndex: opened once, as an API user would
+
+
 def evaluate(built_index, labels, **kwargs):
-    return run_eval(EvalOptions(index=str(built_index), labels=str(labels), device="cpu", progress=False, **kwargs))
+    import img2prompt
+
+    if built_index not in _OPENED:
+        _OPENED[built_index] = img2prompt.open_index(built_index, device="cpu")
+    return run_eval(_OPENED[built_index].session, EvalOptions(labels=str(labels), progress=False, **kwargs))
 
 
 def test_text_mode_baselines_and_leakage_guard(built_index, labels, text_model):

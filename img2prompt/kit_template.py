@@ -1,0 +1,168 @@
+"""The Kaggle kit's submission code: one source text, written as `submit.py` and as the notebook's cells.
+
+SUBMIT_SOURCE is a Python script in the "percent" cell format (`# %%` starts a code cell, `# %% [markdown]`
+a markdown cell whose lines are `# ` comments). `submit.py` is that text verbatim; the notebook's cells are
+cut from it, so the two can never drift apart. The code reads everything kit-specific from the kit's
+`kit.json`, so the text itself is the same for every kit.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from img2prompt.atomic import write_atomic
+
+CELL_MARKER = "# %%"
+MARKDOWN_MARKER = "# %% [markdown]"
+NOTEBOOK_NAME = "img2prompt-submit.ipynb"
+SCRIPT_NAME = "submit.py"
+
+SUBMIT_SOURCE = '''\
+# %% [markdown]
+# # img2prompt: Kaggle submission
+#
+# Written by `img2prompt kaggle-kit`; the kit's `submit.py` holds the same code.
+# Attach the kit dataset and the competition data, keep internet off, and run all cells.
+# Paths follow the Kaggle layout; the environment variables IMG2PROMPT_KIT, IMG2PROMPT_IMAGES,
+# IMG2PROMPT_SAMPLE and IMG2PROMPT_OUT override them (IMG2PROMPT_SAMPLE="" ignores the sample submission).
+
+# %%
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+COMPETITION = Path("/kaggle/input/stable-diffusion-image-to-prompts")
+# Prediction settings passed to submission(), e.g. {"k": 20, "temperature": 0.05, "alpha": 0.0};
+# empty = img2prompt's defaults.
+SETTINGS = {}
+
+
+def find_kit() -> Path:
+    """IMG2PROMPT_KIT, else the first attached dataset holding the kit's marker file kit.json."""
+    if os.environ.get("IMG2PROMPT_KIT"):
+        kit = Path(os.environ["IMG2PROMPT_KIT"])
+        if not (kit / "kit.json").is_file():
+            raise SystemExit(f"IMG2PROMPT_KIT={kit} holds no kit.json: point it at the kit folder")
+        return kit
+    for pattern in ("/kaggle/input/*/kit.json", "/kaggle/input/*/*/kit.json", "/kaggle/input/*/*/*/kit.json"):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return Path(found[0]).parent
+    raise SystemExit("no img2prompt kit under /kaggle/input: attach the kit dataset to this notebook "
+                     "(or set IMG2PROMPT_KIT to the kit folder)")
+
+
+KIT = find_kit()
+IMAGES = Path(os.environ.get("IMG2PROMPT_IMAGES") or COMPETITION / "images")
+SAMPLE = os.environ.get("IMG2PROMPT_SAMPLE", str(COMPETITION / "sample_submission.csv"))
+OUT = Path(os.environ.get("IMG2PROMPT_OUT") or "/kaggle/working/submission.csv")
+KIT_INFO = json.loads((KIT / "kit.json").read_text(encoding="utf-8"))
+print(f"kit: {KIT} (img2prompt {KIT_INFO['img2prompt_version']}, index of {KIT_INFO['index']['count']} prompts)")
+print(f"images: {IMAGES}\\nsample submission: {SAMPLE or '(none)'}\\nout: {OUT}")
+
+# %% [markdown]
+# Install img2prompt and everything it needs from the kit's wheels (no internet, no package index).
+
+# %%
+subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
+                       "--find-links", str(KIT / "wheels"), f"img2prompt=={KIT_INFO['img2prompt_version']}"])
+
+# %% [markdown]
+# Predict every image's prompt embedding and write the submission, in the sample submission's order when
+# that file lists every image (a hidden test set with other images is written in file-name order).
+
+# %%
+import img2prompt
+
+
+def image_ids(folder: Path) -> set:
+    return {path.stem for path in folder.iterdir() if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}}
+
+
+def sample_for(images: Path, sample: str):
+    """The sample submission to order the rows by, or None when there is none or it misses images."""
+    if not sample or not os.path.isfile(sample):
+        return None
+    with open(sample, newline="", encoding="utf-8") as handle:
+        rows = csv.reader(handle)
+        next(rows, None)
+        listed = {row[0].rsplit("_", 1)[0] for row in rows if row}
+    missing = image_ids(images) - listed
+    if missing:
+        print(f"{len(missing)} image(s) are not in {sample}: ignoring it, rows follow the file names")
+        return None
+    return sample
+
+
+OUT.parent.mkdir(parents=True, exist_ok=True)
+with img2prompt.open_index(KIT / "index", clip_model=str(KIT / "clip")) as index:
+    report = index.submission(IMAGES, OUT, sample_submission=sample_for(IMAGES, SAMPLE), **SETTINGS)
+print(f"wrote {report.out}: {report.images} images, predicted {report.predicted}, "
+      f"corpus-mean fallback {len(report.failed)}")
+for image_id, reason in report.failed.items():
+    print(f"  {image_id}: {reason}")
+'''
+
+
+def split_cells(source: str = SUBMIT_SOURCE) -> list[tuple[str, str]]:
+    """[(cell_type, text)] cut from the percent-format source; markdown cells lose their `# ` prefixes."""
+    cells: list[tuple[str, list[str]]] = []
+    for line in source.splitlines():
+        if line.startswith(CELL_MARKER):
+            cells.append(("markdown" if line.strip() == MARKDOWN_MARKER else "code", []))
+        elif cells:
+            cells[-1][1].append(line)
+        elif line.strip():
+            raise ValueError(f"text before the first cell marker: {line!r}")
+    result = []
+    for kind, lines in cells:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        if kind == "markdown":
+            lines = [line[2:] if line.startswith("# ") else line.lstrip("#") for line in lines]
+        result.append((kind, "\n".join(lines)))
+    return result
+
+
+def code_of_notebook(notebook: dict) -> str:
+    """The code cells of a notebook, joined with blank lines (to compare with the script's code)."""
+    return "\n\n".join("".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+                       for cell in notebook["cells"] if cell["cell_type"] == "code")
+
+
+def code_of_script(source: str = SUBMIT_SOURCE) -> str:
+    return "\n\n".join(text for kind, text in split_cells(source) if kind == "code")
+
+
+def notebook_json(source: str = SUBMIT_SOURCE) -> dict:
+    """An nbformat v4 notebook whose cells are the percent-format source's cells."""
+    cells = []
+    for number, (kind, text) in enumerate(split_cells(source)):
+        lines = text.splitlines(keepends=True)
+        cell = {"cell_type": kind, "id": f"img2prompt-{number}", "metadata": {}, "source": lines}
+        if kind == "code":
+            cell.update(execution_count=None, outputs=[])
+        cells.append(cell)
+    return {
+        "cells": cells,
+        "metadata": {
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+
+
+def write_submit_files(folder: str | Path) -> tuple[Path, Path]:
+    """Write submit.py and img2prompt-submit.ipynb into `folder`; returns their paths."""
+    folder = Path(folder)
+    script, notebook = folder / SCRIPT_NAME, folder / NOTEBOOK_NAME
+    write_atomic(script, lambda handle: handle.write(SUBMIT_SOURCE.encode("utf-8")))
+    payload = (json.dumps(notebook_json(), indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    write_atomic(notebook, lambda handle: handle.write(payload))
+    return script, notebook

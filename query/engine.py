@@ -1,0 +1,138 @@
+"""`Img2PromptIndex`: an opened index with its CLIP model and search backend, reused across calls.
+
+This is what `img2prompt.open_index` returns and what every front end (CLI, notebook, server) calls:
+models and the backend load once in `open`, and each method only encodes, searches and blends.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from img2prompt.api import ImageInput, SearchResult
+from img2prompt.build_index.embed import clip_text_embeddings
+from img2prompt.errors import UserError
+from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE, check_blend_args
+from img2prompt.query.embed_images import embed_images, image_label
+from img2prompt.query.predict import blend_neighbours
+from img2prompt.query.search import Neighbours
+from img2prompt.query.session import ModelOverrides, QuerySession, open_session
+
+log = logging.getLogger(__name__)
+
+
+class Img2PromptIndex:
+    """A built index opened for queries. Use as a context manager, or call close()."""
+
+    def __init__(self, session: QuerySession) -> None:
+        self.session = session
+
+    @classmethod
+    def open(cls, path: str | Path, *, device: str = "auto", clip_model: str | None = None,
+             clip_pretrained: str | None = None, text_model: str | None = None,
+             verify: bool = False) -> "Img2PromptIndex":
+        overrides = ModelOverrides(clip_model, clip_pretrained, text_model)
+        session = open_session(str(path), overrides, device, verify)
+        session.retriever  # load the search backend now, not inside the first query
+        return cls(session)
+
+    # -- what it holds ----------------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return self.session.index.count
+
+    @property
+    def manifest(self) -> dict:
+        return self.session.index.manifest
+
+    @property
+    def device(self) -> str:
+        return str(self.session.clip.device)
+
+    def prompts(self, ids: Sequence[int] | np.ndarray) -> list[str]:
+        """The prompt texts with these ids ("" for -1, i.e. no neighbour)."""
+        return self.session.index.prompt_rows(ids)
+
+    # -- queries ----------------------------------------------------------------------------------------
+    def predict(self, images: Sequence[ImageInput], *, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
+                alpha: float = DEFAULT_ALPHA, batch_size: int = 64, workers: int | None = None,
+                progress: bool = False) -> np.ndarray:
+        """float32 [n, 384] unit-norm predictions, one per image (paths or PIL images), in input order.
+
+        An image that cannot be decoded gets the corpus-mean prediction and a logged warning.
+        """
+        check_blend_args(k, temperature, alpha)
+        self.session.retriever.check_k(k)
+        embedded = embed_images(self.session.clip, list(images), batch_size, workers, progress=progress)
+        neighbours = self._neighbours_for(embedded, len(images), k)
+        for position, reason in embedded.failed.items():
+            log.warning("%s: %s; it gets the corpus-mean prediction", image_label(images[position], position), reason)
+        return blend_neighbours(self.session.index, neighbours, k=k, temperature=temperature, alpha=alpha)
+
+    def search_images(self, images: Sequence[ImageInput], k: int = 10, *, batch_size: int = 16,
+                      workers: int | None = 0) -> list[SearchResult]:
+        """Ranked prompts per image, in input order; an undecodable image gets a result with `error`."""
+        self.session.retriever.check_k(k)
+        embedded = embed_images(self.session.clip, list(images), batch_size, workers)
+        neighbours = self._neighbours_for(embedded, len(images), k)
+        results = self._results([image_label(image, i) for i, image in enumerate(images)], neighbours)
+        for position, reason in embedded.failed.items():
+            results[position] = SearchResult(results[position].query, np.zeros(0, np.int64),
+                                             np.zeros(0, np.float32), [], error=reason)
+        return results
+
+    def search_texts(self, texts: Sequence[str], k: int = 10) -> list[SearchResult]:
+        """Ranked prompts per query text (CLIP text → CLIP text), in input order."""
+        self.session.retriever.check_k(k)
+        texts = list(texts)
+        vectors = clip_text_embeddings(self.session.clip, texts).vectors
+        return self._results(texts, self.session.retriever.search(vectors, k))
+
+    def submission(self, images_dir: str | Path, out: str | Path = "submission.csv",
+                   sample_submission: str | Path | None = None, **options):
+        """Predict every image in `images_dir` and write Kaggle's submission.csv; returns a SubmitReport.
+
+        Options: k, temperature, alpha, explain (CSV path), save_npy (path), strict, batch_size, workers, progress.
+        """
+        from img2prompt.query.submit import SubmitOptions, run_submit
+
+        return run_submit(self.session, SubmitOptions(
+            images=str(images_dir), out=str(out),
+            sample_submission=str(sample_submission) if sample_submission is not None else None, **options))
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+    def _neighbours_for(self, embedded, total: int, k: int) -> Neighbours:
+        """Search the decoded images; rows of images that failed stay empty (ids -1)."""
+        found = self.session.retriever.search(embedded.vectors, k)
+        k = found.ids.shape[1] if len(found.ids) else min(k, self.count)
+        neighbours = Neighbours(np.full((total, k), -np.inf, np.float32), np.full((total, k), -1, np.int64))
+        neighbours.scores[embedded.ok], neighbours.ids[embedded.ok] = found.scores, found.ids
+        return neighbours
+
+    def _results(self, queries: list[str], neighbours: Neighbours) -> list[SearchResult]:
+        flat = self.prompts(neighbours.ids.ravel())
+        k = neighbours.ids.shape[1]
+        return [SearchResult(query, neighbours.ids[row], neighbours.scores[row], flat[row * k:(row + 1) * k])
+                for row, query in enumerate(queries)]
+
+    def close(self) -> None:
+        """Release the search backend and models (GPU memory included)."""
+        retriever = self.session.__dict__.pop("retriever", None)
+        if retriever is not None:
+            retriever.backend.close()
+        if self.session.clip.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "Img2PromptIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Img2PromptIndex({str(self.session.index.root)!r}, {self.count} prompts, "
+                f"{self.session.index.search_plan['kind']} search, device {self.device})")
