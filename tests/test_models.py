@@ -78,3 +78,66 @@ def test_weights_sha256_changes_with_any_weight():
         layer.weight[0, 0] += 1e-6
     assert weights_sha256(layer) != before
     assert np.isfinite(layer.weight.detach().numpy()).all()
+
+
+def _variant(tiny_clip_dir, folder, edit) -> str:
+    """A copy of the tiny CLIP folder with the same weights and an edited open_clip_config.json."""
+    copy = shutil.copytree(tiny_clip_dir, folder)
+    config = json.loads((copy / "open_clip_config.json").read_text())
+    edit(config)
+    (copy / "open_clip_config.json").write_text(json.dumps(config))
+    return str(copy)
+
+
+def test_same_weights_under_another_architecture_are_refused(built_index, tiny_clip_dir, tmp_path, clip):
+    """The ViT-L-14 vs ViT-L-14-quickgelu trap: identical weights, another activation, other embeddings."""
+    import img2prompt
+
+    quick = _variant(tiny_clip_dir, tmp_path / "quick", lambda c: c["model_cfg"].update(quick_gelu=True))
+    loaded = load_clip(quick)
+    assert loaded.sha256 == clip.sha256 and loaded.architecture_sha256 != clip.architecture_sha256
+    with pytest.raises(UserError, match="the CLIP weights match the index's but the architecture differs"):
+        img2prompt.open_index(built_index, device="cpu", clip_model=quick)
+    normalised = _variant(tiny_clip_dir, tmp_path / "mean", lambda c: c["preprocess_cfg"].update(mean=[0.5] * 3))
+    with pytest.raises(UserError, match="image preprocessing differs"):
+        img2prompt.open_index(built_index, device="cpu", clip_model=normalised)
+
+
+def test_weights_hash_is_cached_per_file_and_verify_recomputes(tiny_clip_dir, tmp_path, monkeypatch, clip):
+    import img2prompt.models as models
+
+    copy = shutil.copytree(tiny_clip_dir, tmp_path / "cached")
+    assert load_clip(str(copy)).sha256 == clip.sha256  # hashed once, remembered
+    calls = []
+    original = models.weights_sha256
+    monkeypatch.setattr(models, "weights_sha256", lambda module: calls.append(1) or original(module))
+    assert load_clip(str(copy)).sha256 == clip.sha256 and calls == []  # start-up without re-hashing
+    assert load_clip(str(copy), verify=True).sha256 == clip.sha256 and calls == [1]
+    weights = copy / "open_clip_pytorch_model.bin"
+    state = torch.load(weights, weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first] + 1
+    torch.save(state, weights)  # new content, new size/mtime: the cache must not answer for it
+    assert load_clip(str(copy)).sha256 != clip.sha256 and calls == [1, 1]
+
+
+def test_hub_name_with_a_slash_is_a_hub_name_not_a_missing_folder():
+    from img2prompt.models import load_text_model, looks_like_path
+
+    assert not looks_like_path("sentence-transformers/all-MiniLM-L6-v2")
+    assert looks_like_path("./models/minilm") and looks_like_path("/abs/minilm")
+    with pytest.raises(UserError) as error:
+        load_text_model("sentence-transformers/all-MiniLM-L6-v2")  # offline in tests: no hub, no cache
+    assert "folder not found" not in str(error.value) and "could not load the text model" in str(error.value)
+    with pytest.raises(UserError, match="text model folder not found: /no/such/minilm"):
+        load_text_model("/no/such/minilm")
+
+
+def test_missing_scorer_package_names_the_extra(monkeypatch):
+    import sys
+
+    from img2prompt.models import load_text_model
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import now raises ImportError
+    with pytest.raises(UserError, match=r"needs sentence-transformers.*pip install 'img2prompt\[scorer\]'"):
+        load_text_model(None)
