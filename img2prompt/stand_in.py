@@ -66,7 +66,19 @@ def write_tiny_text_model(folder: str | Path, dim: int = 32, seed: int = 0) -> P
     return folder
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m img2prompt.stand_in",
+        description="Write a tiny open_clip model with RANDOM weights as a local-dir folder (config + weights), "
+                    "for offline smoke runs and tests. Its retrievals are meaningless.")
+    parser.add_argument("out", metavar="OUT_FOLDER", help="folder to write (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    args = parser.parse_args(argv)
+    print(write_tiny_clip(args.out, seed=args.seed))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m img2prompt.stand_in OUT_FOLDER")
-    print(write_tiny_clip(sys.argv[1]))
+    sys.exit(main())

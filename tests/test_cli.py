@@ -44,3 +44,21 @@ def test_help_lists_commands_and_examples():
         assert command in result.stdout
     submit_help = run_cli("submit", "--help").stdout
     assert "--sample-submission" in submit_help and "examples:" in submit_help and "provisional" in submit_help
+
+
+def test_version_module_entry_and_flags_after_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    import img2prompt
+
+    assert run_cli("--version").stdout.strip() == f"img2prompt {img2prompt.__version__}"
+    as_module = subprocess.run([sys.executable, "-m", "img2prompt", "--help"], capture_output=True, text=True)
+    assert as_module.returncode == 0 and "kaggle-kit" in as_module.stdout
+    late = run_cli("search", tmp_path / "none", "--text", "x", "-q")  # -q after the command is accepted
+    assert late.returncode == 2 and "index folder not found" in late.stderr
+    search_help = run_cli("search", "--help").stdout
+    assert "Find the prompts nearest" in search_help and "an index folder written by" in search_help
+    helped = subprocess.run([sys.executable, "-m", "img2prompt.stand_in", "--help"], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert helped.returncode == 0 and "RANDOM weights" in helped.stdout and list(tmp_path.iterdir()) == []
