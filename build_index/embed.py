@@ -18,6 +18,7 @@ import torch
 
 from img2prompt.models import (ClipModel, TextModel, clip_encode_text, clip_prompt_truncated,
                                clip_token_lengths)
+from img2prompt.tokenization import minilm_encode_features, pad_minilm_batch
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
@@ -39,27 +40,42 @@ class ClipTextResult:
     truncated: int  # prompts longer than CLIP's context (cut for CLIP only)
 
 
+def count_truncated(clip: ClipModel, prompts: list[str], tokens: torch.Tensor) -> int:
+    """Prompts longer than CLIP's context; only rows that fill the context need a closer look."""
+    full = (clip_token_lengths(clip, tokens) >= clip.context_length).nonzero().flatten().tolist()
+    return sum(clip_prompt_truncated(clip, prompts[i]) for i in full)
+
+
 def clip_text_embeddings(clip: ClipModel, prompts: list[str], batch_size: int = 256, *,
                          bucketed: bool = True, progress: Callable[[int], None] | None = None) -> ClipTextResult:
+    """Tokenize and encode in this process (queries, small sets); the build tokenizes in workers."""
     if not prompts:
         return ClipTextResult(np.zeros((0, clip.dim), dtype=np.float32), 0)
     tokens = clip.tokenizer(prompts)
+    return ClipTextResult(clip_embed_tokens(clip, tokens, batch_size, bucketed=bucketed, progress=progress),
+                          count_truncated(clip, prompts, tokens))
+
+
+def clip_embed_tokens(clip: ClipModel, tokens: torch.Tensor, batch_size: int = 256, *, bucketed: bool = True,
+                      progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """L2-normalised CLIP text vectors (float32, input order) for token rows [n, context_length]."""
+    if len(tokens) == 0:
+        return np.zeros((0, clip.dim), dtype=np.float32)
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
     lengths = clip_token_lengths(clip, tokens)
-    full = (lengths >= clip.context_length).nonzero().flatten().tolist()
-    truncated = sum(clip_prompt_truncated(clip, prompts[i]) for i in full)
-    order = torch.argsort(lengths, stable=True) if bucketed else torch.arange(len(prompts))
-    out = np.empty((len(prompts), clip.dim), dtype=np.float32)
+    order = torch.argsort(lengths, stable=True) if bucketed else torch.arange(len(tokens))
+    out = np.empty((len(tokens), clip.dim), dtype=np.float32)
     with torch.inference_mode(), autocast_for(clip.device):
-        for start in range(0, len(prompts), batch_size):
+        for start in range(0, len(tokens), batch_size):
             rows = order[start:start + batch_size]
             batch = tokens[rows]
             if bucketed:
                 batch = batch[:, :int(lengths[rows].max())]
-            features = clip_encode_text(clip, batch.to(clip.device), short_context=bucketed)
+            features = clip_encode_text(clip, batch.to(clip.device, non_blocking=True), short_context=bucketed)
             out[rows.numpy()] = features.float().cpu().numpy()
             if progress:
                 progress(len(rows))
-    return ClipTextResult(l2_normalise(out), truncated)
+    return l2_normalise(out)
 
 
 def minilm_embeddings(text_model: TextModel, prompts: list[str], batch_size: int = 256) -> np.ndarray:
@@ -69,3 +85,20 @@ def minilm_embeddings(text_model: TextModel, prompts: list[str], batch_size: int
     vectors = text_model.model.encode(prompts, batch_size=batch_size, convert_to_numpy=True,
                                       normalize_embeddings=True, show_progress_bar=False)
     return l2_normalise(vectors)
+
+
+def minilm_batch_order(prompts: list[str]) -> np.ndarray:
+    """SentenceTransformer.encode's own batch order (longest text first): same batches, same numbers."""
+    return np.argsort([-len(prompt) for prompt in prompts])
+
+
+def minilm_embed_ids(text_model: TextModel, ids: list[np.ndarray], order: np.ndarray,
+                     batch_size: int = 256) -> np.ndarray:
+    """minilm_embeddings for prompts tokenized elsewhere (build workers): the same batches as encode."""
+    if not ids:
+        return np.zeros((0, text_model.dim), dtype=np.float32)
+    out = np.empty((len(ids), text_model.dim), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        out[rows] = minilm_encode_features(text_model.model, pad_minilm_batch([ids[i] for i in rows]))
+    return l2_normalise(out)

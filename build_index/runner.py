@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, count_rows, expand_corpus_paths,
                                            file_fingerprint, iter_prompts)
-from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
+from img2prompt.build_index.embed import (clip_embed_tokens, count_truncated, minilm_batch_order, minilm_embed_ids,
+                                          minilm_embeddings)
+from img2prompt.build_index.pipeline import default_workers, tokenized_shards, tokenizers_for
 from img2prompt.errors import UserError
 from img2prompt.index.backend import backend_class
 from img2prompt.index.format import IndexWriter, ShardTask, plan_shards, save_shard
@@ -51,6 +55,7 @@ class BuildOptions:
     recall_queries: int = 1000
     seed: int = 0
     progress: bool = True
+    workers: int | None = None  # tokenizing processes (None: cores − 1 on CUDA, in-process on CPU)
 
 
 @dataclass
@@ -90,6 +95,8 @@ def precision_of(device) -> str:
 def run_build(options: BuildOptions) -> BuildResult:
     if options.shard_size <= 0 or options.batch_size <= 0:
         raise UserError("--shard-size and --batch-size must be positive")
+    if options.workers is not None and options.workers < 0:
+        raise UserError(f"--workers must be 0 or more (got {options.workers})")
     timer = PhaseTimer()
     paths = expand_corpus_paths(options.corpus)
     device = resolve_device(options.device)
@@ -134,29 +141,43 @@ def encode_shards(writer: IndexWriter, tasks: Iterator[ShardTask], corpus: Corpu
     """Encode and commit every shard task without a valid committed record; (corpus report, rows encoded).
 
     Committed shards (a resume) are re-read from the corpus only to check they are unchanged, and their
-    files are checked against the recorded sha256: a damaged one is encoded again.
+    files are checked against the recorded sha256: a damaged one is encoded again. Tokenization runs
+    ahead in worker processes (build_index/pipeline.py) while this process encodes.
     """
-    truncated = encoded = 0
+    counts = {"truncated": 0, "encoded": 0}
     bar = progress_bar(enabled=options.progress, total=total_rows, unit="row", desc="encode")
-    for task in tasks:
-        if writer.is_committed(task):
-            truncated += writer.records[task.number]["clip_truncated"]
-        else:
-            with timer.phase("encode_clip"):
-                clip_result = clip_text_embeddings(clip, task.prompts, options.batch_size)
-            with timer.phase("encode_minilm"):
-                minilm = minilm_embeddings(text_model, task.prompts, options.batch_size)
-            with timer.phase("write_shards"):
-                writer.commit_shard(save_shard(writer.root, task, clip_result.vectors, minilm, clip_result.truncated))
-            truncated += clip_result.truncated
-            encoded += len(task.prompts)
-            release_free_memory()
+
+    def to_encode() -> Iterator[ShardTask]:
+        for task in tasks:
+            if writer.is_committed(task):
+                counts["truncated"] += writer.records[task.number]["clip_truncated"]
+                bar.update(corpus.read - bar.n)
+            else:
+                yield task
+
+    workers = default_workers(clip.device) if options.workers is None else options.workers
+    tokenizers = tokenizers_for(clip, text_model)
+    for shard in tokenized_shards(to_encode(), tokenizers, workers):
+        task = shard.task
+        with timer.phase("encode_clip"):
+            tokens = torch.from_numpy(shard.clip_tokens)
+            vectors = clip_embed_tokens(clip, tokens, options.batch_size)
+            truncated = count_truncated(clip, task.prompts, tokens)
+        with timer.phase("encode_minilm"):
+            minilm = (minilm_embeddings(text_model, task.prompts, options.batch_size) if shard.minilm_ids is None
+                      else minilm_embed_ids(text_model, shard.minilm_ids, minilm_batch_order(task.prompts),
+                                            options.batch_size))
+        with timer.phase("write_shards"):
+            writer.commit_shard(save_shard(writer.root, task, vectors, minilm, truncated))
+        counts["truncated"] += truncated
+        counts["encoded"] += len(task.prompts)
+        release_free_memory()
         bar.update(corpus.read - bar.n)
     bar.close()
     stale = [number for number in writer.records if number * options.shard_size >= corpus.kept]
     if stale:
         raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
-    return {**corpus.as_dict(), "clip_truncated": truncated}, encoded
+    return {**corpus.as_dict(), "clip_truncated": counts["truncated"]}, counts["encoded"]
 
 
 def build_search_backend(writer: IndexWriter, options: BuildOptions, timer: PhaseTimer) -> tuple[int, dict, tuple]:

@@ -75,8 +75,9 @@ def _add_blend_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_image_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    parser.add_argument("--workers", type=int, help="image decoding workers (default: 8 on GPU, 0 on CPU)")
+    parser.add_argument("--batch-size", type=int, help="images per batch (default: 256 on GPU, 64 on CPU)")
+    parser.add_argument("--workers", type=int, help="image decoding processes (default: cores − 1 on GPU, "
+                                                    "0 = in-process on CPU)")
 
 
 def _add_verbosity_flags(parser: argparse.ArgumentParser, default=False) -> None:
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(build, for_build=True)
     group = build.add_argument_group("build")
     group.add_argument("--batch-size", type=int, default=256, help="encoder batch size (default 256)")
+    group.add_argument("--workers", type=int, help="tokenizing processes that run ahead of the encoders "
+                                                   "(default: cores − 1 on CUDA, 0 = in-process on CPU)")
     group.add_argument("--shard-size", type=int, default=100_000,
                        help="prompts per shard, the unit of resume (default 100000)")
     group.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
@@ -190,13 +193,13 @@ def _retrieval_settings(args) -> dict:
 
 
 def cmd_build(args) -> None:
-    from img2prompt.build_index.runner import BuildOptions, run_build
+    from img2prompt.api import build
 
-    result = run_build(BuildOptions(
-        corpus=args.corpus, out=args.out, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+    result = build(
+        args.corpus, args.out, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
         text_model=args.text_model, column=args.column, batch_size=args.batch_size, device=args.device,
         shard_size=args.shard_size, index=args.index, max_memory=args.max_memory, resume=args.resume,
-        overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet))
+        overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers)
     manifest = result.manifest
     summary = {"index": args.out, "count": manifest["count"], "corpus": result.report,
                "search": {"kind": manifest["search"]["kind"], "recall_at_10": manifest["search"]["recall_at_10"]},

@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 
 from img2prompt.atomic import atomic_path
-from img2prompt.errors import UserError
+from img2prompt.errors import UserError, short_reason
 
 ADD_CHUNK = 65_536
 
@@ -25,7 +25,7 @@ def read_faiss(path: Path, expected_count: int):
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as exc:
-        raise UserError(f"{path}: not a readable FAISS index ({str(exc).splitlines()[0][:200]})") from exc
+        raise UserError(f"{path}: not a readable FAISS index ({short_reason(exc, 200)})") from exc
     if index.ntotal != expected_count:
         raise UserError(f"{path}: FAISS holds {index.ntotal} vectors, the index has {expected_count} prompts")
     return index

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from img2prompt.build_index.embed import autocast_for, l2_normalise
 from img2prompt.errors import UserError
-from img2prompt.models import ClipModel, clip_encode_image
+from img2prompt.models import ClipModel, clip_encode_image, usable_cores
 from img2prompt.progress import progress_bar
 from img2prompt.query.images import ImageDecodeError, load_image, to_rgb
 
@@ -60,10 +60,7 @@ def _collate(items):
 def default_workers(device: torch.device) -> int:
     """On a GPU, decode with every core the process may use (decode + resize is ~20 ms of CPU an image);
     on CPU the tower itself needs the cores, so decode inline."""
-    if device.type != "cuda":
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    return max(1, usable_cores() - 1) if device.type == "cuda" else 0
 
 
 @dataclass
@@ -75,9 +72,14 @@ class ImageEmbeddings:
     encode_s: float = 0.0  # wall seconds in the image tower
 
 
-def embed_images(clip: ClipModel, images: list, batch_size: int = 64, workers: int | None = None,
+def default_batch_size(device: torch.device) -> int:
+    return 256 if device.type == "cuda" else 64
+
+
+def embed_images(clip: ClipModel, images: list, batch_size: int | None = None, workers: int | None = None,
                  progress: Callable[[int], None] | bool | None = None) -> ImageEmbeddings:
     """CLIP image vectors for paths or PIL images; `progress` is a callback, or True for a bar."""
+    batch_size = default_batch_size(clip.device) if batch_size is None else batch_size
     if batch_size <= 0:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
     if workers is not None and workers < 0:

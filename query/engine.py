@@ -57,7 +57,7 @@ class Img2PromptIndex:
 
     # -- queries ----------------------------------------------------------------------------------------
     def predict(self, images: Sequence[ImageInput], *, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
-                alpha: float = DEFAULT_ALPHA, batch_size: int = 64, workers: int | None = None,
+                alpha: float = DEFAULT_ALPHA, batch_size: int | None = None, workers: int | None = None,
                 progress: bool = False) -> np.ndarray:
         """float32 [n, 384] unit-norm predictions, one per image (paths or PIL images), in input order.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from img2prompt.errors import UserError
+from img2prompt.errors import UserError, short_reason
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_PIXELS = 2 * 89_478_485  # Pillow's own bomb limit (2 × MAX_IMAGE_PIXELS): ~179 MP, e.g. 13k × 13k
@@ -82,4 +82,4 @@ def load_image(path: str | Path) -> Image.Image:
     except Image.UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image Pillow can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
-        raise ImageDecodeError(f"corrupt image ({str(exc).splitlines()[0][:120]})") from exc
+        raise ImageDecodeError(f"corrupt image ({short_reason(exc, 120)})") from exc

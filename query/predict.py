@@ -25,7 +25,7 @@ class RetrievalSettings:
     k: int = DEFAULT_K
     temperature: float = DEFAULT_TEMPERATURE
     alpha: float = DEFAULT_ALPHA
-    batch_size: int = 64
+    batch_size: int | None = None
     workers: int | None = None
     progress: bool = True
 
@@ -40,7 +40,7 @@ class Retrieved:
 
 
 def retrieve_images(session: QuerySession, image_ids: list[str], paths: dict[str, Path], k: int, *,
-                    batch_size: int = 64, workers: int | None = None, progress: bool = True,
+                    batch_size: int | None = None, workers: int | None = None, progress: bool = True,
                     exclude: list[set[int]] | None = None) -> Retrieved:
     """Top-k neighbours of every id in `image_ids`; ids without a usable file are reported, not fatal."""
     session.retriever.check_k(k)

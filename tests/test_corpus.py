@@ -81,3 +81,28 @@ def test_globs_sorted_and_bad_paths(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(UserError, match="unsupported corpus format '.json'"):
         expand_corpus_paths([str(tmp_path / "x.json")])
+
+
+def test_row_count_for_the_progress_total(tmp_path):
+    """The build's bar has a total (and so an ETA): rows counted cheaply before reading."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from img2prompt.build_index.corpus import count_rows
+
+    text = tmp_path / "a.txt"
+    text.write_text("one\ntwo\n\nthree")  # last line without newline; a blank line is a row too
+    table = tmp_path / "b.csv"
+    table.write_text("prompt\nx\ny\n")
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"prompt": ["p", "q", None]}), parquet)
+    assert count_rows([text]) == 4 and count_rows([table]) == 2 and count_rows([parquet]) == 3
+    assert count_rows([text, table, parquet]) == 9
+
+
+def test_error_reasons_are_cut_at_a_word_boundary():
+    from img2prompt.errors import short_reason
+
+    reason = short_reason(ValueError("alpha beta gamma delta epsilon\nsecond line"), limit=20)
+    assert reason == "alpha beta gamma…"
+    assert short_reason(ValueError("short")) == "short"
