@@ -139,6 +139,13 @@ def _has_surrogates(value: str) -> bool:
 def iter_prompts(paths: list[Path], column: str = "prompt", report: CorpusReport | None = None,
                  max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[str]:
     """Yield each kept prompt once, in order; count every read row and each skip reason in `report`."""
+    return (prompt for _, prompt in iter_prompt_rows(paths, column, report, max_chars))
+
+
+def iter_prompt_rows(paths: list[Path], column: str = "prompt", report: CorpusReport | None = None,
+                     max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[tuple[int, str]]:
+    """(raw row number across all files, prompt) for each kept prompt: the row number locates a
+    precomputed vector that belongs to the prompt (build --embeddings)."""
     report = report if report is not None else CorpusReport()
     seen: set[int] = set()
     for path in paths:
@@ -166,7 +173,7 @@ def iter_prompts(paths: list[Path], column: str = "prompt", report: CorpusReport
                 continue
             seen.add(key)
             report.kept += 1
-            yield prompt
+            yield report.read - 1, prompt
 
 
 def count_rows(paths: list[Path], block: int = 1 << 22) -> int:

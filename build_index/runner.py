@@ -18,9 +18,11 @@ from typing import Iterator
 import torch
 
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, count_rows, expand_corpus_paths,
-                                           file_fingerprint, iter_prompts)
-from img2prompt.build_index.embed import (clip_embed_tokens, count_truncated, minilm_batch_order, minilm_embed_ids,
-                                          minilm_embeddings)
+                                           file_fingerprint, iter_prompt_rows, iter_prompts)
+from img2prompt.build_index.embed import (clip_embed_tokens, clip_text_embeddings, count_truncated,
+                                          minilm_batch_order, minilm_embed_ids, minilm_embeddings)
+from img2prompt.build_index.precomputed import (AGREEMENT_SAMPLE, PrecomputedVectors, check_against_model,
+                                                check_agreement, open_precomputed)
 from img2prompt.build_index.pipeline import default_workers, tokenized_shards, tokenizers_for
 from img2prompt.errors import UserError
 from img2prompt.index.backend import backend_class
@@ -56,6 +58,7 @@ class BuildOptions:
     seed: int = 0
     progress: bool = True
     workers: int | None = None  # tokenizing processes (None: cores − 1 on CUDA, in-process on CPU)
+    embeddings: list[str] | None = None  # precomputed CLIP text vectors (.npy), row-aligned with the corpus
 
 
 @dataclass
@@ -105,14 +108,24 @@ def run_build(options: BuildOptions) -> BuildResult:
         clip = load_clip(options.clip_model, options.clip_pretrained, device)
         text_model = load_text_model(options.text_model, device)
     models = {"clip": clip.identity(), "text": text_model.identity()}
+    total_rows = count_rows(paths)
+    precomputed = None
+    if options.embeddings:
+        precomputed = open_precomputed(options.embeddings)
+        exact = all(path.suffix.lower() in (".txt", ".parquet") for path in paths)  # CSV counts are estimates
+        check_against_model(precomputed, clip.dim, total_rows if exact else None)
     build_key = {"models": models, "precision": precision_of(device), "batch_size": options.batch_size,
                  "corpus": [file_fingerprint(path) for path in paths],
+                 "embeddings": [file_fingerprint(path) for path in precomputed.files] if precomputed else None,
                  "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars}
     writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
     corpus = CorpusReport()
-    prompts = iter_prompts(paths, options.column, corpus, options.max_chars)
+    prompts = (iter_prompt_rows if precomputed else iter_prompts)(paths, options.column, corpus, options.max_chars)
     report, encoded_rows = encode_shards(writer, plan_shards(prompts, options.shard_size), corpus, clip, text_model,
-                                         options, timer, total_rows=count_rows(paths))
+                                         options, timer, total_rows=total_rows, precomputed=precomputed)
+    if precomputed and corpus.read != precomputed.rows:
+        raise UserError(f"--embeddings hold {precomputed.rows:,} rows but the corpus has {corpus.read:,}: they must "
+                        "be row-aligned (same files, same order)")
     memory = {"peak_rss_mib_after_encode": peak_rss_mib()}
     count, search_info, backend_files = build_search_backend(writer, options, timer)
     memory["peak_rss_mib_at_end"] = peak_rss_mib()
@@ -137,7 +150,7 @@ def run_build(options: BuildOptions) -> BuildResult:
 
 def encode_shards(writer: IndexWriter, tasks: Iterator[ShardTask], corpus: CorpusReport, clip: ClipModel,
                   text_model: TextModel, options: BuildOptions, timer: PhaseTimer,
-                  total_rows: int | None = None) -> tuple[dict, int]:
+                  total_rows: int | None = None, precomputed: PrecomputedVectors | None = None) -> tuple[dict, int]:
     """Encode and commit every shard task without a valid committed record; (corpus report, rows encoded).
 
     Committed shards (a resume) are re-read from the corpus only to check they are unchanged, and their
@@ -160,9 +173,12 @@ def encode_shards(writer: IndexWriter, tasks: Iterator[ShardTask], corpus: Corpu
     for shard in tokenized_shards(to_encode(), tokenizers, workers):
         task = shard.task
         with timer.phase("encode_clip"):
-            tokens = torch.from_numpy(shard.clip_tokens)
-            vectors = clip_embed_tokens(clip, tokens, options.batch_size)
-            truncated = count_truncated(clip, task.prompts, tokens)
+            if precomputed is not None:
+                vectors, truncated = precomputed_shard(precomputed, task, clip, first=not counts["encoded"]), 0
+            else:
+                tokens = torch.from_numpy(shard.clip_tokens)
+                vectors = clip_embed_tokens(clip, tokens, options.batch_size)
+                truncated = count_truncated(clip, task.prompts, tokens)
         with timer.phase("encode_minilm"):
             minilm = (minilm_embeddings(text_model, task.prompts, options.batch_size) if shard.minilm_ids is None
                       else minilm_embed_ids(text_model, shard.minilm_ids, minilm_batch_order(task.prompts),
@@ -178,6 +194,15 @@ def encode_shards(writer: IndexWriter, tasks: Iterator[ShardTask], corpus: Corpu
     if stale:
         raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
     return {**corpus.as_dict(), "clip_truncated": counts["truncated"]}, counts["encoded"]
+
+
+def precomputed_shard(precomputed: PrecomputedVectors, task: ShardTask, clip: ClipModel, first: bool):
+    """The task's given CLIP vectors; on the first shard also checked against the model's own."""
+    vectors = precomputed.take(task.source_rows)
+    if first:
+        sample = task.prompts[:AGREEMENT_SAMPLE]
+        check_agreement(vectors[:len(sample)], clip_text_embeddings(clip, sample).vectors, clip.name)
+    return vectors
 
 
 def build_search_backend(writer: IndexWriter, options: BuildOptions, timer: PhaseTimer) -> tuple[int, dict, tuple]:

@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-memory", type=parse_bytes, help="memory budget for the FAISS index, e.g. 8G")
     group.add_argument("--max-chars", type=int, default=4000,
                        help="skip (and count) prompts longer than this (default 4000)")
+    group.add_argument("--embeddings", nargs="+", metavar="NPY",
+                       help="precomputed CLIP text vectors (.npy files or a folder of them, sorted by name), "
+                            "row-aligned with CORPUS (clip-retrieval/autofaiss layout); --clip-model names the model "
+                            "that made them, checked on the first prompts")
     group.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     group.add_argument("--overwrite", action="store_true", help="replace a complete index in --out")
     group.add_argument("--json", action="store_true", help="print the build summary as JSON")
@@ -199,7 +203,8 @@ def cmd_build(args) -> None:
         args.corpus, args.out, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
         text_model=args.text_model, column=args.column, batch_size=args.batch_size, device=args.device,
         shard_size=args.shard_size, index=args.index, max_memory=args.max_memory, resume=args.resume,
-        overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers)
+        overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers,
+        embeddings=args.embeddings)
     manifest = result.manifest
     summary = {"index": args.out, "count": manifest["count"], "corpus": result.report,
                "search": {"kind": manifest["search"]["kind"], "recall_at_10": manifest["search"]["recall_at_10"]},

@@ -102,17 +102,23 @@ class ShardTask:
     number: int
     first_id: int
     prompts: list[str]
+    source_rows: list[int] | None = None  # each prompt's raw corpus row (locates precomputed vectors)
 
     @property
     def prompts_sha256(self) -> str:
         return prompts_sha256(self.prompts)
 
 
-def plan_shards(prompts: Iterator[str], shard_size: int) -> Iterator[ShardTask]:
-    """Cut the (deduplicated) prompt stream into shard tasks; shard n starts at row n × shard_size."""
+def plan_shards(prompts: Iterator[str] | Iterator[tuple[int, str]], shard_size: int) -> Iterator[ShardTask]:
+    """Cut the (deduplicated) prompt stream into shard tasks; shard n starts at row n × shard_size.
+
+    Items are prompts, or (raw corpus row, prompt) pairs when the rows are needed later."""
     number = 0
     while batch := list(itertools.islice(prompts, shard_size)):
-        yield ShardTask(number=number, first_id=number * shard_size, prompts=batch)
+        rows = None
+        if isinstance(batch[0], tuple):
+            rows, batch = [row for row, _ in batch], [prompt for _, prompt in batch]
+        yield ShardTask(number=number, first_id=number * shard_size, prompts=batch, source_rows=rows)
         number += 1
 
 
