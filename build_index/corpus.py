@@ -5,6 +5,7 @@ in the order given (each glob sorted), rows in file order, so shard N is the sam
 """
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 from collections import Counter
@@ -12,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from img2prompt.errors import UserError
+import pyarrow as pa
+
+from img2prompt.errors import UserError, short_reason
 
 TEXT_SUFFIXES = (".txt",)
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
@@ -77,8 +80,21 @@ def file_fingerprint(path: Path) -> dict:
 RawRow = tuple[str | None, str | None]  # (text, None) or (None, skip reason)
 
 
+def _check_text_encoding(path: Path) -> None:
+    """UTF-16/32 files decode as NUL-riddled garbage, CR-only files as one giant line: say so instead."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) >= 4 and head[1::2].count(0) > len(head) // 4):
+        raise UserError(f"{path}: looks like UTF-16 or UTF-32 text; save it as UTF-8 (one prompt a line)")
+    if b"\r" in head and b"\n" not in head and len(head) == path.stat().st_size:
+        raise UserError(f"{path}: lines end in CR only (old Mac style); convert to LF or CRLF line ends")
+    if b"\r" in head and b"\n" not in head:
+        raise UserError(f"{path}: no line feed in the first 64 KiB but CR characters: convert CR line ends to LF")
+
+
 def _raw_text_rows(path: Path) -> Iterator[RawRow]:
     """Lines of a text file, BOM and CRLF handled; a line that is not valid UTF-8 is a skip."""
+    _check_text_encoding(path)
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle):
             if number == 0 and raw.startswith(b"\xef\xbb\xbf"):
@@ -87,6 +103,15 @@ def _raw_text_rows(path: Path) -> Iterator[RawRow]:
                 yield raw.decode("utf-8"), None
             except UnicodeDecodeError:
                 yield None, SKIP_INVALID_UTF8
+
+
+def check_corpus_files(paths: list[Path], column: str) -> None:
+    """Every file readable, with the column (right type), before any output folder is touched: reading the
+    first rows of each file is enough to fail in one line instead of hours into a build."""
+    for path in paths:
+        rows = _raw_text_rows(path) if path.suffix.lower() in TEXT_SUFFIXES else _raw_table_rows(path, column)
+        next(rows, None)  # runs the header, encoding and column checks of that reader
+        rows.close()
 
 
 def _check_column(path: Path, column: str, columns: list[str]) -> None:
@@ -105,27 +130,53 @@ def _raw_table_rows(path: Path, column: str) -> Iterator[RawRow]:
         except Exception as exc:
             raise UserError(f"{path}: not a readable parquet file ({exc})") from exc
         _check_column(path, column, parquet.schema_arrow.names)
-        for batch in parquet.iter_batches(columns=[column], batch_size=READ_CHUNK_ROWS):
-            for value in batch.column(0).to_pylist():
-                yield (None, SKIP_NULL) if value is None else (str(value), None)
+        kind = parquet.schema_arrow.field(column).type
+        is_binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_binary):
+            raise UserError(f"{path}: column {column!r} holds {kind}, not text: choose the prompt column with --column")
+        try:
+            for batch in parquet.iter_batches(columns=[column], batch_size=READ_CHUNK_ROWS):
+                for value in batch.column(0).to_pylist():
+                    yield _parquet_value(value)
+        except (OSError, pa.ArrowException) as exc:  # a damaged page or footer inside the file
+            raise UserError(f"{path}: parquet data is damaged ({short_reason(exc)})") from exc
         return
     import pandas as pd
 
     if path.stat().st_size == 0:
         return
+    _check_text_encoding(path)
     separator = "\t" if suffix == ".tsv" else ","
+    # TSV has no quoting: a field that starts with '"' is text (PartiPrompts' '"G I G G L E" painted…'),
+    # and quote processing would swallow the rows after it.
+    quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
     try:
-        header = pd.read_csv(path, sep=separator, nrows=0, encoding="utf-8-sig", encoding_errors="replace")
+        header = pd.read_csv(path, sep=separator, nrows=0, encoding="utf-8-sig", encoding_errors="replace",
+                             quoting=quoting)
         _check_column(path, column, [str(name) for name in header.columns])
         # surrogateescape keeps undecodable bytes visible so the row can be skipped and counted.
         reader = pd.read_csv(path, sep=separator, usecols=[column], dtype=object, keep_default_na=False,
                              na_values=[], encoding="utf-8-sig", encoding_errors="surrogateescape",
-                             chunksize=READ_CHUNK_ROWS)
+                             chunksize=READ_CHUNK_ROWS, quoting=quoting)
         for chunk in reader:
             for value in chunk[column].tolist():
                 yield (None, SKIP_INVALID_UTF8) if _has_surrogates(value) else (value, None)
+    except pd.errors.EmptyDataError:
+        return  # only blank lines: nothing to read
     except pd.errors.ParserError as exc:
-        raise UserError(f"{path}: cannot parse as {'TSV' if separator == chr(9) else 'CSV'}: {exc}") from exc
+        raise UserError(f"{path}: cannot parse as {'TSV' if separator == chr(9) else 'CSV'}: {short_reason(exc)}") from exc
+
+
+def _parquet_value(value) -> RawRow:
+    """A string column's value, or a binary one's as UTF-8 (undecodable bytes are a counted skip)."""
+    if value is None:
+        return None, SKIP_NULL
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8"), None
+        except UnicodeDecodeError:
+            return None, SKIP_INVALID_UTF8
+    return value, None
 
 
 def _has_surrogates(value: str) -> bool:

@@ -17,8 +17,8 @@ from typing import Iterator
 
 import torch
 
-from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, count_rows, expand_corpus_paths,
-                                           file_fingerprint, iter_prompt_rows, iter_prompts)
+from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, check_corpus_files, count_rows,
+                                           expand_corpus_paths, file_fingerprint, iter_prompt_rows, iter_prompts)
 from img2prompt.build_index.embed import (clip_embed_tokens, clip_text_embeddings, count_truncated,
                                           minilm_batch_order, minilm_embed_ids, minilm_embeddings)
 from img2prompt.build_index.precomputed import (AGREEMENT_SAMPLE, PrecomputedVectors, check_against_model,
@@ -102,6 +102,7 @@ def run_build(options: BuildOptions) -> BuildResult:
         raise UserError(f"--workers must be 0 or more (got {options.workers})")
     timer = PhaseTimer()
     paths = expand_corpus_paths(options.corpus)
+    check_corpus_files(paths, options.column)
     device = resolve_device(options.device)
     log.info("device %s", device)
     with timer.phase("load_models"):
@@ -119,6 +120,14 @@ def run_build(options: BuildOptions) -> BuildResult:
                  "embeddings": [file_fingerprint(path) for path in precomputed.files] if precomputed else None,
                  "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars}
     writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
+    try:
+        return _build_into(writer, paths, precomputed, clip, text_model, models, device, total_rows, options, timer)
+    finally:
+        writer.close()
+
+
+def _build_into(writer: IndexWriter, paths, precomputed, clip: ClipModel, text_model: TextModel, models: dict,
+                device, total_rows: int, options: BuildOptions, timer: PhaseTimer) -> BuildResult:
     corpus = CorpusReport()
     prompts = (iter_prompt_rows if precomputed else iter_prompts)(paths, options.column, corpus, options.max_chars)
     report, encoded_rows = encode_shards(writer, plan_shards(prompts, options.shard_size), corpus, clip, text_model,

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from img2prompt.atomic import atomic_path, write_atomic, write_json_atomic
+from img2prompt.atomic import atomic_path, fsync_dir, write_atomic, write_json_atomic
 from img2prompt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ CLIP_VECTORS = "clip.f16"
 MINILM_MEAN = "minilm_mean.npy"
 FAISS = "clip.faiss"
 SHARDS = "shards"
+LOCK = ".lock"  # held (flock) by the build writing the folder
 STATE_BUILDING = "building"
 STATE_COMPLETE = "complete"
 VECTOR_DTYPE = np.float16
@@ -122,6 +124,27 @@ def plan_shards(prompts: Iterator[str] | Iterator[tuple[int, str]], shard_size: 
         number += 1
 
 
+def _lock_folder(folder: Path):
+    """An exclusive lock on the output folder for the whole build; a second build gets a one-line error."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(f"{folder} is being written by another img2prompt build (pid {holder}): wait for it "
+                        "or stop it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def shard_path(root: Path, number: int, kind: str) -> Path:
     return Path(root) / SHARDS / f"{number:05d}{SHARD_SUFFIXES[kind]}"
 
@@ -153,32 +176,51 @@ class IndexWriter:
     """
 
     def __init__(self, root: str | Path, build: dict, *, resume: bool = False, overwrite: bool = False):
-        self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
-            raise UserError(f"--out {self.root} is a file, not a folder")
-        existing = read_manifest(self.root) if self.root.is_dir() else None
-        if existing and existing.get("state") == STATE_COMPLETE and not overwrite:
-            raise UserError(f"{self.root} already holds a complete index: pass --overwrite to replace it")
-        if existing and existing.get("state") == STATE_BUILDING and not (resume or overwrite):
-            raise UserError(f"{self.root} holds an unfinished build ({len(existing.get('shards', []))} shards done): "
+        self.final = Path(root)
+        if self.final.exists() and not self.final.is_dir():
+            raise UserError(f"--out {self.final} is a file, not a folder")
+        existing = read_manifest(self.final) if self.final.is_dir() else None
+        if existing is None and self.final.exists() and any(p.name != LOCK for p in self.final.iterdir()):
+            raise UserError(f"{self.final} exists, is not empty and is not an index: choose another --out"
+                            + (" (--overwrite only replaces an index, never other files)" if overwrite else ""))
+        self._lock = _lock_folder(self.final)
+        state = existing.get("state") if existing else None
+        if state == STATE_COMPLETE:
+            # Rebuild beside the complete index and swap at the very end: a failed or interrupted rebuild
+            # never costs the index it was meant to replace.
+            self.root = self.final.parent / f".{self.final.name}.rebuild"
+            staged = read_manifest(self.root) if self.root.is_dir() else None
+            if not overwrite and not (resume and staged and staged.get("state") == STATE_BUILDING):
+                raise UserError(f"{self.final} already holds a complete index: pass --overwrite to replace it")
+            existing, state = staged, staged.get("state") if staged else None
+            if not resume:
+                state = None  # --overwrite: a fresh rebuild
+        else:
+            self.root = self.final
+        if state == STATE_BUILDING and not (resume or overwrite):
+            raise UserError(f"{self.final} holds an unfinished build ({len(existing.get('shards', []))} shards done): "
                             "pass --resume to continue it or --overwrite to start over")
-        if resume and existing and existing.get("state") == STATE_BUILDING:
+        if resume and state == STATE_BUILDING:
             if existing.get("build") != build:
                 changed = sorted(key for key in set(build) | set(existing.get("build", {}))
                                  if build.get(key) != existing.get("build", {}).get(key))
-                raise UserError(f"{self.root}: cannot resume, the build settings differ from the interrupted "
+                raise UserError(f"{self.final}: cannot resume, the build settings differ from the interrupted "
                                 f"build ({', '.join(changed)}); rerun with --overwrite to start over")
             if existing.get("format_version") != FORMAT_VERSION:
-                raise UserError(f"{self.root}: the unfinished build was started by another img2prompt version "
+                raise UserError(f"{self.final}: the unfinished build was started by another img2prompt version "
                                 f"(format {existing.get('format_version')}); rerun with --overwrite")
             self.manifest = existing
         else:
-            if self.root.exists() and any(self.root.iterdir()) and existing is None and not overwrite:
-                raise UserError(f"{self.root} exists, is not empty and is not an index: choose another --out")
             self._clear()
             self.manifest = {"format_version": FORMAT_VERSION, "state": STATE_BUILDING, "build": build,
                              "shards": [], "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self._save_manifest()
+
+    def close(self) -> None:
+        """Release the folder lock (also released when the process ends, however it ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _clear(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -280,8 +322,19 @@ class IndexWriter:
                     "build": self.manifest["build"], "files": files}
         write_json_atomic(self.root / MANIFEST, manifest)
         shutil.rmtree(self.root / SHARDS, ignore_errors=True)
+        if self.root != self.final:
+            self._swap_into_place()
         self.manifest = manifest
         return manifest
+
+    def _swap_into_place(self) -> None:
+        """Replace the old complete index with the rebuilt one: two renames, then the old one is deleted."""
+        retired = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+        os.rename(self.final, retired)
+        os.rename(self.root, self.final)
+        fsync_dir(self.final.parent)
+        shutil.rmtree(retired, ignore_errors=True)
+        self.root = self.final
 
 
 # ---------------------------------------------------------------------------------------------- reading

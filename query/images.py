@@ -16,6 +16,10 @@ from img2prompt.errors import UserError, short_reason
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_PIXELS = 2 * 89_478_485  # Pillow's own bomb limit (2 × MAX_IMAGE_PIXELS): ~179 MP, e.g. 13k × 13k
+# A 1×60000 PNG is 197 bytes and under the pixel limit, but resizing its short side to 224 makes a
+# 224×13M image (229 s, 13 GB measured). Generated images are near-square: refuse extreme shapes.
+MAX_ASPECT = 20
+MAX_SIDE = 32_768
 
 
 class ImageDecodeError(Exception):
@@ -72,6 +76,9 @@ def load_image(path: str | Path) -> Image.Image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:
                     raise ImageDecodeError(f"too large ({width}×{height} pixels, limit {MAX_PIXELS:,})")
+                if max(width, height) > MAX_SIDE or max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+                    raise ImageDecodeError(f"unusable shape {width}×{height} (a side over {MAX_SIDE:,} px or an "
+                                           f"aspect ratio over {MAX_ASPECT}:1)")
                 image.load()
                 image = ImageOps.exif_transpose(image) or image
                 return to_rgb(image)

@@ -1,8 +1,9 @@
 """The Kaggle submission CSV (and the explain CSV): build, validate, write atomically.
 
 Format: header `imgId_eId,val`; for each image, rows f"{imgId}_{i}" for i in 0..383; row order from
-sample_submission.csv when given. Validated (ids, 384 per image, finite, unit norm) before the rename,
-so an existing submission.csv is never replaced by a bad or half-written one.
+sample_submission.csv when given. Validated (ids, 384 per image, finite, unit norm) in memory and again as
+read back from the temp file before the rename, so an existing submission.csv is never replaced by a bad
+or half-written one, and concurrent writers (each with its own temp file) each leave a complete file.
 """
 from __future__ import annotations
 
@@ -78,9 +79,12 @@ def validate_submission(frame: pd.DataFrame, expected_ids: list[str]) -> None:
 def write_submission(path: str | Path, image_ids: list[str], predictions: np.ndarray,
                      order: list[str] | None = None) -> pd.DataFrame:
     frame = submission_frame(image_ids, predictions, order)
-    validate_submission(frame, order if order is not None else row_ids(image_ids))
+    expected = order if order is not None else row_ids(image_ids)
+    validate_submission(frame, expected)
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.9g")
+        # What gets renamed into place is what was checked: the file on disk, read back.
+        validate_submission(pd.read_csv(tmp, dtype={ID_COLUMN: str}, keep_default_na=False), expected)
     return frame
 
 

