@@ -166,43 +166,43 @@ def encode_shards(writer: IndexWriter, tasks: Iterator[ShardTask], corpus: Corpu
     files are checked against the recorded sha256: a damaged one is encoded again. Tokenization runs
     ahead in worker processes (build_index/pipeline.py) while this process encodes.
     """
-    counts = {"truncated": 0, "encoded": 0}
-    bar = progress_bar(enabled=options.progress, total=total_rows, unit="row", desc="encode")
+    truncated_total = encoded = 0
+    # A context manager, so that an error is printed below a closed bar, not onto its line.
+    with progress_bar(enabled=options.progress, total=total_rows, unit="row", desc="encode") as bar:
 
-    def to_encode() -> Iterator[ShardTask]:
-        for task in tasks:
-            if writer.is_committed(task):
-                counts["truncated"] += writer.records[task.number]["clip_truncated"]
-                bar.update(corpus.read - bar.n)
-            else:
-                yield task
+        def to_encode() -> Iterator[ShardTask]:
+            nonlocal truncated_total
+            for task in tasks:
+                if writer.is_committed(task):
+                    truncated_total += writer.records[task.number]["clip_truncated"]
+                    bar.update(corpus.read - bar.n)
+                else:
+                    yield task
 
-    workers = default_workers(clip.device) if options.workers is None else options.workers
-    tokenizers = tokenizers_for(clip, text_model)
-    for shard in tokenized_shards(to_encode(), tokenizers, workers):
-        task = shard.task
-        with timer.phase("encode_clip"):
-            if precomputed is not None:
-                vectors, truncated = precomputed_shard(precomputed, task, clip, first=not counts["encoded"]), 0
-            else:
-                tokens = torch.from_numpy(shard.clip_tokens)
-                vectors = clip_embed_tokens(clip, tokens, options.batch_size)
-                truncated = count_truncated(clip, task.prompts, tokens)
-        with timer.phase("encode_minilm"):
-            minilm = (minilm_embeddings(text_model, task.prompts, options.batch_size) if shard.minilm_ids is None
-                      else minilm_embed_ids(text_model, shard.minilm_ids, minilm_batch_order(task.prompts),
-                                            options.batch_size))
-        with timer.phase("write_shards"):
-            writer.commit_shard(save_shard(writer.root, task, vectors, minilm, truncated))
-        counts["truncated"] += truncated
-        counts["encoded"] += len(task.prompts)
-        release_free_memory()
-        bar.update(corpus.read - bar.n)
-    bar.close()
-    stale = [number for number in writer.records if number * options.shard_size >= corpus.kept]
-    if stale:
+        workers = default_workers(clip.device) if options.workers is None else options.workers
+        for shard in tokenized_shards(to_encode(), tokenizers_for(clip, text_model), workers):
+            task = shard.task
+            with timer.phase("encode_clip"):
+                if precomputed is not None:
+                    vectors, truncated = precomputed_shard(precomputed, task, clip, first=not encoded), 0
+                else:
+                    tokens = torch.from_numpy(shard.clip_tokens)
+                    vectors = clip_embed_tokens(clip, tokens, options.batch_size)
+                    truncated = count_truncated(clip, task.prompts, tokens)
+            with timer.phase("encode_minilm"):
+                minilm = (minilm_embeddings(text_model, task.prompts, options.batch_size)
+                          if shard.minilm_ids is None else
+                          minilm_embed_ids(text_model, shard.minilm_ids, minilm_batch_order(task.prompts),
+                                           options.batch_size))
+            with timer.phase("write_shards"):
+                writer.commit_shard(save_shard(writer.root, task, vectors, minilm, truncated))
+            truncated_total += truncated
+            encoded += len(task.prompts)
+            release_free_memory()
+            bar.update(corpus.read - bar.n)
+    if any(number * options.shard_size >= corpus.kept for number in writer.records):
         raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
-    return {**corpus.as_dict(), "clip_truncated": counts["truncated"]}, counts["encoded"]
+    return {**corpus.as_dict(), "clip_truncated": truncated_total}, encoded
 
 
 def precomputed_shard(precomputed: PrecomputedVectors, task: ShardTask, clip: ClipModel, first: bool):
@@ -219,7 +219,11 @@ def build_search_backend(writer: IndexWriter, options: BuildOptions, timer: Phas
     with timer.phase("consolidate"):
         count, clip_dim, _ = writer.consolidate()
     vectors = writer.vectors("clip")
-    plan = plan_index(count, clip_dim, options.index, options.max_memory)
+    try:
+        plan = plan_index(count, clip_dim, options.index, options.max_memory)
+    except UserError as exc:  # known only now that the corpus is counted: the encoding is not lost
+        raise UserError(f"{exc}. The encoded shards are kept: rerun the same build with --resume and another "
+                        "--index or --max-memory") from exc
     log.info("index %s (%s), about %.1f MiB", plan.kind, plan.reason, plan.estimated_bytes / 2**20)
     backend_cls = backend_class(plan.kind)
     with timer.phase("build_index"):

@@ -37,11 +37,12 @@ def parse_bytes(text: str) -> int:
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     value = text.strip().upper().removesuffix("B").removesuffix("I")
     try:
-        if value and value[-1] in units:
-            return int(float(value[:-1]) * units[value[-1]])
-        return int(float(value))
-    except ValueError:
+        size = (int(float(value[:-1]) * units[value[-1]]) if value and value[-1] in units else int(float(value)))
+    except (ValueError, OverflowError):  # "abc", "inf", "nan"
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8G, 512M)") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive size: {text!r} (e.g. 8G, 512M)")
+    return size
 
 
 def _add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool) -> None:
@@ -218,8 +219,9 @@ def cmd_build(args) -> None:
           f"recall@10 {manifest['search']['recall_at_10']['recall']:.3f})")
     print(f"corpus: read {report['read']}, kept {report['kept']}, skipped: {skipped}; "
           f"cut to CLIP's context: {report['clip_truncated']}")
+    rate = manifest["rates"]["prompts_per_s"]
     print("timings (s): " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.timings.items())
-          + f"; {manifest['rates']['prompts_per_s']} prompts/s")
+          + (f"; {rate} prompts/s" if rate else "; no prompt needed encoding (all shards were done)"))
 
 
 def cmd_submit(args) -> None:
@@ -238,6 +240,8 @@ def cmd_submit(args) -> None:
         print(f"  {image_id}: {reason}")
     if report.duplicate_files:
         print(f"  ignored (same imgId as another file): {', '.join(report.duplicate_files)}")
+    for name, reason in report.ignored_files.items():
+        print(f"  ignored {name}: {reason}")
     if report.not_in_sample:
         print(f"  {report.not_in_sample} image(s) in the folder are not in the sample submission (ignored)")
     if args.save_npy:
@@ -288,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except UserError as exc:
         print(f"img2prompt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, read-only folder, permissions: the OS's reason and the path, one line
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"img2prompt {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"img2prompt {args.command}: interrupted", file=sys.stderr)

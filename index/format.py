@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from img2prompt.atomic import atomic_path, fsync_dir, write_atomic, write_json_atomic
-from img2prompt.errors import UserError
+from img2prompt.errors import UserError, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,33 @@ def read_manifest(root: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: manifest holds a JSON {type(manifest).__name__}, not an object: the index is "
+                        "damaged, rebuild it")
+    return manifest
+
+
+def _check_complete_manifest(path: Path, manifest: dict) -> None:
+    """The keys a reader relies on, with the right types: a damaged manifest is one line, not a KeyError."""
+    problems = []
+    if not isinstance(manifest.get("count"), int) or isinstance(manifest.get("count"), bool) or manifest["count"] < 0:
+        problems.append(f"count {manifest.get('count')!r}")
+    models = manifest.get("models")
+    for kind in ("clip", "text"):
+        entry = models.get(kind) if isinstance(models, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("dim"), int) or not entry.get("sha256"):
+            problems.append(f"models.{kind}")
+    if not isinstance(manifest.get("files"), dict) or not all(
+            isinstance(record, dict) and isinstance(record.get("bytes"), int) for record in manifest["files"].values()):
+        problems.append("files")
+    plan = manifest.get("search") or manifest.get("faiss")
+    if not isinstance(plan, dict) or "kind" not in plan:
+        problems.append("search")
+    if problems:
+        raise UserError(f"{path}: manifest is damaged (missing or invalid: {', '.join(problems)}): rebuild the index")
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
@@ -210,6 +234,7 @@ class IndexWriter:
                 raise UserError(f"{self.final}: the unfinished build was started by another img2prompt version "
                                 f"(format {existing.get('format_version')}); rerun with --overwrite")
             self.manifest = existing
+            self._remove_stray_temp_files()
         else:
             self._clear()
             self.manifest = {"format_version": FORMAT_VERSION, "state": STATE_BUILDING, "build": build,
@@ -222,6 +247,13 @@ class IndexWriter:
             self._lock.close()
             self._lock = None
 
+    def _remove_stray_temp_files(self) -> None:
+        """Temp files of writes a killed build never renamed (atomic.py names them .NAME.PID.RANDOM.tmp)."""
+        for folder in (self.root, self.root / SHARDS):
+            if folder.is_dir():
+                for stray in folder.glob(".*.tmp"):
+                    stray.unlink(missing_ok=True)
+
     def _clear(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = self.root / MANIFEST
@@ -230,6 +262,7 @@ class IndexWriter:
         for name in INDEX_FILES + (FAISS,):
             (self.root / name).unlink(missing_ok=True)
         shutil.rmtree(self.root / SHARDS, ignore_errors=True)
+        self._remove_stray_temp_files()
 
     def _save_manifest(self) -> None:
         write_json_atomic(self.root / MANIFEST, self.manifest)
@@ -376,7 +409,15 @@ class PromptIndex:
 
     @cached_property
     def minilm_mean(self) -> np.ndarray:
-        return np.load(self.root / MINILM_MEAN)
+        try:
+            mean = np.load(self.root / MINILM_MEAN, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{self.root / MINILM_MEAN}: not readable ({short_reason(exc)}): the index is damaged, "
+                            "rebuild it") from exc
+        if mean.shape != (self.text_dim,):
+            raise UserError(f"{self.root / MINILM_MEAN}: shape {mean.shape}, expected ({self.text_dim},): the index "
+                            "is damaged, rebuild it")
+        return mean
 
     @cached_property
     def _prompt_column(self) -> pa.ChunkedArray:
@@ -435,6 +476,7 @@ def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
     if manifest.get("state") != STATE_COMPLETE:
         raise UserError(f"{root} holds an unfinished build ({len(manifest.get('shards', []))} shards done): "
                         "finish it with `img2prompt build ... --resume`")
+    _check_complete_manifest(root / MANIFEST, manifest)
     index = PromptIndex(root=root, manifest=manifest)
     expected_bytes = {MINILM: index.count * index.text_dim * 2, CLIP_VECTORS: index.count * index.clip_dim * 2}
     for name, record in manifest["files"].items():
@@ -443,11 +485,17 @@ def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
             raise UserError(f"{root}: index file {name} is missing")
         size = path.stat().st_size
         if size != record["bytes"] or size != expected_bytes.get(name, size):
-            raise UserError(f"{path}: {size} bytes, the manifest expects {record['bytes']} "
-                            f"({index.count} rows): the index is damaged, rebuild it")
+            expected = expected_bytes.get(name, record["bytes"])
+            raise UserError(f"{path}: {size} bytes, expected {expected}"
+                            + (f" ({index.count} rows)" if name in expected_bytes else "")
+                            + (f" (the manifest records {record['bytes']})" if record["bytes"] != expected else "")
+                            + ": the index is damaged, rebuild it")
         if verify and file_sha256(path) != record["sha256"]:
             raise UserError(f"{path}: sha256 differs from the manifest: the file is damaged, rebuild the index")
-    prompt_rows = pq.ParquetFile(root / PROMPTS).metadata.num_rows
+    try:
+        prompt_rows = pq.ParquetFile(root / PROMPTS).metadata.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{root / PROMPTS}: not readable ({short_reason(exc)}): the index is damaged, rebuild it") from exc
     if prompt_rows != index.count:
         raise UserError(f"{root / PROMPTS}: {prompt_rows} prompts, the manifest says {index.count}: rebuild the index")
     return index

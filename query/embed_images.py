@@ -72,6 +72,13 @@ class ImageEmbeddings:
     encode_s: float = 0.0  # wall seconds in the image tower
 
 
+def check_image_loading_args(batch_size: int | None, workers: int | None) -> None:
+    if batch_size is not None and batch_size <= 0:
+        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers must be 0 or more (got {workers})")
+
+
 def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 64
 
@@ -79,11 +86,8 @@ def default_batch_size(device: torch.device) -> int:
 def embed_images(clip: ClipModel, images: list, batch_size: int | None = None, workers: int | None = None,
                  progress: Callable[[int], None] | bool | None = None) -> ImageEmbeddings:
     """CLIP image vectors for paths or PIL images; `progress` is a callback, or True for a bar."""
+    check_image_loading_args(batch_size, workers)
     batch_size = default_batch_size(clip.device) if batch_size is None else batch_size
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
-    if workers is not None and workers < 0:
-        raise UserError(f"--workers must be 0 or more (got {workers})")
     if progress is True:
         with progress_bar(total=len(images), unit="img", desc="encode images") as bar:
             return embed_images(clip, images, batch_size, workers, bar.update)

@@ -4,6 +4,10 @@ Metric = mean over images of cos(prediction, scorer embedding of the true prompt
 Queries are images (IMAGES_DIR/<imgId>.<ext>) or, without images, the CLIP text embedding of each true
 prompt (text-only mode, meant to be used with --exclude-exact). One search at the largest k feeds every
 setting of the sweep: images are never re-encoded per setting.
+
+The sweep's maximum over its grid is optimistic (chosen and scored on the same images), so the report
+recommends the setting chosen on all images but scores that *choice* by k-fold cross-validation: each fold
+is scored with the setting that wins on the other folds.
 """
 from __future__ import annotations
 
@@ -15,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from img2prompt.atomic import atomic_path, write_json_atomic
+from img2prompt.atomic import atomic_path, check_output_paths, write_json_atomic
 from img2prompt.build_index.corpus import dedup_key
 from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index.flat import exact_search
-from img2prompt.index.recall import recall_at_k
 from img2prompt.index.format import MANIFEST, file_sha256
+from img2prompt.index.recall import recall_at_k
 from img2prompt.models import load_text_model
 from img2prompt.query.blend import check_blend_args, corpus_mean_prediction
+from img2prompt.query.embed_images import check_image_loading_args
 from img2prompt.query.images import list_images
 from img2prompt.query.predict import RetrievalSettings, Retrieved, blend_neighbours, retrieve_images
 from img2prompt.query.search import Neighbours
@@ -31,10 +36,14 @@ from img2prompt.query.session import QuerySession
 
 SWEEP_K = (1, 2, 3, 5, 10, 20, 30, 50, 100)
 SWEEP_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
-SWEEP_ALPHA = (0.0, 0.1, 0.2, 0.3)
+SWEEP_ALPHA = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # alpha = 1 is the corpus-mean prediction
 DEFAULT_SHRINK = 0.2  # alpha of the knn_shrunk baseline when --alpha is 0
 BOOTSTRAP_MIN_N = 30
 BOOTSTRAP_SAMPLES = 1000
+CV_FOLDS = 5
+CV_SEED = 0
+RELIABLE_N = 50  # fewer labelled images than this: the sweep's choice is mostly noise
+NOT_BEATEN_TOLERANCE = 1e-9  # equal up to rounding (e.g. the grid's alpha = 1 vs corpus_mean) does not beat
 
 
 @dataclass
@@ -118,11 +127,100 @@ def sweep_grid(options: EvalOptions, kmax: int) -> list[tuple[int, float, float]
     return list(itertools.product(ks, options.sweep_temperature, options.sweep_alpha))
 
 
+def fold_ids(n: int, folds: int = CV_FOLDS, seed: int = CV_SEED) -> np.ndarray:
+    """The fold of each image: a seeded shuffle dealt round-robin (sizes differ by at most one).
+    With n < folds the deal gives every image its own fold (leave-one-out)."""
+    order = np.random.default_rng(seed).permutation(n)
+    assignment = np.empty(n, dtype=np.int64)
+    assignment[order] = np.arange(n) % folds
+    return assignment
+
+
+def cross_validate(cosines: np.ndarray, folds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out cosine per image, grid row chosen per fold) for cosines [settings, images].
+
+    Each fold is scored with the setting whose mean is best on the *other* folds, so the mean of the
+    held-out cosines estimates what the selection procedure scores on images it has not seen."""
+    held_out = np.empty(cosines.shape[1])
+    chosen = np.empty(int(folds.max()) + 1, dtype=np.int64)
+    for fold in range(len(chosen)):
+        test = folds == fold
+        chosen[fold] = int(np.argmax(cosines[:, ~test].mean(axis=1)))  # ties: the first grid row
+        held_out[test] = cosines[chosen[fold], test]
+    return held_out, chosen
+
+
+def _setting(grid_row: tuple) -> dict:
+    k, temperature, alpha = grid_row
+    return {"k": int(k), "temperature": float(temperature), "alpha": float(alpha)}
+
+
+def cross_validation_report(grid: list[tuple], cosines: np.ndarray, folds: int = CV_FOLDS,
+                            seed: int = CV_SEED) -> dict | None:
+    """The cross-validated score of "pick the grid's best", how often each setting won, per-fold detail."""
+    n = cosines.shape[1]
+    if n < 2:
+        return None  # nothing to hold out
+    assignment = fold_ids(n, folds, seed)
+    held_out, chosen = cross_validate(cosines, assignment)
+    rows, counts = np.unique(chosen, return_counts=True)
+    order = sorted(range(len(rows)), key=lambda i: (-counts[i], rows[i]))
+    return {"score": float(held_out.mean()), "folds": len(chosen), "seed": seed,
+            "chosen": [{**_setting(grid[rows[i]]), "folds": int(counts[i])} for i in order],
+            "per_fold": [{"fold": fold, "n": int((assignment == fold).sum()), **_setting(grid[row]),
+                          "score": float(held_out[assignment == fold].mean())} for fold, row in enumerate(chosen)]}
+
+
+def sweep_warnings(n: int, cv_score: float | None, baselines: dict, flags: dict | None = None) -> list[str]:
+    """Why the recommended setting should not be trusted blindly."""
+    warnings = []
+    if n < RELIABLE_N:
+        warnings.append(f"too few labelled images for a reliable choice (n = {n} < {RELIABLE_N}): "
+                        "treat the recommended setting as a guess")
+    if cv_score is None:
+        warnings.append("cannot cross-validate the sweep's choice with a single labelled image")
+        return warnings
+    name, value = max(baselines.items(), key=lambda item: item[1])
+    if cv_score <= value + NOT_BEATEN_TOLERANCE:
+        hint = f" (submit {flags[name]})" if flags and name in flags else ""
+        warnings.append(f"the sweep's choice does not beat baseline {name}: cross-validated {cv_score:.4f} "
+                        f"<= {name} {value:.4f}; prefer the baseline{hint}")
+    return warnings
+
+
+def sweep_summary(grid: list[tuple], cosines: np.ndarray, baselines: dict, flags: dict | None = None) -> dict:
+    """The sweep's part of the report from per-image cosines [settings, images] of every grid setting."""
+    means = cosines.mean(axis=1)
+    rows = [{**_setting(setting), "score": float(score)} for setting, score in zip(grid, means)]
+    best = int(np.argmax(means))  # the choice on all images: what a user should pass to submit
+    cv = cross_validation_report(grid, cosines)
+    cv_score = cv["score"] if cv else None
+    chosen = sum(1 for fold in cv["per_fold"] if same_setting(fold, rows[best])) if cv else 0
+    return {"sweep": rows,
+            "best_in_sample": {**rows[best], "optimistic": True},  # chosen and scored on the same images
+            "recommended": {**_setting(grid[best]), "cross_validated_score": cv_score, "chosen_in_folds": chosen},
+            "cross_validation": cv,
+            "warnings": sweep_warnings(cosines.shape[1], cv_score, baselines, flags)}
+
+
+def same_setting(a: dict, b: dict) -> bool:
+    return all(a[key] == b[key] for key in ("k", "temperature", "alpha"))
+
+
+def baseline_flags(options: EvalOptions, shrink: float) -> dict[str, str]:
+    """The submit flags that reproduce each baseline, for the "does not beat" warning."""
+    knn = f"--k {options.k} --temperature {options.temperature:g}"
+    return {"corpus_mean": "--alpha 1", "top1": "--k 1 --alpha 0", "knn": f"{knn} --alpha 0",
+            "knn_shrunk": f"{knn} --alpha {shrink:g}"}
+
+
 def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     """The report for a labelled set, on an opened session (the index and its CLIP model)."""
     check_blend_args(options.k, options.temperature, options.alpha)
     if options.plot and not options.sweep:
         raise UserError("--plot draws the sweep: add --sweep")
+    check_output_paths({"--out": options.out, "--plot": options.plot}, {"--labels": options.labels})
+    check_image_loading_args(options.batch_size, options.workers)
     labels = read_labels(options.labels)
     index = session.index
     session.retriever.check_k(options.k)
@@ -176,13 +274,13 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     }
     if index.search_plan["kind"] != "flat":
         report["query_recall_at_10"] = recall_on_queries(session, retrieved)
+    report["warnings"] = []
     if options.sweep:
-        rows = [{"k": k, "temperature": t, "alpha": a, "score": float(score_of(k, t, a).mean())}
-                for k, t, a in sweep_grid(options, kmax)]
-        report["sweep"] = rows
-        report["best"] = max(rows, key=lambda row: row["score"])
+        grid = sweep_grid(options, kmax)
+        cosines = np.stack([score_of(*setting) for setting in grid])  # [settings, images], one search
+        report.update(sweep_summary(grid, cosines, report["baselines"], baseline_flags(options, shrink)))
         if options.plot:
-            plot_sweep(rows, options.plot, report["best"]["alpha"])
+            plot_sweep(report, options.plot)
     if options.out:
         write_json_atomic(options.out, report)
     return report
@@ -204,27 +302,47 @@ def recall_on_queries(session: QuerySession, retrieved: Retrieved) -> float | No
     return recall_at_k(found.ids, truth)
 
 
-def plot_sweep(rows: list[dict], path: str, alpha: float) -> None:
+def plot_sweep(report: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = draw_sweep(report["sweep"], report["recommended"], report["baselines"],
+                        (report["cross_validation"] or {}).get("score"))
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+
+
+def draw_sweep(rows: list[dict], recommended: dict, baselines: dict, cv_score: float | None):
+    """In-sample score vs k per temperature at the recommended alpha, the baselines as horizontal lines,
+    and the recommended setting marked: a curve under a baseline line is visibly not worth choosing."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    alpha = recommended["alpha"]
     for temperature in sorted({row["temperature"] for row in rows}):
         points = sorted((row["k"], row["score"]) for row in rows
                         if row["temperature"] == temperature and row["alpha"] == alpha)
         axes.plot([k for k, _ in points], [s for _, s in points], marker="o", label=f"T={temperature:g}")
+    styles = ("--", ":", "-.", (0, (5, 1)))
+    for (name, value), style in zip(baselines.items(), itertools.cycle(styles)):
+        axes.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{name} {value:.4f}")
+    if cv_score is not None:  # what the choice scores out of sample, against the baseline lines
+        axes.axhline(cv_score, color="red", linestyle=":", linewidth=1.2,
+                     label=f"cross-validated choice {cv_score:.4f}")
+    in_sample = next(row["score"] for row in rows if same_setting(row, recommended))
+    axes.plot([recommended["k"]], [in_sample], marker="*", markersize=16, color="red", linestyle="none",
+              label=f"recommended k={recommended['k']} T={recommended['temperature']:g} (in-sample)")
     axes.set_xscale("log")
     axes.set_xlabel("k (neighbours blended)")
-    axes.set_ylabel("mean cosine (competition score)")
-    axes.set_title(f"score vs k per temperature (alpha={alpha:g})")
+    axes.set_ylabel("mean cosine, in-sample (competition score)")
+    axes.set_title(f"in-sample score vs k per temperature (alpha={alpha:g}); lines: baselines")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
+    axes.legend(fontsize=7)
+    return figure
 
 
 def format_report(report: dict) -> str:
@@ -242,11 +360,23 @@ def format_report(report: dict) -> str:
     if report.get("query_recall_at_10") is not None:
         lines.append(f"index recall@10 on these queries: {report['query_recall_at_10']:.3f}")
     if "sweep" in report:
-        lines.append("")
-        lines.append(f"{'k':>5} {'T':>6} {'alpha':>6} {'score':>8}")
-        for row in sorted(report["sweep"], key=lambda row: -row["score"])[:15]:
-            lines.append(f"{row['k']:>5} {row['temperature']:>6g} {row['alpha']:>6g} {row['score']:>8.4f}")
-        best = report["best"]
-        lines.append(f"best: --k {best['k']} --temperature {best['temperature']:g} --alpha {best['alpha']:g} "
-                     f"→ {best['score']:.4f}")
+        lines += [""] + format_sweep(report)
+    if report.get("warnings"):
+        lines += ["", "warnings:"] + [f"  ! {warning}" for warning in report["warnings"]]
     return "\n".join(lines)
+
+
+def format_sweep(report: dict) -> list[str]:
+    lines = [f"{'k':>5} {'T':>6} {'alpha':>6} {'in-sample':>9}"]
+    for row in sorted(report["sweep"], key=lambda row: -row["score"])[:15]:
+        lines.append(f"{row['k']:>5} {row['temperature']:>6g} {row['alpha']:>6g} {row['score']:>9.4f}")
+    best, recommended, cv = report["best_in_sample"], report["recommended"], report["cross_validation"]
+    flags = f"--k {recommended['k']} --temperature {recommended['temperature']:g} --alpha {recommended['alpha']:g}"
+    lines.append(f"best in-sample {best['score']:.4f} (optimistic: chosen and scored on the same images)")
+    if cv is not None:
+        lines.append(f"cross-validated score of the sweep's choice: {cv['score']:.4f} "
+                     f"({cv['folds']} folds, seed {cv['seed']})")
+    lines.append("baselines: " + ", ".join(f"{name} {value:.4f}" for name, value in report["baselines"].items()))
+    lines.append(f"recommended (chosen on all {report['n']} images): {flags}"
+                 + (f" (chosen in {recommended['chosen_in_folds']} of {cv['folds']} folds)" if cv else ""))
+    return lines

@@ -5,6 +5,7 @@ and refuses decompression bombs before decoding them (Pillow checks the header s
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,22 +31,41 @@ class ImageDecodeError(Exception):
 class ImageListing:
     paths: dict[str, Path]  # imgId → file, in sorted id order
     duplicates: dict[str, list[Path]] = field(default_factory=dict)  # imgId → files not used
+    ignored: dict[str, str] = field(default_factory=dict)  # entry with an image suffix → why it was not used
+
+
+def _not_usable(path: Path) -> str | None:
+    """Why an entry with an image suffix cannot be an image file, or None when it can."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (an imgId must be text)"
+    if path.is_symlink() and not path.exists():
+        return "dangling symbolic link"
+    if path.is_dir():
+        return "a folder, not a file"
+    if not path.is_file():
+        return "not a regular file (FIFO, socket or device)"
+    return None
 
 
 def list_images(folder: str | Path) -> ImageListing:
-    """All images under `folder` (not recursive), keyed by stem; a stem seen twice keeps the first by name."""
+    """All images under `folder` (not recursive), keyed by stem; a stem seen twice keeps the first by name.
+    Entries with an image suffix that cannot be used are listed in `ignored` with the reason."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"images folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    paths: dict[str, Path] = {}
-    duplicates: dict[str, list[Path]] = {}
-    for path in files:
-        if path.stem in paths:
-            duplicates.setdefault(path.stem, []).append(path)
+    listing = ImageListing(paths={})
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        reason = _not_usable(path)
+        if reason:
+            listing.ignored[os.fsencode(path.name).decode("utf-8", "backslashreplace")] = reason
+        elif path.stem in listing.paths:
+            listing.duplicates.setdefault(path.stem, []).append(path)
         else:
-            paths[path.stem] = path
-    return ImageListing(paths=dict(sorted(paths.items())), duplicates=duplicates)
+            listing.paths[path.stem] = path
+    listing.paths = dict(sorted(listing.paths.items()))
+    return listing
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -71,7 +91,8 @@ def load_image(path: str | Path) -> Image.Image:
         if path.stat().st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)")
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow's own warnings (decompression-bomb size, odd EXIF data) are handled here, not printed raw.
+            warnings.simplefilter("ignore")
             with Image.open(path) as image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:

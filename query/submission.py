@@ -35,6 +35,8 @@ def read_sample_submission(path: str | Path, dim: int = EMBED_DIM) -> tuple[list
     except ValueError as exc:
         raise UserError(f"{path}: expected a column {ID_COLUMN!r} ({exc})") from exc
     ids = frame[ID_COLUMN].tolist()
+    if not ids:
+        raise UserError(f"{path}: the sample submission has a header but no rows")
     image_ids: dict[str, int] = {}
     for number, row_id in enumerate(ids, start=2):
         image_id, _, suffix = row_id.rpartition("_")

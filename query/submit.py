@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from img2prompt.atomic import write_atomic
+from img2prompt.atomic import check_output_paths, write_atomic
 from img2prompt.errors import UserError
 from img2prompt.query.blend import check_blend_args, softmax_weights
+from img2prompt.query.embed_images import check_image_loading_args
 from img2prompt.query.images import list_images
 from img2prompt.query.predict import MISSING_FILE, RetrievalSettings, blend_neighbours, retrieve_images
 from img2prompt.query.session import QuerySession
@@ -43,6 +44,7 @@ class SubmitReport:
     failed: dict[str, str] = field(default_factory=dict)  # imgId → reason; these got the corpus mean
     missing: list[str] = field(default_factory=list)  # sample ids without an image file (also in failed)
     duplicate_files: list[str] = field(default_factory=list)
+    ignored_files: dict[str, str] = field(default_factory=dict)  # name → why (not a file, dangling link, …)
     not_in_sample: int = 0
     settings: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
@@ -55,27 +57,13 @@ def npy_ids_path(npy: str | Path) -> Path:
     return npy.with_name(npy.name.removesuffix(".npy") + ".ids.txt")
 
 
-def check_output_paths(options: SubmitOptions) -> None:
+def check_submit_outputs(options: SubmitOptions) -> None:
     """Refuse unusable or colliding outputs before any work (no image is encoded for nothing)."""
-    outputs = {"--out": options.out, "--explain": options.explain, "--save-npy": options.save_npy}
-    inputs = {"--sample-submission": options.sample_submission}
-    seen: dict[Path, str] = {}
-    for flag, path in outputs.items():
-        if path is None:
-            continue
-        resolved = Path(path).resolve()
-        if resolved.is_dir():
-            raise UserError(f"{flag} {path} is a folder: give a file path")
-        if not resolved.parent.is_dir():
-            raise UserError(f"{flag} {path}: the folder {Path(path).parent} does not exist")
-        if resolved in seen:
-            raise UserError(f"{flag} and {seen[resolved]} name the same file {path}: give each output its own path")
-        for input_flag, input_path in inputs.items():
-            if input_path is not None and Path(input_path).resolve() == resolved:
-                raise UserError(f"{flag} {path} would overwrite the {input_flag} input")
-        seen[resolved] = flag
+    check_output_paths({"--out": options.out, "--explain": options.explain, "--save-npy": options.save_npy},
+                       {"--sample-submission": options.sample_submission})
     if options.save_npy is not None and not str(options.save_npy).endswith(".npy"):
         raise UserError(f"--save-npy {options.save_npy}: the file name must end in .npy")
+    check_image_loading_args(options.batch_size, options.workers)
 
 
 def select_image_ids(options: SubmitOptions, listing) -> tuple[list[str], list[str] | None, int]:
@@ -95,7 +83,7 @@ def select_image_ids(options: SubmitOptions, listing) -> tuple[list[str], list[s
 
 def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
     check_blend_args(options.k, options.temperature, options.alpha)
-    check_output_paths(options)
+    check_submit_outputs(options)
     session.retriever.check_k(options.k)
     if session.index.text_dim != EMBED_DIM:
         raise UserError(f"the index's text model gives {session.index.text_dim}-d vectors; a submission needs "
@@ -132,6 +120,7 @@ def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
         out=str(options.out), images=len(image_ids), predicted=len(image_ids) - len(result.failed),
         failed=result.failed, missing=missing,
         duplicate_files=[str(p) for paths in listing.duplicates.values() for p in paths],
+        ignored_files=listing.ignored,
         not_in_sample=not_in_sample,
         settings={"k": options.k, "temperature": options.temperature, "alpha": options.alpha},
         timings_s={name: round(seconds, 3) for name, seconds in result.timings_s.items()},

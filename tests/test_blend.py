@@ -29,8 +29,9 @@ def test_k1_is_exactly_the_top_prompt_vector():
 
 def test_alpha_shrinks_towards_the_normalised_mean():
     mean = np.array([0.0, 0.0, 2.0])
-    got = blend(np.array([[1.0]]), np.array([[0]]), MINILM, k=1, temperature=1.0, alpha=0.5, corpus_mean=mean)
-    expected = np.array([0.5, 0.0, 0.5]) / np.linalg.norm([0.5, 0.0, 0.5])
+    got = blend(np.array([[1.0]]), np.array([[0]]), MINILM, k=1, temperature=1.0, alpha=0.2, corpus_mean=mean)
+    # (1 - alpha) · knn + alpha · mean: an asymmetric alpha, so swapped weights cannot pass
+    expected = np.array([0.8, 0.0, 0.2]) / np.linalg.norm([0.8, 0.0, 0.2])
     np.testing.assert_allclose(got[0], expected, atol=1e-6)
     np.testing.assert_allclose(corpus_mean_prediction(mean, 2), [[0, 0, 1], [0, 0, 1]])
 

@@ -1,4 +1,5 @@
-"""`eval`: the metric by hand, baselines, sweep == separate runs, leakage guard, JSON report, plot."""
+"""`eval`: the metric by hand, baselines, sweep == separate runs, cross-validated choice, leakage guard,
+bootstrap CI, JSON report, plot."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import KAGGLE_SAMPLE, read_data_prompts
+from conftest import DATA, KAGGLE_SAMPLE, read_data_prompts
 from img2prompt.build_index.embed import minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index.format import open_index
@@ -67,23 +68,83 @@ def test_sweep_from_one_search_equals_separate_runs(built_index, labels, tmp_pat
         single = evaluate(built_index, labels, exclude_exact=True, k=row["k"], temperature=row["temperature"],
                           alpha=row["alpha"])
         assert single["score"] == pytest.approx(row["score"], abs=1e-9)
-    assert report["best"] == max(report["sweep"], key=lambda row: row["score"])
+    best = max(report["sweep"], key=lambda row: row["score"])
+    assert "best" not in report and report["best_in_sample"] == {**best, "optimistic": True}
+    assert {key: report["recommended"][key] for key in ("k", "temperature", "alpha")} == {
+        key: best[key] for key in ("k", "temperature", "alpha")}  # chosen on all images
+    cv = report["cross_validation"]
+    assert cv["folds"] == 5 and sorted(fold["n"] for fold in cv["per_fold"]) == [4] * 5
+    assert cv["score"] == pytest.approx(sum(fold["n"] * fold["score"] for fold in cv["per_fold"]) / 20, abs=1e-12)
+    assert sum(entry["folds"] for entry in cv["chosen"]) == 5
+    assert report["recommended"]["cross_validated_score"] == cv["score"]
+    assert any(w.startswith("too few labelled images for a reliable choice") for w in report["warnings"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_perfect_and_shrunk_baselines_ordering(built_index, labels):
-    report = evaluate(built_index, labels, k=1, alpha=0.0)
-    assert report["score"] == pytest.approx(report["baselines"]["top1"])
-    assert report["settings"]["knn_shrunk_alpha"] == 0.2
-    assert report["median"] <= 1.0 and "ci95" not in report  # n < 30: no bootstrap interval
+def unit(vectors) -> np.ndarray:
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_perfect_and_shrunk_baselines_ordering(built_index, labels, text_model):
+    # Leakage on purpose: each prompt finds itself. T=1 so that a second neighbour would visibly count, and
+    # a sweep up to k=3 so that three neighbours are retrieved (with k=1 alone, a top1 or knn that blended
+    # more than one neighbour could not be told apart).
+    top = evaluate(built_index, labels, k=1, temperature=1.0, alpha=0.0, sweep=True, sweep_k=(1, 3),
+                   sweep_temperature=(1.0,), sweep_alpha=(0.0,))
+    baselines = top["baselines"]
+    assert top["score"] == baselines["top1"] == baselines["knn"]  # k=1: knn is top1
+    assert [row["score"] for row in top["sweep"] if row["k"] == 1] == [baselines["top1"]]
+    assert [row["score"] for row in top["sweep"] if row["k"] == 3][0] < baselines["top1"] - 1e-3
+    assert top["settings"]["knn_shrunk_alpha"] == 0.2
+    # shrinking a (near-)perfect prediction towards the mean lands strictly between it and the mean
+    assert baselines["top1"] > baselines["knn_shrunk"] > baselines["corpus_mean"]
+
+    mean = evaluate(built_index, labels, k=5, alpha=1.0)  # alpha = 1 is the corpus-mean prediction
+    assert mean["settings"]["knn_shrunk_alpha"] == 1.0
+    assert mean["baselines"]["knn_shrunk"] == pytest.approx(mean["baselines"]["corpus_mean"], abs=1e-7)
+    assert mean["score"] == pytest.approx(mean["baselines"]["corpus_mean"], abs=1e-7)
+    mean_unit = unit(open_index(built_index).minilm_mean)[0]
+    cosines = unit(minilm_embeddings(text_model, read_data_prompts(20))) @ mean_unit
+    assert mean["median"] == pytest.approx(float(np.median(cosines)), abs=1e-6)
+    assert mean["median"] != pytest.approx(float(cosines.mean()), abs=1e-6)  # the median is not the mean here
+    assert "ci95" not in mean  # n < 30: no bootstrap interval
+
+
+def test_alpha_weights_the_mean_not_the_neighbours(built_index, labels, text_model):
+    """alpha = 0.2 (asymmetric, so swapped weights show): 0.8 · top neighbour + 0.2 · corpus mean."""
+    report = evaluate(built_index, labels, k=1, temperature=0.05, alpha=0.2)
+    index = _OPENED[built_index]
+    top_ids = [int(result.ids[0]) for result in index.search_texts(read_data_prompts(20), k=1)]
+    neighbour = unit(np.asarray(index.session.index.minilm[top_ids], dtype=np.float64))
+    prediction = unit(0.8 * neighbour + 0.2 * unit(index.session.index.minilm_mean))
+    truth = unit(minilm_embeddings(text_model, read_data_prompts(20)))
+    expected = float((prediction * truth).sum(axis=1).mean())
+    assert report["score"] == pytest.approx(expected, abs=1e-6)
+    assert report["baselines"]["knn_shrunk"] == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/kaggle-sample is not present")
-def test_image_mode_on_the_kaggle_sample(built_index):
-    report = evaluate(built_index, KAGGLE_SAMPLE / "prompts.csv", images=str(KAGGLE_SAMPLE / "images"), k=3)
+def test_image_mode_on_the_kaggle_sample(built_index, text_model):
+    import img2prompt
+
+    report = evaluate(built_index, KAGGLE_SAMPLE / "prompts.csv", images=str(KAGGLE_SAMPLE / "images"), k=3,
+                      sweep=True, sweep_k=(1, 3), sweep_temperature=(0.05,), sweep_alpha=(0.0, 1.0))
     assert report["n"] == 7 and report["settings"]["mode"] == "images" and report["failed"] == {}
-    assert -1.0 <= report["score"] <= 1.0
+    labels = pd.read_csv(KAGGLE_SAMPLE / "prompts.csv", dtype=str)
+    paths = [next((KAGGLE_SAMPLE / "images").glob(f"{image_id}.*")) for image_id in labels["imgId"]]
+    with img2prompt.open_index(built_index, device="cpu") as index:  # independent of eval's plumbing
+        predictions = index.predict(paths, k=3)
+    cosines = (unit(predictions) * unit(minilm_embeddings(text_model, labels["prompt"].tolist()))).sum(axis=1)
+    assert report["score"] == pytest.approx(float(cosines.mean()), abs=1e-6)
+    assert report["median"] == pytest.approx(float(np.median(cosines)), abs=1e-6)
+    # the reported defect: 7 images cannot choose a setting; it says so, and scores the choice out of sample
+    cv = report["cross_validation"]
+    assert cv["folds"] == 5 and sorted(fold["n"] for fold in cv["per_fold"]) == [1, 1, 1, 2, 2]
+    assert any(w.startswith("too few labelled images") for w in report["warnings"])
+    beaten = cv["score"] > max(report["baselines"].values()) + 1e-9
+    assert beaten != any(w.startswith("the sweep's choice does not beat baseline") for w in report["warnings"])
 
 
 def test_labels_errors(built_index, tmp_path):
@@ -93,3 +154,165 @@ def test_labels_errors(built_index, tmp_path):
         evaluate(built_index, bad)
     with pytest.raises(UserError, match="--plot draws the sweep: add --sweep"):
         evaluate(built_index, bad, plot=str(tmp_path / "p.png"))
+
+
+# -- the sweep's choice, scored out of sample ---------------------------------------------------------------
+# New names are imported inside the tests so that each test fails on its own when its feature is missing.
+
+def test_alpha_grid_reaches_the_corpus_mean():
+    from img2prompt.query.evaluate import SWEEP_ALPHA
+
+    assert min(SWEEP_ALPHA) == 0.0 and max(SWEEP_ALPHA) == 1.0 and list(SWEEP_ALPHA) == sorted(SWEEP_ALPHA)
+
+
+def test_folds_are_seeded_balanced_and_leave_one_out_when_small():
+    from img2prompt.query.evaluate import fold_ids
+
+    folds = fold_ids(12, 5, seed=0)
+    assert sorted(np.bincount(folds)) == [2, 2, 2, 3, 3]
+    np.testing.assert_array_equal(folds, fold_ids(12, 5, seed=0))  # deterministic
+    assert not np.array_equal(folds, fold_ids(12, 5, seed=1))  # ... and seeded
+    by_hand = np.empty(12, dtype=int)
+    by_hand[np.random.default_rng(0).permutation(12)] = np.arange(12) % 5  # shuffle, deal round-robin
+    np.testing.assert_array_equal(folds, by_hand)
+    assert sorted(fold_ids(3, 5, seed=0)) == [0, 1, 2]  # n < folds: each image is its own fold
+
+
+# Two settings on four images, leave-one-out. A is best in sample (mean 0.5 vs 0.425) only thanks to image 0.
+COSINES = np.array([[0.9, 0.1, 0.5, 0.5],     # A
+                    [0.4, 0.4, 0.45, 0.45]])  # B
+# fold 0 (image 0 out): A 1.1/3 < B 1.3/3 -> B scores 0.4; folds 1-3: A wins (1.9/3, 1.5/3, 1.5/3) -> 0.1, 0.5, 0.5
+CV_BY_HAND = (0.4 + 0.1 + 0.5 + 0.5) / 4
+
+
+def test_cross_validation_by_hand():
+    from img2prompt.query.evaluate import cross_validate
+
+    held_out, chosen = cross_validate(COSINES, np.array([0, 1, 2, 3]))
+    np.testing.assert_array_equal(chosen, [1, 0, 0, 0])
+    np.testing.assert_allclose(held_out, [0.4, 0.1, 0.5, 0.5])
+    assert held_out.mean() == pytest.approx(CV_BY_HAND) and CV_BY_HAND < COSINES.mean(axis=1).max()
+
+
+def test_sweep_summary_recommends_the_all_data_choice_and_warns():
+    from img2prompt.query.evaluate import sweep_summary
+
+    grid = [(1, 0.05, 0.0), (5, 0.05, 0.0)]
+    part = sweep_summary(grid, COSINES, {"corpus_mean": 0.38, "top1": 0.2})
+    assert part["best_in_sample"] == {"k": 1, "temperature": 0.05, "alpha": 0.0, "score": 0.5, "optimistic": True}
+    assert part["recommended"] == {"k": 1, "temperature": 0.05, "alpha": 0.0,
+                                   "cross_validated_score": pytest.approx(CV_BY_HAND), "chosen_in_folds": 3}
+    cv = part["cross_validation"]
+    assert cv["folds"] == 4 and cv["score"] == pytest.approx(CV_BY_HAND)  # n = 4 < 5 folds: leave-one-out
+    assert [(entry["k"], entry["folds"]) for entry in cv["chosen"]] == [(1, 3), (5, 1)]
+    assert len(part["warnings"]) == 2 and part["warnings"][0].startswith("too few labelled images")
+    assert part["warnings"][1].startswith("the sweep's choice does not beat baseline corpus_mean")  # 0.375 <= 0.38
+
+    assert len(sweep_summary(grid, COSINES, {"corpus_mean": 0.3})["warnings"]) == 1  # beats it: no such warning
+    tie = sweep_summary(grid, COSINES, {"knn": part["cross_validation"]["score"]})["warnings"]
+    assert tie[1].startswith("the sweep's choice does not beat baseline knn")  # equal does not beat
+    many = np.tile(COSINES, (1, 13))  # n = 52: enough images, and the choice beats the baseline
+    assert sweep_summary(grid, many, {"corpus_mean": 0.3})["warnings"] == []
+
+    one = sweep_summary(grid, COSINES[:, :1], {"corpus_mean": 0.3})  # a single image: nothing to hold out
+    assert one["cross_validation"] is None and one["recommended"]["cross_validated_score"] is None
+    assert one["warnings"][1].startswith("cannot cross-validate")
+
+    # the recommendation is the choice on all images even where a fold (here the one holding image 3) disagrees
+    split = sweep_summary(grid, np.array([[0.5, 0.5, 0.5, 0.5], [0.6, 0.6, 0.6, 0.1]]), {"corpus_mean": 0.0})
+    assert split["recommended"]["k"] == 1 and split["recommended"]["chosen_in_folds"] == 3
+    assert sorted(fold["k"] for fold in split["cross_validation"]["per_fold"]) == [1, 1, 1, 5]
+
+
+@pytest.fixture(scope="module")
+def heldout_report(built_index):
+    """100 held-out prompts (none in the corpus) at alpha = 1, with a small sweep."""
+    return evaluate(built_index, DATA / "heldout.csv", k=20, temperature=0.05, alpha=1.0, sweep=True,
+                    sweep_k=(1, 5), sweep_temperature=(0.05, 0.5))
+
+
+@pytest.fixture(scope="module")
+def heldout_truth(text_model):
+    return unit(minilm_embeddings(text_model, pd.read_csv(DATA / "heldout.csv", dtype=str)["prompt"].tolist()))
+
+
+def test_bootstrap_ci_by_hand(built_index, heldout_report, heldout_truth):
+    report = heldout_report
+    assert report["n"] == 100 and report["leakage"]["true_prompts_in_corpus"] == 0
+    cosines = heldout_truth @ unit(open_index(built_index).minilm_mean)[0]  # alpha = 1: the corpus mean
+    assert report["score"] == pytest.approx(float(cosines.mean()), abs=1e-6)
+    rng = np.random.default_rng(0)  # the report's seed
+    means = cosines[rng.integers(0, 100, size=(1000, 100))].mean(axis=1)
+    low, high = report["ci95"]
+    assert low == pytest.approx(float(np.percentile(means, 2.5)), abs=1e-6)
+    assert high == pytest.approx(float(np.percentile(means, 97.5)), abs=1e-6)
+    assert cosines.min() < low < report["score"] < high < cosines.max()
+
+
+def test_cross_validated_sweep_by_hand(built_index, heldout_report, heldout_truth):
+    """Every grid setting recomputed through the public API, then 5-fold CV done here by hand."""
+    from img2prompt.query.blend import blend
+
+    report, index = heldout_report, _OPENED[built_index]
+    assert "too few labelled images" not in " ".join(report["warnings"])  # n = 100
+    found = index.search_texts(pd.read_csv(DATA / "heldout.csv", dtype=str)["prompt"].tolist(), k=20)
+    scores, ids = np.stack([r.scores for r in found]), np.stack([r.ids for r in found])
+    grid = [(row["k"], row["temperature"], row["alpha"]) for row in report["sweep"]]
+    assert sorted({a for _, _, a in grid}) == [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0] and len(grid) == 3 * 2 * 7
+    cosines = np.stack([(unit(blend(scores, ids, index.session.index.minilm, k=k, temperature=t, alpha=a,
+                                    corpus_mean=index.session.index.minilm_mean)) * heldout_truth).sum(axis=1)
+                        for k, t, a in grid])
+    np.testing.assert_allclose([row["score"] for row in report["sweep"]], cosines.mean(axis=1), atol=1e-6)
+    alpha_one = [row["score"] for row in report["sweep"] if row["alpha"] == 1.0]
+    np.testing.assert_allclose(alpha_one, report["baselines"]["corpus_mean"], atol=1e-7)
+
+    folds = np.empty(100, dtype=int)
+    folds[np.random.default_rng(0).permutation(100)] = np.arange(100) % 5
+    held_out, picks = np.empty(100), []
+    for fold in range(5):
+        pick = int(np.argmax(cosines[:, folds != fold].mean(axis=1)))
+        held_out[folds == fold] = cosines[pick, folds == fold]
+        picks.append(grid[pick])
+    cv = report["cross_validation"]
+    assert cv["score"] == pytest.approx(held_out.mean(), abs=1e-6)
+    assert [(f["k"], f["temperature"], f["alpha"]) for f in cv["per_fold"]] == picks
+    recommended = grid[int(np.argmax(cosines.mean(axis=1)))]
+    assert (report["recommended"]["k"], report["recommended"]["temperature"],
+            report["recommended"]["alpha"]) == recommended
+    assert report["recommended"]["chosen_in_folds"] == picks.count(recommended)
+
+
+def test_a_sweep_that_cannot_beat_the_corpus_mean_says_so(built_index, labels):
+    report = evaluate(built_index, labels, exclude_exact=True, sweep=True, sweep_k=(1, 3),
+                      sweep_temperature=(0.05,), sweep_alpha=(1.0,))  # every setting is the corpus mean
+    assert report["cross_validation"]["score"] == pytest.approx(report["baselines"]["corpus_mean"], abs=1e-7)
+    assert any(w.startswith("the sweep's choice does not beat baseline") for w in report["warnings"])
+    from img2prompt.query.evaluate import format_report
+
+    text = format_report(report)
+    for needle in ("cross-validated score of the sweep's choice", "recommended (chosen on all 20 images): --k",
+                   "optimistic", "baselines: corpus_mean", "warnings:", "does not beat baseline"):
+        assert needle in text, needle
+
+
+def test_plot_draws_baselines_and_marks_the_recommended_setting():
+    import matplotlib.pyplot as plt
+
+    from img2prompt.query.evaluate import draw_sweep
+
+    rows = [{"k": k, "temperature": t, "alpha": a, "score": 0.1 * k + t + a}
+            for k in (1, 3) for t in (0.05, 0.5) for a in (0.0, 1.0)]
+    baselines = {"corpus_mean": 0.3, "top1": 0.45, "knn": 0.5}
+    recommended = {"k": 1, "temperature": 0.05, "alpha": 1.0}  # not the grid's maximum (k=3, T=0.5)
+    figure = draw_sweep(rows, recommended, baselines, cv_score=0.42)
+    try:
+        lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+        for name, value in baselines.items():
+            line = lines[f"{name} {value:.4f}"]
+            assert list(line.get_ydata()) == [value, value]  # a horizontal line at the baseline
+        marked = [line for label, line in lines.items() if label.startswith("recommended")]
+        assert len(marked) == 1 and list(lines["cross-validated choice 0.4200"].get_ydata()) == [0.42, 0.42]
+        assert list(marked[0].get_xdata()) == [1] and list(marked[0].get_ydata()) == [pytest.approx(1.15)]
+        np.testing.assert_allclose(lines["T=0.05"].get_ydata(), [1.15, 1.35])  # curves at the recommended alpha
+    finally:
+        plt.close(figure)

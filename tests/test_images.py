@@ -112,3 +112,21 @@ def test_extreme_aspect_ratio_is_refused_before_preprocessing(tmp_path, clip):
     assert load_image(tmp_path / "banner.png").size == (400, 20)
     embedded = embed_images(clip, [tmp_path / "strip.png", tmp_path / "banner.png"], workers=0)
     assert embedded.ok == [1] and "unusable shape" in embedded.failed[0]
+
+
+def test_entries_that_are_not_image_files_are_counted(tmp_path):
+    import os
+
+    rgb = Image.new("RGB", (8, 8))
+    rgb.save(tmp_path / "good.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    raw_name = os.fsencode(tmp_path) + b"/bad\xff.png"
+    with open(raw_name, "wb") as handle:
+        rgb.save(handle, format="PNG")
+    listing = list_images(tmp_path)
+    assert list(listing.paths) == ["good"]
+    assert listing.ignored == {"bad\\xff.png": "file name is not valid UTF-8 (an imgId must be text)",
+                               "dangling.png": "dangling symbolic link", "folder.png": "a folder, not a file",
+                               "pipe.png": "not a regular file (FIFO, socket or device)"}

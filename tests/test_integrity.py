@@ -20,7 +20,7 @@ def test_truncated_file_is_refused(built_index, tmp_path):
     root = copy_index(built_index, tmp_path)
     with open(root / "minilm.f16", "r+b") as handle:
         handle.truncate(1000)
-    with pytest.raises(UserError, match=r"minilm\.f16: 1000 bytes, the manifest expects 122880"):
+    with pytest.raises(UserError, match=r"minilm\.f16: 1000 bytes, expected 122880 \(160 rows\): the index is damaged"):
         open_index(root)
 
 
@@ -182,3 +182,41 @@ def test_a_second_build_into_the_same_folder_is_refused(tmp_path):
         IndexWriter(tmp_path / "idx", {"models": "x"}, overwrite=True)
     first.close()
     assert IndexWriter(tmp_path / "idx", {"models": "x"}, overwrite=True).rows_committed() == 0
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m.update(count="many"), r"manifest is damaged \(missing or invalid: count 'many'\)"),
+    (lambda m: m.pop("models"), r"manifest is damaged \(missing or invalid: models.clip, models.text\)"),
+    (lambda m: m.pop("files"), r"manifest is damaged \(missing or invalid: files\)"),
+])
+def test_damaged_manifest_is_one_line(built_index, tmp_path, damage, message):
+    root = copy_index(built_index, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    damage(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=message):
+        open_index(root)
+
+
+@pytest.mark.parametrize("payload, message", [("[1, 2]", "manifest holds a JSON list, not an object"),
+                                              ("null", "manifest holds a JSON NoneType, not an object")])
+def test_manifest_that_is_not_an_object(built_index, tmp_path, payload, message):
+    root = copy_index(built_index, tmp_path)
+    (root / "manifest.json").write_text(payload)
+    with pytest.raises(UserError, match=message):
+        open_index(root)
+
+
+def test_damaged_files_without_verify_are_one_line(built_index, tmp_path):
+    root = copy_index(built_index, tmp_path)
+    data = bytearray((root / "prompts.parquet").read_bytes())
+    data[-12:-4] = bytes(8)  # the footer length and magic
+    (root / "prompts.parquet").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"prompts\.parquet: not readable .*the index is damaged"):
+        open_index(root)
+    root = copy_index(built_index, tmp_path / "again")
+    data = bytearray((root / "minilm_mean.npy").read_bytes())
+    data[:6] = b"XXXXXX"  # the .npy magic
+    (root / "minilm_mean.npy").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"minilm_mean\.npy: not readable"):
+        open_index(root).minilm_mean
