@@ -1,0 +1,115 @@
+"""Property-based tests (hypothesis): the corpus readers and the image loader on arbitrary input never
+crash with anything but their own one-line errors, and their counts always add up."""
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from img2prompt.build_index.corpus import CorpusReport, dedup_key, iter_prompts, normalise_prompt
+from img2prompt.errors import UserError
+from img2prompt.query.images import ImageDecodeError, load_image
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def read_all(path: Path, column: str = "prompt", max_chars: int = 60):
+    report = CorpusReport()
+    return list(iter_prompts([path], column, report, max_chars)), report
+
+
+def check_invariants(prompts: list[str], report: CorpusReport, max_chars: int = 60) -> None:
+    assert report.read == report.kept + sum(report.skipped.values())
+    assert report.kept == len(prompts)
+    assert len({dedup_key(p) for p in prompts}) == len(prompts)  # deduplicated
+    for prompt in prompts:
+        assert prompt and prompt == normalise_prompt(prompt) and len(prompt) <= max_chars and "\x00" not in prompt
+
+
+@FAST
+@given(st.lists(st.text(max_size=80), max_size=30))
+def test_text_files_of_any_lines(lines):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "corpus.txt"
+        path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass"))
+        try:
+            prompts, report = read_all(path)
+        except UserError:
+            return  # a one-line refusal (e.g. CR-only line ends) is an allowed outcome
+        check_invariants(prompts, report)
+        wanted = []
+        for number, line in enumerate("\n".join(lines).encode("utf-8", "surrogatepass").split(b"\n")):
+            if number == 0 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a leading byte-order mark is not part of the first prompt
+            try:
+                text = normalise_prompt(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            if text and len(text) <= 60 and "\x00" not in line.decode("utf-8") and \
+                    dedup_key(text) not in {dedup_key(w) for w in wanted}:
+                wanted.append(text)
+        if b"\r" not in "\n".join(lines).encode("utf-8", "surrogatepass"):
+            assert prompts == wanted  # exactly the valid, normalised, first-seen lines, in order
+
+
+@FAST
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60), min_size=1, max_size=25),
+       st.sampled_from([".csv", ".tsv", ".parquet"]))
+def test_tables_of_any_strings(values, suffix):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"corpus{suffix}"
+        frame = pd.DataFrame({"prompt": values, "other": range(len(values))})
+        if suffix == ".parquet":
+            frame.to_parquet(path)
+        else:
+            frame.to_csv(path, sep="\t" if suffix == ".tsv" else ",", index=False)
+        try:
+            prompts, report = read_all(path)
+        except UserError:
+            return
+        check_invariants(prompts, report)
+        if suffix != ".tsv":  # TSV has no quoting: tabs or newlines inside values split rows by design
+            kept = {dedup_key(normalise_prompt(v)) for v in values if normalise_prompt(v) and len(normalise_prompt(v)) <= 60
+                    and "\x00" not in v}
+            assert {dedup_key(p) for p in prompts} <= kept
+
+
+@FAST
+@given(st.binary(max_size=2048))
+def test_image_loader_on_arbitrary_bytes(data):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "x.png"
+        path.write_bytes(data)
+        try:
+            image = load_image(path)
+        except ImageDecodeError as error:
+            assert str(error)
+            return
+        assert image.mode == "RGB"
+
+
+@FAST
+@given(st.sampled_from(["1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "I;16", "I", "F"]),
+       st.integers(1, 40), st.integers(1, 40), st.sampled_from(["PNG", "TIFF", "WEBP", "JPEG"]))
+def test_image_loader_on_any_mode_and_format(mode, width, height, file_format):
+    from PIL import Image
+
+    image = Image.new(mode, (width, height))
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, format=file_format)
+    except (OSError, KeyError, ValueError):
+        return  # that format cannot hold that mode: nothing to load
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "x.png"
+        path.write_bytes(buffer.getvalue())
+        try:
+            loaded = load_image(path)
+        except ImageDecodeError:
+            return
+        assert loaded.mode == "RGB" and loaded.size in {(width, height), (height, width)}
