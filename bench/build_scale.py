@@ -6,6 +6,8 @@ With --kill-resume N: a build of N prompts is SIGKILLed mid-way, resumed, and co
 uninterrupted build of the same corpus (prompts and vectors must be identical).
 
     python bench/build_scale.py --sizes 10000 100000 1000000 --kill-resume 200000
+    python bench/build_scale.py --sizes 100000 --device cuda
+--device goes to `img2prompt build --device` (the tiny stand-ins make it a memory/I-O figure on any device).
 """
 from __future__ import annotations
 
@@ -21,17 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-from common import synthetic_corpus
+from common import add_device_flag, check_device, synthetic_corpus
 
 SCRIPT = str(Path(sys.executable).parent / "img2prompt")
 
 
 SHARD_SIZE = 10_000
+DEVICE = ["--device", "cpu"]  # set from --device in main()
 
 
 def build_command(corpus: Path, out: Path, clip: Path, text: Path, *extra: str) -> list[str]:
     return [SCRIPT, "-q", "build", str(corpus), "--out", str(out), "--clip-model", str(clip), "--text-model",
-            str(text), "--shard-size", str(SHARD_SIZE), "--batch-size", "512", "--json", *extra]
+            str(text), "--shard-size", str(SHARD_SIZE), "--batch-size", "512", "--json", *DEVICE, *extra]
 
 
 def run_measured(command: list[str]) -> tuple[dict, float, float]:
@@ -82,14 +85,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--kill-resume", type=int, default=0, metavar="N")
     parser.add_argument("--workdir", help="keep files here (default: a temp folder)")
+    add_device_flag(parser)
     args = parser.parse_args()
+    check_device(args.device)
+    DEVICE[1] = args.device
     from img2prompt.stand_in import write_tiny_clip, write_tiny_text_model
 
     with tempfile.TemporaryDirectory() as temp:
         workdir = Path(args.workdir or temp)
         workdir.mkdir(parents=True, exist_ok=True)
         clip, text = write_tiny_clip(workdir / "clip"), write_tiny_text_model(workdir / "text")
-        print(f"shard size {SHARD_SIZE:,}")
+        print(f"shard size {SHARD_SIZE:,}, device {args.device}")
         print(f"{'prompts':>10} {'seconds':>8} {'prompts/s':>10} {'peak RSS MiB':>13} {'after encode':>13} "
               f"{'disk B/prompt':>14}")
         for size in args.sizes:

@@ -15,23 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, check_corpus_files, count_rows,
                                            expand_corpus_paths, file_fingerprint, iter_prompt_rows, iter_prompts)
-from img2prompt.build_index.embed import (clip_embed_tokens, clip_text_embeddings, count_truncated,
-                                          minilm_batch_order, minilm_embed_ids, minilm_embeddings)
-from img2prompt.build_index.precomputed import (AGREEMENT_SAMPLE, PrecomputedVectors, check_against_model,
-                                                check_agreement, open_precomputed)
-from img2prompt.build_index.pipeline import default_workers, tokenized_shards, tokenizers_for
+from img2prompt.build_index.engine import BuildEngine, engine_class
+from img2prompt.build_index.precomputed import check_against_model, open_precomputed
+from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError
 from img2prompt.index.backend import backend_class
-from img2prompt.index.format import IndexWriter, ShardTask, plan_shards, save_shard
+from img2prompt.index.format import IndexWriter, ShardTask, plan_shards
 from img2prompt.index.plan import plan_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
-from img2prompt.memory import release_free_memory
+from img2prompt.models import load_clip, load_text_model, resolve_device
 from img2prompt.progress import progress_bar
-from img2prompt.models import ClipModel, TextModel, load_clip, load_text_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +54,8 @@ class BuildOptions:
     progress: bool = True
     workers: int | None = None  # tokenizing processes (None: cores − 1 on CUDA, in-process on CPU)
     embeddings: list[str] | None = None  # precomputed CLIP text vectors (.npy), row-aligned with the corpus
+    engine: str = "local"  # who runs the shard tasks (build_index/engine.py)
+    engine_options: dict = field(default_factory=dict)  # the engine's own settings (e.g. a cluster address)
 
 
 @dataclass
@@ -101,6 +98,7 @@ def run_build(options: BuildOptions) -> BuildResult:
     if options.workers is not None and options.workers < 0:
         raise UserError(f"--workers must be 0 or more (got {options.workers})")
     timer = PhaseTimer()
+    engine = engine_class(options.engine).from_options(options)  # an engine's missing extra fails here, early
     paths = expand_corpus_paths(options.corpus)
     check_corpus_files(paths, options.column)
     device = resolve_device(options.device)
@@ -120,18 +118,22 @@ def run_build(options: BuildOptions) -> BuildResult:
                  "embeddings": [file_fingerprint(path) for path in precomputed.files] if precomputed else None,
                  "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars}
     writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
+    encoder = ShardEncoder(clip, text_model, options.batch_size, precomputed)
+    spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
+                       options.batch_size, options.embeddings, models)
     try:
-        return _build_into(writer, paths, precomputed, clip, text_model, models, device, total_rows, options, timer)
+        return _build_into(writer, engine, encoder, spec, paths, models, device, total_rows, options, timer)
     finally:
         writer.close()
 
 
-def _build_into(writer: IndexWriter, paths, precomputed, clip: ClipModel, text_model: TextModel, models: dict,
-                device, total_rows: int, options: BuildOptions, timer: PhaseTimer) -> BuildResult:
+def _build_into(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder, spec: EncoderSpec, paths,
+                models: dict, device, total_rows: int, options: BuildOptions, timer: PhaseTimer) -> BuildResult:
     corpus = CorpusReport()
+    precomputed = encoder.precomputed
     prompts = (iter_prompt_rows if precomputed else iter_prompts)(paths, options.column, corpus, options.max_chars)
-    report, encoded_rows = encode_shards(writer, plan_shards(prompts, options.shard_size), corpus, clip, text_model,
-                                         options, timer, total_rows=total_rows, precomputed=precomputed)
+    report, encoded_rows = encode_shards(writer, engine, encoder, spec, plan_shards(prompts, options.shard_size),
+                                         corpus, options, timer, total_rows=total_rows)
     if precomputed and corpus.read != precomputed.rows:
         raise UserError(f"--embeddings hold {precomputed.rows:,} rows but the corpus has {corpus.read:,}: they must "
                         "be row-aligned (same files, same order)")
@@ -157,14 +159,14 @@ def _build_into(writer: IndexWriter, paths, precomputed, clip: ClipModel, text_m
     return BuildResult(manifest=manifest, report=report, timings=timings)
 
 
-def encode_shards(writer: IndexWriter, tasks: Iterator[ShardTask], corpus: CorpusReport, clip: ClipModel,
-                  text_model: TextModel, options: BuildOptions, timer: PhaseTimer,
-                  total_rows: int | None = None, precomputed: PrecomputedVectors | None = None) -> tuple[dict, int]:
-    """Encode and commit every shard task without a valid committed record; (corpus report, rows encoded).
+def encode_shards(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder, spec: EncoderSpec,
+                  tasks: Iterator[ShardTask], corpus: CorpusReport, options: BuildOptions, timer: PhaseTimer,
+                  total_rows: int | None = None) -> tuple[dict, int]:
+    """Have the engine encode every shard task without a valid committed record, committing each record as
+    it finishes (any order); returns (corpus report, rows encoded).
 
     Committed shards (a resume) are re-read from the corpus only to check they are unchanged, and their
-    files are checked against the recorded sha256: a damaged one is encoded again. Tokenization runs
-    ahead in worker processes (build_index/pipeline.py) while this process encodes.
+    files are checked against the recorded sha256: a damaged one is encoded again.
     """
     truncated_total = encoded = 0
     # A context manager, so that an error is printed below a closed bar, not onto its line.
@@ -179,39 +181,16 @@ def encode_shards(writer: IndexWriter, tasks: Iterator[ShardTask], corpus: Corpu
                 else:
                     yield task
 
-        workers = default_workers(clip.device) if options.workers is None else options.workers
-        for shard in tokenized_shards(to_encode(), tokenizers_for(clip, text_model), workers):
-            task = shard.task
-            with timer.phase("encode_clip"):
-                if precomputed is not None:
-                    vectors, truncated = precomputed_shard(precomputed, task, clip, first=not encoded), 0
-                else:
-                    tokens = torch.from_numpy(shard.clip_tokens)
-                    vectors = clip_embed_tokens(clip, tokens, options.batch_size)
-                    truncated = count_truncated(clip, task.prompts, tokens)
-            with timer.phase("encode_minilm"):
-                minilm = (minilm_embeddings(text_model, task.prompts, options.batch_size)
-                          if shard.minilm_ids is None else
-                          minilm_embed_ids(text_model, shard.minilm_ids, minilm_batch_order(task.prompts),
-                                           options.batch_size))
-            with timer.phase("write_shards"):
-                writer.commit_shard(save_shard(writer.root, task, vectors, minilm, truncated))
-            truncated_total += truncated
-            encoded += len(task.prompts)
-            release_free_memory()
+        for record, seconds in engine.run(to_encode(), encoder, spec, writer.root):
+            writer.commit_shard(record)
+            for phase, value in seconds.items():
+                timer.seconds[phase] += value
+            truncated_total += record["clip_truncated"]
+            encoded += record["count"]
             bar.update(corpus.read - bar.n)
     if any(number * options.shard_size >= corpus.kept for number in writer.records):
         raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
     return {**corpus.as_dict(), "clip_truncated": truncated_total}, encoded
-
-
-def precomputed_shard(precomputed: PrecomputedVectors, task: ShardTask, clip: ClipModel, first: bool):
-    """The task's given CLIP vectors; on the first shard also checked against the model's own."""
-    vectors = precomputed.take(task.source_rows)
-    if first:
-        sample = task.prompts[:AGREEMENT_SAMPLE]
-        check_agreement(vectors[:len(sample)], clip_text_embeddings(clip, sample).vectors, clip.name)
-    return vectors
 
 
 def build_search_backend(writer: IndexWriter, options: BuildOptions, timer: PhaseTimer) -> tuple[int, dict, tuple]:

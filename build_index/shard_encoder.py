@@ -1,0 +1,84 @@
+"""One shard task → its files: the pure unit of build work that every engine runs (in-process, or on a
+cluster node that sees the index folder). Models load once per encoder, never per shard."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from img2prompt.build_index.embed import (clip_embed_tokens, clip_text_embeddings, count_truncated,
+                                          minilm_batch_order, minilm_embed_ids, minilm_embeddings)
+from img2prompt.build_index.pipeline import TokenizedShard, Tokenizers, tokenizers_for
+from img2prompt.build_index.precomputed import (AGREEMENT_SAMPLE, PrecomputedVectors, check_agreement,
+                                                open_precomputed)
+from img2prompt.errors import UserError
+from img2prompt.index.format import save_shard
+from img2prompt.memory import release_free_memory
+from img2prompt.models import ClipModel, TextModel, load_clip, load_text_model, resolve_device
+
+
+@dataclass
+class EncoderSpec:
+    """How to make a ShardEncoder anywhere (picklable): model names, device, batch size, precomputed files,
+    and the identities the driver loaded, which a remote encoder must reproduce."""
+    clip_model: str
+    clip_pretrained: str | None
+    text_model: str | None
+    device: str
+    batch_size: int
+    embeddings: list[str] | None = None
+    identities: dict = field(default_factory=dict)
+
+    def load(self) -> "ShardEncoder":
+        device = resolve_device(self.device)
+        clip = load_clip(self.clip_model, self.clip_pretrained, device)
+        text_model = load_text_model(self.text_model, device)
+        loaded = {"clip": clip.identity(), "text": text_model.identity()}
+        if self.identities and loaded != self.identities:
+            raise UserError("a build worker loaded other models than the driver: the model files differ between "
+                            "machines; give every node the same weights")
+        precomputed = open_precomputed(self.embeddings) if self.embeddings else None
+        return ShardEncoder(clip, text_model, self.batch_size, precomputed)
+
+
+class ShardEncoder:
+    def __init__(self, clip: ClipModel, text_model: TextModel, batch_size: int,
+                 precomputed: PrecomputedVectors | None = None) -> None:
+        self.clip, self.text_model, self.batch_size, self.precomputed = clip, text_model, batch_size, precomputed
+
+    @property
+    def tokenizers(self) -> Tokenizers:
+        return tokenizers_for(self.clip, self.text_model)
+
+    def encode(self, shard: TokenizedShard, root: str | Path) -> tuple[dict, dict]:
+        """Encode the shard, write its files atomically into `root`; (record to commit, phase seconds)."""
+        task, seconds = shard.task, {}
+        started = time.perf_counter()
+        if self.precomputed is not None:
+            vectors, truncated = self._precomputed_vectors(shard), 0
+        else:
+            tokens = torch.from_numpy(shard.clip_tokens)
+            vectors = clip_embed_tokens(self.clip, tokens, self.batch_size)
+            truncated = count_truncated(self.clip, task.prompts, tokens)
+        seconds["encode_clip"] = time.perf_counter() - started
+        started = time.perf_counter()
+        if shard.minilm_ids is None:
+            minilm = minilm_embeddings(self.text_model, task.prompts, self.batch_size)
+        else:
+            minilm = minilm_embed_ids(self.text_model, shard.minilm_ids, minilm_batch_order(task.prompts),
+                                      self.batch_size)
+        seconds["encode_minilm"] = time.perf_counter() - started
+        started = time.perf_counter()
+        record = save_shard(root, task, vectors, minilm, truncated)
+        seconds["write_shards"] = time.perf_counter() - started
+        release_free_memory()
+        return record, seconds
+
+    def _precomputed_vectors(self, shard: TokenizedShard):
+        """The task's given CLIP vectors, the first prompts checked against the model's own."""
+        vectors = self.precomputed.take(shard.task.source_rows)
+        sample = shard.task.prompts[:AGREEMENT_SAMPLE]
+        check_agreement(vectors[:len(sample)], clip_text_embeddings(self.clip, sample).vectors, self.clip.name)
+        return vectors
