@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="precomputed CLIP text vectors (.npy files or a folder of them, sorted by name), "
                             "row-aligned with CORPUS (clip-retrieval/autofaiss layout); --clip-model names the model "
                             "that made them, checked on the first prompts")
+    group.add_argument("--engine", default="local", choices=["local", "ray"],
+                       help="who runs the shard tasks: local (default) or ray (a Ray cluster; pip install "
+                            "'img2prompt[ray]'; --out must be a folder every node sees)")
+    group.add_argument("--ray-address", default=None,
+                       help="with --engine ray: auto (a running cluster) or ADDRESS; default: start a local one")
+    group.add_argument("--gpus-per-worker", type=float, default=0,
+                       help="with --engine ray: GPUs per encoding actor (default 0: CPU actors)")
     group.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     group.add_argument("--overwrite", action="store_true", help="replace a complete index in --out")
     group.add_argument("--json", action="store_true", help="print the build summary as JSON")
@@ -205,7 +212,8 @@ def cmd_build(args) -> None:
         text_model=args.text_model, column=args.column, batch_size=args.batch_size, device=args.device,
         shard_size=args.shard_size, index=args.index, max_memory=args.max_memory, resume=args.resume,
         overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers,
-        embeddings=args.embeddings)
+        embeddings=args.embeddings, engine=args.engine,
+        engine_options={"address": args.ray_address, "gpus_per_worker": args.gpus_per_worker})
     manifest = result.manifest
     summary = {"index": args.out, "count": manifest["count"], "corpus": result.report,
                "search": {"kind": manifest["search"]["kind"], "recall_at_10": manifest["search"]["recall_at_10"]},
