@@ -203,11 +203,16 @@ class IndexWriter:
         self.final = Path(root)
         if self.final.exists() and not self.final.is_dir():
             raise UserError(f"--out {self.final} is a file, not a folder")
-        existing = read_manifest(self.final) if self.final.is_dir() else None
-        if existing is None and self.final.exists() and any(p.name != LOCK for p in self.final.iterdir()):
+        had_lock_file = (self.final / LOCK).exists()
+        # Lock first, then look: a second build racing this one must see the lock, not our half-made files.
+        self._lock = _lock_folder(self.final)
+        existing = read_manifest(self.final)
+        if existing is None and any(p.name != LOCK for p in self.final.iterdir()):
+            self.close()
+            if not had_lock_file:
+                (self.final / LOCK).unlink(missing_ok=True)  # leave the user's folder as it was
             raise UserError(f"{self.final} exists, is not empty and is not an index: choose another --out"
                             + (" (--overwrite only replaces an index, never other files)" if overwrite else ""))
-        self._lock = _lock_folder(self.final)
         state = existing.get("state") if existing else None
         if state == STATE_COMPLETE:
             # Rebuild beside the complete index and swap at the very end: a failed or interrupted rebuild

@@ -172,6 +172,7 @@ def test_overwrite_never_deletes_what_is_not_an_index(tmp_path):
     with pytest.raises(UserError, match="is not an index: choose another --out .*only replaces an index"):
         IndexWriter(folder, {"models": "x"}, overwrite=True)
     assert (folder / "shards" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == ["shards"]  # not even a lock file left behind
 
 
 def test_a_second_build_into_the_same_folder_is_refused(tmp_path):

@@ -1,0 +1,139 @@
+"""The page in a real browser: headless Chromium (selenium) against a real uvicorn on a free loopback port.
+
+Uploads a Kaggle sample image, waits for the ranked prompts and checks them against `img2prompt search --json`
+for the same image; then the keyboard-only path (text search, copy a prompt) and the phone width.
+Skips (with the reason) when no Chromium + chromedriver is installed or ../shared is absent. Debian:
+`apt-get install -y chromium chromium-driver`.
+
+The screenshot goes to the test's temporary folder; set IMG2PROMPT_SCREENSHOT=docs/serve-screenshot.png to
+refresh the one in the docs (a test run does not rewrite tracked files by default).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import KAGGLE_SAMPLE, REPO, run_cli
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+
+K = 5
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _find_chromium() -> tuple[str, str]:
+    browser = next((found for name in BROWSERS if (found := shutil.which(name))), None)
+    driver = shutil.which("chromedriver") or next(
+        (path for path in ("/usr/lib/chromium/chromedriver", "/usr/bin/chromedriver") if os.path.exists(path)), None)
+    if not browser or not driver:
+        pytest.skip("no Chromium and chromedriver found (Debian: apt-get install -y chromium chromium-driver)")
+    return browser, driver
+
+
+@pytest.fixture(scope="module")
+def sample_image() -> Path:
+    found = sorted((KAGGLE_SAMPLE / "images").glob("*.png"))
+    if not found:
+        pytest.skip(f"no Kaggle sample images in {KAGGLE_SAMPLE / 'images'} (../shared is absent)")
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = _find_chromium()
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager try to download a driver
+    options = Options()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1100,820", "--force-device-scale-factor=1", "--lang=en-US"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server_url(built_index):
+    import img2prompt
+    from img2prompt.serve import background_server, create_app
+
+    with img2prompt.open_index(built_index, device="cpu") as index:
+        with background_server(create_app(index)) as url:
+            yield url
+
+
+def _hits(driver) -> list[dict]:
+    from selenium.webdriver.common.by import By
+
+    return [{"rank": int(item.get_attribute("data-rank")), "id": int(item.get_attribute("data-id")),
+             "score": float(item.get_attribute("data-score")),
+             "prompt": item.find_element(By.CSS_SELECTOR, ".prompt").text}
+            for item in driver.find_elements(By.CSS_SELECTOR, "#results li.hit")]
+
+
+def _screenshot(driver, tmp_path: Path) -> Path:
+    """A small PNG (palette-quantised: a page of flat colours loses nothing visible)."""
+    from PIL import Image
+
+    target = Path(os.environ.get("IMG2PROMPT_SCREENSHOT") or tmp_path / "serve-screenshot.png")
+    target = target if target.is_absolute() else REPO / target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)
+    return target
+
+
+def test_page_upload_matches_search_json(browser, server_url, built_index, sample_image, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    cli = run_cli("search", built_index, "--image", sample_image, "--k", K, "--json", "--device", "cpu")
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads(cli.stdout)[0]["results"]
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(server_url + "/")
+    wait.until(lambda d: "prompts" in d.find_element(By.ID, "info").text)
+    k_field = browser.find_element(By.ID, "k")
+    k_field.clear()
+    k_field.send_keys(str(K))
+    browser.find_element(By.ID, "file").send_keys(str(sample_image.resolve()))
+    wait.until(lambda d: "best first" in d.find_element(By.ID, "status").text)
+
+    hits = _hits(browser)
+    assert [(h["rank"], h["id"], h["prompt"]) for h in hits] == [(r["rank"], r["id"], r["prompt"]) for r in expected]
+    assert [h["score"] for h in hits] == pytest.approx([r["score"] for r in expected], abs=1e-6)
+    preview = browser.find_element(By.ID, "preview")
+    assert preview.is_displayed() and sample_image.name in preview.get_attribute("alt")
+    browser.execute_script("document.activeElement.blur()")  # no focus ring on the k field in the picture
+    shot = _screenshot(browser, tmp_path)
+    assert shot.stat().st_size < 400_000
+
+    # keyboard only: type a text, Enter; tab to the first Copy button, Enter
+    text = browser.find_element(By.ID, "text")
+    text.send_keys("a lighthouse in a storm, oil painting", Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.ID, "query-label").text.endswith("oil painting")
+               and "best first" in d.find_element(By.ID, "status").text)
+    for _ in range(12):
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        if browser.switch_to.active_element.get_attribute("aria-label") == "Copy prompt 1":
+            break
+    else:
+        pytest.fail("the first Copy button cannot be reached with Tab")
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "Prompt copied.")
+
+    # phone width: nothing wider than the screen
+    browser.set_window_size(390, 844)
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
