@@ -5,6 +5,7 @@ and refuses decompression bombs before decoding them (Pillow checks the header s
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -84,16 +85,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode one image as RGB, EXIF orientation applied; raises ImageDecodeError with the reason."""
-    path = Path(path)
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Decode one image (a file path, or the bytes of an upload) as RGB, EXIF orientation applied;
+    raises ImageDecodeError with the reason."""
+    in_memory = isinstance(source, (bytes, bytearray))
+    opened = io.BytesIO(source) if in_memory else Path(source)
     try:
-        if path.stat().st_size == 0:
+        if (len(source) if in_memory else opened.stat().st_size) == 0:
             raise ImageDecodeError("empty file (0 bytes)")
         with warnings.catch_warnings():
             # Pillow's own warnings (decompression-bomb size, odd EXIF data) are handled here, not printed raw.
             warnings.simplefilter("ignore")
-            with Image.open(path) as image:
+            with Image.open(opened) as image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:
                     raise ImageDecodeError(f"too large ({width}×{height} pixels, limit {MAX_PIXELS:,})")
