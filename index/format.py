@@ -362,6 +362,7 @@ class IndexWriter:
         shutil.rmtree(self.root / SHARDS, ignore_errors=True)
         if self.root != self.final:
             self._swap_into_place()
+        (self.final / LOCK).unlink(missing_ok=True)  # a finished index carries no lock file (we still hold it)
         self.manifest = manifest
         return manifest
 

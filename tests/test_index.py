@@ -26,7 +26,7 @@ def test_build_counts_and_manifest(built_index, clip, text_model):
     assert set(manifest["files"]) == {"prompts.parquet", "minilm.f16", "clip.f16", "minilm_mean.npy"}
     assert not (built_index / "clip.faiss").exists()
     assert manifest["build"]["precision"] == "fp32" and manifest["build"]["batch_size"] == 32
-    assert not (built_index / "shards").exists()
+    assert not (built_index / "shards").exists() and not (built_index / ".lock").exists()
 
 
 def test_stored_vectors_are_the_encoders_outputs(built_index, clip, text_model):
