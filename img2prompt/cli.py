@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.add_argument("--exclude-exact", action="store_true",
                           help="drop corpus prompts identical to the true prompt before ranking (leakage guard)")
+    from img2prompt.cli_score import parse_named_path
+
+    evaluate.add_argument("--captions", action="append", type=parse_named_path, metavar="NAME=CSV",
+                          help="score a captioner's imgId,prompt texts beside retrieval on the same images, with "
+                               "the paired difference and its CI (repeatable)")
     _add_image_flags(evaluate)
     _add_blend_flags(evaluate)
     _add_model_flags(evaluate, for_build=False)
@@ -187,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     from img2prompt.cli_kit import add_parser as add_kaggle_kit_parser
 
     _add_verbosity_flags(add_kaggle_kit_parser(commands), default=argparse.SUPPRESS)
+
+    from img2prompt.cli_score import add_parser as add_score_parser
+
+    _add_verbosity_flags(add_score_parser(commands), default=argparse.SUPPRESS)
     return parser
 
 
@@ -273,8 +282,15 @@ def cmd_eval(args) -> None:
     with _open(args) as index:
         report = run_eval(index.session, EvalOptions(
             labels=args.labels, images=args.images, sweep=args.sweep, plot=args.plot, out=args.out,
-            exclude_exact=args.exclude_exact, text_model=args.text_model, **_retrieval_settings(args)))
+            exclude_exact=args.exclude_exact, text_model=args.text_model, captions=args.captions,
+            **_retrieval_settings(args)))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+
+
+def cmd_score(args) -> None:
+    from img2prompt.cli_score import run
+
+    run(args)
 
 
 def cmd_kaggle_kit(args) -> None:
@@ -284,7 +300,7 @@ def cmd_kaggle_kit(args) -> None:
 
 
 COMMANDS = {"build": cmd_build, "submit": cmd_submit, "search": cmd_search, "eval": cmd_eval,
-            "kaggle-kit": cmd_kaggle_kit}
+            "kaggle-kit": cmd_kaggle_kit, "score": cmd_score}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

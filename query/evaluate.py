@@ -31,6 +31,8 @@ from img2prompt.query.blend import check_blend_args, corpus_mean_prediction
 from img2prompt.query.embed_images import check_image_loading_args
 from img2prompt.query.images import list_images
 from img2prompt.query.predict import RetrievalSettings, Retrieved, blend_neighbours, retrieve_images
+from img2prompt.query.score import (BOOTSTRAP_MIN_N, align, caption_vectors, cosine_rows,
+                                    read_prompt_table, summarise)
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import QuerySession
 
@@ -38,8 +40,6 @@ SWEEP_K = (1, 2, 3, 5, 10, 20, 30, 50, 100)
 SWEEP_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
 SWEEP_ALPHA = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # alpha = 1 is the corpus-mean prediction
 DEFAULT_SHRINK = 0.2  # alpha of the knn_shrunk baseline when --alpha is 0
-BOOTSTRAP_MIN_N = 30
-BOOTSTRAP_SAMPLES = 1000
 CV_FOLDS = 5
 CV_SEED = 0
 RELIABLE_N = 50  # fewer labelled images than this: the sweep's choice is mostly noise
@@ -58,13 +58,50 @@ class EvalOptions(RetrievalSettings):
     sweep_k: tuple = SWEEP_K
     sweep_temperature: tuple = SWEEP_TEMPERATURE
     sweep_alpha: tuple = SWEEP_ALPHA
+    captions: dict[str, str] | list[tuple[str, str]] | None = None  # NAME -> imgId,prompt CSV of a captioner
 
 
-def cosine_rows(predictions: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    predictions = np.asarray(predictions, dtype=np.float64)
-    truth = np.asarray(truth, dtype=np.float64)
-    dot = (predictions * truth).sum(axis=1)
-    return dot / np.maximum(np.linalg.norm(predictions, axis=1) * np.linalg.norm(truth, axis=1), 1e-12)
+def caption_sets(captions: dict[str, str] | list[tuple[str, str]] | None) -> dict[str, str]:
+    """NAME -> path, refusing a name given twice (each set is one row of the report)."""
+    pairs = list(captions.items()) if isinstance(captions, dict) else list(captions or [])
+    sets: dict[str, str] = {}
+    for name, path in pairs:
+        if not name:
+            raise UserError(f"--captions {path}: give it a name, as NAME=captions.csv")
+        if name in sets:
+            raise UserError(f"--captions: the name {name!r} is given twice")
+        sets[name] = str(path)
+    return sets
+
+
+def compare_captions(label_ids: list[str], truth: np.ndarray, retrieval: np.ndarray, captions: pd.DataFrame,
+                     vectors: np.ndarray, source: str) -> dict:
+    """A caption set scored beside retrieval on the images both cover, with the paired per-image
+    difference (retrieval − captions): pairing removes the images' own difficulty from the comparison,
+    so its interval is much tighter than the two scores' intervals suggest."""
+    label_rows, caption_rows, missing, extra = align(label_ids, captions["imgId"].tolist())
+    if not label_rows:
+        raise UserError(f"{source}: none of its {len(captions)} image ids is in the labels")
+    cosines = cosine_rows(vectors[caption_rows], truth[label_rows])
+    difference = retrieval[label_rows] - cosines
+    paired = summarise(difference)
+    return {"path": source, "n": len(label_rows), **summarise(cosines),
+            "retrieval_score": float(retrieval[label_rows].mean()),
+            "difference": {"mean": paired["score"], "median": paired["median"],
+                           **({"ci95": paired["ci95"]} if "ci95" in paired else {})},
+            "missing": missing, "extra": extra,
+            "per_image": {label_ids[row]: float(cosine) for row, cosine in zip(label_rows, cosines)}}
+
+
+def caption_warnings(name: str, entry: dict) -> list[str]:
+    warnings = []
+    if entry["missing"]:
+        warnings.append(f"captions {name}: {len(entry['missing'])} labelled image(s) have no caption and are left "
+                        f"out of its comparison: {', '.join(entry['missing'][:5])}")
+    if entry["extra"]:
+        warnings.append(f"captions {name}: {len(entry['extra'])} captioned image(s) are not labelled (ignored): "
+                        f"{', '.join(entry['extra'][:5])}")
+    return warnings
 
 
 def competition_score(predictions: np.ndarray, truth: np.ndarray) -> float:
@@ -72,33 +109,8 @@ def competition_score(predictions: np.ndarray, truth: np.ndarray) -> float:
     return float(cosine_rows(predictions, truth).mean())
 
 
-def summarise(cosines: np.ndarray, seed: int = 0) -> dict:
-    summary = {"score": float(cosines.mean()), "median": float(np.median(cosines))}
-    if len(cosines) >= BOOTSTRAP_MIN_N:
-        rng = np.random.default_rng(seed)
-        means = cosines[rng.integers(0, len(cosines), size=(BOOTSTRAP_SAMPLES, len(cosines)))].mean(axis=1)
-        summary["ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-    return summary
-
-
 def read_labels(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"labels file not found: {path}")
-    try:
-        frame = (pd.read_parquet(path) if path.suffix.lower() == ".parquet"
-                 else pd.read_csv(path, dtype=str, keep_default_na=False, sep=None, engine="python"))
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read labels ({str(exc).splitlines()[0][:200]})") from exc
-    missing = [column for column in ("imgId", "prompt") if column not in frame.columns]
-    if missing:
-        raise UserError(f"{path}: no column {', '.join(missing)}; its columns are {', '.join(map(str, frame.columns))}")
-    frame = frame[["imgId", "prompt"]].astype(str)
-    if frame["imgId"].duplicated().any():
-        raise UserError(f"{path}: imgId {frame['imgId'][frame['imgId'].duplicated()].iloc[0]!r} appears twice")
-    if len(frame) == 0:
-        raise UserError(f"{path}: no labelled rows")
-    return frame.reset_index(drop=True)
+    return read_prompt_table(path, "labels")
 
 
 def exact_matches(session: QuerySession, true_prompts: list[str]) -> list[set[int]]:
@@ -219,9 +231,13 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     check_blend_args(options.k, options.temperature, options.alpha)
     if options.plot and not options.sweep:
         raise UserError("--plot draws the sweep: add --sweep")
-    check_output_paths({"--out": options.out, "--plot": options.plot}, {"--labels": options.labels})
+    sets = caption_sets(options.captions)
+    check_output_paths({"--out": options.out, "--plot": options.plot},
+                       {"--labels": options.labels, **{f"--captions {name}": path for name, path in sets.items()}})
     check_image_loading_args(options.batch_size, options.workers)
     labels = read_labels(options.labels)
+    # read every caption file before the models and the search: a malformed one fails at once
+    captions = {name: read_prompt_table(path, f"captions {name}") for name, path in sets.items()}
     index = session.index
     session.retriever.check_k(options.k)
     text_model = load_text_model(options.text_model or index.text_identity["name"], session.clip.device)
@@ -275,6 +291,13 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     if index.search_plan["kind"] != "flat":
         report["query_recall_at_10"] = recall_on_queries(session, retrieved)
     report["warnings"] = []
+    if captions:
+        report["captions"] = {}
+        for name, frame in captions.items():
+            entry = compare_captions(labels["imgId"].tolist(), truth, product, frame,
+                                     caption_vectors(text_model, frame), sets[name])
+            report["captions"][name] = entry
+            report["warnings"] += caption_warnings(name, entry)
     if options.sweep:
         grid = sweep_grid(options, kmax)
         cosines = np.stack([score_of(*setting) for setting in grid])  # [settings, images], one search
@@ -306,16 +329,18 @@ def plot_sweep(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure = draw_sweep(report["sweep"], report["recommended"], report["baselines"],
-                        (report["cross_validation"] or {}).get("score"))
+                        (report["cross_validation"] or {}).get("score"),
+                        {name: entry["score"] for name, entry in report.get("captions", {}).items()})
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=110, format="png")
     plt.close(figure)
 
 
-def draw_sweep(rows: list[dict], recommended: dict, baselines: dict, cv_score: float | None):
-    """In-sample score vs k per temperature at the recommended alpha, the baselines as horizontal lines,
-    and the recommended setting marked: a curve under a baseline line is visibly not worth choosing."""
+def draw_sweep(rows: list[dict], recommended: dict, baselines: dict, cv_score: float | None,
+               captions: dict[str, float] | None = None):
+    """In-sample score vs k per temperature at the recommended alpha, the baselines and caption sets as
+    horizontal lines, and the recommended setting marked: a curve under a line is visibly not worth choosing."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,6 +355,9 @@ def draw_sweep(rows: list[dict], recommended: dict, baselines: dict, cv_score: f
     styles = ("--", ":", "-.", (0, (5, 1)))
     for (name, value), style in zip(baselines.items(), itertools.cycle(styles)):
         axes.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{name} {value:.4f}")
+    colours = itertools.cycle(("tab:green", "tab:purple", "tab:brown"))
+    for (name, value), colour in zip((captions or {}).items(), colours):
+        axes.axhline(value, color=colour, linestyle="-", linewidth=1.2, label=f"captions {name} {value:.4f}")
     if cv_score is not None:  # what the choice scores out of sample, against the baseline lines
         axes.axhline(cv_score, color="red", linestyle=":", linewidth=1.2,
                      label=f"cross-validated choice {cv_score:.4f}")
@@ -357,6 +385,8 @@ def format_report(report: dict) -> str:
                 if report["settings"]["exclude_exact"] else "")]
     if report["failed"]:
         lines.append(f"failed images (corpus-mean prediction): {len(report['failed'])}")
+    if report.get("captions"):
+        lines += [""] + format_captions(report["captions"])
     if report.get("query_recall_at_10") is not None:
         lines.append(f"index recall@10 on these queries: {report['query_recall_at_10']:.3f}")
     if "sweep" in report:
@@ -364,6 +394,19 @@ def format_report(report: dict) -> str:
     if report.get("warnings"):
         lines += ["", "warnings:"] + [f"  ! {warning}" for warning in report["warnings"]]
     return "\n".join(lines)
+
+
+def format_captions(captions: dict) -> list[str]:
+    """One row per caption set: its score, retrieval's on the same images, and the paired difference."""
+    lines = ["caption sets vs retrieval on the same images (diff = retrieval − captions, paired per image):",
+             f"  {'name':<16} {'n':>5} {'captions':>9} {'retrieval':>9} {'diff':>8}  95% CI of diff"]
+    for name, entry in captions.items():
+        difference = entry["difference"]
+        ci = (f"[{difference['ci95'][0]:+.4f}, {difference['ci95'][1]:+.4f}]" if "ci95" in difference
+              else f"(n < {BOOTSTRAP_MIN_N}: none)")
+        lines.append(f"  {name:<16} {entry['n']:>5} {entry['score']:>9.4f} {entry['retrieval_score']:>9.4f} "
+                     f"{difference['mean']:>+8.4f}  {ci}")
+    return lines
 
 
 def format_sweep(report: dict) -> list[str]:

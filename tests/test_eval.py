@@ -316,3 +316,71 @@ def test_plot_draws_baselines_and_marks_the_recommended_setting():
         np.testing.assert_allclose(lines["T=0.05"].get_ydata(), [1.15, 1.35])  # curves at the recommended alpha
     finally:
         plt.close(figure)
+
+
+# -- caption sets scored beside retrieval ------------------------------------------------------------------
+
+def test_caption_sets_beside_retrieval_with_the_paired_difference(built_index, text_model, heldout_truth, tmp_path):
+    """alpha = 1 makes retrieval the corpus mean, so every per-image number can be computed by hand."""
+    from img2prompt.query.evaluate import format_report
+
+    heldout = pd.read_csv(DATA / "heldout.csv", dtype=str)
+    exact, rotated = tmp_path / "exact.csv", tmp_path / "rotated.csv"
+    heldout.to_csv(exact, index=False)
+    # each image captioned with the next image's prompt; the last 10 uncaptioned, one stranger added
+    shifted = heldout.assign(prompt=np.roll(heldout["prompt"].to_numpy(), -1))[:90]
+    pd.concat([shifted, pd.DataFrame({"imgId": ["stranger"], "prompt": ["a dog"]})]).to_csv(rotated, index=False)
+    report = evaluate(built_index, DATA / "heldout.csv", k=20, alpha=1.0, captions={"exact": str(exact),
+                                                                                    "next": str(rotated)})
+    retrieval = heldout_truth @ unit(open_index(built_index).minilm_mean)[0]
+    assert report["score"] == pytest.approx(float(retrieval.mean()), abs=1e-6)
+
+    same = report["captions"]["exact"]
+    assert same["n"] == 100 and same["score"] == pytest.approx(1.0, abs=1e-6) and same["missing"] == []
+    assert same["retrieval_score"] == pytest.approx(report["score"], abs=1e-12)
+    assert same["difference"]["mean"] == pytest.approx(float(retrieval.mean()) - 1.0, abs=1e-6)
+    difference = retrieval - 1.0
+    means = difference[np.random.default_rng(0).integers(0, 100, size=(1000, 100))].mean(axis=1)
+    np.testing.assert_allclose(same["difference"]["ci95"], np.percentile(means, [2.5, 97.5]), atol=1e-6)
+
+    other = report["captions"]["next"]
+    captioned = (heldout_truth * np.roll(heldout_truth, -1, axis=0)).sum(axis=1)[:90]
+    assert other["n"] == 90 and other["missing"] == heldout["imgId"].tolist()[90:] and other["extra"] == ["stranger"]
+    assert other["score"] == pytest.approx(float(captioned.mean()), abs=1e-5)
+    assert other["retrieval_score"] == pytest.approx(float(retrieval[:90].mean()), abs=1e-6)  # the same 90 images
+    assert other["difference"]["mean"] == pytest.approx(float((retrieval[:90] - captioned).mean()), abs=1e-5)
+    assert other["difference"]["median"] == pytest.approx(float(np.median(retrieval[:90] - captioned)), abs=1e-5)
+    assert sum(w.startswith("captions next: 10 labelled image(s) have no caption") for w in report["warnings"]) == 1
+    assert sum(w.startswith("captions next: 1 captioned image(s) are not labelled") for w in report["warnings"]) == 1
+
+    text = format_report(report)
+    assert "caption sets vs retrieval on the same images" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("exact"))
+    assert row.split()[:5] == ["exact", "100", "1.0000", f"{retrieval.mean():.4f}", f"{retrieval.mean() - 1:+.4f}"]
+
+
+def test_caption_set_errors(built_index, labels, tmp_path):
+    with pytest.raises(UserError, match="--captions: the name 'a' is given twice"):
+        evaluate(built_index, labels, captions=[("a", str(labels)), ("a", str(labels))])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("imgId,caption\nq0,x\n")
+    with pytest.raises(UserError, match=r"bad\.csv: no column prompt; its columns are imgId, caption"):
+        evaluate(built_index, labels, captions={"blip": str(bad)})
+    with pytest.raises(UserError, match="captions blip file not found"):
+        evaluate(built_index, labels, captions={"blip": str(tmp_path / "none.csv")})
+
+
+def test_plot_draws_caption_sets_as_lines():
+    import matplotlib.pyplot as plt
+
+    from img2prompt.query.evaluate import draw_sweep
+
+    rows = [{"k": k, "temperature": 0.05, "alpha": 0.0, "score": 0.1 * k} for k in (1, 3)]
+    figure = draw_sweep(rows, {"k": 1, "temperature": 0.05, "alpha": 0.0}, {"knn": 0.5}, None,
+                        {"blip": 0.61, "coca": 0.47})
+    try:
+        lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+        assert list(lines["captions blip 0.6100"].get_ydata()) == [0.61, 0.61]
+        assert list(lines["captions coca 0.4700"].get_ydata()) == [0.47, 0.47]
+    finally:
+        plt.close(figure)

