@@ -11,6 +11,7 @@ is scored with the setting that wins on the other folds.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import time
 from dataclasses import dataclass
@@ -231,6 +232,8 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     check_blend_args(options.k, options.temperature, options.alpha)
     if options.plot and not options.sweep:
         raise UserError("--plot draws the sweep: add --sweep")
+    if options.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib, which is not installed: pip install 'img2prompt[eval]'")
     sets = caption_sets(options.captions)
     check_output_paths({"--out": options.out, "--plot": options.plot},
                        {"--labels": options.labels, **{f"--captions {name}": path for name, path in sets.items()}})

@@ -384,3 +384,12 @@ def test_plot_draws_caption_sets_as_lines():
         assert list(lines["captions coca 0.4700"].get_ydata()) == [0.47, 0.47]
     finally:
         plt.close(figure)
+
+
+def test_plot_without_matplotlib_names_the_extra(built_index, labels, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(UserError, match=r"--plot needs matplotlib.*pip install 'img2prompt\[eval\]'"):
+        evaluate(built_index, labels, sweep=True, plot=str(tmp_path / "p.png"))
