@@ -50,7 +50,7 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # torch.cuda.is_available() without a CUDA context
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import REPO, corpora_folder, synthetic_prompts, synchronize  # noqa: E402
+from common import corpora_folder, synthetic_prompts, synchronize  # noqa: E402
 
 SECTIONS = ("tokenize", "tower", "minilm", "build", "search", "submit")
 MINILM_CONFIG = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,

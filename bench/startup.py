@@ -85,7 +85,7 @@ def main() -> None:
                 times["search"].append((first, exit_s))
     print(f"{' '.join(script)}; device {args.device}, {len(os.sched_getaffinity(0))} usable cores, load average {os.getloadavg()[0]:.1f}, "
           f"{args.repeats} alternating runs (medians; search: runs 2.. with a warm identity cache)")
-    print(f"| command | first result s | exit s |\n|---|---|---|")
+    print("| command | first result s | exit s |\n|---|---|---|")
     median = lambda pairs, i: statistics.median(pair[i] for pair in pairs)  # noqa: E731
     print(f"| python -c \"import torch, open_clip\" | - | {median(times['imports'], 1):.2f} |")
     print(f"| img2prompt search INDEX --text … (cold identity cache, run 1) | {cold[0]:.2f} | {cold[1]:.2f} |")

@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity_flags(add_kaggle_kit_parser(commands), default=argparse.SUPPRESS)
 
     from img2prompt.cli_score import add_parser as add_score_parser
+    from img2prompt.cli_serve import add_parser as add_serve_parser
 
     _add_verbosity_flags(add_score_parser(commands), default=argparse.SUPPRESS)
+    _add_verbosity_flags(add_serve_parser(commands), default=argparse.SUPPRESS)
     return parser
 
 
@@ -287,6 +289,12 @@ def cmd_eval(args) -> None:
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 
+def cmd_serve(args) -> None:
+    from img2prompt.cli_serve import run
+
+    run(args)
+
+
 def cmd_score(args) -> None:
     from img2prompt.cli_score import run
 
@@ -300,7 +308,7 @@ def cmd_kaggle_kit(args) -> None:
 
 
 COMMANDS = {"build": cmd_build, "submit": cmd_submit, "search": cmd_search, "eval": cmd_eval,
-            "kaggle-kit": cmd_kaggle_kit, "score": cmd_score}
+            "kaggle-kit": cmd_kaggle_kit, "score": cmd_score, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("sentence_transformers", "transformers", "huggingface_hub", "root", "httpx", "filelock"):
+    # (not "root": logging.getLogger("root") is the root logger, and quietening it hid every INFO line)
+    for noisy in ("sentence_transformers", "transformers", "huggingface_hub", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

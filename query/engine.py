@@ -13,7 +13,6 @@ import numpy as np
 
 from img2prompt.api import ImageInput, SearchResult
 from img2prompt.build_index.embed import clip_text_embeddings
-from img2prompt.errors import UserError
 from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE, check_blend_args
 from img2prompt.query.embed_images import embed_images, image_label
 from img2prompt.query.predict import blend_neighbours
@@ -63,13 +62,23 @@ class Img2PromptIndex:
 
         An image that cannot be decoded gets the corpus-mean prediction and a logged warning.
         """
+        return self.predict_with_neighbours(images, k=k, temperature=temperature, alpha=alpha,
+                                            batch_size=batch_size, workers=workers, progress=progress)[0]
+
+    def predict_with_neighbours(self, images: Sequence[ImageInput], *, k: int = DEFAULT_K,
+                                temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
+                                batch_size: int | None = None, workers: int | None = None,
+                                progress: bool = False) -> tuple[np.ndarray, list[SearchResult]]:
+        """`predict` plus, per image, the neighbours blended into it (from the same single encoding)."""
         check_blend_args(k, temperature, alpha)
         self.session.retriever.check_k(k)
         embedded = embed_images(self.session.clip, list(images), batch_size, workers, progress=progress)
         neighbours = self._neighbours_for(embedded, len(images), k)
         for position, reason in embedded.failed.items():
             log.warning("%s: %s; it gets the corpus-mean prediction", image_label(images[position], position), reason)
-        return blend_neighbours(self.session.index, neighbours, k=k, temperature=temperature, alpha=alpha)
+        predictions = blend_neighbours(self.session.index, neighbours, k=k, temperature=temperature, alpha=alpha)
+        return predictions, self._results([image_label(image, i) for i, image in enumerate(images)], neighbours,
+                                          embedded.failed)
 
     def search_images(self, images: Sequence[ImageInput], k: int = 10, *, batch_size: int = 16,
                       workers: int | None = 0) -> list[SearchResult]:
@@ -77,11 +86,7 @@ class Img2PromptIndex:
         self.session.retriever.check_k(k)
         embedded = embed_images(self.session.clip, list(images), batch_size, workers)
         neighbours = self._neighbours_for(embedded, len(images), k)
-        results = self._results([image_label(image, i) for i, image in enumerate(images)], neighbours)
-        for position, reason in embedded.failed.items():
-            results[position] = SearchResult(results[position].query, np.zeros(0, np.int64),
-                                             np.zeros(0, np.float32), [], error=reason)
-        return results
+        return self._results([image_label(image, i) for i, image in enumerate(images)], neighbours, embedded.failed)
 
     def search_texts(self, texts: Sequence[str], k: int = 10) -> list[SearchResult]:
         """Ranked prompts per query text (CLIP text → CLIP text), in input order."""
@@ -111,10 +116,15 @@ class Img2PromptIndex:
         neighbours.scores[embedded.ok], neighbours.ids[embedded.ok] = found.scores, found.ids
         return neighbours
 
-    def _results(self, queries: list[str], neighbours: Neighbours) -> list[SearchResult]:
+    def _results(self, queries: list[str], neighbours: Neighbours,
+                 failed: dict[int, str] | None = None) -> list[SearchResult]:
+        """One SearchResult per query; a failed one (position → reason) has no results and its error."""
         flat = self.prompts(neighbours.ids.ravel())
         k = neighbours.ids.shape[1]
-        return [SearchResult(query, neighbours.ids[row], neighbours.scores[row], flat[row * k:(row + 1) * k])
+        failed = failed or {}
+        return [SearchResult(query, np.zeros(0, np.int64), np.zeros(0, np.float32), [], error=failed[row])
+                if row in failed else
+                SearchResult(query, neighbours.ids[row], neighbours.scores[row], flat[row * k:(row + 1) * k])
                 for row, query in enumerate(queries)]
 
     def close(self) -> None:

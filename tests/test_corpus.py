@@ -156,3 +156,18 @@ def test_blank_csv_and_damaged_parquet(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"bad\.parquet: (parquet data is damaged|not a readable parquet file)"):
         read([tmp_path / "bad.parquet"])
+
+
+def test_progress_in_a_log_is_sparse(monkeypatch):
+    """Outside a terminal the bar writes a plain line at most every 30 s, not a redraw per update."""
+    import io
+
+    from img2prompt import progress
+
+    stream = io.StringIO()
+    monkeypatch.setattr(progress.sys, "stderr", stream)
+    with progress.progress_bar(total=1000, desc="encode") as bar:
+        for _ in range(100):
+            bar.update(10)
+    assert bar.mininterval == progress.LOG_INTERVAL_S == 30.0
+    assert stream.getvalue().count("encode") <= 3  # start, (at most one timed update), end

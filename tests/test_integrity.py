@@ -221,3 +221,25 @@ def test_damaged_files_without_verify_are_one_line(built_index, tmp_path):
     (root / "minilm_mean.npy").write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"minilm_mean\.npy: not readable"):
         open_index(root).minilm_mean
+
+
+def test_resume_refuses_another_precision_and_cleans_stray_temp_files(tmp_path):
+    """A shard encoded in fp16 on a GPU never joins shards encoded in fp32 (or the reverse)."""
+    key = {"models": "x", "precision": "fp32", "batch_size": 32}
+    writer = IndexWriter(tmp_path / "idx", key)
+    commit(writer, 0, ["a", "b"])
+    writer.close()
+    stray = tmp_path / "idx" / ".manifest.json.4242.deadbeef.tmp"  # a write killed before its rename
+    stray.write_text("{")
+    with pytest.raises(UserError, match=r"cannot resume, the build settings differ .*\(precision\)"):
+        IndexWriter(tmp_path / "idx", {**key, "precision": "fp16-autocast"}, resume=True)
+    resumed = IndexWriter(tmp_path / "idx", key, resume=True)
+    assert resumed.rows_committed() == 2 and not stray.exists()
+
+
+def test_leftover_shards_beside_a_complete_index_are_explained(built_index, tmp_path, caplog):
+    root = copy_index(built_index, tmp_path)
+    (root / "shards").mkdir()
+    with caplog.at_level("WARNING"):
+        open_index(root)
+    assert "shards/ is left over from a build killed while cleaning up" in caplog.text

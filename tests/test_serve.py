@@ -104,7 +104,8 @@ def test_search_several_images_in_order(client, index, images):
 def test_search_text_json(client, index):
     response = client.post("/search", json={"text": "a castle on a hill, matte painting", "k": 3})
     assert response.status_code == 200
-    assert response.json() == [result.to_dict() for result in index.search_texts(["a castle on a hill, matte painting"], 3)]
+    expected = index.search_texts(["a castle on a hill, matte painting"], 3)
+    assert response.json() == [result.to_dict() for result in expected]
     several = client.post("/search", json={"text": ["a red fox", "a blue whale"]}).json()
     assert [entry["query"] for entry in several] == ["a red fox", "a blue whale"]
     assert all(len(entry["results"]) == 10 for entry in several)
@@ -193,7 +194,10 @@ def test_real_server_refuses_a_large_upload_before_its_body(index):
         with socket.create_connection((host, int(port)), timeout=10) as connection:
             connection.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                                b"Content-Length: 1000000000\r\n\r\n")
-            reply = connection.recv(4096).decode()
+            reply = b""
+            while b"}" not in reply and (chunk := connection.recv(4096)):  # headers and body may come apart
+                reply += chunk
+            reply = reply.decode()
     assert reply.startswith("HTTP/1.1 413") and "over the limit" in reply
 
 
@@ -326,3 +330,18 @@ def test_serve_arguments():
     assert parser.parse_args(["serve", "idx", "--max-upload", "5M"]).max_upload == 5 * 2**20
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "idx", "--max-upload", "lots"])
+
+
+def test_missing_serve_extra_is_one_line(monkeypatch):
+    import argparse
+    import sys
+
+    from img2prompt import cli_serve
+    from img2prompt.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="img2prompt")
+    cli_serve.add_parser(parser.add_subparsers(dest="command"))
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "img2prompt.serve")
+    with pytest.raises(UserError, match=r"serve needs fastapi.*img2prompt\[serve\]"):
+        cli_serve.run(parser.parse_args(["serve", "idx"]))

@@ -50,13 +50,14 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     binary, driver_path = _find_chromium()
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager try to download a driver
     options = Options()
     options.binary_location = binary
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                      "--window-size=1100,820", "--force-device-scale-factor=1", "--lang=en-US"):
         options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SE_OFFLINE", "true")  # never let Selenium Manager try to download a driver
+        driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()

@@ -199,3 +199,22 @@ def test_concurrent_writers_each_leave_a_complete_valid_file(tmp_path):
     values = frame["val"].to_numpy().reshape(40, 384)
     assert any(np.allclose(values, version, atol=1e-7) for version in versions)
     assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]  # no temp file left behind
+
+
+def test_header_only_sample_submission_is_named(built_index, sample_images, tmp_path):
+    sample = tmp_path / "sample.csv"
+    sample.write_text("imgId_eId,val\n")
+    with pytest.raises(UserError, match=r"sample.csv: the sample submission has a header but no rows"):
+        submit(built_index, sample_images, tmp_path / "s.csv", sample_submission=str(sample))
+
+
+def test_each_failed_image_is_reported_once(built_index, sample_images, tmp_path, capsys):
+    from img2prompt.cli import main
+
+    folder = shutil.copytree(sample_images, tmp_path / "images")
+    (folder / "broken.png").write_bytes(b"not a png")
+    assert main(["submit", str(built_index), str(folder), "--out", str(tmp_path / "s.csv"), "--device", "cpu",
+                 "-q"]) == 0
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("broken") == 1
+    assert "  broken: not an image Pillow can read" in captured.out

@@ -1,0 +1,137 @@
+"""`build --engine ray` on a local Ray cluster (2 CPUs): the index is byte-identical to `--engine local`, a
+worker killed mid-shard is replaced and its shard retried, a killed driver resumes, a shard that keeps failing
+stops the build with one line. One Ray session serves the module; the subprocess driver joins it by address."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the optional `ray` extra is not installed (pip install 'img2prompt[ray]')")
+
+from img2prompt.build_index.engine_ray import CRASH_ENV  # noqa: E402
+from img2prompt.build_index.runner import BuildOptions, run_build  # noqa: E402
+from img2prompt.errors import UserError  # noqa: E402
+from img2prompt.index.format import (CLIP_VECTORS, MANIFEST, MINILM, MINILM_MEAN, PROMPTS,  # noqa: E402
+                                     open_index)
+
+SHARD_SIZE, BATCH_SIZE = 16, 8  # the 160-prompt corpus → 10 shards
+COMPARED = (CLIP_VECTORS, MINILM, PROMPTS, MINILM_MEAN)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster limited to this machine's 2 cores, for every test here; yields its address."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def options(corpus: Path, out: Path, clip_dir: Path, **extra) -> BuildOptions:
+    return BuildOptions(corpus=[str(corpus)], out=str(out), clip_model=str(clip_dir), shard_size=SHARD_SIZE,
+                        batch_size=BATCH_SIZE, device="cpu", progress=False, **extra)
+
+
+@pytest.fixture(scope="module")
+def local_index(tmp_path_factory, corpus_file, tiny_clip_dir) -> Path:
+    out = tmp_path_factory.mktemp("local") / "idx"
+    run_build(options(corpus_file, out, tiny_clip_dir))
+    return out
+
+
+def assert_identical(ours: Path, reference: Path) -> None:
+    """Same bytes in every index file and the same per-file sha256 in the manifests."""
+    for name in COMPARED:
+        assert (ours / name).read_bytes() == (reference / name).read_bytes(), name
+    mine, theirs = (json.loads((folder / MANIFEST).read_text()) for folder in (ours, reference))
+    assert mine["files"] == theirs["files"]
+    assert mine["count"] == theirs["count"] == 160
+    assert mine["corpus"] == theirs["corpus"]
+    assert mine["build"] == theirs["build"]
+    open_index(ours, verify=True)
+    assert not list(ours.rglob("*.tmp")), "a temp file was left behind"
+
+
+def test_ray_build_is_byte_identical_to_local(ray_cluster, tmp_path, corpus_file, tiny_clip_dir, local_index):
+    out = tmp_path / "ray"
+    result = run_build(options(corpus_file, out, tiny_clip_dir, engine="ray", workers=2,
+                               engine_options={"address": None, "gpus_per_worker": 0}))
+    assert result.manifest["rates"]["encoded_now"] == 160
+    assert "tokenize" in result.timings  # tokenized inside the actors
+    assert_identical(out, local_index)
+
+
+def test_a_worker_killed_mid_shard_is_retried(ray_cluster, tmp_path, corpus_file, tiny_clip_dir, local_index,
+                                              monkeypatch, caplog):
+    """The worker encoding shard 3 dies (os._exit) halfway through writing its MiniLM file, once."""
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ENV, f"3:{marker}")
+    out = tmp_path / "ray"
+    with caplog.at_level(logging.WARNING, logger="img2prompt.build_index.engine_ray"):
+        run_build(options(corpus_file, out, tiny_clip_dir, engine="ray", workers=2))
+    assert marker.is_file(), "the worker never crashed"
+    assert any("shard 3 failed on worker" in record.getMessage() and "try 1 of 3" in record.getMessage()
+               for record in caplog.records), caplog.text
+    assert any("died" in record.getMessage() for record in caplog.records), caplog.text
+    assert_identical(out, local_index)
+
+
+def test_a_shard_that_keeps_failing_stops_the_build(ray_cluster, tmp_path, corpus_file, tiny_clip_dir,
+                                                    monkeypatch):
+    """The hook cannot write its marker (no such folder): shard 2 raises on every try (one worker suffices)."""
+    monkeypatch.setenv(CRASH_ENV, f"2:{tmp_path / 'missing' / 'marker'}")
+    out = tmp_path / "ray"
+    with pytest.raises(UserError, match=r"^shard 2 failed after 3 tries: FileNotFoundError: .*marker") as error:
+        run_build(options(corpus_file, out, tiny_clip_dir, engine="ray", workers=1))
+    assert "\n" not in str(error.value)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["state"] == "building"
+    assert 2 not in [record["number"] for record in manifest["shards"]]
+
+
+def shards_done(out: Path) -> int:
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return len(manifest.get("shards", [])) if manifest.get("state") == "building" else -1
+
+
+def test_a_killed_driver_resumes_to_the_same_index(ray_cluster, tmp_path, corpus_file, tiny_clip_dir,
+                                                   local_index):
+    """SIGKILL `img2prompt build --engine ray` (joined to the running cluster by address, one worker with both
+    CPUs: 2 torch threads) once a shard is committed; `--resume` with the local engine finishes it."""
+    out = tmp_path / "ray"
+    args = [str(Path(sys.executable).parent / "img2prompt"), "-q", "build", str(corpus_file), "--out", str(out),
+            "--clip-model", str(tiny_clip_dir), "--shard-size", str(SHARD_SIZE), "--batch-size", str(BATCH_SIZE),
+            "--device", "cpu", "--engine", "ray", "--ray-address", ray_cluster, "--workers", "1"]
+    env = {key: value for key, value in os.environ.items() if key != CRASH_ENV}
+    log_file = tmp_path / "driver.log"
+    with open(log_file, "wb") as stderr:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            if shards_done(out) >= 1:
+                os.kill(process.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, \
+        f"the build ended before it was killed: {log_file.read_text(errors='replace')[-2000:]}"
+    committed = shards_done(out)
+    assert 1 <= committed < 10
+    with pytest.raises(UserError, match="unfinished build"):
+        open_index(out)
+    result = run_build(options(corpus_file, out, tiny_clip_dir, resume=True))
+    assert result.manifest["rates"]["encoded_now"] == 160 - committed * SHARD_SIZE
+    assert_identical(out, local_index)
