@@ -498,6 +498,9 @@ def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
                             + ": the index is damaged, rebuild it")
         if verify and file_sha256(path) != record["sha256"]:
             raise UserError(f"{path}: sha256 differs from the manifest: the file is damaged, rebuild the index")
+    if (root / SHARDS).is_dir():
+        log.warning("%s: shards/ is left over from a build killed while cleaning up; it is not part of the index "
+                    "and can be deleted", root)
     try:
         prompt_rows = pq.ParquetFile(root / PROMPTS).metadata.num_rows
     except (OSError, pa.ArrowException) as exc:
