@@ -17,7 +17,9 @@ from typing import Iterator
 
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, check_corpus_files, count_rows,
                                            expand_corpus_paths, file_fingerprint, iter_prompt_rows, iter_prompts)
+from img2prompt.build_index.embed import clip_text_embeddings
 from img2prompt.build_index.engine import BuildEngine, engine_class
+from img2prompt.build_index.phrases import MIN_COUNT, mine_phrases
 from img2prompt.build_index.precomputed import check_against_model, open_precomputed
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError
@@ -54,6 +56,7 @@ class BuildOptions:
     progress: bool = True
     workers: int | None = None  # tokenizing processes (None: cores − 1 on CUDA, in-process on CPU)
     embeddings: list[str] | None = None  # precomputed CLIP text vectors (.npy), row-aligned with the corpus
+    phrase_min_count: int = MIN_COUNT  # a modifier phrase needs this many prompts to enter the vocabulary
     engine: str = "local"  # who runs the shard tasks (build_index/engine.py)
     engine_options: dict = field(default_factory=dict)  # the engine's own settings (e.g. a cluster address)
 
@@ -139,6 +142,8 @@ def _build_into(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder,
                         "be row-aligned (same files, same order)")
     memory = {"peak_rss_mib_after_encode": peak_rss_mib()}
     count, search_info, backend_files = build_search_backend(writer, options, timer)
+    with timer.phase("phrases"):
+        phrase_info, phrase_files = build_phrases(writer, encoder.clip, options)
     memory["peak_rss_mib_at_end"] = peak_rss_mib()
     timings = {name: round(seconds, 3) for name, seconds in timer.seconds.items()}
     encode_seconds = timings.get("encode_clip", 0) + timings.get("encode_minilm", 0)
@@ -147,6 +152,7 @@ def _build_into(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder,
         "metric": "inner_product",
         "models": models,
         "search": search_info,
+        "phrases": phrase_info,
         "corpus": report,
         "build_options": {"batch_size": options.batch_size, "device": str(device), "index": options.index,
                           "max_memory": options.max_memory, "seed": options.seed},
@@ -154,7 +160,7 @@ def _build_into(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder,
         "rates": {"prompts_per_s": round(encoded_rows / encode_seconds, 1) if encoded_rows and encode_seconds
                   else None, "encoded_now": encoded_rows},
         "memory": memory,
-    }, backend_files)
+    }, backend_files + phrase_files)
     log.info("built %s: %d prompts in %s", Path(options.out), count, timings)
     return BuildResult(manifest=manifest, report=report, timings=timings)
 
@@ -191,6 +197,16 @@ def encode_shards(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncode
     if any(number * options.shard_size >= corpus.kept for number in writer.records):
         raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
     return {**corpus.as_dict(), "clip_truncated": truncated_total}, encoded
+
+
+def build_phrases(writer: IndexWriter, clip, options: BuildOptions) -> tuple[dict, tuple[str, ...]]:
+    """Mine the modifier vocabulary from the consolidated prompts and store it with its CLIP vectors."""
+    mined = mine_phrases((prompt for batch in writer.iter_prompt_batches() for prompt in batch),
+                         min_count=options.phrase_min_count)
+    phrases = [phrase for phrase, _ in mined]
+    vectors = clip_text_embeddings(clip, phrases, options.batch_size).vectors
+    files = writer.save_phrases(phrases, [count for _, count in mined], vectors)
+    return {"count": len(phrases), "min_count": options.phrase_min_count}, files
 
 
 def build_search_backend(writer: IndexWriter, options: BuildOptions, timer: PhaseTimer) -> tuple[int, dict, tuple]:

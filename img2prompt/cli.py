@@ -27,6 +27,10 @@ EPILOG_SEARCH = """examples:
   img2prompt search out/index --image a.png --image b.jpg --k 5
   img2prompt search out/index --text "a castle on a hill, matte painting" --json
 """
+EPILOG_INTERROGATE = """examples:
+  img2prompt interrogate out/index a.png b.png
+  img2prompt interrogate out/index a.png --modifiers 6 --json
+"""
 EPILOG_EVAL = """examples:
   img2prompt eval out/index --labels prompts.csv --images images/ --sweep --plot sweep.png --out report.json
   img2prompt eval out/index --labels heldout.csv --exclude-exact --sweep      # text-only mode
@@ -165,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="JSON: [{query, results: [{rank, score, prompt, id}]}]")
     _add_model_flags(search, for_build=False)
 
+    interrogate = commands.add_parser(
+        "interrogate", parents=[common], help="a readable prompt for each image (best neighbour + modifiers)",
+        epilog=EPILOG_INTERROGATE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The best neighbour's prompt plus the corpus's modifier phrases (styles, artists, render "
+                    "engines mined at build time) that CLIP ranks highest for the image.")
+    interrogate.add_argument("index", metavar="INDEX_DIR", help="an index folder written by `img2prompt build`")
+    interrogate.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    interrogate.add_argument("--modifiers", type=int, default=4, help="modifier phrases added (default 4)")
+    interrogate.add_argument("--json", action="store_true",
+                             help="JSON: [{query, prompt, base, base_id, base_score, modifiers: [{phrase, score}]}]")
+    _add_model_flags(interrogate, for_build=False)
+
     evaluate = commands.add_parser("eval", parents=[common], help="score k/temperature/alpha and baselines on a labelled set",
                                    epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter,
                                    description="The competition metric (mean cosine to the scorer's embedding "
@@ -278,6 +294,23 @@ def cmd_search(args) -> None:
     sys.stdout.write(format_json(results) + "\n" if args.json else format_table(results))
 
 
+def cmd_interrogate(args) -> None:
+    from pathlib import Path
+
+    for image in args.images:
+        if not Path(image).is_file():
+            raise UserError(f"image not found: {image}")
+    if args.modifiers < 0:
+        raise UserError(f"--modifiers must be 0 or more (got {args.modifiers})")
+    with _open(args) as index:
+        results = index.interrogate(args.images, args.modifiers)
+    if args.json:
+        print(json.dumps([result.to_dict() for result in results], ensure_ascii=False, indent=2))
+        return
+    for result in results:
+        print(f"{result.query}: " + (f"error: {result.error}" if result.error else result.prompt))
+
+
 def cmd_eval(args) -> None:
     from img2prompt.query.evaluate import EvalOptions, format_report, run_eval
 
@@ -308,6 +341,7 @@ def cmd_kaggle_kit(args) -> None:
 
 
 COMMANDS = {"build": cmd_build, "submit": cmd_submit, "search": cmd_search, "eval": cmd_eval,
+            "interrogate": cmd_interrogate,
             "kaggle-kit": cmd_kaggle_kit, "score": cmd_score, "serve": cmd_serve}
 
 
@@ -315,11 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     fix_mmap_threshold()  # flat build memory under glibc; see img2prompt/memory.py
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    # Our own INFO lines (device, models, index choice) show; other libraries' (open_clip logs on the root
+    # logger, faiss its loader) only with -v.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    # (not "root": logging.getLogger("root") is the root logger, and quietening it hid every INFO line)
-    for noisy in ("sentence_transformers", "transformers", "huggingface_hub", "httpx", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+    logging.getLogger("img2prompt").setLevel(level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         COMMANDS[args.command](args)

@@ -8,6 +8,8 @@
                            (flat/torch search them directly; approximate kinds re-rank from them)
       minilm_mean.npy      float32 [text_dim], mean of the MiniLM rows (the corpus-mean prediction)
       clip.faiss           only for approximate kinds (hnsw, ivfpq): the FAISS index, inner product, ids = prompt ids
+      phrases.parquet      modifier vocabulary mined from the corpus (phrase, count); phrases.f16 its CLIP
+                           vectors (both optional: indexes built before they existed open without them)
       shards/NNNNN.*       row-aligned shards while a build runs (deleted once the index is complete)
 
 Every file is written to a temp name, fsynced and renamed. A shard exists only once the manifest lists it
@@ -48,6 +50,8 @@ MINILM_MEAN = "minilm_mean.npy"
 FAISS = "clip.faiss"
 SHARDS = "shards"
 LOCK = ".lock"  # held (flock) by the build writing the folder
+PHRASES = "phrases.parquet"  # the modifier vocabulary (phrase, count) for readable prompts
+PHRASE_VECTORS = "phrases.f16"  # float16 [phrases, clip_dim], L2-normalised CLIP text vectors of the phrases
 STATE_BUILDING = "building"
 STATE_COMPLETE = "complete"
 VECTOR_DTYPE = np.float16
@@ -352,9 +356,24 @@ class IndexWriter:
         dim = next(self.iter_shard_arrays(kind)).shape[1]
         return np.memmap(self.root / name, dtype=VECTOR_DTYPE, mode="r", shape=(self.rows_committed(), dim))
 
-    def complete(self, info: dict, backend_files: tuple[str, ...] = ()) -> dict:
-        """Write the final manifest (the commit point of the whole build), then drop the shards."""
-        files = {name: file_record(self.root / name) for name in INDEX_FILES + tuple(backend_files)}
+    def iter_prompt_batches(self, size: int = 100_000) -> Iterator[list[str]]:
+        """The consolidated prompts in id order, a batch at a time (after consolidate())."""
+        for batch in pq.ParquetFile(self.root / PROMPTS).iter_batches(columns=["prompt"], batch_size=size):
+            yield batch.column(0).to_pylist()
+
+    def save_phrases(self, phrases: list[str], counts: list[int], vectors: np.ndarray) -> tuple[str, ...]:
+        """Write the modifier vocabulary and its CLIP vectors; returns the file names for complete()."""
+        table = pa.table({"phrase": pa.array(phrases, type=pa.string()), "count": pa.array(counts, type=pa.int64())})
+        with atomic_path(self.root / PHRASES) as tmp:
+            pq.write_table(table, tmp)
+        data = np.ascontiguousarray(vectors, dtype=VECTOR_DTYPE).tobytes()
+        write_atomic(self.root / PHRASE_VECTORS, lambda handle: handle.write(data))
+        return PHRASES, PHRASE_VECTORS
+
+    def complete(self, info: dict, extra_files: tuple[str, ...] = ()) -> dict:
+        """Write the final manifest (the commit point of the whole build), then drop the shards.
+        `extra_files`: the search backend's and the phrase vocabulary's files, recorded like the rest."""
+        files = {name: file_record(self.root / name) for name in INDEX_FILES + tuple(extra_files)}
         manifest = {"format_version": FORMAT_VERSION, "state": STATE_COMPLETE,
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info,
                     "build": self.manifest["build"], "files": files}
@@ -450,6 +469,17 @@ class PromptIndex:
         for start in range(0, len(column), size):
             yield start, column.slice(start, size).to_pylist()
 
+    @cached_property
+    def phrases(self) -> tuple[list[str], np.ndarray] | None:
+        """(phrases, float16 CLIP vectors [n, clip_dim]) of the modifier vocabulary, or None for an index
+        built without one."""
+        if PHRASES not in self.manifest.get("files", {}):
+            return None
+        phrases = pq.read_table(self.root / PHRASES, columns=["phrase"]).column("phrase").to_pylist()
+        vectors = np.memmap(self.root / PHRASE_VECTORS, dtype=VECTOR_DTYPE, mode="r",
+                            shape=(len(phrases), self.clip_dim)) if phrases else np.zeros((0, self.clip_dim))
+        return phrases, vectors
+
     @property
     def search_plan(self) -> dict:
         """{"kind", "params", "recall_at_10", ...} of the search backend (format 1 called it "faiss")."""
@@ -485,6 +515,8 @@ def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
     _check_complete_manifest(root / MANIFEST, manifest)
     index = PromptIndex(root=root, manifest=manifest)
     expected_bytes = {MINILM: index.count * index.text_dim * 2, CLIP_VECTORS: index.count * index.clip_dim * 2}
+    if PHRASES in manifest["files"]:
+        expected_bytes[PHRASE_VECTORS] = manifest.get("phrases", {}).get("count", 0) * index.clip_dim * 2
     for name, record in manifest["files"].items():
         path = root / name
         if not path.is_file():

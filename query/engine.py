@@ -14,7 +14,9 @@ import numpy as np
 from img2prompt.api import ImageInput, SearchResult
 from img2prompt.build_index.embed import clip_text_embeddings
 from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE, check_blend_args
+from img2prompt.errors import UserError
 from img2prompt.query.embed_images import embed_images, image_label
+from img2prompt.query.interrogate import DEFAULT_MODIFIERS, Interrogation, compose_all
 from img2prompt.query.predict import blend_neighbours
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import ModelOverrides, QuerySession, open_session
@@ -87,6 +89,19 @@ class Img2PromptIndex:
         embedded = embed_images(self.session.clip, list(images), batch_size, workers)
         neighbours = self._neighbours_for(embedded, len(images), k)
         return self._results([image_label(image, i) for i, image in enumerate(images)], neighbours, embedded.failed)
+
+    def interrogate(self, images: Sequence[ImageInput], modifiers: int = DEFAULT_MODIFIERS, *,
+                    batch_size: int | None = None, workers: int | None = 0) -> list[Interrogation]:
+        """A readable prompt per image: the best neighbour's prompt plus the corpus's modifier phrases that
+        CLIP ranks highest for the image (not already in that prompt)."""
+        vocabulary = self.session.index.phrases
+        if vocabulary is None:
+            raise UserError(f"{self.session.index.root} has no phrase vocabulary (built before it existed): "
+                            "rebuild it with this img2prompt to interrogate")
+        embedded = embed_images(self.session.clip, list(images), batch_size, workers)
+        results = self._neighbours_for(embedded, len(images), 1)
+        return compose_all([image_label(image, i) for i, image in enumerate(images)], embedded, results,
+                           self.prompts(results.ids[:, 0]), vocabulary, modifiers)
 
     def search_texts(self, texts: Sequence[str], k: int = 10) -> list[SearchResult]:
         """Ranked prompts per query text (CLIP text → CLIP text), in input order."""

@@ -31,6 +31,7 @@ from img2prompt.models import load_text_model
 from img2prompt.query.blend import check_blend_args, corpus_mean_prediction
 from img2prompt.query.embed_images import check_image_loading_args
 from img2prompt.query.images import list_images
+from img2prompt.query.interrogate import DEFAULT_MODIFIERS, compose, rank_modifiers
 from img2prompt.query.predict import RetrievalSettings, Retrieved, blend_neighbours, retrieve_images
 from img2prompt.query.score import (BOOTSTRAP_MIN_N, align, caption_vectors, cosine_rows,
                                     read_prompt_table, summarise)
@@ -293,6 +294,8 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     }
     if index.search_plan["kind"] != "flat":
         report["query_recall_at_10"] = recall_on_queries(session, retrieved)
+    if index.phrases is not None:
+        report["interrogate"] = score_interrogation(index, retrieved, text_model, truth)
     report["warnings"] = []
     if captions:
         report["captions"] = {}
@@ -310,6 +313,22 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     if options.out:
         write_json_atomic(options.out, report)
     return report
+
+
+def score_interrogation(index, retrieved: Retrieved, text_model, truth: np.ndarray) -> dict:
+    """The readable prompt as a prediction: the scorer's embedding of `interrogate`'s composed text (top
+    neighbour + ranked modifier phrases); a query without neighbours falls back to the corpus mean."""
+    phrases, phrase_vectors = index.phrases
+    top = retrieved.neighbours.ids[:, 0]
+    bases = index.prompt_rows(top)
+    texts = [compose(base, rank_modifiers(vector, phrase_vectors, phrases, base)) if prompt_id >= 0 else ""
+             for base, vector, prompt_id in zip(bases, retrieved.query_vectors, top)]
+    predictions = corpus_mean_prediction(index.minilm_mean, len(texts))
+    ok = [row for row, text in enumerate(texts) if text]
+    if ok:
+        predictions[ok] = minilm_embeddings(text_model, [texts[row] for row in ok])
+    return {**summarise(cosine_rows(predictions, truth)), "modifiers": DEFAULT_MODIFIERS,
+            "examples": texts[:3]}
 
 
 def _manifest_sha(root: Path) -> str:
@@ -392,6 +411,9 @@ def format_report(report: dict) -> str:
         lines += [""] + format_captions(report["captions"])
     if report.get("query_recall_at_10") is not None:
         lines.append(f"index recall@10 on these queries: {report['query_recall_at_10']:.3f}")
+    if report.get("interrogate"):
+        lines.append(f"readable prompt (interrogate: top neighbour + {report['interrogate']['modifiers']} "
+                     f"modifiers) scored as a prediction: {report['interrogate']['score']:.4f}")
     if "sweep" in report:
         lines += [""] + format_sweep(report)
     if report.get("warnings"):
