@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field, ValidationError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from img2prompt.errors import UserError, short_reason
+from img2prompt.query.interrogate import DEFAULT_MODIFIERS
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class QueueFull(Exception):
 
 @dataclasses.dataclass
 class _Job:
-    kind: str  # "images" | "texts" | "predict"
+    kind: str  # "images" | "texts" | "predict" | "interrogate"
     items: list  # PIL images or texts
     options: tuple  # sorted (name, value) pairs: jobs with the same kind and options share a model call
     future: Future
@@ -154,6 +155,8 @@ class ModelWorker:
         if kind == "predict":
             vectors, neighbours = self.index.predict_with_neighbours(items, workers=0, **options)
             return list(zip(vectors, neighbours))
+        if kind == "interrogate":
+            return self.index.interrogate(items, options["modifiers"], workers=0)
         raise ValueError(f"unknown job kind {kind!r}")
 
 
@@ -395,6 +398,21 @@ def create_app(index, *, api_key: str | None = None, max_upload: int = DEFAULT_M
         return {"k": options["k"], "predictions": [
             {"query": name, "vector": vector.tolist(), "neighbours": hits.to_dict()["results"]}
             for name, (vector, hits) in zip(names, results)]}
+
+    @app.post("/interrogate", dependencies=protected, openapi_extra=_body_doc(
+        {"modifiers": {"type": "integer", "default": DEFAULT_MODIFIERS}}),
+              summary="a readable prompt per uploaded image: the best neighbour's prompt + ranked modifier phrases")
+    async def interrogate(request: Request) -> list[dict]:
+        refuse_when_full()
+        names, images, fields = await read_images(request)
+        try:
+            modifiers = int(fields.get("modifiers") or DEFAULT_MODIFIERS)
+        except ValueError:
+            raise HTTPException(422, f"modifiers must be an integer (got {fields['modifiers']!r})") from None
+        if not 0 <= modifiers <= 50:
+            raise HTTPException(422, f"modifiers must be between 0 and 50 (got {modifiers})")
+        results = await run("interrogate", images, modifiers=modifiers)
+        return [{**result.to_dict(), "query": name} for name, result in zip(names, results)]
 
     return app
 

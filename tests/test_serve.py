@@ -345,3 +345,13 @@ def test_missing_serve_extra_is_one_line(monkeypatch):
     monkeypatch.delitem(sys.modules, "img2prompt.serve")
     with pytest.raises(UserError, match=r"serve needs fastapi.*img2prompt\[serve\]"):
         cli_serve.run(parser.parse_args(["serve", "idx"]))
+
+
+def test_interrogate_returns_the_api_readable_prompt(client, index, images):
+    response = client.post("/interrogate", files=[upload(images[1])], data={"modifiers": "2"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = index.interrogate([images[1]], modifiers=2)[0].to_dict()
+    assert body == [{**expected, "query": images[1].name}] and len(body[0]["modifiers"]) == 2
+    bad = client.post("/interrogate", files=[upload(images[1])], data={"modifiers": "99"})
+    assert bad.status_code == 422 and "between 0 and 50" in bad.json()["detail"]

@@ -117,6 +117,9 @@ def test_page_upload_matches_search_json(browser, server_url, built_index, sampl
     assert [h["score"] for h in hits] == pytest.approx([r["score"] for r in expected], abs=1e-6)
     preview = browser.find_element(By.ID, "preview")
     assert preview.is_displayed() and sample_image.name in preview.get_attribute("alt")
+    wait.until(lambda d: d.find_element(By.ID, "readable-box").is_displayed())  # interrogate's readable prompt
+    readable = run_cli("interrogate", built_index, sample_image, "--json", "--device", "cpu")
+    assert browser.find_element(By.ID, "readable").text == json.loads(readable.stdout)[0]["prompt"]
     browser.execute_script("document.activeElement.blur()")  # no focus ring on the k field in the picture
     shot = _screenshot(browser, tmp_path)
     assert shot.stat().st_size < 400_000
