@@ -21,13 +21,14 @@ then:
   curl -F image=@a.png -F k=5 http://127.0.0.1:8000/search
   curl -H 'Content-Type: application/json' -d '{{"text": "a castle at dusk", "k": 5}}' http://127.0.0.1:8000/search
   curl -F image=@a.png http://127.0.0.1:8000/predict            # the 384-d vector and the neighbours blended
+  curl -F image=@a.png http://127.0.0.1:8000/interrogate        # a readable prompt
 """
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
     """Add the `serve` subcommand to the `img2prompt` subparsers."""
     serve = commands.add_parser(
-        "serve", help="serve an index over HTTP: a web page and a JSON API (search, predict)",
+        "serve", help="serve an index over HTTP: a web page and a JSON API (search, predict, interrogate)",
         epilog=EPILOG_SERVE, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Open the index and its models once, then answer HTTP requests: drop an image (or type a "
                     "text) on the page at / to see which prompts made images like it; POST /search returns "
