@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(build, for_build=True)
     group = build.add_argument_group("build")
     group.add_argument("--batch-size", type=int, default=256, help="encoder batch size (default 256)")
-    group.add_argument("--workers", type=int, help="tokenizing processes that run ahead of the encoders "
-                                                   "(default: cores − 1 on CUDA, 0 = in-process on CPU)")
+    group.add_argument("--workers", type=int, help="local engine: tokenizing processes that run ahead of the "
+                                                   "encoders (default: cores − 1 on CUDA, 0 = in-process on CPU); "
+                                                   "ray engine: encoding actors (default: one per GPU or CPU)")
     group.add_argument("--shard-size", type=int, default=100_000,
                        help="prompts per shard, the unit of resume (default 100000)")
     group.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
