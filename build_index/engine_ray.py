@@ -1,7 +1,7 @@
 """The Ray engine: one actor call per shard task on a Ray cluster (the optional `ray` extra).
 
 Each actor loads the models once (`EncoderSpec.load()`, which checks they are the driver's), tokenizes a shard
-with the local pipeline's `_tokenize` and encodes it with the same `ShardEncoder.encode`, so its files are
+with the local pipeline's `tokenize_prompts` and encodes it with the same `ShardEncoder.encode`, so its files are
 those the local engine writes. The files go straight into the index folder, which must be on a filesystem
 every node mounts at the same path; the driver only commits the returned records, in any order.
 
@@ -36,7 +36,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from img2prompt.build_index.engine import BuildEngine
-from img2prompt.build_index.pipeline import TokenizedShard, _tokenize
+from img2prompt.build_index.pipeline import TokenizedShard, tokenize_prompts
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError, short_reason
 from img2prompt.index.format import MANIFEST, ShardTask
@@ -112,7 +112,7 @@ class _ShardWorker:
                     raise UserError(f"the Ray worker on {self.host} does not see the index folder {root}: --out "
                                     "must be on a filesystem every node mounts at the same path")
                 started = time.perf_counter()
-                tokens, ids = _tokenize(self.tokenizers, self.minilm, task.prompts)
+                tokens, ids = tokenize_prompts(self.tokenizers, self.minilm, task.prompts)
                 tokenize_s = time.perf_counter() - started
         except BaseException:
             with self._stage("encode", seq):

@@ -57,7 +57,8 @@ def can_use_workers(tokenizers: Tokenizers) -> bool:
     return isinstance(tokenizers.clip, FastClipTokenizer)
 
 
-def _tokenize(tokenizers: Tokenizers, minilm, prompts: list[str]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+def tokenize_prompts(tokenizers: Tokenizers, minilm, prompts: list[str]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """CLIP token rows and MiniLM ids for prompts: the one tokenizing step of every engine."""
     clip_tokens = np.asarray(tokenizers.clip(prompts), dtype=np.int64)
     ids = minilm_token_ids(minilm, prompts, tokenizers.minilm_max_length) if minilm is not None else None
     return clip_tokens, ids
@@ -74,7 +75,7 @@ def _init_worker(tokenizers: Tokenizers) -> None:
 
 
 def _tokenize_in_worker(prompts: list[str]):
-    return _tokenize(_WORKER["tokenizers"], _WORKER["minilm"], prompts)
+    return tokenize_prompts(_WORKER["tokenizers"], _WORKER["minilm"], prompts)
 
 
 def tokenized_shards(tasks: Iterator[ShardTask], tokenizers: Tokenizers, workers: int = 0) -> Iterator[TokenizedShard]:
@@ -84,7 +85,7 @@ def tokenized_shards(tasks: Iterator[ShardTask], tokenizers: Tokenizers, workers
             log.info("this CLIP tokenizer has no fast picklable form: tokenizing in the main process")
         minilm = tokenizers.minilm()
         for task in tasks:
-            tokens, ids = _tokenize(tokenizers, minilm, task.prompts)
+            tokens, ids = tokenize_prompts(tokenizers, minilm, task.prompts)
             yield TokenizedShard(task, tokens, ids)
         return
     context = multiprocessing.get_context("spawn")
