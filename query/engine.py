@@ -13,8 +13,8 @@ import numpy as np
 
 from img2prompt.api import ImageInput, SearchResult
 from img2prompt.build_index.embed import clip_text_embeddings
-from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE, check_blend_args
 from img2prompt.errors import UserError
+from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE, check_blend_args
 from img2prompt.query.embed_images import embed_images, image_label
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, Interrogation, compose_all
 from img2prompt.query.predict import blend_neighbours

@@ -1,4 +1,4 @@
-"""Query vectors → top-k prompt ids and scores over an opened index (FAISS, GPU when asked and available)."""
+"""Query vectors → top-k prompt ids and scores over an opened index, through its search backend (index/backend.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
