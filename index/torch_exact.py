@@ -78,7 +78,7 @@ class TorchExactBackend(SearchBackend):
                 else:
                     merged_scores = torch.cat([best_scores, scores], dim=1)
                     merged_ids = torch.cat([best_ids, ids], dim=1)
-                    best_scores, order = torch.topk(merged_scores, k, dim=1)
+                    best_scores, order = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
                     best_ids = torch.gather(merged_ids, 1, order)
             # Re-score the winners in float32: fp16 products are only good to ~1e-3.
             exact = self._rescore(q, best_ids)

@@ -146,3 +146,12 @@ def test_search_memory_is_bounded_in_the_number_of_queries(built, vectors, monke
 
     small, large = peak(50), peak(1000)
     assert large < 2.0 * small, (small, large)  # 20× the queries: far from 20× the memory
+
+
+def test_torch_search_with_chunks_smaller_than_k():
+    vectors = clustered(50, 8, clusters=5)
+    queries = clustered(3, 8, clusters=5, seed=2).astype(np.float32)
+    scores, ids = TorchExactBackend(vectors, {}, device="cpu", chunk_rows=4).search(queries, 10)
+    exact_scores, exact_ids = exact_search(vectors, queries, 10)
+    np.testing.assert_array_equal(ids, exact_ids)
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
