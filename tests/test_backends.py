@@ -155,3 +155,18 @@ def test_torch_search_with_chunks_smaller_than_k():
     exact_scores, exact_ids = exact_search(vectors, queries, 10)
     np.testing.assert_array_equal(ids, exact_ids)
     np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+
+
+def test_fp16_candidates_are_rescored_to_the_exact_top_k(vectors):
+    """On a GPU the scores are fp16 (good to ~1e-3, the gap between ranks k and k+1): extra candidates,
+    re-scored in fp32, give FAISS's exact neighbours. Simulated here by fp16 matmuls on the CPU."""
+    import torch
+
+    queries = recall_queries(vectors, 300, seed=7)["report"]["held_out"]
+    backend = TorchExactBackend(vectors, {}, device="cpu", chunk_rows=5000)
+    backend.dtype = torch.float16
+    backend.resident = [(start, block.to(torch.float16)) for start, block in backend.resident]
+    scores, ids = backend.search(queries, 10)
+    exact_scores, exact_ids = exact_search(vectors, queries, 10)
+    assert recall_at_k(ids, exact_ids) == 1.0
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
