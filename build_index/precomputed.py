@@ -42,6 +42,9 @@ class PrecomputedVectors:
     def take(self, rows: list[int]) -> np.ndarray:
         """float32 vectors of these global rows, each checked to be unit-norm."""
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and rows.max() >= self.rows:  # a CSV corpus (estimated count) longer than the vectors
+            raise UserError(f"--embeddings hold {self.rows:,} rows but the corpus has more: they must be "
+                            "row-aligned (same files, same order)")
         which = np.searchsorted(self.offsets, rows, side="right") - 1
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         for index in np.unique(which):

@@ -152,6 +152,18 @@ def plan_shards(prompts: Iterator[str] | Iterator[tuple[int, str]], shard_size: 
         number += 1
 
 
+def _exchange_paths(first: Path, second: Path) -> bool:
+    """Atomically swap two paths (renameat2 with RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
+
+
 def _lock_folder(folder: Path):
     """An exclusive lock on the output folder for the whole build; a second build gets a one-line error."""
     import fcntl
@@ -210,45 +222,53 @@ class IndexWriter:
         had_lock_file = (self.final / LOCK).exists()
         # Lock first, then look: a second build racing this one must see the lock, not our half-made files.
         self._lock = _lock_folder(self.final)
-        existing = read_manifest(self.final)
-        if existing is None and any(p.name != LOCK for p in self.final.iterdir()):
-            self.close()
-            if not had_lock_file:
-                (self.final / LOCK).unlink(missing_ok=True)  # leave the user's folder as it was
-            raise UserError(f"{self.final} exists, is not empty and is not an index: choose another --out"
-                            + (" (--overwrite only replaces an index, never other files)" if overwrite else ""))
-        state = existing.get("state") if existing else None
-        if state == STATE_COMPLETE:
-            # Rebuild beside the complete index and swap at the very end: a failed or interrupted rebuild
-            # never costs the index it was meant to replace.
-            self.root = self.final.parent / f".{self.final.name}.rebuild"
-            staged = read_manifest(self.root) if self.root.is_dir() else None
-            if not overwrite and not (resume and staged and staged.get("state") == STATE_BUILDING):
-                raise UserError(f"{self.final} already holds a complete index: pass --overwrite to replace it")
-            existing, state = staged, staged.get("state") if staged else None
-            if not resume:
-                state = None  # --overwrite: a fresh rebuild
-        else:
-            self.root = self.final
-        if state == STATE_BUILDING and not (resume or overwrite):
-            raise UserError(f"{self.final} holds an unfinished build ({len(existing.get('shards', []))} shards done): "
-                            "pass --resume to continue it or --overwrite to start over")
-        if resume and state == STATE_BUILDING:
-            if existing.get("build") != build:
-                changed = sorted(key for key in set(build) | set(existing.get("build", {}))
-                                 if build.get(key) != existing.get("build", {}).get(key))
-                raise UserError(f"{self.final}: cannot resume, the build settings differ from the interrupted "
-                                f"build ({', '.join(changed)}); rerun with --overwrite to start over")
-            if existing.get("format_version") != FORMAT_VERSION:
-                raise UserError(f"{self.final}: the unfinished build was started by another img2prompt version "
-                                f"(format {existing.get('format_version')}); rerun with --overwrite")
-            self.manifest = existing
-            self._remove_stray_temp_files()
-        else:
-            self._clear()
-            self.manifest = {"format_version": FORMAT_VERSION, "state": STATE_BUILDING, "build": build,
-                             "shards": [], "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            self._save_manifest()
+        try:
+            existing = read_manifest(self.final)
+            if existing is None and any(p.name != LOCK for p in self.final.iterdir()):
+                self.close()
+                if not had_lock_file:
+                    (self.final / LOCK).unlink(missing_ok=True)  # leave the user's folder as it was
+                raise UserError(f"{self.final} exists, is not empty and is not an index: choose another --out"
+                                + (" (--overwrite only replaces an index, never other files)" if overwrite else ""))
+            state = existing.get("state") if existing else None
+            if state == STATE_COMPLETE:
+                # Rebuild beside the complete index and swap at the very end: a failed or interrupted rebuild
+                # never costs the index it was meant to replace.
+                self.root = self.final.parent / f".{self.final.name}.rebuild"
+                if os.stat(self.final).st_dev != os.stat(self.final.parent).st_dev:
+                    raise UserError(f"--out {self.final} is a mount point: a rebuild is written beside it and "
+                                    "swapped in, which cannot cross filesystems; move the old index away first, or "
+                                    "build into a folder inside the mount")
+                staged = read_manifest(self.root) if self.root.is_dir() else None
+                if not overwrite and not (resume and staged and staged.get("state") == STATE_BUILDING):
+                    raise UserError(f"{self.final} already holds a complete index: pass --overwrite to replace it")
+                existing, state = staged, staged.get("state") if staged else None
+                if not resume:
+                    state = None  # --overwrite: a fresh rebuild
+            else:
+                self.root = self.final
+            if state == STATE_BUILDING and not (resume or overwrite):
+                raise UserError(f"{self.final} holds an unfinished build ({len(existing.get('shards', []))} shards done): "
+                                "pass --resume to continue it or --overwrite to start over")
+            if resume and state == STATE_BUILDING:
+                if existing.get("build") != build:
+                    changed = sorted(key for key in set(build) | set(existing.get("build", {}))
+                                     if build.get(key) != existing.get("build", {}).get(key))
+                    raise UserError(f"{self.final}: cannot resume, the build settings differ from the interrupted "
+                                    f"build ({', '.join(changed)}); rerun with --overwrite to start over")
+                if existing.get("format_version") != FORMAT_VERSION:
+                    raise UserError(f"{self.final}: the unfinished build was started by another img2prompt version "
+                                    f"(format {existing.get('format_version')}); rerun with --overwrite")
+                self.manifest = existing
+                self._remove_stray_temp_files()
+            else:
+                self._clear()
+                self.manifest = {"format_version": FORMAT_VERSION, "state": STATE_BUILDING, "build": build,
+                                 "shards": [], "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                self._save_manifest()
+        except BaseException:
+            self.close()  # a refusal must not keep the lock (a notebook keeps the exception alive)
+            raise
 
     def close(self) -> None:
         """Release the folder lock (also released when the process ends, however it ends)."""
@@ -386,10 +406,13 @@ class IndexWriter:
         return manifest
 
     def _swap_into_place(self) -> None:
-        """Replace the old complete index with the rebuilt one: two renames, then the old one is deleted."""
-        retired = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-        os.rename(self.final, retired)
-        os.rename(self.root, self.final)
+        """Replace the old complete index with the rebuilt one in one atomic exchange of the two folders
+        (Linux renameat2); where that is unavailable, two renames, then the old index is deleted."""
+        retired = self.root
+        if not _exchange_paths(self.root, self.final):
+            retired = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+            os.rename(self.final, retired)
+            os.rename(self.root, self.final)
         fsync_dir(self.final.parent)
         shutil.rmtree(retired, ignore_errors=True)
         self.root = self.final
@@ -444,10 +467,19 @@ class PromptIndex:
                             "is damaged, rebuild it")
         return mean
 
+    def preload(self) -> None:
+        """Map the vectors and open the prompt file now: a reader keeps the files it opened even when a
+        rebuild swaps a new index into this folder meanwhile (a long-running server, say)."""
+        # a native Arrow file (not a Python file object: Arrow's reader threads must not call back into Python)
+        self._prompt_file = pa.memory_map(str(self.root / PROMPTS), "r")
+        for name in ("minilm", "clip_vectors", "minilm_mean", "phrases"):
+            getattr(self, name)
+
     @cached_property
     def _prompt_column(self) -> pa.ChunkedArray:
         # Arrow strings: ~1 byte a character, not a Python object per prompt (10M prompts stay cheap).
-        column = pq.read_table(self.root / PROMPTS, columns=["prompt"]).column("prompt")
+        source = getattr(self, "_prompt_file", None) or self.root / PROMPTS
+        column = pq.read_table(source, columns=["prompt"]).column("prompt")
         if len(column) != self.count:
             raise UserError(f"{self.root / PROMPTS}: {len(column)} prompts, manifest says {self.count}")
         return column
@@ -539,4 +571,5 @@ def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
         raise UserError(f"{root / PROMPTS}: not readable ({short_reason(exc)}): the index is damaged, rebuild it") from exc
     if prompt_rows != index.count:
         raise UserError(f"{root / PROMPTS}: {prompt_rows} prompts, the manifest says {index.count}: rebuild the index")
+    index.preload()
     return index

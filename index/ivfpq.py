@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from img2prompt.errors import UserError
 from img2prompt.index.backend import RerankedBackend, ivf_list_count
 from img2prompt.index.faiss_file import add_in_chunks, read_faiss, write_faiss
 from img2prompt.index.format import FAISS
@@ -84,6 +85,9 @@ class IvfPqBackend(RerankedBackend):
         return cls(vectors, params, index)
 
     def rerank_depth(self, k, settings):
+        if self.on_gpu and k > GPU_MAX_K:
+            raise UserError(f"k {k} is over what a GPU IVF index returns ({GPU_MAX_K}): use a smaller --k, or "
+                            "search on the CPU")
         depth = super().rerank_depth(k, settings)
         return min(depth, GPU_MAX_K) if self.on_gpu else depth
 

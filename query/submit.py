@@ -129,7 +129,7 @@ def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
 
 def write_explain_for(session: QuerySession, options: SubmitOptions, image_ids: list[str], neighbours) -> None:
     weights = np.zeros_like(neighbours.scores)
-    ok = (neighbours.ids >= 0).all(axis=1)
+    ok = neighbours.ids[:, 0] >= 0  # as blend_neighbours: a row with a first neighbour is blended
     weights[ok] = softmax_weights(neighbours.scores[ok], options.temperature)
     ids = neighbours.ids
     flat = session.index.prompt_rows(ids.ravel())

@@ -112,3 +112,23 @@ def test_approximate_index_through_build_and_submit_with_workers(tmp_path, tiny_
 def test_errors_are_exceptions_not_exits(tmp_path):
     with pytest.raises(img2prompt.UserError, match="index folder not found"):
         img2prompt.open_index(tmp_path / "nowhere")
+
+
+def test_an_open_index_keeps_its_files_when_a_rebuild_is_swapped_in(tmp_path, tiny_clip_dir):
+    """A long-running reader (the server) opened the old index; --overwrite swaps a new one into the folder:
+    the reader keeps answering from the files it opened, never a mix of old and new."""
+    prompts = read_data_prompts(200)
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("\n".join(prompts[:80]) + "\n")
+    second.write_text("\n".join(prompts[100:200]) + "\n")
+    out = tmp_path / "index"
+    options = {"clip_model": str(tiny_clip_dir), "device": "cpu", "progress": False, "shard_size": 40}
+    img2prompt.build(first, out, **options)
+    with img2prompt.open_index(out, device="cpu") as reader:
+        before = [r.to_dict() for r in reader.search_texts(prompts[:3], k=4)]
+        mean = reader.predict([DATA / "images" / "sample00.png"], alpha=1.0)
+        img2prompt.build(second, out, overwrite=True, **options)
+        assert [r.to_dict() for r in reader.search_texts(prompts[:3], k=4)] == before
+        np.testing.assert_array_equal(reader.predict([DATA / "images" / "sample00.png"], alpha=1.0), mean)
+    with img2prompt.open_index(out, device="cpu") as fresh:
+        assert fresh.count == 100 and fresh.prompts([0]) == [prompts[100]]
