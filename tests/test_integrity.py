@@ -243,3 +243,16 @@ def test_leftover_shards_beside_a_complete_index_are_explained(built_index, tmp_
     with caplog.at_level("WARNING"):
         open_index(root)
     assert "shards/ is left over from a build killed while cleaning up" in caplog.text
+
+
+def test_a_refused_writer_does_not_keep_the_lock(tmp_path):
+    """In a notebook the exception (and everything it references) stays alive: the retry must not be locked out."""
+    writer = IndexWriter(tmp_path / "idx", {"models": "x"})
+    commit(writer, 0, ["a", "b"])
+    writer.close()
+    try:
+        IndexWriter(tmp_path / "idx", {"models": "x"})
+    except UserError as kept:
+        error = kept  # held, as sys.last_traceback would hold it
+    assert "pass --resume" in str(error)
+    assert IndexWriter(tmp_path / "idx", {"models": "x"}, resume=True).rows_committed() == 2
