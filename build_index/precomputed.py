@@ -43,8 +43,7 @@ class PrecomputedVectors:
         """float32 vectors of these global rows, each checked to be unit-norm."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and rows.max() >= self.rows:  # a CSV corpus (estimated count) longer than the vectors
-            raise UserError(f"--embeddings hold {self.rows:,} rows but the corpus has more: they must be "
-                            "row-aligned (same files, same order)")
+            raise misaligned(self.rows)
         which = np.searchsorted(self.offsets, rows, side="right") - 1
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         for index in np.unique(which):
@@ -57,6 +56,13 @@ class PrecomputedVectors:
             raise UserError(f"{path}, row {local}: vector norm {norms[bad[0]]:.4f}, expected 1 (L2-normalised "
                             f"CLIP vectors); {len(bad)} such row(s) in this shard")
         return out
+
+
+def misaligned(vector_rows: int, corpus_rows: int | None = None) -> UserError:
+    """The one message for vectors and corpus of different lengths (known up front, or only while reading)."""
+    corpus = f"{corpus_rows:,}" if corpus_rows is not None else "more"
+    return UserError(f"--embeddings hold {vector_rows:,} rows but the corpus has {corpus}: they must be "
+                     "row-aligned (same files, same order)")
 
 
 def open_precomputed(patterns: list[str]) -> PrecomputedVectors:
@@ -94,8 +100,7 @@ def check_against_model(vectors: PrecomputedVectors, clip_dim: int, corpus_rows:
         raise UserError(f"--embeddings have dim {vectors.dim}, the CLIP model gives {clip_dim}: pass the model "
                         "that made them")
     if corpus_rows is not None and corpus_rows != vectors.rows:
-        raise UserError(f"--embeddings hold {vectors.rows:,} rows but the corpus has {corpus_rows:,}: they must be "
-                        "row-aligned (same files, same order)")
+        raise misaligned(vectors.rows, corpus_rows)
 
 
 def check_agreement(vectors: np.ndarray, reference: np.ndarray, model_name: str) -> None:

@@ -1,9 +1,10 @@
-"""The index build job: corpus → shards (CLIP + MiniLM vectors) → consolidated arrays → FAISS → recall.
+"""The index build job: corpus → shard tasks (CLIP + MiniLM vectors, run by an engine) → consolidated
+arrays → search backend → recall → phrase vocabulary.
 
 Memory stays flat in the corpus size: prompts stream through one shard at a time (only the 8-byte dedup
-hashes accumulate), and FAISS is filled from the memory-mapped vectors in chunks. Each shard is committed
-to the manifest once written, so `resume=True` skips the finished shards after checking that the corpus
-still yields exactly the same prompts for them.
+hashes accumulate), and the search backend is filled from the memory-mapped vectors in chunks. Each shard is
+committed to the manifest once written, so `resume=True` skips the finished shards after checking that the
+corpus still yields exactly the same prompts for them and that their files are intact.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, chec
 from img2prompt.build_index.embed import clip_text_embeddings
 from img2prompt.build_index.engine import BuildEngine, engine_class
 from img2prompt.build_index.phrases import MIN_COUNT, mine_phrases
-from img2prompt.build_index.precomputed import check_against_model, open_precomputed
+from img2prompt.build_index.precomputed import check_against_model, misaligned, open_precomputed
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError
 from img2prompt.index.backend import backend_class
@@ -138,8 +139,7 @@ def _build_into(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder,
     report, encoded_rows = encode_shards(writer, engine, encoder, spec, plan_shards(prompts, options.shard_size),
                                          corpus, options, timer, total_rows=total_rows)
     if precomputed and corpus.read != precomputed.rows:
-        raise UserError(f"--embeddings hold {precomputed.rows:,} rows but the corpus has {corpus.read:,}: they must "
-                        "be row-aligned (same files, same order)")
+        raise misaligned(precomputed.rows, corpus.read)
     memory = {"peak_rss_mib_after_encode": peak_rss_mib()}
     count, search_info, backend_files = build_search_backend(writer, options, timer)
     with timer.phase("phrases"):

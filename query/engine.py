@@ -125,11 +125,7 @@ class Img2PromptIndex:
     # -- plumbing ---------------------------------------------------------------------------------------
     def _neighbours_for(self, embedded, total: int, k: int) -> Neighbours:
         """Search the decoded images; rows of images that failed stay empty (ids -1)."""
-        found = self.session.retriever.search(embedded.vectors, k)
-        k = found.ids.shape[1] if len(found.ids) else min(k, self.count)
-        neighbours = Neighbours(np.full((total, k), -np.inf, np.float32), np.full((total, k), -1, np.int64))
-        neighbours.scores[embedded.ok], neighbours.ids[embedded.ok] = found.scores, found.ids
-        return neighbours
+        return self.session.retriever.search(embedded.vectors, k).spread(embedded.ok, total)
 
     def _results(self, queries: list[str], neighbours: Neighbours,
                  failed: dict[int, str] | None = None) -> list[SearchResult]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from img2prompt.index.format import PromptIndex
 from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE, blend, corpus_mean_prediction
 from img2prompt.query.embed_images import embed_images
@@ -57,12 +58,9 @@ def retrieve_images(session: QuerySession, image_ids: list[str], paths: dict[str
     started = time.perf_counter()
     found = session.retriever.search(embedded.vectors, k, [exclude[row] for row in ok_rows] if exclude else None)
     timings["search"] = time.perf_counter() - started
-    scores = np.full((len(image_ids), k), -np.inf, dtype=np.float32)
-    ids = np.full((len(image_ids), k), -1, dtype=np.int64)
-    scores[ok_rows], ids[ok_rows] = found.scores, found.ids
     vectors = np.zeros((len(image_ids), session.index.clip_dim), dtype=np.float32)
     vectors[ok_rows] = embedded.vectors
-    return Retrieved(image_ids, Neighbours(scores, ids), failed, timings, vectors)
+    return Retrieved(image_ids, found.spread(ok_rows, len(image_ids)), failed, timings, vectors)
 
 
 def blend_neighbours(index: PromptIndex, neighbours: Neighbours, *, k: int, temperature: float,

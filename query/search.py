@@ -14,6 +14,14 @@ class Neighbours:
     scores: np.ndarray  # float32 [n, k], best first
     ids: np.ndarray  # int64 [n, k] prompt ids
 
+    def spread(self, rows, total: int) -> "Neighbours":
+        """These rows (one per query that could be searched) placed at `rows` of `total`; the other rows stay
+        empty (scores -inf, ids -1): an image that could not be decoded keeps its place."""
+        k = self.ids.shape[1]
+        out = Neighbours(np.full((total, k), -np.inf, np.float32), np.full((total, k), -1, np.int64))
+        out.scores[rows], out.ids[rows] = self.scores, self.ids
+        return out
+
 
 class Retriever:
     def __init__(self, index: PromptIndex, device: str = "cpu") -> None:
