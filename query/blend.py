@@ -1,9 +1,17 @@
 """Top-k neighbours → one 384-d prediction per query. Pure numpy, no models.
 
-prediction = normalise((1 - alpha) · normalise(Σ_j w_j · minilm[id_j]) + alpha · normalise(corpus_mean)),
-w = softmax(similarity / temperature) over the k neighbours.
+prediction = normalise((1 - beta) · shrunk + beta · head),
+shrunk     = normalise((1 - alpha) · knn + alpha · normalise(corpus_mean)),
+knn        = normalise(Σ_j w_j · minilm[id_j]),  w = softmax(similarity / temperature) over the k neighbours,
+head       = the index's regression head applied to the query (query/regression.py), only when beta > 0.
+
+With consensus γ > 0 the softmax weights are re-weighted by each neighbour's agreement with the others,
+w'_j ∝ w_j · exp(γ · a_j), a_j = cos(minilm_j, Σ_{i≠j} w_i · minilm_i): a neighbour whose prompt says what
+the rest say gains weight, a lone outlier loses it. γ = 0 is plain k-NN.
 """
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -14,15 +22,38 @@ from img2prompt.errors import UserError
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.05
 DEFAULT_ALPHA = 0.0
+DEFAULT_CONSENSUS = 0.0  # off until eval on real weights shows it helps
+DEFAULT_BETA = 0.0  # off until eval on real weights shows it helps
 
 
-def check_blend_args(k: int, temperature: float, alpha: float) -> None:
+@dataclass(frozen=True)
+class BlendSettings:
+    """Everything that turns neighbours (and the regression head's vector) into a prediction."""
+    k: int = DEFAULT_K
+    temperature: float = DEFAULT_TEMPERATURE
+    alpha: float = DEFAULT_ALPHA
+    consensus: float = DEFAULT_CONSENSUS
+    beta: float = DEFAULT_BETA
+
+    def check(self) -> "BlendSettings":
+        check_blend_args(self.k, self.temperature, self.alpha, self.consensus, self.beta)
+        return self
+
+    def as_dict(self) -> dict:
+        return {name: (int(value) if name == "k" else float(value)) for name, value in asdict(self).items()}
+
+
+def check_blend_args(k: int, temperature: float, alpha: float, consensus: float = 0.0, beta: float = 0.0) -> None:
     if k <= 0:
         raise UserError(f"--k must be at least 1 (got {k})")
     if not temperature > 0:
         raise UserError(f"--temperature must be > 0 (got {temperature})")
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
+    if not consensus >= 0.0:
+        raise UserError(f"--consensus must be 0 or more (got {consensus})")
+    if not 0.0 <= beta <= 1.0:
+        raise UserError(f"--beta must be between 0 and 1 (got {beta})")
 
 
 def softmax_weights(scores: np.ndarray, temperature: float) -> np.ndarray:
@@ -33,25 +64,57 @@ def softmax_weights(scores: np.ndarray, temperature: float) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
+def consensus_weights(weights: np.ndarray, neighbours: np.ndarray, gamma: float) -> np.ndarray:
+    """w'_j ∝ w_j · exp(γ · cos(n_j, Σ_{i≠j} w_i n_i)) for weights [n, k] and unit vectors [n, k, d].
+    A neighbour with no others (k = 1, or all other weights 0) has agreement 0."""
+    if gamma == 0:
+        return weights
+    total = np.einsum("nk,nkd->nd", weights, neighbours)
+    others = total[:, None, :] - weights[:, :, None] * neighbours  # the weighted sum without neighbour j
+    norms = np.linalg.norm(others, axis=2)
+    agreement = np.where(norms > 1e-12, np.einsum("nkd,nkd->nk", neighbours, others) / np.maximum(norms, 1e-12), 0.0)
+    # minus the row's best agreement: the same ratios, and exp never overflows nor underflows to all zeros
+    best = np.max(np.where(weights > 0, agreement, -np.inf), axis=1, keepdims=True)
+    reweighted = weights * np.exp(gamma * np.minimum(agreement - best, 0.0))
+    return reweighted / reweighted.sum(axis=1, keepdims=True)
+
+
 def normalise_rows(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float64)
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
-def blend(scores: np.ndarray, ids: np.ndarray, minilm: np.ndarray, *, k: int, temperature: float,
-          alpha: float = 0.0, corpus_mean: np.ndarray | None = None) -> np.ndarray:
-    """float32 [n, dim] unit-norm predictions from the first k of each row's neighbours (sorted best first)."""
-    check_blend_args(k, temperature, alpha)
-    scores, ids = np.asarray(scores)[:, :k], np.asarray(ids)[:, :k]
-    weights = softmax_weights(scores, temperature)
-    neighbours = np.asarray(minilm[ids.ravel()], dtype=np.float64).reshape(*ids.shape, -1)
+def neighbour_weights(scores: np.ndarray, ids: np.ndarray, minilm: np.ndarray, *, temperature: float,
+                      consensus: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(weights [n, k], unit neighbour vectors [n, k, d]): what the k-NN part averages."""
+    neighbours = np.asarray(minilm[np.asarray(ids).ravel()], dtype=np.float64).reshape(*np.shape(ids), -1)
     neighbours = neighbours / np.maximum(np.linalg.norm(neighbours, axis=2, keepdims=True), 1e-12)
+    weights = consensus_weights(softmax_weights(scores, temperature), neighbours, consensus)
+    return weights, neighbours
+
+
+def blend(scores: np.ndarray, ids: np.ndarray, minilm: np.ndarray, *, k: int, temperature: float,
+          alpha: float = 0.0, corpus_mean: np.ndarray | None = None, consensus: float = 0.0) -> np.ndarray:
+    """float32 [n, dim] unit-norm predictions from the first k of each row's neighbours (sorted best first)."""
+    check_blend_args(k, temperature, alpha, consensus)
+    scores, ids = np.asarray(scores)[:, :k], np.asarray(ids)[:, :k]
+    weights, neighbours = neighbour_weights(scores, ids, minilm, temperature=temperature, consensus=consensus)
     knn = normalise_rows(np.einsum("nk,nkd->nd", weights, neighbours))
     if alpha > 0:
         if corpus_mean is None:
             raise ValueError("alpha > 0 needs the corpus mean")
         knn = (1 - alpha) * knn + alpha * normalise_rows(np.asarray(corpus_mean, dtype=np.float64)[None, :])
     return normalise_rows(knn).astype(np.float32)
+
+
+def mix_head(predictions: np.ndarray, head: np.ndarray | None, beta: float) -> np.ndarray:
+    """normalise((1 - beta) · predictions + beta · head) for unit rows; beta = 0 leaves them as they are."""
+    if beta == 0:
+        return np.asarray(predictions, dtype=np.float32)
+    if head is None:
+        raise ValueError("beta > 0 needs the regression head's predictions")
+    return normalise_rows((1 - beta) * np.asarray(predictions, np.float64) + beta * np.asarray(head, np.float64)
+                          ).astype(np.float32)
 
 
 def corpus_mean_prediction(corpus_mean: np.ndarray, rows: int) -> np.ndarray:

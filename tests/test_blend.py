@@ -48,3 +48,53 @@ def test_softmax_ignores_missing_neighbours():
 def test_bad_settings(k, temperature, alpha, message):
     with pytest.raises(UserError, match=message):
         blend(np.ones((1, 2)), np.zeros((1, 2), int), MINILM, k=k, temperature=temperature, alpha=alpha)
+
+
+def test_consensus_reweights_by_agreement_with_the_others():
+    # neighbours e1, (0.6, 0.8, 0), e3 with softmax weights w; agreement of each with the weighted sum of the others
+    scores, ids, gamma, temperature = np.array([[0.5, 0.4, 0.3]]), np.array([[0, 3, 2]]), 2.0, 0.1
+    w = np.exp(np.array([5.0, 4.0, 3.0]))
+    w /= w.sum()
+    e1, e3 = np.array([1.0, 0, 0]), np.array([0, 0, 1.0])
+    v = MINILM[3].astype(np.float64) / np.linalg.norm(MINILM[3].astype(np.float64))  # (0.6, 0.8, 0) in float16
+    others = [w[1] * v + w[2] * e3, w[0] * e1 + w[2] * e3, w[0] * e1 + w[1] * v]
+    agreement = [float(n @ o / np.linalg.norm(o)) for n, o in zip((e1, v, e3), others)]
+    assert agreement[2] == 0.0 and agreement[0] > 0 and agreement[1] > 0  # e3 agrees with nobody
+    reweighted = w * np.exp(gamma * np.array(agreement))
+    reweighted /= reweighted.sum()
+    expected = reweighted[0] * e1 + reweighted[1] * v + reweighted[2] * e3
+    expected /= np.linalg.norm(expected)
+    got = blend(scores, ids, MINILM, k=3, temperature=temperature, consensus=gamma)
+    np.testing.assert_allclose(got[0], expected, atol=1e-6)
+    plain = blend(scores, ids, MINILM, k=3, temperature=temperature)
+    assert got[0][2] < plain[0][2]  # the outlier lost weight
+
+
+def test_consensus_zero_and_single_neighbour_change_nothing():
+    scores, ids = np.array([[0.5, 0.4, -np.inf]]), np.array([[0, 3, -1]])
+    plain = blend(scores, ids, MINILM, k=3, temperature=0.1)
+    np.testing.assert_array_equal(blend(scores, ids, MINILM, k=3, temperature=0.1, consensus=0.0), plain)
+    one = blend(scores, ids, MINILM, k=1, temperature=0.1, consensus=50.0)
+    np.testing.assert_allclose(one[0], [1.0, 0.0, 0.0], atol=1e-7)
+    huge = blend(np.array([[0.5, 0.5]]), np.array([[0, 2]]), MINILM, k=2, temperature=0.1, consensus=1e6)
+    assert np.isfinite(huge).all()  # two orthogonal neighbours: agreement 0 for both, equal weights kept
+    np.testing.assert_allclose(huge[0], np.array([1.0, 0.0, 1.0]) / np.sqrt(2), atol=1e-6)
+
+
+def test_beta_mixes_the_head_after_shrinkage():
+    from img2prompt.query.blend import mix_head
+
+    knn = np.array([[1.0, 0.0, 0.0]], dtype=np.float32)
+    head = np.array([[0.0, 1.0, 0.0]], dtype=np.float32)
+    expected = np.array([0.75, 0.25, 0.0]) / np.linalg.norm([0.75, 0.25, 0.0])  # asymmetric beta = 0.25
+    np.testing.assert_allclose(mix_head(knn, head, 0.25)[0], expected, atol=1e-7)
+    np.testing.assert_array_equal(mix_head(knn, None, 0.0), knn)
+
+
+@pytest.mark.parametrize("consensus, beta, message", [(-1.0, 0.0, "--consensus must be 0 or more"),
+                                                      (0.0, 1.5, "--beta must be between 0 and 1")])
+def test_bad_switches(consensus, beta, message):
+    from img2prompt.query.blend import BlendSettings
+
+    with pytest.raises(UserError, match=message):
+        BlendSettings(consensus=consensus, beta=beta).check()
