@@ -1,5 +1,5 @@
-"""The index build job: corpus → shard tasks (CLIP + MiniLM vectors, run by an engine) → consolidated
-arrays → search backend → recall → phrase vocabulary.
+"""The index build job: corpus (+ pairs) → shard tasks (CLIP + MiniLM vectors, run by an engine) →
+consolidated arrays → a search backend per key kind → recall → calibration → regression head → phrases.
 
 Memory stays flat in the corpus size: prompts stream through one shard at a time (only the 8-byte dedup
 hashes accumulate), and the search backend is filled from the memory-mapped vectors in chunks. Each shard is
@@ -8,6 +8,7 @@ corpus still yields exactly the same prompts for them and that their files are i
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import resource
 import time
@@ -19,13 +20,17 @@ from typing import Iterator
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, check_corpus_files, count_rows,
                                            expand_corpus_paths, file_fingerprint, iter_prompt_rows, iter_prompts)
 from img2prompt.build_index.embed import clip_text_embeddings
+from img2prompt.build_index.calibration import fit_calibration
 from img2prompt.build_index.engine import BuildEngine, engine_class
+from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE, check_pair_files, iter_pairs
 from img2prompt.build_index.phrases import MIN_COUNT, mine_phrases
 from img2prompt.build_index.precomputed import check_against_model, misaligned, open_precomputed
+from img2prompt.build_index.regression import RidgeAccumulator
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError
 from img2prompt.index.backend import backend_class
-from img2prompt.index.format import IndexWriter, ShardTask, plan_shards
+from img2prompt.index.format import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, REGRESSION, TEXT_KEYS, IndexWriter, KeyRange,
+                                     ShardTask, plan_shards)
 from img2prompt.index.plan import plan_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
 from img2prompt.models import load_clip, load_text_model, resolve_device
@@ -60,6 +65,8 @@ class BuildOptions:
     phrase_min_count: int = MIN_COUNT  # a modifier phrase needs this many prompts to enter the vocabulary
     engine: str = "local"  # who runs the shard tasks (build_index/engine.py)
     engine_options: dict = field(default_factory=dict)  # the engine's own settings (e.g. a cluster address)
+    pairs: list[str] | None = None  # (image, prompt) tables: image-keyed entries (build_index/pairs.py)
+    regression: bool = True  # fit the ridge head CLIP → MiniLM (used only when a query asks for --beta > 0)
 
 
 @dataclass
@@ -103,15 +110,21 @@ def run_build(options: BuildOptions) -> BuildResult:
         raise UserError(f"--workers must be 0 or more (got {options.workers})")
     timer = PhaseTimer()
     engine = engine_class(options.engine).from_options(options)  # an engine's missing extra fails here, early
-    paths = expand_corpus_paths(options.corpus)
+    paths = expand_corpus_paths(options.corpus) if options.corpus else []
+    pair_paths = expand_corpus_paths(options.pairs) if options.pairs else []
+    if not paths and not pair_paths:
+        raise UserError("nothing to index: give corpus files, --pairs files, or both")
+    if options.embeddings and pair_paths:
+        raise UserError("--embeddings gives CLIP text vectors for the corpus; it cannot be combined with --pairs")
     check_corpus_files(paths, options.column)
+    check_pair_files(pair_paths)
     device = resolve_device(options.device)
     log.info("device %s", device)
     with timer.phase("load_models"):
         clip = load_clip(options.clip_model, options.clip_pretrained, device)
         text_model = load_text_model(options.text_model, device)
     models = {"clip": clip.identity(), "text": text_model.identity()}
-    total_rows = count_rows(paths)
+    total_rows = count_rows(paths + pair_paths)
     precomputed = None
     if options.embeddings:
         precomputed = open_precomputed(options.embeddings)
@@ -120,28 +133,52 @@ def run_build(options: BuildOptions) -> BuildResult:
     build_key = {"models": models, "precision": precision_of(device), "batch_size": options.batch_size,
                  "corpus": [file_fingerprint(path) for path in paths],
                  "embeddings": [file_fingerprint(path) for path in precomputed.files] if precomputed else None,
-                 "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars}
+                 "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars,
+                 **({"pairs": [file_fingerprint(path) for path in pair_paths]} if pair_paths else {})}
     writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
     encoder = ShardEncoder(clip, text_model, options.batch_size, precomputed)
     spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
                        options.batch_size, options.embeddings, models)
     try:
-        return _build_into(writer, engine, encoder, spec, paths, models, device, total_rows, options, timer)
+        return _build_into(writer, engine, encoder, spec, paths, pair_paths, models, device, total_rows, options,
+                           timer)
     finally:
         writer.close()
 
 
-def _build_into(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder, spec: EncoderSpec, paths,
-                models: dict, device, total_rows: int, options: BuildOptions, timer: PhaseTimer) -> BuildResult:
-    corpus = CorpusReport()
-    precomputed = encoder.precomputed
+def plan_tasks(paths, pair_paths, corpus: CorpusReport, pairs: CorpusReport, options: BuildOptions,
+               precomputed: bool) -> Iterator[ShardTask]:
+    """Text-keyed shard tasks, then the image-keyed ones numbered after them (all text keys come first)."""
     prompts = (iter_prompt_rows if precomputed else iter_prompts)(paths, options.column, corpus, options.max_chars)
-    report, encoded_rows = encode_shards(writer, engine, encoder, spec, plan_shards(prompts, options.shard_size),
-                                         corpus, options, timer, total_rows=total_rows)
+    after = 0
+    for task in plan_shards(prompts, options.shard_size):
+        after = task.number + 1
+        yield task
+    yield from plan_shards(iter_pairs(pair_paths, pairs, options.max_chars), options.shard_size, first_number=after)
+
+
+def _build_into(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder, spec: EncoderSpec, paths,
+                pair_paths, models: dict, device, total_rows: int, options: BuildOptions,
+                timer: PhaseTimer) -> BuildResult:
+    corpus, pairs = CorpusReport(), CorpusReport()
+    precomputed = encoder.precomputed
+    report, encoded_rows = encode_shards(writer, engine, encoder, spec,
+                                         plan_tasks(paths, pair_paths, corpus, pairs, options, bool(precomputed)),
+                                         corpus, options, timer, total_rows=total_rows, pairs=pairs)
     if precomputed and corpus.read != precomputed.rows:
         raise misaligned(precomputed.rows, corpus.read)
     memory = {"peak_rss_mib_after_encode": peak_rss_mib()}
-    count, search_info, backend_files = build_search_backend(writer, options, timer)
+    with timer.phase("consolidate"):
+        count, _, _ = writer.consolidate()
+    key_ranges, backend_files = build_search_backends(writer, options, timer)
+    extra: dict = {}
+    if len(key_ranges) > 1:
+        with timer.phase("calibration"):
+            extra["calibration"] = calibrate_key_kinds(writer, key_ranges, encoder.clip, options)
+    if options.regression:
+        with timer.phase("regression"):
+            extra["regression"] = fit_regression_head(writer, key_ranges, options)
+        backend_files += (REGRESSION,)
     with timer.phase("phrases"):
         phrase_info, phrase_files = build_phrases(writer, encoder.clip, options)
     memory["peak_rss_mib_at_end"] = peak_rss_mib()
@@ -151,7 +188,9 @@ def _build_into(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder,
         "count": count,
         "metric": "inner_product",
         "models": models,
-        "search": search_info,
+        "search": key_ranges[0].plan,
+        "key_ranges": [key_range.as_dict() for key_range in key_ranges],
+        **extra,
         "phrases": phrase_info,
         "corpus": report,
         "build_options": {"batch_size": options.batch_size, "device": str(device), "index": options.index,
@@ -167,23 +206,25 @@ def _build_into(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder,
 
 def encode_shards(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder, spec: EncoderSpec,
                   tasks: Iterator[ShardTask], corpus: CorpusReport, options: BuildOptions, timer: PhaseTimer,
-                  total_rows: int | None = None) -> tuple[dict, int]:
+                  total_rows: int | None = None, pairs: CorpusReport | None = None) -> tuple[dict, int]:
     """Have the engine encode every shard task without a valid committed record, committing each record as
     it finishes (any order); returns (corpus report, rows encoded).
 
     Committed shards (a resume) are re-read from the corpus only to check they are unchanged, and their
     files are checked against the recorded sha256: a damaged one is encoded again.
     """
-    truncated_total = encoded = 0
+    truncated_total = encoded = planned = 0
+    pairs = pairs if pairs is not None else CorpusReport()
     # A context manager, so that an error is printed below a closed bar, not onto its line.
     with progress_bar(enabled=options.progress, total=total_rows, unit="row", desc="encode") as bar:
 
         def to_encode() -> Iterator[ShardTask]:
-            nonlocal truncated_total
+            nonlocal truncated_total, planned
             for task in tasks:
+                planned = task.number + 1
                 if writer.is_committed(task):
                     truncated_total += writer.records[task.number]["clip_truncated"]
-                    bar.update(corpus.read - bar.n)
+                    bar.update(corpus.read + pairs.read - bar.n)
                 else:
                     yield task
 
@@ -193,10 +234,18 @@ def encode_shards(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncode
                 timer.seconds[phase] += value
             truncated_total += record["clip_truncated"]
             encoded += record["count"]
-            bar.update(corpus.read - bar.n)
-    if any(number * options.shard_size >= corpus.kept for number in writer.records):
-        raise UserError(f"{options.out}: cannot resume, the corpus now has fewer prompts than were indexed")
-    return {**corpus.as_dict(), "clip_truncated": truncated_total}, encoded
+            bar.update(corpus.read + pairs.read - bar.n)
+    if any(number >= planned for number in writer.records):
+        raise UserError(f"{options.out}: cannot resume, the corpus (or --pairs) now gives fewer entries than were "
+                        "indexed; rerun with --overwrite")
+    report = {**corpus.as_dict(), "clip_truncated": truncated_total}
+    if pairs.files:
+        unreadable = sum(record.get("skipped", {}).get(SKIP_UNREADABLE_IMAGE, 0)
+                         for record in writer.records.values())
+        pairs.skipped[SKIP_UNREADABLE_IMAGE] += unreadable
+        pairs.kept -= unreadable
+        report["pairs"] = pairs.as_dict()
+    return report, encoded
 
 
 def build_phrases(writer: IndexWriter, clip, options: BuildOptions) -> tuple[dict, tuple[str, ...]]:
@@ -209,21 +258,35 @@ def build_phrases(writer: IndexWriter, clip, options: BuildOptions) -> tuple[dic
     return {"count": len(phrases), "min_count": options.phrase_min_count}, files
 
 
-def build_search_backend(writer: IndexWriter, options: BuildOptions, timer: PhaseTimer) -> tuple[int, dict, tuple]:
-    """Consolidate the shards, build the planned search backend over them, tune and measure its recall."""
-    with timer.phase("consolidate"):
-        count, clip_dim, _ = writer.consolidate()
+def build_search_backends(writer: IndexWriter, options: BuildOptions,
+                          timer: PhaseTimer) -> tuple[list[KeyRange], tuple[str, ...]]:
+    """A search backend per key kind (text keys in the folder itself, image keys in image_keys/), each
+    planned for its own size; returns the key ranges and the backend files (relative paths)."""
     vectors = writer.vectors("clip")
+    key_ranges, files = [], ()
+    for kind, (start, stop) in writer.key_rows().items():
+        folder = "" if kind == TEXT_KEYS else IMAGE_KEYS_FOLDER
+        (writer.root / folder).mkdir(exist_ok=True)
+        plan, names = build_search_backend(vectors[start:stop], writer.root / folder, options, timer, kind)
+        key_ranges.append(KeyRange(kind, start, stop, plan, folder))
+        files += tuple(f"{folder}/{name}" if folder else name for name in names)
+    return key_ranges, files
+
+
+def build_search_backend(vectors, folder: Path, options: BuildOptions, timer: PhaseTimer,
+                         kind: str = TEXT_KEYS) -> tuple[dict, tuple]:
+    """Build the planned search backend over `vectors` into `folder`, tune and measure its recall."""
+    count, clip_dim = vectors.shape
     try:
         plan = plan_index(count, clip_dim, options.index, options.max_memory)
     except UserError as exc:  # known only now that the corpus is counted: the encoding is not lost
         raise UserError(f"{exc}. The encoded shards are kept: rerun the same build with --resume and another "
                         "--index or --max-memory") from exc
-    log.info("index %s (%s), about %.1f MiB", plan.kind, plan.reason, plan.estimated_bytes / 2**20)
+    log.info("%s keys: index %s (%s), about %.1f MiB", kind, plan.kind, plan.reason, plan.estimated_bytes / 2**20)
     backend_cls = backend_class(plan.kind)
     with timer.phase("build_index"):
         with progress_bar(enabled=options.progress, total=count, unit="vec", desc=f"index {plan.kind}") as bar:
-            backend = backend_cls.build(vectors, plan.params, writer.root, seed=options.seed, progress=bar.update)
+            backend = backend_cls.build(vectors, plan.params, folder, seed=options.seed, progress=bar.update)
     with timer.phase("recall"):
         # Tunes the search settings (efSearch; nprobe + re-rank depth) on one query set, reports on another.
         recall = measure_recall(backend, queries=options.recall_queries, seed=options.seed, target=RECALL_TARGET)
@@ -231,4 +294,32 @@ def build_search_backend(writer: IndexWriter, options: BuildOptions, timer: Phas
         log.warning("recall@%d of the %s index is %.3f (< %.2f): consider --index flat or a larger "
                     "--max-memory", recall["k"], plan.kind, recall["recall"], RECALL_TARGET)
     info = {**plan.as_dict(), "params": dict(backend.params), "recall_at_10": recall}
-    return count, info, backend_cls.files()
+    return info, backend_cls.files()
+
+
+def calibrate_key_kinds(writer: IndexWriter, key_ranges: list[KeyRange], clip, options: BuildOptions) -> dict:
+    """Fit the image keys' score map (build_index/calibration.py) on sample image-keyed rows."""
+    rows = {key_range.keys: (key_range.start, key_range.stop) for key_range in key_ranges}
+    return fit_calibration(writer.vectors("clip"), writer.vectors("minilm"), rows[TEXT_KEYS], rows[IMAGE_KEYS],
+                           prompts_of=writer.prompt_rows,
+                           encode_texts=lambda texts: clip_text_embeddings(clip, texts, options.batch_size).vectors,
+                           seed=options.seed)
+
+
+REGRESSION_CHUNK = 65_536  # rows read from the memory maps at a time
+HELDOUT_ROWS = 10_000  # about this many rows choose the ridge penalty
+
+
+def fit_regression_head(writer: IndexWriter, key_ranges: list[KeyRange], options: BuildOptions) -> dict:
+    """Fit the ridge head on every key (streamed), save it, and return its manifest entry."""
+    clip, minilm = writer.vectors("clip"), writer.vectors("minilm")
+    count = len(clip)
+    accumulator = RidgeAccumulator(clip.shape[1], minilm.shape[1], stride=max(20, -(-count // HELDOUT_ROWS)),
+                                   max_heldout=HELDOUT_ROWS)
+    for key_range in key_ranges:
+        for start in range(key_range.start, key_range.stop, REGRESSION_CHUNK):
+            stop = min(start + REGRESSION_CHUNK, key_range.stop)
+            accumulator.add(clip[start:stop], minilm[start:stop], first_row=start, modality=key_range.keys)
+    head = accumulator.fit()
+    head.save(writer.root / REGRESSION)
+    return head.info()

@@ -2,6 +2,7 @@
 cluster node that sees the index folder). Models load once per encoder, never per shard."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from img2prompt.build_index.embed import (clip_embed_tokens, clip_text_embeddings, count_truncated,
                                           minilm_batch_order, minilm_embed_ids, minilm_embeddings)
+from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE
 from img2prompt.build_index.pipeline import TokenizedShard, Tokenizers, tokenizers_for
 from img2prompt.build_index.precomputed import (AGREEMENT_SAMPLE, PrecomputedVectors, check_agreement,
                                                 open_precomputed)
@@ -17,6 +19,8 @@ from img2prompt.errors import UserError
 from img2prompt.index.format import save_shard
 from img2prompt.memory import release_free_memory
 from img2prompt.models import ClipModel, TextModel, load_clip, load_text_model, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +58,8 @@ class ShardEncoder:
 
     def encode(self, shard: TokenizedShard, root: str | Path) -> tuple[dict, dict]:
         """Encode the shard, write its files atomically into `root`; (record to commit, phase seconds)."""
+        if shard.task.images is not None:
+            return self._encode_images(shard, root)
         task, seconds = shard.task, {}
         started = time.perf_counter()
         if self.precomputed is not None:
@@ -73,6 +79,31 @@ class ShardEncoder:
         started = time.perf_counter()
         record = save_shard(root, task, vectors, minilm, truncated)
         seconds["write_shards"] = time.perf_counter() - started
+        release_free_memory()
+        return record, seconds
+
+    def _encode_images(self, shard: TokenizedShard, root: str | Path) -> tuple[dict, dict]:
+        """An image-keyed task: CLIP image vectors as keys; rows whose image cannot be decoded are dropped
+        (counted in the record, the first few named in the log)."""
+        from img2prompt.query.embed_images import embed_images
+
+        task, seconds = shard.task, {}
+        started = time.perf_counter()
+        embedded = embed_images(self.clip, task.images, self.batch_size)
+        seconds["encode_images"] = time.perf_counter() - started
+        kept = embedded.ok
+        for position, reason in list(embedded.failed.items())[:3]:
+            log.warning("pairs: skipping %s (%s)", task.images[position], reason)
+        started = time.perf_counter()
+        prompts = [task.prompts[row] for row in kept]
+        if shard.minilm_ids is None:
+            minilm = minilm_embeddings(self.text_model, prompts, self.batch_size)
+        else:
+            minilm = minilm_embed_ids(self.text_model, [shard.minilm_ids[row] for row in kept],
+                                      minilm_batch_order(prompts), self.batch_size)
+        seconds["encode_minilm"] = time.perf_counter() - started
+        record = save_shard(root, task, embedded.vectors, minilm, kept=kept)
+        record["skipped"] = {SKIP_UNREADABLE_IMAGE: len(embedded.failed)}
         release_free_memory()
         return record, seconds
 

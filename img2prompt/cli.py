@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG_BUILD, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Read, normalise and deduplicate prompts; embed them with CLIP "
                                             "(text) and MiniLM; write a resumable, atomically committed index.")
-    build.add_argument("corpus", nargs="+", metavar="CORPUS",
-                       help=".txt (a prompt a line), .csv, .tsv or .parquet files; globs allowed")
+    build.add_argument("corpus", nargs="*", metavar="CORPUS",
+                       help=".txt (a prompt a line), .csv, .tsv or .parquet files; globs allowed (may be left out "
+                            "when --pairs is given)")
     build.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder to write")
     build.add_argument("--column", default="prompt", help="prompt column in csv/tsv/parquet (default: prompt)")
     _add_model_flags(build, for_build=True)
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --engine ray: auto (a running cluster) or ADDRESS; default: start a local one")
     group.add_argument("--gpus-per-worker", type=float, default=0,
                        help="with --engine ray: GPUs per encoding actor (default 0: CPU actors)")
+    group.add_argument("--pairs", action="append", metavar="TABLE",
+                       help="image-keyed entries: a .csv/.tsv/.parquet with columns image (path, absolute or relative "
+                            "to the table) and prompt; the key is the CLIP image vector (repeatable; globs allowed)")
+    group.add_argument("--no-regression-head", dest="regression", action="store_false",
+                       help="do not fit the ridge head CLIP → MiniLM (it is only used by --beta > 0)")
     group.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     group.add_argument("--overwrite", action="store_true", help="replace a complete index in --out")
     group.add_argument("--json", action="store_true", help="print the build summary as JSON")
@@ -240,7 +246,7 @@ def cmd_build(args) -> None:
         text_model=args.text_model, column=args.column, batch_size=args.batch_size, device=args.device,
         shard_size=args.shard_size, index=args.index, max_memory=args.max_memory, resume=args.resume,
         overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers,
-        embeddings=args.embeddings, engine=args.engine,
+        embeddings=args.embeddings, engine=args.engine, pairs=args.pairs, regression=args.regression,
         engine_options={"address": args.ray_address, "gpus_per_worker": args.gpus_per_worker})
     manifest = result.manifest
     summary = {"index": args.out, "count": manifest["count"], "corpus": result.report,

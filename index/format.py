@@ -2,12 +2,16 @@
 
     INDEX_DIR/
       manifest.json        format version, state, models (+ weight sha256), dims, count, files + checksums
-      prompts.parquet      id (int64), prompt (string); row i is prompt id i
+      prompts.parquet      id (int64), prompt (string), key (string: "text" or "image"); row i is prompt id i
       minilm.f16           float16 [count, text_dim], L2-normalised scorer embeddings, row i ↔ prompt id i
-      clip.f16             float16 [count, clip_dim], L2-normalised CLIP text embeddings: the searchable vectors
+      clip.f16             float16 [count, clip_dim], L2-normalised CLIP embeddings: the searchable keys, CLIP
+                           *text* vectors of the corpus prompts, then CLIP *image* vectors of `build --pairs`
+                           images (rows in that order; the manifest's "key_ranges" say where each kind lies)
                            (flat/torch search them directly; approximate kinds re-rank from them)
       minilm_mean.npy      float32 [text_dim], mean of the MiniLM rows (the corpus-mean prediction)
       clip.faiss           only for approximate kinds (hnsw, ivfpq): the FAISS index, inner product, ids = prompt ids
+      image_keys/          the image-keyed range's own backend files (same names), when it has an approximate kind
+      regression.npz       the ridge head CLIP → MiniLM (build_index/regression.py), when the build fitted one
       phrases.parquet      modifier vocabulary mined from the corpus (phrase, count); phrases.f16 its CLIP
                            vectors (both optional: indexes built before they existed open without them)
       shards/NNNNN.*       row-aligned shards while a build runs (deleted once the index is complete)
@@ -15,7 +19,9 @@
 Every file is written to a temp name, fsynced and renamed. A shard exists only once the manifest lists it
 (with each file's sha256), and the index loads only when the manifest says state == "complete": a crashed
 build never loads. Format 1 (flat indexes also held a float32 clip.faiss) still opens; its extra file is
-ignored. The manifest's "search" section (format 1: "faiss") names the backend kind and its settings.
+ignored. The manifest's "search" section (format 1: "faiss") names the backend kind and its settings;
+format 3 adds "key_ranges" (a backend per key kind: image→image scores run higher than image→text, so each
+kind is searched on its own and the scores are calibrated before they are merged) and "calibration".
 """
 from __future__ import annotations
 
@@ -40,8 +46,8 @@ from img2prompt.errors import UserError, short_reason
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: flat indexes keep one copy of the vectors (no clip.faiss); shard files carry sha256
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: flat indexes keep one copy of the vectors; 3: key ranges (image-keyed entries)
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.parquet"
 MINILM = "minilm.f16"
@@ -57,6 +63,9 @@ STATE_COMPLETE = "complete"
 VECTOR_DTYPE = np.float16
 INDEX_FILES = (PROMPTS, MINILM, CLIP_VECTORS, MINILM_MEAN)  # every kind has these; backends add their own
 SHARD_SUFFIXES = {"prompts": ".parquet", "clip": ".clip.npy", "minilm": ".minilm.npy"}
+TEXT_KEYS, IMAGE_KEYS = "text", "image"
+IMAGE_KEYS_FOLDER = "image_keys"  # the image range's backend files
+REGRESSION = "regression.npz"
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -133,22 +142,31 @@ class ShardTask:
     first_id: int
     prompts: list[str]
     source_rows: list[int] | None = None  # each prompt's raw corpus row (locates precomputed vectors)
+    images: list[str] | None = None  # image-keyed entries (build --pairs): each prompt's image file
+
+    @property
+    def keys(self) -> str:
+        return IMAGE_KEYS if self.images is not None else TEXT_KEYS
 
     @property
     def prompts_sha256(self) -> str:
-        return prompts_sha256(self.prompts)
+        return prompts_sha256(self.prompts + (self.images or []))
 
 
-def plan_shards(prompts: Iterator[str] | Iterator[tuple[int, str]], shard_size: int) -> Iterator[ShardTask]:
+def plan_shards(prompts: Iterator[str] | Iterator[tuple[int, str]], shard_size: int,
+                first_number: int = 0) -> Iterator[ShardTask]:
     """Cut the (deduplicated) prompt stream into shard tasks; shard n starts at row n × shard_size.
 
-    Items are prompts, or (raw corpus row, prompt) pairs when the rows are needed later."""
-    number = 0
+    Items are prompts, or (raw corpus row, prompt) pairs when the rows are needed later, or (image path,
+    prompt) pairs for image-keyed entries. The planned first ids are the resume key; the index's ids are
+    positions (consolidate), since an image that cannot be decoded leaves its shard short."""
+    number = first_number
     while batch := list(itertools.islice(prompts, shard_size)):
-        rows = None
+        rows = images = None
         if isinstance(batch[0], tuple):
-            rows, batch = [row for row, _ in batch], [prompt for _, prompt in batch]
-        yield ShardTask(number=number, first_id=number * shard_size, prompts=batch, source_rows=rows)
+            firsts, batch = [first for first, _ in batch], [prompt for _, prompt in batch]
+            rows, images = (None, firsts) if isinstance(firsts[0], str) else (firsts, None)
+        yield ShardTask(number=number, first_id=number * shard_size, prompts=batch, source_rows=rows, images=images)
         number += 1
 
 
@@ -190,21 +208,25 @@ def shard_path(root: Path, number: int, kind: str) -> Path:
 
 
 def save_shard(root: str | Path, task: ShardTask, clip: np.ndarray, minilm: np.ndarray,
-               clip_truncated: int = 0) -> dict:
+               clip_truncated: int = 0, kept: list[int] | None = None) -> dict:
     """Write one shard's files atomically (any process, any order); returns the record to commit.
 
-    The record carries each file's sha256, so a resume can tell a committed shard from a damaged one.
+    `kept`: the task's rows that were encoded (an image-keyed task drops the images it cannot decode);
+    None = all. The record carries each file's sha256, so a resume can tell a committed shard from a
+    damaged one.
     """
-    if not (len(task.prompts) == len(clip) == len(minilm)):
-        raise ValueError(f"shard rows disagree: {len(task.prompts)} prompts, {len(clip)} clip, {len(minilm)} minilm")
+    prompts = task.prompts if kept is None else [task.prompts[row] for row in kept]
+    if not (len(prompts) == len(clip) == len(minilm)):
+        raise ValueError(f"shard rows disagree: {len(prompts)} prompts, {len(clip)} clip, {len(minilm)} minilm")
     root = Path(root)
     (root / SHARDS).mkdir(parents=True, exist_ok=True)
-    _save_prompts(shard_path(root, task.number, "prompts"), task.first_id, task.prompts)
+    _save_prompts(shard_path(root, task.number, "prompts"), task.first_id, prompts)
     _save_array(shard_path(root, task.number, "clip"), np.asarray(clip, dtype=VECTOR_DTYPE))
     _save_array(shard_path(root, task.number, "minilm"), np.asarray(minilm, dtype=VECTOR_DTYPE))
     files = {kind: file_record(shard_path(root, task.number, kind)) for kind in SHARD_SUFFIXES}
-    return {"number": task.number, "first_id": task.first_id, "count": len(task.prompts),
-            "prompts_sha256": task.prompts_sha256, "clip_truncated": clip_truncated, "files": files}
+    return {"number": task.number, "first_id": task.first_id, "count": len(prompts), "keys": task.keys,
+            "planned": len(task.prompts), "prompts_sha256": task.prompts_sha256, "clip_truncated": clip_truncated,
+            "files": files}
 
 
 class IndexWriter:
@@ -288,9 +310,10 @@ class IndexWriter:
         manifest = self.root / MANIFEST
         if manifest.exists():
             manifest.unlink()  # first, so a half-cleared folder never looks complete
-        for name in INDEX_FILES + (FAISS,):
+        for name in INDEX_FILES + (FAISS, REGRESSION, PHRASES, PHRASE_VECTORS):
             (self.root / name).unlink(missing_ok=True)
         shutil.rmtree(self.root / SHARDS, ignore_errors=True)
+        shutil.rmtree(self.root / IMAGE_KEYS_FOLDER, ignore_errors=True)
         self._remove_stray_temp_files()
 
     def _save_manifest(self) -> None:
@@ -353,13 +376,29 @@ class IndexWriter:
             total += block.astype(np.float64).sum(axis=0)
         _save_array(self.root / MINILM_MEAN, (total / count).astype(np.float32))
         with atomic_path(self.root / PROMPTS) as tmp:
-            writer = None
+            writer, first_id = None, 0
             for record in self._ordered_records():
-                table = pq.read_table(shard_path(self.root, record["number"], "prompts"))
+                prompts = pq.read_table(shard_path(self.root, record["number"], "prompts")).column("prompt")
+                table = pa.table({"id": pa.array(np.arange(first_id, first_id + len(prompts), dtype=np.int64)),
+                                  "prompt": prompts,
+                                  "key": pa.array([record.get("keys", TEXT_KEYS)] * len(prompts), type=pa.string())})
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
+                first_id += len(prompts)
             writer.close()
         return count, clip_dim, text_dim
+
+    def key_rows(self) -> dict[str, tuple[int, int]]:
+        """{key kind: (first row, end row)} of the consolidated index: text keys first, then image keys."""
+        ranges, start = {}, 0
+        for record in self._ordered_records():
+            kind = record.get("keys", TEXT_KEYS)
+            first, _ = ranges.get(kind, (start, start))
+            if kind in ranges and ranges[kind][1] != start:
+                raise ValueError("key kinds are interleaved: image-keyed shards must come after the text ones")
+            ranges[kind] = (first, start + record["count"])
+            start += record["count"]
+        return {kind: rows for kind, rows in ranges.items() if rows[1] > rows[0]}
 
     def _concat_vectors(self, kind: str, name: str) -> int:
         dim = None
@@ -380,6 +419,16 @@ class IndexWriter:
         """The consolidated prompts in id order, a batch at a time (after consolidate())."""
         for batch in pq.ParquetFile(self.root / PROMPTS).iter_batches(columns=["prompt"], batch_size=size):
             yield batch.column(0).to_pylist()
+
+    def prompt_rows(self, ids) -> list[str]:
+        """The consolidated prompts with these ids (streamed: memory does not grow with the corpus)."""
+        wanted = {int(i): None for i in ids}
+        first = 0
+        for batch in self.iter_prompt_batches():
+            for i in [i for i in wanted if first <= i < first + len(batch)]:
+                wanted[i] = batch[i - first]
+            first += len(batch)
+        return [wanted[int(i)] for i in ids]
 
     def save_phrases(self, phrases: list[str], counts: list[int], vectors: np.ndarray) -> tuple[str, ...]:
         """Write the modifier vocabulary and its CLIP vectors; returns the file names for complete()."""
@@ -419,6 +468,27 @@ class IndexWriter:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+
+@dataclass(frozen=True)
+class KeyRange:
+    """Rows [start, stop) of one key kind, with the search backend that covers them."""
+    keys: str  # TEXT_KEYS or IMAGE_KEYS
+    start: int
+    stop: int
+    plan: dict  # {"kind", "params", "recall_at_10", ...}
+    folder: str = ""  # where the backend's own files live, relative to the index folder
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+    def as_dict(self) -> dict:
+        return {"keys": self.keys, "rows": [self.start, self.stop], "folder": self.folder, "search": self.plan}
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> "KeyRange":
+        return cls(entry["keys"], int(entry["rows"][0]), int(entry["rows"][1]), entry["search"], entry.get("folder", ""))
+
 
 @dataclass
 class PromptIndex:
@@ -514,15 +584,40 @@ class PromptIndex:
 
     @property
     def search_plan(self) -> dict:
-        """{"kind", "params", "recall_at_10", ...} of the search backend (format 1 called it "faiss")."""
+        """{"kind", "params", "recall_at_10", ...} of the first key range's backend (format 1: "faiss")."""
         return self.manifest.get("search") or self.manifest["faiss"]
 
-    def open_backend(self, device: str = "cpu"):
-        """The search backend for this index on `device` (a flat index on CUDA searches with torch)."""
+    @property
+    def key_ranges(self) -> list[KeyRange]:
+        """The key kinds and where they lie; indexes before format 3 are one text range."""
+        if "key_ranges" in self.manifest:
+            return [KeyRange.from_dict(entry) for entry in self.manifest["key_ranges"]]
+        return [KeyRange(TEXT_KEYS, 0, self.count, self.search_plan)]
+
+    def key_kinds(self, ids: np.ndarray) -> np.ndarray:
+        """The key kind ("text"/"image"; "" for -1) of each prompt id."""
+        ids = np.asarray(ids, dtype=np.int64)
+        kinds = np.full(ids.shape, "", dtype=object)
+        for key_range in self.key_ranges:
+            kinds[(ids >= key_range.start) & (ids < key_range.stop)] = key_range.keys
+        return kinds
+
+    @property
+    def calibration(self) -> dict:
+        """{query kind: {key kind: {"scale", "offset"}}}: maps each key kind's raw cosine onto the text keys'
+        scale before the ranges' hits meet in one top-k (absent: identity)."""
+        return self.manifest.get("calibration", {}).get("maps", {})
+
+    def open_backend(self, device: str = "cpu", key_range: KeyRange | None = None):
+        """The search backend of one key range (default: the first) on `device`; its ids are relative to the
+        range's first row. A flat range on CUDA searches with torch."""
         from img2prompt.index.backend import backend_class
 
-        plan = self.search_plan
-        return backend_class(plan["kind"]).load(self.root, self.clip_vectors, plan.get("params", {}), device)
+        key_range = key_range or self.key_ranges[0]
+        plan = key_range.plan
+        return backend_class(plan["kind"]).load(self.root / key_range.folder,
+                                                self.clip_vectors[key_range.start:key_range.stop],
+                                                plan.get("params", {}), device)
 
 
 def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:

@@ -3,7 +3,7 @@
 prediction = normalise((1 - beta) · shrunk + beta · head),
 shrunk     = normalise((1 - alpha) · knn + alpha · normalise(corpus_mean)),
 knn        = normalise(Σ_j w_j · minilm[id_j]),  w = softmax(similarity / temperature) over the k neighbours,
-head       = the index's regression head applied to the query (query/regression.py), only when beta > 0.
+head       = the index's regression head applied to the query (build_index/regression.py), only when beta > 0.
 
 With consensus γ > 0 the softmax weights are re-weighted by each neighbour's agreement with the others,
 w'_j ∝ w_j · exp(γ · a_j), a_j = cos(minilm_j, Σ_{i≠j} w_i · minilm_i): a neighbour whose prompt says what

@@ -1,4 +1,9 @@
-"""Query vectors → top-k prompt ids and scores over an opened index, through its search backend (index/backend.py)."""
+"""Query vectors → top-k prompt ids and scores over an opened index, through its search backends (index/backend.py).
+
+An index with image-keyed entries has a backend per key kind. Each is searched for the top-k, its raw
+cosines are mapped onto the text keys' scale (the calibration fitted at build time, per query kind), and
+the lists are merged: the scores a caller sees, and the softmax weighs, are calibrated ones.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from img2prompt.errors import UserError
+from img2prompt.index.backend import merge_top_k
 from img2prompt.index.format import PromptIndex
 
 
@@ -23,10 +29,35 @@ class Neighbours:
         return out
 
 
+def calibrate(scores: np.ndarray, fit: dict | None) -> np.ndarray:
+    """scale · score + offset (identity without a fit); missing neighbours (-inf) stay missing."""
+    if not fit:
+        return scores
+    return np.where(np.isfinite(scores), fit["scale"] * scores + fit["offset"], scores).astype(np.float32)
+
+
 class Retriever:
     def __init__(self, index: PromptIndex, device: str = "cpu") -> None:
         self.index = index
-        self.backend = index.open_backend(device)
+        self.ranges = [(key_range, index.open_backend(device, key_range)) for key_range in index.key_ranges]
+        self.backend = self.ranges[0][1]
+
+    def close(self) -> None:
+        for _, backend in self.ranges:
+            backend.close()
+
+    def _search_ranges(self, queries: np.ndarray, fetch: int, query_kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`fetch` over every key range, calibrated scores, global ids, best first."""
+        if len(self.ranges) == 1 and not self.index.calibration:
+            return self.backend.search(queries, fetch)  # the common case: one text range, raw cosines
+        scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+        ids = np.zeros((len(queries), 0), dtype=np.int64)
+        maps = self.index.calibration.get(query_kind, {})
+        for key_range, backend in self.ranges:
+            found_scores, found_ids = backend.search(queries, min(fetch, key_range.count))
+            scores, ids = merge_top_k(scores, ids, calibrate(found_scores, maps.get(key_range.keys)),
+                                      np.where(found_ids >= 0, found_ids + key_range.start, -1), fetch)
+        return scores, ids
 
     def check_k(self, k: int) -> None:
         if k <= 0:
@@ -34,8 +65,10 @@ class Retriever:
         if k > self.index.count:
             raise UserError(f"--k {k} is larger than the index ({self.index.count} prompts)")
 
-    def search(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None) -> Neighbours:
-        """Top-k per query; `exclude[i]` lists prompt ids query i must not return (the eval leakage guard)."""
+    def search(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None,
+               query_kind: str = "image") -> Neighbours:
+        """Top-k per query; `exclude[i]` lists prompt ids query i must not return (the eval leakage guard).
+        `query_kind`: "image" or "text", which picks the calibration of the key kinds' scores."""
         self.check_k(k)
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index.clip_dim:
@@ -44,7 +77,7 @@ class Retriever:
             return Neighbours(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
         extra = max((len(ids) for ids in exclude), default=0) if exclude else 0
         fetch = min(self.index.count, k + extra)
-        scores, ids = self.backend.search(queries, fetch)
+        scores, ids = self._search_ranges(queries, fetch, query_kind)
         if extra:
             kept_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
             kept_ids = np.full((len(ids), k), -1, dtype=np.int64)

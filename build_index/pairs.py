@@ -1,0 +1,72 @@
+"""`build --pairs`: (image, prompt) files → image-keyed entries, streamed, every skipped row counted.
+
+A pairs file is a CSV/TSV/parquet table with an `image` column (a path, absolute or relative to the pairs
+file's folder) and a `prompt` column: e.g. DiffusionDB's metadata, or images generated for corpus prompts.
+The entry's key is the CLIP *image* vector of the image, its value the prompt's MiniLM vector. Prompts are
+normalised like corpus prompts but not deduplicated (several images of one prompt are several keys); a
+row naming an image already listed is skipped. Images that cannot be decoded are skipped when the shard
+is encoded and counted in the shard's record ("unreadable_image").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, SKIP_EMPTY, SKIP_NUL, SKIP_TOO_LONG, TABLE_SUFFIXES,
+                                           CorpusReport, _raw_table_rows, normalise_prompt)
+from img2prompt.errors import UserError
+
+IMAGE_COLUMN, PROMPT_COLUMN = "image", "prompt"
+SKIP_NO_IMAGE = "no_image"
+SKIP_DUPLICATE_IMAGE = "duplicate_image"
+SKIP_UNREADABLE_IMAGE = "unreadable_image"
+
+
+def check_pair_files(paths: list[Path]) -> None:
+    """Every pairs file exists, is a table and has both columns, before any output folder is touched."""
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"--pairs {path}: file not found")
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise UserError(f"--pairs {path}: expected a .csv, .tsv or .parquet table with columns "
+                            f"{IMAGE_COLUMN!r} and {PROMPT_COLUMN!r}")
+        for column in (IMAGE_COLUMN, PROMPT_COLUMN):
+            rows = _raw_table_rows(path, column)
+            next(rows, None)  # runs that reader's header and column checks
+            rows.close()
+
+
+def iter_pairs(paths: list[Path], report: CorpusReport | None = None,
+               max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[tuple[str, str]]:
+    """(absolute image path, normalised prompt) for each usable row, in file and row order."""
+    report = report if report is not None else CorpusReport()
+    seen: set[str] = set()
+    for path in paths:
+        report.files.append(str(path))
+        folder = path.resolve().parent
+        for (image, image_skip), (raw, prompt_skip) in zip(_raw_table_rows(path, IMAGE_COLUMN),
+                                                           _raw_table_rows(path, PROMPT_COLUMN)):
+            report.read += 1
+            if prompt_skip or image_skip:
+                report.skipped[prompt_skip or SKIP_NO_IMAGE] += 1
+                continue
+            if "\x00" in raw or "\x00" in image:
+                report.skipped[SKIP_NUL] += 1
+                continue
+            prompt = normalise_prompt(raw)
+            if not prompt:
+                report.skipped[SKIP_EMPTY] += 1
+                continue
+            if len(prompt) > max_chars:
+                report.skipped[SKIP_TOO_LONG] += 1
+                continue
+            if not image.strip():
+                report.skipped[SKIP_NO_IMAGE] += 1
+                continue
+            image_path = str(folder / image.strip())  # an absolute `image` replaces the folder
+            if image_path in seen:
+                report.skipped[SKIP_DUPLICATE_IMAGE] += 1
+                continue
+            seen.add(image_path)
+            report.kept += 1
+            yield image_path, prompt
