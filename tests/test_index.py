@@ -26,7 +26,7 @@ def test_build_counts_and_manifest(built_index, clip, text_model):
     assert set(manifest["files"]) == {"prompts.parquet", "minilm.f16", "clip.f16", "minilm_mean.npy",
                                       "phrases.parquet", "phrases.f16", "regression.npz"}
     assert [entry["keys"] for entry in manifest["key_ranges"]] == ["text"] and "calibration" not in manifest
-    assert manifest["regression"]["rows"] == {"text": 160, "image": 0}
+    assert manifest["regression"]["rows"] == {"text": 160}
     assert not (built_index / "clip.faiss").exists()
     assert manifest["build"]["precision"] == "fp32" and manifest["build"]["batch_size"] == 32
     assert not (built_index / "shards").exists() and not (built_index / ".lock").exists()
