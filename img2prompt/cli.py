@@ -69,7 +69,7 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool) -> Non
 
 
 def _add_blend_flags(parser: argparse.ArgumentParser) -> None:
-    from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE
+    from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_CONSENSUS, DEFAULT_K, DEFAULT_TEMPERATURE
 
     group = parser.add_argument_group("prediction (provisional defaults: tune with `img2prompt eval --sweep`)")
     group.add_argument("--k", type=int, default=DEFAULT_K, help=f"neighbours blended (default {DEFAULT_K})")
@@ -77,6 +77,12 @@ def _add_blend_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"softmax temperature over similarities (default {DEFAULT_TEMPERATURE})")
     group.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                        help=f"shrinkage towards the corpus-mean vector, 0..1 (default {DEFAULT_ALPHA})")
+    group.add_argument("--consensus", type=float, default=DEFAULT_CONSENSUS, metavar="GAMMA",
+                       help="re-weight the neighbours by their agreement with the others, w·exp(GAMMA·agreement) "
+                            f"(default {DEFAULT_CONSENSUS}: off)")
+    group.add_argument("--beta", type=float, default=DEFAULT_BETA,
+                       help="share of the index's regression head (ridge CLIP → MiniLM) in the prediction, 0..1 "
+                            f"(default {DEFAULT_BETA}: off)")
 
 
 def _add_image_flags(parser: argparse.ArgumentParser) -> None:
@@ -234,7 +240,8 @@ def _open(args):
 
 def _retrieval_settings(args) -> dict:
     """The RetrievalSettings fields that submit and eval share."""
-    return {"k": args.k, "temperature": args.temperature, "alpha": args.alpha, "batch_size": args.batch_size,
+    return {"k": args.k, "temperature": args.temperature, "alpha": args.alpha, "consensus": args.consensus,
+            "beta": args.beta, "batch_size": args.batch_size,
             "workers": args.workers, "progress": not args.quiet}
 
 

@@ -608,6 +608,19 @@ class PromptIndex:
         scale before the ranges' hits meet in one top-k (absent: identity)."""
         return self.manifest.get("calibration", {}).get("maps", {})
 
+    @cached_property
+    def regression_head(self):
+        """The ridge head CLIP → MiniLM (build_index/regression.py), or None for an index built without one."""
+        if REGRESSION not in self.manifest.get("files", {}):
+            return None
+        from img2prompt.build_index.regression import RidgeHead
+
+        try:
+            return RidgeHead.load(self.root / REGRESSION, self.manifest["regression"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{self.root / REGRESSION}: not readable ({short_reason(exc)}): the index is damaged, "
+                            "rebuild it") from exc
+
     def open_backend(self, device: str = "cpu", key_range: KeyRange | None = None):
         """The search backend of one key range (default: the first) on `device`; its ids are relative to the
         range's first row. A flat range on CUDA searches with torch."""

@@ -14,10 +14,11 @@ import numpy as np
 from img2prompt.api import ImageInput, SearchResult
 from img2prompt.build_index.embed import clip_text_embeddings
 from img2prompt.errors import UserError
-from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE, check_blend_args
+from img2prompt.query.blend import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_CONSENSUS, DEFAULT_K, DEFAULT_TEMPERATURE,
+                                    BlendSettings)
 from img2prompt.query.embed_images import embed_images, image_label
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, Interrogation, compose_all
-from img2prompt.query.predict import blend_neighbours
+from img2prompt.query.predict import predict_rows, require_head
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import ModelOverrides, QuerySession, open_session
 
@@ -58,27 +59,32 @@ class Img2PromptIndex:
 
     # -- queries ----------------------------------------------------------------------------------------
     def predict(self, images: Sequence[ImageInput], *, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
-                alpha: float = DEFAULT_ALPHA, batch_size: int | None = None, workers: int | None = None,
-                progress: bool = False) -> np.ndarray:
+                alpha: float = DEFAULT_ALPHA, consensus: float = DEFAULT_CONSENSUS, beta: float = DEFAULT_BETA,
+                batch_size: int | None = None, workers: int | None = None, progress: bool = False) -> np.ndarray:
         """float32 [n, 384] unit-norm predictions, one per image (paths or PIL images), in input order.
 
-        An image that cannot be decoded gets the corpus-mean prediction and a logged warning.
+        consensus: re-weight neighbours by their agreement with the others; beta: share of the regression
+        head (query/blend.py). An image that cannot be decoded gets the corpus-mean prediction and a warning.
         """
-        return self.predict_with_neighbours(images, k=k, temperature=temperature, alpha=alpha,
-                                            batch_size=batch_size, workers=workers, progress=progress)[0]
+        return self.predict_with_neighbours(images, k=k, temperature=temperature, alpha=alpha, consensus=consensus,
+                                            beta=beta, batch_size=batch_size, workers=workers, progress=progress)[0]
 
     def predict_with_neighbours(self, images: Sequence[ImageInput], *, k: int = DEFAULT_K,
                                 temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
+                                consensus: float = DEFAULT_CONSENSUS, beta: float = DEFAULT_BETA,
                                 batch_size: int | None = None, workers: int | None = None,
                                 progress: bool = False) -> tuple[np.ndarray, list[SearchResult]]:
         """`predict` plus, per image, the neighbours blended into it (from the same single encoding)."""
-        check_blend_args(k, temperature, alpha)
+        settings = BlendSettings(k, temperature, alpha, consensus, beta).check()
         self.session.retriever.check_k(k)
+        require_head(self.session.index, beta)  # before any image is encoded
         embedded = embed_images(self.session.clip, list(images), batch_size, workers, progress=progress)
         neighbours = self._neighbours_for(embedded, len(images), k)
         for position, reason in embedded.failed.items():
             log.warning("%s: %s; it gets the corpus-mean prediction", image_label(images[position], position), reason)
-        predictions = blend_neighbours(self.session.index, neighbours, k=k, temperature=temperature, alpha=alpha)
+        vectors = np.zeros((len(images), self.session.index.clip_dim), dtype=np.float32)
+        vectors[embedded.ok] = embedded.vectors
+        predictions = predict_rows(self.session.index, neighbours, vectors, settings)
         return predictions, self._results([image_label(image, i) for i, image in enumerate(images)], neighbours,
                                           embedded.failed)
 
@@ -108,7 +114,7 @@ class Img2PromptIndex:
         self.session.retriever.check_k(k)
         texts = list(texts)
         vectors = clip_text_embeddings(self.session.clip, texts).vectors
-        return self._results(texts, self.session.retriever.search(vectors, k))
+        return self._results(texts, self.session.retriever.search(vectors, k, query_kind="text"))
 
     def submission(self, images_dir: str | Path, out: str | Path = "submission.csv",
                    sample_submission: str | Path | None = None, **options):
@@ -131,18 +137,20 @@ class Img2PromptIndex:
                  failed: dict[int, str] | None = None) -> list[SearchResult]:
         """One SearchResult per query; a failed one (position → reason) has no results and its error."""
         flat = self.prompts(neighbours.ids.ravel())
+        kinds = self.session.index.key_kinds(neighbours.ids)
         k = neighbours.ids.shape[1]
         failed = failed or {}
         return [SearchResult(query, np.zeros(0, np.int64), np.zeros(0, np.float32), [], error=failed[row])
                 if row in failed else
-                SearchResult(query, neighbours.ids[row], neighbours.scores[row], flat[row * k:(row + 1) * k])
+                SearchResult(query, neighbours.ids[row], neighbours.scores[row], flat[row * k:(row + 1) * k],
+                             keys=list(kinds[row]))
                 for row, query in enumerate(queries)]
 
     def close(self) -> None:
         """Release the search backend and models (GPU memory included)."""
         retriever = self.session.__dict__.pop("retriever", None)
         if retriever is not None:
-            retriever.backend.close()
+            retriever.close()
         if self.session.clip.device.type == "cuda":
             import torch
 

@@ -1,9 +1,11 @@
-"""`img2prompt eval`: the competition metric on a labelled set, baselines, a k × temperature × alpha sweep.
+"""`img2prompt eval`: the competition metric on a labelled set, baselines, a sweep over k × temperature × alpha ×
+consensus × beta (the regression head's share).
 
 Metric = mean over images of cos(prediction, scorer embedding of the true prompt), exactly Kaggle's.
 Queries are images (IMAGES_DIR/<imgId>.<ext>) or, without images, the CLIP text embedding of each true
 prompt (text-only mode, meant to be used with --exclude-exact). One search at the largest k feeds every
-setting of the sweep: images are never re-encoded per setting.
+setting of the sweep: images are never re-encoded per setting. The report's "switches" say which of the
+quality switches were in play (image-keyed entries and their calibration, the regression head, consensus).
 
 The sweep's maximum over its grid is optimistic (chosen and scored on the same images), so the report
 recommends the setting chosen on all images but scores that *choice* by k-fold cross-validation: each fold
@@ -11,6 +13,7 @@ is scored with the setting that wins on the other folds.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import time
@@ -28,11 +31,12 @@ from img2prompt.index.flat import exact_search
 from img2prompt.index.format import MANIFEST, file_sha256
 from img2prompt.index.recall import recall_at_k
 from img2prompt.models import load_text_model
-from img2prompt.query.blend import check_blend_args, corpus_mean_prediction
+from img2prompt.query.blend import BlendSettings, corpus_mean_prediction
 from img2prompt.query.embed_images import check_image_loading_args
 from img2prompt.query.images import list_images
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, compose, rank_modifiers
-from img2prompt.query.predict import RetrievalSettings, Retrieved, blend_neighbours, retrieve_images
+from img2prompt.query.predict import (RetrievalSettings, Retrieved, blend_neighbours, head_predictions, mix_rows,
+                                      require_head, retrieve_images)
 from img2prompt.query.score import (BOOTSTRAP_MIN_N, align, caption_vectors, cosine_rows,
                                     read_prompt_table, summarise)
 from img2prompt.query.search import Neighbours
@@ -41,6 +45,9 @@ from img2prompt.query.session import QuerySession
 SWEEP_K = (1, 2, 3, 5, 10, 20, 30, 50, 100)
 SWEEP_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
 SWEEP_ALPHA = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # alpha = 1 is the corpus-mean prediction
+SWEEP_CONSENSUS = (0.0, 3.0, 10.0)
+SWEEP_BETA = (0.0, 0.25, 0.5, 1.0)  # beta = 1 is the regression head alone (swept only where the index has one)
+SETTING_NAMES = ("k", "temperature", "alpha", "consensus", "beta")  # a grid row's fields, in order
 DEFAULT_SHRINK = 0.2  # alpha of the knn_shrunk baseline when --alpha is 0
 CV_FOLDS = 5
 CV_SEED = 0
@@ -60,6 +67,8 @@ class EvalOptions(RetrievalSettings):
     sweep_k: tuple = SWEEP_K
     sweep_temperature: tuple = SWEEP_TEMPERATURE
     sweep_alpha: tuple = SWEEP_ALPHA
+    sweep_consensus: tuple = SWEEP_CONSENSUS
+    sweep_beta: tuple = SWEEP_BETA
     captions: dict[str, str] | list[tuple[str, str]] | None = None  # NAME -> imgId,prompt CSV of a captioner
 
 
@@ -131,14 +140,29 @@ def exact_matches(session: QuerySession, true_prompts: list[str]) -> list[set[in
 def _text_queries(session: QuerySession, labels: pd.DataFrame, k: int, exclude) -> Retrieved:
     started = time.perf_counter()
     vectors = clip_text_embeddings(session.clip, labels["prompt"].tolist()).vectors
-    found = session.retriever.search(vectors, k, exclude)
+    found = session.retriever.search(vectors, k, exclude, query_kind="text")
     return Retrieved(labels["imgId"].tolist(), found, {}, {"encode_search": time.perf_counter() - started},
                      vectors)
 
 
-def sweep_grid(options: EvalOptions, kmax: int) -> list[tuple[int, float, float]]:
+def sweep_grid(options: EvalOptions, kmax: int, has_head: bool = True) -> list[tuple]:
+    """(k, temperature, alpha, consensus, beta) rows; beta only where the index has a regression head."""
     ks = sorted({k for k in options.sweep_k if k <= kmax} | {options.k})
-    return list(itertools.product(ks, options.sweep_temperature, options.sweep_alpha))
+    betas = sorted(set(options.sweep_beta) | {options.beta}) if has_head else [0.0]
+    return list(itertools.product(ks, options.sweep_temperature, options.sweep_alpha,
+                                  sorted(set(options.sweep_consensus) | {options.consensus}), betas))
+
+
+def sweep_cosines(grid: list[tuple], blended_of, cosines_of) -> np.ndarray:
+    """Per-image cosines [settings, images] of every grid row. Rows that differ only in beta share one k-NN
+    blend (beta varies fastest in the grid): `blended_of(settings at beta 0)`, then `cosines_of(blend, beta)`."""
+    rows, last, blended = [], None, None
+    for row in grid:
+        settings = BlendSettings(*row)
+        if row[:4] != last:
+            last, blended = row[:4], blended_of(dataclasses.replace(settings, beta=0.0))
+        rows.append(cosines_of(blended, settings.beta))
+    return np.stack(rows)
 
 
 def fold_ids(n: int, folds: int = CV_FOLDS, seed: int = CV_SEED) -> np.ndarray:
@@ -165,8 +189,7 @@ def cross_validate(cosines: np.ndarray, folds: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _setting(grid_row: tuple) -> dict:
-    k, temperature, alpha = grid_row
-    return {"k": int(k), "temperature": float(temperature), "alpha": float(alpha)}
+    return {name: int(value) if name == "k" else float(value) for name, value in zip(SETTING_NAMES, grid_row)}
 
 
 def cross_validation_report(grid: list[tuple], cosines: np.ndarray, folds: int = CV_FOLDS,
@@ -217,20 +240,27 @@ def sweep_summary(grid: list[tuple], cosines: np.ndarray, baselines: dict, flags
             "warnings": sweep_warnings(cosines.shape[1], cv_score, baselines, flags)}
 
 
-def same_setting(a: dict, b: dict) -> bool:
-    return all(a[key] == b[key] for key in ("k", "temperature", "alpha"))
+def same_setting(a: dict, b: dict, names=SETTING_NAMES) -> bool:
+    return all(a.get(key) == b.get(key) for key in names)
+
+
+def setting_flags(setting: dict) -> str:
+    """The submit flags of a setting (the switches only when on)."""
+    flags = f"--k {setting['k']} --temperature {setting['temperature']:g} --alpha {setting['alpha']:g}"
+    return flags + "".join(f" --{name} {setting[name]:g}" for name in ("consensus", "beta") if setting.get(name))
 
 
 def baseline_flags(options: EvalOptions, shrink: float) -> dict[str, str]:
     """The submit flags that reproduce each baseline, for the "does not beat" warning."""
     knn = f"--k {options.k} --temperature {options.temperature:g}"
     return {"corpus_mean": "--alpha 1", "top1": "--k 1 --alpha 0", "knn": f"{knn} --alpha 0",
-            "knn_shrunk": f"{knn} --alpha {shrink:g}"}
+            "knn_shrunk": f"{knn} --alpha {shrink:g}", "regression_head": "--beta 1"}
 
 
 def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     """The report for a labelled set, on an opened session (the index and its CLIP model)."""
-    check_blend_args(options.k, options.temperature, options.alpha)
+    chosen = options.blend_settings
+    require_head(session.index, options.beta)
     if options.plot and not options.sweep:
         raise UserError("--plot draws the sweep: add --sweep")
     if options.plot and importlib.util.find_spec("matplotlib") is None:
@@ -265,24 +295,35 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     else:
         retrieved = _text_queries(session, labels, kmax, exclude)
     neighbours = retrieved.neighbours
+    query_kind = "image" if options.images else "text"
+    head, head_source = None, None
+    if index.regression_head is not None and (options.beta > 0 or options.sweep):
+        head, head_source = head_predictions(index, retrieved.query_vectors, neighbours.ids[:, 0] >= 0, query_kind)
 
-    def score_of(k: int, temperature: float, alpha: float) -> np.ndarray:
-        view = Neighbours(neighbours.scores[:, :k], neighbours.ids[:, :k])
-        return cosine_rows(blend_neighbours(index, view, k=k, temperature=temperature, alpha=alpha), truth)
+    ok = neighbours.ids[:, 0] >= 0
+
+    def score_of(settings: BlendSettings, cosines: bool = True) -> np.ndarray:
+        """Per-image cosines of a setting (or, cosines=False, its predictions)."""
+        view = Neighbours(neighbours.scores[:, :settings.k], neighbours.ids[:, :settings.k])
+        predictions = blend_neighbours(index, view, settings, head)
+        return cosine_rows(predictions, truth) if cosines else predictions
 
     shrink = options.alpha if options.alpha > 0 else DEFAULT_SHRINK
-    product = score_of(options.k, options.temperature, options.alpha)
+    plain = BlendSettings(options.k, options.temperature)
+    product = score_of(chosen)
     report = {
         "n": len(labels),
         **summarise(product),
         "baselines": {
             "corpus_mean": float(cosine_rows(corpus_mean_prediction(index.minilm_mean, len(labels)), truth).mean()),
-            "top1": float(score_of(1, options.temperature, 0.0).mean()),
-            "knn": float(score_of(options.k, options.temperature, 0.0).mean()),
-            "knn_shrunk": float(score_of(options.k, options.temperature, shrink).mean()),
+            "top1": float(score_of(BlendSettings(1, options.temperature)).mean()),
+            "knn": float(score_of(plain).mean()),
+            "knn_shrunk": float(score_of(BlendSettings(options.k, options.temperature, shrink)).mean()),
+            # beta = 1: the regression head alone (the k-NN part does not count)
+            **({"regression_head": float(score_of(BlendSettings(options.k, options.temperature, beta=1.0)).mean())}
+               if head is not None else {}),
         },
-        "settings": {"k": options.k, "temperature": options.temperature, "alpha": options.alpha,
-                     "knn_shrunk_alpha": shrink, "mode": "images" if options.images else "text",
+        "settings": {**chosen.as_dict(), "knn_shrunk_alpha": shrink, "mode": "images" if options.images else "text",
                      "exclude_exact": options.exclude_exact, "labels": str(options.labels),
                      "images": options.images},
         "leakage": {"true_prompts_in_corpus": in_corpus,
@@ -305,11 +346,13 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
             report["captions"][name] = entry
             report["warnings"] += caption_warnings(name, entry)
     if options.sweep:
-        grid = sweep_grid(options, kmax)
-        cosines = np.stack([score_of(*setting) for setting in grid])  # [settings, images], one search
+        grid = sweep_grid(options, kmax, has_head=head is not None)
+        cosines = sweep_cosines(grid, lambda settings: score_of(settings, cosines=False),
+                                lambda blended, beta: cosine_rows(mix_rows(blended, head, beta, ok), truth))
         report.update(sweep_summary(grid, cosines, report["baselines"], baseline_flags(options, shrink)))
         if options.plot:
             plot_sweep(report, options.plot)
+    report["switches"] = switches_report(index, options, grid if options.sweep else None, head_source)
     if options.out:
         write_json_atomic(options.out, report)
     return report
@@ -341,10 +384,11 @@ def recall_on_queries(session: QuerySession, retrieved: Retrieved) -> float | No
     if not ok.any():
         return None
     vectors = retrieved.query_vectors[ok]
-    k = min(10, session.index.count)
-    _, truth = exact_search(session.index.clip_vectors, vectors, k)
-    found = session.retriever.search(vectors, k)
-    return recall_at_k(found.ids, truth)
+    key_range, backend = session.retriever.ranges[0]  # the planned (possibly approximate) text-key backend
+    k = min(10, key_range.count)
+    _, truth = exact_search(session.index.clip_vectors[key_range.start:key_range.stop], vectors, k)
+    _, found = backend.search(vectors, k)
+    return recall_at_k(found, truth)
 
 
 def plot_sweep(report: dict, path: str) -> None:
@@ -370,9 +414,10 @@ def draw_sweep(rows: list[dict], recommended: dict, baselines: dict, cv_score: f
 
     figure, axes = plt.subplots(figsize=(7.5, 4.8))
     alpha = recommended["alpha"]
+    fixed = [name for name in SETTING_NAMES[2:] if name in recommended]  # alpha and the switches: as recommended
     for temperature in sorted({row["temperature"] for row in rows}):
         points = sorted((row["k"], row["score"]) for row in rows
-                        if row["temperature"] == temperature and row["alpha"] == alpha)
+                        if row["temperature"] == temperature and same_setting(row, recommended, fixed))
         axes.plot([k for k, _ in points], [s for _, s in points], marker="o", label=f"T={temperature:g}")
     styles = ("--", ":", "-.", (0, (5, 1)))
     for (name, value), style in zip(baselines.items(), itertools.cycle(styles)):
@@ -389,7 +434,8 @@ def draw_sweep(rows: list[dict], recommended: dict, baselines: dict, cv_score: f
     axes.set_xscale("log")
     axes.set_xlabel("k (neighbours blended)")
     axes.set_ylabel("mean cosine, in-sample (competition score)")
-    axes.set_title(f"in-sample score vs k per temperature (alpha={alpha:g}); lines: baselines")
+    switches = "".join(f", {name}={recommended[name]:g}" for name in ("consensus", "beta") if recommended.get(name))
+    axes.set_title(f"in-sample score vs k per temperature (alpha={alpha:g}{switches}); lines: baselines")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=7)
     return figure
@@ -399,8 +445,8 @@ def format_report(report: dict) -> str:
     lines = [f"n = {report['n']} ({report['settings']['mode']} queries)",
              f"score {report['score']:.4f}  median {report['median']:.4f}"
              + (f"  95% CI [{report['ci95'][0]:.4f}, {report['ci95'][1]:.4f}]" if "ci95" in report else "")
-             + f"  (k={report['settings']['k']}, T={report['settings']['temperature']}, "
-               f"alpha={report['settings']['alpha']})",
+             + f"  ({setting_flags(report['settings'])})",
+             "switches: " + format_switches(report["switches"]),
              "baselines: " + ", ".join(f"{name} {value:.4f}" for name, value in report["baselines"].items()),
              f"true prompts found in the corpus: {report['leakage']['true_prompts_in_corpus']}"
              + (f" (excluded {report['leakage']['excluded_corpus_rows']} corpus rows)"
@@ -434,12 +480,37 @@ def format_captions(captions: dict) -> list[str]:
     return lines
 
 
+def format_switches(switches: dict) -> str:
+    image_keys, head = switches["image_keys"], switches["regression_head"]
+    return ", ".join([
+        f"image-keyed entries {image_keys['rows']}" + (f" (calibrated: {image_keys['calibration']})"
+                                                       if image_keys["rows"] else ""),
+        "regression head " + (f"in the index (beta {head['beta']:g}"
+                              + (f", swept {head['swept']}" if head["swept"] else "") + ")"
+                              if head["in_index"] else "absent"),
+        f"consensus {switches['consensus']['gamma']:g}"
+        + (f" (swept {switches['consensus']['swept']})" if switches["consensus"]["swept"] else "")])
+
+
+def switches_report(index, options: EvalOptions, grid: list[tuple] | None, head_source: str | None) -> dict:
+    """Which quality switches were in play: what the index holds, what this run used, what it swept."""
+    rows = {key_range.keys: key_range.count for key_range in index.key_ranges}
+    fits = index.manifest.get("calibration", {}).get("fits", {})
+    swept = (lambda position: sorted({row[position] for row in grid})) if grid else (lambda position: None)
+    return {"image_keys": {"rows": rows.get("image", 0),
+                           "calibration": {kind: fit.get("method") for kind, fit in fits.items()} or None},
+            "regression_head": {"in_index": index.regression_head is not None, "beta": options.beta,
+                                "swept": swept(4), "query_mean": head_source},
+            "consensus": {"gamma": options.consensus, "swept": swept(3)}}
+
+
 def format_sweep(report: dict) -> list[str]:
-    lines = [f"{'k':>5} {'T':>6} {'alpha':>6} {'in-sample':>9}"]
+    lines = [f"{'k':>5} {'T':>6} {'alpha':>6} {'consens':>7} {'beta':>5} {'in-sample':>9}"]
     for row in sorted(report["sweep"], key=lambda row: -row["score"])[:15]:
-        lines.append(f"{row['k']:>5} {row['temperature']:>6g} {row['alpha']:>6g} {row['score']:>9.4f}")
+        lines.append(f"{row['k']:>5} {row['temperature']:>6g} {row['alpha']:>6g} {row.get('consensus', 0):>7g} "
+                     f"{row.get('beta', 0):>5g} {row['score']:>9.4f}")
     best, recommended, cv = report["best_in_sample"], report["recommended"], report["cross_validation"]
-    flags = f"--k {recommended['k']} --temperature {recommended['temperature']:g} --alpha {recommended['alpha']:g}"
+    flags = setting_flags(recommended)
     lines.append(f"best in-sample {best['score']:.4f} (optimistic: chosen and scored on the same images)")
     if cv is not None:
         lines.append(f"cross-validated score of the sweep's choice: {cv['score']:.4f} "

@@ -33,6 +33,7 @@ def format_table(results: list[SearchResult], width: int = 100) -> str:
             lines.append(f"  error: {entry['error']}")
         for result in entry["results"]:
             prompt = result["prompt"] if len(result["prompt"]) <= width else result["prompt"][:width - 1] + "…"
-            lines.append(f"  {result['rank']:>3}  {result['score']:.4f}  #{result['id']:<8} {prompt}")
+            kind = "  [image key]" if result["key"] == "image" else ""  # a `build --pairs` entry
+            lines.append(f"  {result['rank']:>3}  {result['score']:.4f}  #{result['id']:<8} {prompt}{kind}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

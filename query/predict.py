@@ -1,21 +1,26 @@
 """Images → neighbours → predictions: the part that submit and eval share.
 
 Retrieval (decode, encode, search) runs once at the largest k needed; blending is cheap numpy and can be
-repeated for any (k ≤ that, temperature, alpha) without touching the images again.
+repeated for any (k ≤ that, temperature, alpha, consensus, beta) without touching the images again.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from img2prompt.errors import UserError
 from img2prompt.index.format import PromptIndex
-from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE, blend, corpus_mean_prediction
+from img2prompt.query.blend import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_CONSENSUS, DEFAULT_K, DEFAULT_TEMPERATURE,
+                                    BlendSettings, blend, corpus_mean_prediction, mix_head)
 from img2prompt.query.embed_images import embed_images
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import QuerySession
+
+log = logging.getLogger(__name__)
 
 MISSING_FILE = "not found in the images folder"
 
@@ -26,9 +31,15 @@ class RetrievalSettings:
     k: int = DEFAULT_K
     temperature: float = DEFAULT_TEMPERATURE
     alpha: float = DEFAULT_ALPHA
+    consensus: float = DEFAULT_CONSENSUS
+    beta: float = DEFAULT_BETA
     batch_size: int | None = None
     workers: int | None = None
     progress: bool = True
+
+    @property
+    def blend_settings(self) -> BlendSettings:
+        return BlendSettings(self.k, self.temperature, self.alpha, self.consensus, self.beta).check()
 
 
 @dataclass
@@ -63,12 +74,66 @@ def retrieve_images(session: QuerySession, image_ids: list[str], paths: dict[str
     return Retrieved(image_ids, found.spread(ok_rows, len(image_ids)), failed, timings, vectors)
 
 
-def blend_neighbours(index: PromptIndex, neighbours: Neighbours, *, k: int, temperature: float,
-                     alpha: float) -> np.ndarray:
-    """Predictions for every row; rows without neighbours (failed images) get the corpus mean."""
+MIN_BATCH_FOR_MEAN = 16  # images needed to estimate the image-key mean from the queries themselves
+
+
+def require_head(index: PromptIndex, beta: float):
+    """The index's regression head when beta > 0 asks for it; a one-line error where there is none."""
+    if beta > 0 and index.regression_head is None:
+        raise UserError(f"--beta needs the index's regression head, and {index.root} has none (built with "
+                        "--no-regression-head, or by an older img2prompt): rebuild it")
+    return index.regression_head
+
+
+def head_predictions(index: PromptIndex, query_vectors: np.ndarray, ok: np.ndarray,
+                     query_kind: str = "image") -> tuple[np.ndarray, str]:
+    """The regression head's unit predictions for the `ok` rows (other rows: zeros) and where the query mean
+    came from: the index's own keys of that kind, or, for image queries to an index without image-keyed
+    entries, the mean of these query images (the head is centred per modality; see build_index/regression.py)."""
+    head = require_head(index, 1.0)
+    out = np.zeros((len(query_vectors), index.text_dim), dtype=np.float32)
+    ok = np.asarray(ok, dtype=bool)
+    if query_kind in head.key_means:
+        mean, source = head.key_means[query_kind], "index"
+    elif ok.sum() >= MIN_BATCH_FOR_MEAN:
+        mean, source = query_vectors[ok].mean(axis=0), "queries"
+    else:
+        raise UserError(f"--beta with image queries needs the image-key mean: this index has no image-keyed entries "
+                        f"(build --pairs) and {int(ok.sum())} image(s) are too few to estimate it (at least "
+                        f"{MIN_BATCH_FOR_MEAN} in one call)")
+    if ok.any():
+        out[ok] = head.predict(query_vectors[ok], mean)
+    return out, source
+
+
+def blend_neighbours(index: PromptIndex, neighbours: Neighbours, settings: BlendSettings,
+                     head: np.ndarray | None = None) -> np.ndarray:
+    """Predictions for every row; rows without neighbours (failed images) get the corpus mean.
+    `head`: the regression head's predictions for the rows (needed when settings.beta > 0)."""
     predictions = corpus_mean_prediction(index.minilm_mean, len(neighbours.ids))
     ok = neighbours.ids[:, 0] >= 0
     if ok.any():
-        predictions[ok] = blend(neighbours.scores[ok], neighbours.ids[ok], index.minilm, k=k,
-                                temperature=temperature, alpha=alpha, corpus_mean=index.minilm_mean)
-    return predictions
+        predictions[ok] = blend(neighbours.scores[ok], neighbours.ids[ok], index.minilm, k=settings.k,
+                                temperature=settings.temperature, alpha=settings.alpha, corpus_mean=index.minilm_mean,
+                                consensus=settings.consensus)
+    return mix_rows(predictions, head, settings.beta, ok)
+
+
+def mix_rows(predictions: np.ndarray, head: np.ndarray | None, beta: float, ok: np.ndarray) -> np.ndarray:
+    """The regression head mixed into the rows that have neighbours (failed images keep the corpus mean)."""
+    if beta == 0:
+        return predictions
+    mixed = predictions.copy()
+    mixed[ok] = mix_head(predictions[ok], None if head is None else head[ok], beta)
+    return mixed
+
+
+def predict_rows(index: PromptIndex, neighbours: Neighbours, query_vectors: np.ndarray, settings: BlendSettings,
+                 query_kind: str = "image") -> np.ndarray:
+    """Predictions from searched neighbours and the query vectors (used by the head only when beta > 0)."""
+    head = None
+    if settings.beta > 0:
+        head, source = head_predictions(index, query_vectors, neighbours.ids[:, 0] >= 0, query_kind)
+        if source == "queries":
+            log.info("regression head: image-key mean estimated from these %d query images", len(query_vectors))
+    return blend_neighbours(index, neighbours, settings, head)

@@ -91,8 +91,9 @@ def write_submission(path: str | Path, image_ids: list[str], predictions: np.nda
 
 
 def write_explain(path: str | Path, image_ids: list[str], scores: np.ndarray, ids: np.ndarray,
-                  weights: np.ndarray, prompts: list[list[str]]) -> None:
-    """One row per (image, rank): the prompts behind each prediction with their similarity and weight."""
+                  weights: np.ndarray, prompts: list[list[str]], kinds: np.ndarray | None = None) -> None:
+    """One row per (image, rank): the prompts behind each prediction with their similarity, weight and key
+    kind (text, or image for `build --pairs` entries)."""
     rows = []
     for row, image_id in enumerate(image_ids):
         for rank in range(ids.shape[1]):
@@ -100,7 +101,7 @@ def write_explain(path: str | Path, image_ids: list[str], scores: np.ndarray, id
                 continue
             rows.append({"imgId": image_id, "rank": rank + 1, "score": float(scores[row, rank]),
                          "weight": float(weights[row, rank]), "prompt_id": int(ids[row, rank]),
-                         "prompt": prompts[row][rank]})
-    frame = pd.DataFrame(rows, columns=["imgId", "rank", "score", "weight", "prompt_id", "prompt"])
+                         "key": kinds[row, rank] if kinds is not None else "text", "prompt": prompts[row][rank]})
+    frame = pd.DataFrame(rows, columns=["imgId", "rank", "score", "weight", "prompt_id", "key", "prompt"])
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")

@@ -16,10 +16,10 @@ import numpy as np
 
 from img2prompt.atomic import check_output_paths, write_atomic
 from img2prompt.errors import UserError
-from img2prompt.query.blend import check_blend_args, softmax_weights
+from img2prompt.query.blend import neighbour_weights
 from img2prompt.query.embed_images import check_image_loading_args
 from img2prompt.query.images import list_images
-from img2prompt.query.predict import MISSING_FILE, RetrievalSettings, blend_neighbours, retrieve_images
+from img2prompt.query.predict import MISSING_FILE, RetrievalSettings, predict_rows, require_head, retrieve_images
 from img2prompt.query.session import QuerySession
 from img2prompt.query.submission import EMBED_DIM, read_sample_submission, write_explain, write_submission
 
@@ -82,9 +82,10 @@ def select_image_ids(options: SubmitOptions, listing) -> tuple[list[str], list[s
 
 
 def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
-    check_blend_args(options.k, options.temperature, options.alpha)
+    settings = options.blend_settings
     check_submit_outputs(options)
     session.retriever.check_k(options.k)
+    require_head(session.index, options.beta)
     if session.index.text_dim != EMBED_DIM:
         raise UserError(f"the index's text model gives {session.index.text_dim}-d vectors; a submission needs "
                         f"the {EMBED_DIM}-d all-MiniLM-L6-v2 scorer")
@@ -98,8 +99,7 @@ def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
     result = retrieve_images(session, image_ids, listing.paths, options.k, batch_size=options.batch_size,
                              workers=options.workers, progress=options.progress)
     started = time.perf_counter()
-    predictions = blend_neighbours(session.index, result.neighbours, k=options.k,
-                                   temperature=options.temperature, alpha=options.alpha)
+    predictions = predict_rows(session.index, result.neighbours, result.query_vectors, settings)
     result.timings_s["blend"] = time.perf_counter() - started
     undecodable = {image_id: reason for image_id, reason in result.failed.items() if reason != MISSING_FILE}
     if undecodable and options.strict:
@@ -122,7 +122,7 @@ def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
         duplicate_files=[str(p) for paths in listing.duplicates.values() for p in paths],
         ignored_files=listing.ignored,
         not_in_sample=not_in_sample,
-        settings={"k": options.k, "temperature": options.temperature, "alpha": options.alpha},
+        settings=settings.as_dict(),
         timings_s={name: round(seconds, 3) for name, seconds in result.timings_s.items()},
         images_per_s=round(decoded / encode_seconds, 1) if decoded and encode_seconds else None)
 
@@ -130,8 +130,10 @@ def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
 def write_explain_for(session: QuerySession, options: SubmitOptions, image_ids: list[str], neighbours) -> None:
     weights = np.zeros_like(neighbours.scores)
     ok = neighbours.ids[:, 0] >= 0  # as blend_neighbours: a row with a first neighbour is blended
-    weights[ok] = softmax_weights(neighbours.scores[ok], options.temperature)
+    if ok.any():  # the weights the k-NN part used (softmax, then consensus)
+        weights[ok] = neighbour_weights(neighbours.scores[ok], neighbours.ids[ok], session.index.minilm,
+                                        temperature=options.temperature, consensus=options.consensus)[0]
     ids = neighbours.ids
     flat = session.index.prompt_rows(ids.ravel())
     prompts = [flat[row * ids.shape[1]:(row + 1) * ids.shape[1]] for row in range(len(ids))]
-    write_explain(options.explain, image_ids, neighbours.scores, ids, weights, prompts)
+    write_explain(options.explain, image_ids, neighbours.scores, ids, weights, prompts, session.index.key_kinds(ids))

@@ -1,0 +1,171 @@
+"""Issue 15's switches end to end: image-keyed entries (build --pairs) with calibrated scores, the regression
+head (--beta), consensus (--consensus), and eval sweeping them; each checked against a hand computation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import img2prompt
+from conftest import DATA, read_data_prompts, run_cli
+from img2prompt.errors import UserError
+from img2prompt.query.blend import blend, normalise_rows
+
+IMAGES = sorted((DATA / "images").glob("*.png"))  # six small generated images
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """The six images with prompts, plus a missing file, an undecodable one and a repeated image."""
+    folder = tmp_path_factory.mktemp("pairs")
+    (folder / "broken.png").write_bytes(b"not an image")
+    prompts = read_data_prompts(200)[100:106]
+    rows = [(str(path), prompt) for path, prompt in zip(IMAGES, prompts)]
+    rows += [("nowhere.png", "an image that is not there"), ("broken.png", "an undecodable image"),
+             (str(IMAGES[0]), "the first image listed again")]
+    path = folder / "pairs.csv"
+    pd.DataFrame(rows, columns=["image", "prompt"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_index(tmp_path_factory, tiny_clip_dir, pairs_file, text_model):
+    corpus = tmp_path_factory.mktemp("corpus") / "prompts.txt"
+    corpus.write_text("\n".join(read_data_prompts(80)) + "\n", encoding="utf-8")
+    out = tmp_path_factory.mktemp("index") / "idx"
+    img2prompt.build([str(corpus)], out, clip_model=str(tiny_clip_dir), pairs=[str(pairs_file)], shard_size=32,
+                     batch_size=16, device="cpu", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def opened_pairs(pairs_index):
+    with img2prompt.open_index(pairs_index, device="cpu") as index:
+        yield index
+
+
+def test_pairs_become_image_keyed_rows_after_the_text_rows(pairs_index, opened_pairs, clip):
+    from img2prompt.query.embed_images import embed_images
+
+    manifest = opened_pairs.manifest
+    assert [(entry["keys"], entry["rows"]) for entry in manifest["key_ranges"]] == [("text", [0, 80]),
+                                                                                   ("image", [80, 86])]
+    assert manifest["corpus"]["pairs"]["read"] == 9 and manifest["corpus"]["pairs"]["kept"] == 6
+    assert manifest["corpus"]["pairs"]["skipped"] == {"duplicate_image": 1, "unreadable_image": 2}
+    index = opened_pairs.session.index
+    assert index.prompt_rows(range(80, 86)) == read_data_prompts(200)[100:106]
+    keys = pd.read_parquet(pairs_index / "prompts.parquet")
+    assert keys["id"].tolist() == list(range(86))  # ids are positions, whatever the shard plan
+    assert keys["key"].tolist() == ["text"] * 80 + ["image"] * 6
+    # the keys are the CLIP image vectors of the images (fp16 on disk)
+    np.testing.assert_allclose(index.clip_vectors[80:86].astype(np.float32), embed_images(clip, IMAGES).vectors,
+                               atol=2e-3)
+
+
+def test_search_merges_key_kinds_on_calibrated_scores(opened_pairs):
+    index = opened_pairs.session.index
+    fit = index.calibration["image"]["image"]
+    query = index.clip_vectors[80:81].astype(np.float32)  # the first pair image as a query
+    raw = query @ index.clip_vectors.astype(np.float32).T
+    by_hand = raw[0].copy()
+    by_hand[80:] = fit["scale"] * raw[0, 80:] + fit["offset"]  # image keys onto the text keys' scale
+    order = np.argsort(-by_hand, kind="stable")[:10]
+    found = opened_pairs.session.retriever.search(query, 10)
+    np.testing.assert_array_equal(found.ids[0], order)
+    np.testing.assert_allclose(found.scores[0], by_hand[order], atol=1e-5)
+    assert fit["scale"] != 1.0 and (order >= 80).any() and (order < 80).any()  # both kinds in one list
+    text_found = opened_pairs.session.retriever.search(query, 10, query_kind="text")  # another map for text
+    text_fit = index.calibration["text"]["image"]
+    assert text_fit != fit and np.isin(80, text_found.ids[0])
+
+
+def test_search_results_say_which_kind_each_hit_is(opened_pairs, pairs_index):
+    result = opened_pairs.search_images([IMAGES[0]], k=86)[0]
+    assert sorted(set(result.keys)) == ["image", "text"]
+    assert [key for key, i in zip(result.keys, result.ids) if i >= 80] == ["image"] * 6
+    listed = json.loads(run_cli("search", pairs_index, "--image", IMAGES[0], "--k", "86", "--json",
+                                "--device", "cpu", "-q").stdout)
+    assert [hit["key"] for hit in listed[0]["results"]] == result.keys
+    table = run_cli("search", pairs_index, "--image", IMAGES[0], "--k", "86", "--device", "cpu", "-q").stdout
+    assert table.count("[image key]") == 6
+
+
+def test_beta_mixes_the_ridge_head_by_hand(opened_pairs):
+    from img2prompt.query.embed_images import embed_images
+
+    index = opened_pairs.session.index
+    head = index.regression_head
+    assert set(head.key_means) == {"text", "image"}  # the image mean comes from the image-keyed rows
+    predictions, results = opened_pairs.predict_with_neighbours(IMAGES[:2], k=5, temperature=0.1, beta=0.3)
+    queries = embed_images(opened_pairs.session.clip, IMAGES[:2]).vectors.astype(np.float64)
+    ridge = normalise_rows((queries - head.key_means["image"]) @ head.weights.astype(np.float64) + head.target_mean)
+    scores, ids = np.stack([r.scores for r in results]), np.stack([r.ids for r in results])
+    knn = blend(scores, ids, index.minilm, k=5, temperature=0.1).astype(np.float64)
+    np.testing.assert_allclose(predictions, normalise_rows(0.7 * knn + 0.3 * ridge), atol=1e-5)
+    np.testing.assert_allclose(opened_pairs.predict(IMAGES[:2], k=5, temperature=0.1, beta=1.0), ridge, atol=1e-5)
+
+
+def test_consensus_reaches_the_prediction(opened_pairs):
+    index = opened_pairs.session.index
+    predictions, results = opened_pairs.predict_with_neighbours(IMAGES[:1], k=6, temperature=0.5, consensus=4.0)
+    expected = blend(results[0].scores[None], results[0].ids[None], index.minilm, k=6, temperature=0.5, consensus=4.0)
+    np.testing.assert_allclose(predictions, expected, atol=1e-6)
+    assert not np.allclose(predictions, opened_pairs.predict(IMAGES[:1], k=6, temperature=0.5), atol=1e-4)
+
+
+def test_head_without_image_keys_needs_a_batch_or_an_image_mean(built_index, sample_images):
+    with img2prompt.open_index(built_index, device="cpu") as index:
+        with pytest.raises(UserError, match="image-key mean: this index has no image-keyed entries"):
+            index.predict(sorted(sample_images.iterdir()), beta=0.5)  # 4 images: too few to estimate it
+        from img2prompt.query.predict import head_predictions
+
+        vectors = np.random.default_rng(0).normal(size=(20, index.session.index.clip_dim)).astype(np.float32)
+        ok = np.ones(20, bool)
+        ok[3] = False  # a failed image is not part of the mean, and gets no head vector
+        got, source = head_predictions(index.session.index, vectors, ok, "image")
+        head = index.session.index.regression_head
+        expected = normalise_rows((vectors[ok] - vectors[ok].mean(axis=0)) @ head.weights + head.target_mean)
+        assert source == "queries" and not got[3].any()
+        np.testing.assert_allclose(got[ok], expected, atol=1e-5)
+
+
+def test_no_head_is_a_one_line_error(tmp_path, tiny_clip_dir, corpus_file, sample_images):
+    out = tmp_path / "idx"
+    result = run_cli("build", corpus_file, "--out", out, "--clip-model", tiny_clip_dir, "--device", "cpu",
+                     "--no-regression-head", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "regression" not in json.loads((out / "manifest.json").read_text())
+    assert not (out / "regression.npz").exists()
+    failed = run_cli("submit", out, sample_images, "--out", tmp_path / "s.csv", "--beta", "0.5", "--device", "cpu")
+    assert failed.returncode == 2 and "--beta needs the index's regression head" in failed.stderr
+    assert not (tmp_path / "s.csv").exists()
+    bad = run_cli("submit", out, sample_images, "--out", tmp_path / "s.csv", "--consensus", "-1", "--device", "cpu")
+    assert bad.returncode == 2 and "--consensus must be 0 or more" in bad.stderr
+
+
+def test_eval_sweeps_the_switches_and_reports_them(opened_pairs, tmp_path):
+    from img2prompt.query.evaluate import EvalOptions, run_eval
+
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"imgId": [path.stem for path in IMAGES],
+                  "prompt": read_data_prompts(200)[100:106]}).to_csv(labels, index=False)
+    options = dict(labels=str(labels), images=str(DATA / "images"), progress=False, exclude_exact=True)
+    report = run_eval(opened_pairs.session, EvalOptions(**options, sweep=True, sweep_k=(3,), sweep_temperature=(0.1,),
+                                                        sweep_alpha=(0.0,), sweep_consensus=(0.0, 2.0),
+                                                        sweep_beta=(0.0, 0.5), k=3, temperature=0.1))
+    settings = {(row["consensus"], row["beta"]): row["score"] for row in report["sweep"]}
+    assert set(settings) == {(0.0, 0.0), (0.0, 0.5), (2.0, 0.0), (2.0, 0.5)}
+    for (consensus, beta), score in settings.items():  # each grid row equals a separate run with that setting
+        single = run_eval(opened_pairs.session, EvalOptions(**options, k=3, temperature=0.1, consensus=consensus,
+                                                            beta=beta))
+        assert single["score"] == pytest.approx(score, abs=1e-6)
+    switches = report["switches"]
+    assert switches["image_keys"]["rows"] == 6 and set(switches["image_keys"]["calibration"]) == {"image", "text"}
+    assert switches["regression_head"] == {"in_index": True, "beta": 0.0, "swept": [0.0, 0.5], "query_mean": "index"}
+    assert switches["consensus"] == {"gamma": 0.0, "swept": [0.0, 2.0]}
+    assert "regression_head" in report["baselines"]
+    text = run_eval(opened_pairs.session, EvalOptions(labels=str(labels), progress=False, sweep=True, sweep_k=(3,),
+                                                      sweep_temperature=(0.1,), sweep_alpha=(0.0,), k=3, beta=0.5))
+    assert text["settings"]["mode"] == "text" and text["switches"]["regression_head"]["query_mean"] == "index"
