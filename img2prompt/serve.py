@@ -271,7 +271,7 @@ def create_app(index, *, api_key: str | None = None, max_upload: int = DEFAULT_M
     The model worker runs during the app's lifespan (uvicorn, or `with TestClient(app)`).
     """
     from img2prompt import __version__
-    from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_TEMPERATURE
+    from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_CONSENSUS, DEFAULT_K, DEFAULT_TEMPERATURE
     from img2prompt.query.images import ImageDecodeError
 
     worker = ModelWorker(index, queue_size)
@@ -388,12 +388,16 @@ def create_app(index, *, api_key: str | None = None, max_upload: int = DEFAULT_M
     @app.post("/predict", dependencies=protected, openapi_extra=_body_doc(
         {"k": {"type": "integer", "default": DEFAULT_K},
          "temperature": {"type": "number", "default": DEFAULT_TEMPERATURE},
-         "alpha": {"type": "number", "default": DEFAULT_ALPHA}}),
+         "alpha": {"type": "number", "default": DEFAULT_ALPHA},
+         "consensus": {"type": "number", "default": DEFAULT_CONSENSUS},
+         "beta": {"type": "number", "default": DEFAULT_BETA}}),
               summary="the predicted 384-d prompt embedding of each uploaded image, with the neighbours blended")
     async def predict(request: Request) -> dict:
         refuse_when_full()
         names, images, fields = await read_images(request)
-        options = {"k": check_k(fields.get("k"), DEFAULT_K), **number(fields, "temperature"), **number(fields, "alpha")}
+        options = {"k": check_k(fields.get("k"), DEFAULT_K)}
+        for name in ("temperature", "alpha", "consensus", "beta"):
+            options.update(number(fields, name))
         results = await run("predict", images, **options)
         return {"k": options["k"], "predictions": [
             {"query": name, "vector": vector.tolist(), "neighbours": hits.to_dict()["results"]}

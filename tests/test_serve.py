@@ -124,6 +124,15 @@ def test_predict_returns_the_api_vector_and_its_neighbours(client, index, images
            [(r["id"], r["rank"]) for r in expected_search(index, images[0], 4)["results"]]
 
 
+def test_predict_takes_the_quality_switches(client, index, images):
+    response = client.post("/predict", files=[upload(images[1])], data={"k": "4", "consensus": "3"})
+    vector = np.array(response.json()["predictions"][0]["vector"], dtype=np.float32)
+    np.testing.assert_allclose(vector, index.predict([str(images[1])], k=4, consensus=3.0)[0], atol=1e-5)
+    assert not np.allclose(vector, index.predict([str(images[1])], k=4)[0], atol=1e-4)
+    refused = client.post("/predict", files=[upload(images[1])], data={"beta": "0.5"})  # 1 image, no image keys
+    assert refused.status_code == 422 and "image-key mean" in refused.json()["detail"]
+
+
 def test_upload_never_touches_disk(client, index, monkeypatch):
     """A 2 MB upload is read, parsed and decoded in memory: every way to make a temporary file is broken here."""
     def no_disk(*args, **kwargs):
