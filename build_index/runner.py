@@ -277,8 +277,11 @@ def build_search_backend(vectors, folder: Path, options: BuildOptions, timer: Ph
                          kind: str = TEXT_KEYS) -> tuple[dict, tuple]:
     """Build the planned search backend over `vectors` into `folder`, tune and measure its recall."""
     count, clip_dim = vectors.shape
+    asked = options.index
+    if kind != TEXT_KEYS and asked != "auto" and count < backend_class(asked).min_count:
+        asked = "auto"  # --index is for the corpus; a small image-keyed range cannot train that kind
     try:
-        plan = plan_index(count, clip_dim, options.index, options.max_memory)
+        plan = plan_index(count, clip_dim, asked, options.max_memory)
     except UserError as exc:  # known only now that the corpus is counted: the encoding is not lost
         raise UserError(f"{exc}. The encoded shards are kept: rerun the same build with --resume and another "
                         "--index or --max-memory") from exc

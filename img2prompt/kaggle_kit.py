@@ -352,6 +352,7 @@ def link_or_copy_tree(source: Path, dest: Path, names: Iterable[str]) -> str:
     dest.mkdir(parents=True, exist_ok=True)
     how = "hard-linked"
     for name in names:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)  # a backend's files may sit in a subfolder
         try:
             os.link(source / name, dest / name)
         except OSError:
@@ -525,7 +526,7 @@ Taken as already installed on Kaggle (not in the kit): {preinstalled}.
 2. Add this dataset as an input; File → Import notebook → `img2prompt-submit.ipynb` (or paste `submit.py`).
 3. Run all: it installs img2prompt from `wheels/` (`pip install --no-index --find-links .../wheels img2prompt`),
    opens `index/` with `clip/`, and writes `/kaggle/working/submission.csv` in `sample_submission.csv`'s order.
-   Tune `SETTINGS` (k, temperature, alpha) in its first code cell.
+   Tune `SETTINGS` (k, temperature, alpha, consensus, beta) in its first code cell.
 
 The same notebook runs anywhere: `IMG2PROMPT_KIT`, `IMG2PROMPT_IMAGES`, `IMG2PROMPT_SAMPLE` and
 `IMG2PROMPT_OUT` override the Kaggle paths.

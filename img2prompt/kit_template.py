@@ -36,7 +36,8 @@ import sys
 from pathlib import Path
 
 COMPETITION = Path("/kaggle/input/stable-diffusion-image-to-prompts")
-# Prediction settings passed to submission(), e.g. {"k": 20, "temperature": 0.05, "alpha": 0.0};
+# Prediction settings passed to submission(), e.g. {"k": 20, "temperature": 0.05, "alpha": 0.0, "consensus": 0.0,
+# "beta": 0.0} (take them from `img2prompt eval --sweep` on real weights);
 # empty = img2prompt's defaults.
 SETTINGS = {}
 

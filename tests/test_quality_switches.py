@@ -169,3 +169,31 @@ def test_eval_sweeps_the_switches_and_reports_them(opened_pairs, tmp_path):
     text = run_eval(opened_pairs.session, EvalOptions(labels=str(labels), progress=False, sweep=True, sweep_k=(3,),
                                                       sweep_temperature=(0.1,), sweep_alpha=(0.0,), k=3, beta=0.5))
     assert text["settings"]["mode"] == "text" and text["switches"]["regression_head"]["query_mean"] == "index"
+
+
+def test_pairs_alone_with_an_approximate_index_in_its_own_folder(tmp_path, tiny_clip_dir, pairs_file):
+    from img2prompt.kaggle_kit import copy_index
+
+    result = img2prompt.build([], tmp_path / "idx", clip_model=str(tiny_clip_dir), pairs=[str(pairs_file)],
+                              index="hnsw", device="cpu", progress=False)
+    manifest = result.manifest
+    assert [(entry["keys"], entry["folder"], entry["search"]["kind"]) for entry in manifest["key_ranges"]] == \
+        [("image", "image_keys", "hnsw")] and "calibration" not in manifest
+    assert "image_keys/clip.faiss" in manifest["files"] and (tmp_path / "idx" / "image_keys" / "clip.faiss").is_file()
+    copied, _ = copy_index(tmp_path / "idx", tmp_path / "kit-index")  # a kit carries the subfolder's files
+    with img2prompt.open_index(tmp_path / "kit-index", device="cpu") as index:
+        found = index.search_images(IMAGES[:2], k=3)
+        assert [result.ids[0] for result in found] == [0, 1] and found[0].keys == ["image"] * 3
+
+
+def test_build_refuses_nothing_and_embeddings_with_pairs(tmp_path, tiny_clip_dir, pairs_file, corpus_file):
+    empty = run_cli("build", "--out", tmp_path / "a", "--clip-model", tiny_clip_dir, "--device", "cpu")
+    assert empty.returncode == 2 and "nothing to index" in empty.stderr
+    mixed = run_cli("build", corpus_file, "--pairs", pairs_file, "--embeddings", corpus_file, "--out", tmp_path / "b",
+                    "--clip-model", tiny_clip_dir, "--device", "cpu")
+    assert mixed.returncode == 2 and "cannot be combined with --pairs" in mixed.stderr
+    no_column = tmp_path / "p.csv"
+    no_column.write_text("path,prompt\nx.png,a cat\n")
+    wrong = run_cli("build", corpus_file, "--pairs", no_column, "--out", tmp_path / "c", "--clip-model",
+                    tiny_clip_dir, "--device", "cpu")
+    assert wrong.returncode == 2 and "no column 'image'" in wrong.stderr and not (tmp_path / "c").exists()
