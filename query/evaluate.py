@@ -296,9 +296,15 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
         retrieved = _text_queries(session, labels, kmax, exclude)
     neighbours = retrieved.neighbours
     query_kind = "image" if options.images else "text"
-    head, head_source = None, None
+    head, head_source, head_skipped = None, None, None
     if index.regression_head is not None and (options.beta > 0 or options.sweep):
-        head, head_source = head_predictions(index, retrieved.query_vectors, neighbours.ids[:, 0] >= 0, query_kind)
+        try:
+            head, head_source = head_predictions(index, retrieved.query_vectors, neighbours.ids[:, 0] >= 0,
+                                                 query_kind)
+        except UserError as exc:
+            if options.beta > 0:
+                raise
+            head_skipped = f"the regression head is not swept: {exc}"  # a sweep without beta still runs
 
     ok = neighbours.ids[:, 0] >= 0
 
@@ -337,7 +343,7 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
         report["query_recall_at_10"] = recall_on_queries(session, retrieved)
     if index.phrases is not None:
         report["interrogate"] = score_interrogation(index, retrieved, text_model, truth)
-    report["warnings"] = []
+    report["warnings"] = [head_skipped] if head_skipped else []
     if captions:
         report["captions"] = {}
         for name, frame in captions.items():

@@ -29,7 +29,8 @@ def test_end_to_end_build_submit_search_eval(tmp_path, tiny_clip_dir):
     assert searched.returncode == 0, searched.stderr
     entries = json.loads(searched.stdout)
     assert entries[0]["query"] == query
-    assert [sorted(r) for r in entries[0]["results"]] == [["id", "prompt", "rank", "score"]] * 3
+    assert [sorted(r) for r in entries[0]["results"]] == [["id", "key", "prompt", "rank", "score"]] * 3
+    assert {r["key"] for r in entries[0]["results"]} == {"text"}
     assert entries[0]["results"][0]["prompt"] == query and entries[0]["results"][0]["id"] == 7
 
     table = run_cli("search", index, "--image", DATA / "images" / "sample00.png", "--k", "2")

@@ -40,6 +40,8 @@ def evaluate(built_index, labels, **kwargs):
 
     if built_index not in _OPENED:
         _OPENED[built_index] = img2prompt.open_index(built_index, device="cpu")
+    # these tests are about the k × temperature × alpha grid: the switches' axes (test_quality_switches.py) stay off
+    kwargs = {"sweep_consensus": (0.0,), "sweep_beta": (0.0,), **kwargs}
     return run_eval(_OPENED[built_index].session, EvalOptions(labels=str(labels), progress=False, **kwargs))
 
 
