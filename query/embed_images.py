@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from img2prompt.build_index.embed import autocast_for, l2_normalise
+from img2prompt.clip_ensemble import ClipEnsemble
 from img2prompt.errors import UserError
 from img2prompt.models import ClipModel, clip_encode_image, usable_cores
 from img2prompt.progress import progress_bar
@@ -53,7 +54,10 @@ class _Images(Dataset):
 def _collate(items):
     ok = [(i, pixels) for i, pixels, _, _ in items if pixels is not None]
     failed = [(i, reason) for i, pixels, reason, _ in items if pixels is None]
-    pixels = torch.stack([p for _, p in ok]) if ok else None
+    if ok and isinstance(ok[0][1], tuple):  # an ensemble's preprocess: one tensor per member, stacked per part
+        pixels = tuple(torch.stack(part) for part in zip(*(p for _, p in ok)))
+    else:
+        pixels = torch.stack([p for _, p in ok]) if ok else None
     return [i for i, _ in ok], pixels, failed, sum(seconds for *_, seconds in items)
 
 
@@ -83,8 +87,8 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 64
 
 
-def embed_images(clip: ClipModel, images: list, batch_size: int | None = None, workers: int | None = None,
-                 progress: Callable[[int], None] | bool | None = None) -> ImageEmbeddings:
+def embed_images(clip: ClipModel | ClipEnsemble, images: list, batch_size: int | None = None,
+                 workers: int | None = None, progress: Callable[[int], None] | bool | None = None) -> ImageEmbeddings:
     """CLIP image vectors for paths or PIL images; `progress` is a callback, or True for a bar."""
     check_image_loading_args(batch_size, workers)
     batch_size = default_batch_size(clip.device) if batch_size is None else batch_size
@@ -105,7 +109,10 @@ def embed_images(clip: ClipModel, images: list, batch_size: int | None = None, w
             decode_s += seconds
             if pixels is not None:
                 started = time.perf_counter()
-                features = clip_encode_image(clip, pixels.to(clip.device, non_blocking=True))
+                if isinstance(clip, ClipEnsemble):  # per-member towers, normalised and concatenated
+                    features = clip.encode_image(pixels)
+                else:
+                    features = clip_encode_image(clip, pixels.to(clip.device, non_blocking=True))
                 vectors.append(features.float().cpu().numpy())
                 encode_s += time.perf_counter() - started
                 ok.extend(positions)

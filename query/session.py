@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 
+from img2prompt.clip_ensemble import ClipEnsemble, load_clip_ensemble
 from img2prompt.errors import UserError
 from img2prompt.index.format import PromptIndex, open_index
 from img2prompt.models import ClipModel, load_clip, load_text_model, resolve_device
@@ -26,32 +27,73 @@ def _mismatch(kind: str, built: dict, asked: dict) -> str:
 
 @dataclass
 class ModelOverrides:
-    clip_model: str | None = None
-    clip_pretrained: str | None = None
+    # For an index built with several CLIP models: lists aligned with the manifest's members.
+    clip_model: str | list[str] | None = None
+    clip_pretrained: str | list[str] | None = None
     text_model: str | None = None
 
 
-def check_clip(index: PromptIndex, clip: ClipModel) -> None:
-    built = index.clip_identity
+def _check_one_clip(built: dict, clip: ClipModel, member: str = "") -> None:
+    """The single-model checks; `member` ("CLIP member 2 of 3 ('name'): ") prefixes each message."""
     if clip.sha256 != built["sha256"] or clip.dim != built["dim"]:
-        raise UserError(_mismatch("CLIP", built, clip.identity()))
+        raise UserError(member + _mismatch("CLIP", built, clip.identity()))
     # Indexes written before format 2 recorded no architecture: only their weights can be compared.
     if built.get("architecture_sha256", clip.architecture_sha256) != clip.architecture_sha256:
-        raise UserError(f"the CLIP weights match the index's but the architecture differs ({built['name']!r} at build "
-                        f"time, {clip.name!r} here): e.g. ViT-L-14 vs ViT-L-14-quickgelu (another activation gives "
-                        "other embeddings), or another open_clip version; load it as the index was built")
+        raise UserError(member + f"the CLIP weights match the index's but the architecture differs ({built['name']!r} "
+                        f"at build time, {clip.name!r} here): e.g. ViT-L-14 vs ViT-L-14-quickgelu (another activation "
+                        "gives other embeddings), or another open_clip version; load it as the index was built")
     if built.get("preprocess", clip.preprocess_config) != clip.preprocess_config:
-        raise UserError(f"the CLIP image preprocessing differs from the index's (built: {built['preprocess']!r}; "
-                        f"here: {clip.preprocess_config!r}): load the model with the index's config")
+        raise UserError(member + f"the CLIP image preprocessing differs from the index's (built: "
+                        f"{built['preprocess']!r}; here: {clip.preprocess_config!r}): load the model with the index's "
+                        "config")
 
 
-def load_index_clip(index: PromptIndex, overrides: ModelOverrides, device, verify: bool = False) -> ClipModel:
+def _model_count(count: int) -> str:
+    return "one CLIP model" if count == 1 else f"an ensemble of {count} CLIP models"
+
+
+def check_clip(index: PromptIndex, clip: ClipModel | ClipEnsemble) -> None:
     built = index.clip_identity
-    name = overrides.clip_model or built["name"]
-    pretrained = overrides.clip_pretrained if overrides.clip_pretrained is not None else (
-        None if overrides.clip_model else built.get("pretrained"))
+    built_members = built.get("members")
+    if built_members is None and not isinstance(clip, ClipEnsemble):
+        return _check_one_clip(built, clip)
+    # An ensemble's vectors are its members' parts in order: same members, same order, or other vectors.
+    members = clip.members if isinstance(clip, ClipEnsemble) else [clip]
+    built_members = built_members or [built]
+    if len(members) != len(built_members):
+        raise UserError(f"the index was built with {_model_count(len(built_members))} "
+                        f"({' + '.join(repr(m['name']) for m in built_members)}) but {_model_count(len(members))} "
+                        f"was given here ({' + '.join(repr(m.name) for m in members)}): pass the index's CLIP models, "
+                        "in the order they were built")
+    for position, (member_built, member) in enumerate(zip(built_members, members)):
+        _check_one_clip(member_built, member,
+                        f"CLIP member {position + 1} of {len(members)} ({member_built['name']!r}): ")
+
+
+def _as_list(value: str | list[str] | None, count: int, what: str) -> list | None:
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    if len(values) != count:
+        raise UserError(f"the index holds {_model_count(count)}, but {len(values)} {what} values were given: "
+                        f"give one per model, in the order they were built")
+    return values
+
+
+def load_index_clip(index: PromptIndex, overrides: ModelOverrides, device,
+                    verify: bool = False) -> ClipModel | ClipEnsemble:
+    built = index.clip_identity
+    members = built.get("members") or [built]
+    # Per member, as for one model: a given name drops the manifest's pretrained; a given pretrained wins.
+    given_names = _as_list(overrides.clip_model or None, len(members), "--clip-model") or [None] * len(members)
+    given_pretrained = _as_list(overrides.clip_pretrained, len(members), "--clip-pretrained") or [None] * len(members)
+    names = [given or member["name"] for given, member in zip(given_names, members)]
+    pretrained = [weights if weights is not None else (None if given else member.get("pretrained"))
+                  for given, weights, member in zip(given_names, given_pretrained, members)]
     try:
-        clip = load_clip(name, pretrained, device, verify=verify)
+        # One model: load_clip itself, as before (tests count its calls through this module's name).
+        clip = load_clip(names[0], pretrained[0], device, verify=verify) if len(names) == 1 else \
+            load_clip_ensemble(names, pretrained, device, verify=verify)
     except UserError as exc:
         if overrides.clip_model or overrides.clip_pretrained:
             raise
@@ -71,7 +113,7 @@ def check_text_model(index: PromptIndex, name: str, device, verify: bool = False
 @dataclass
 class QuerySession:
     index: PromptIndex
-    clip: ClipModel
+    clip: ClipModel | ClipEnsemble
 
     @cached_property
     def retriever(self) -> Retriever:
