@@ -42,7 +42,7 @@ class Tokenizers:
 @dataclass
 class TokenizedShard:
     task: ShardTask
-    clip_tokens: np.ndarray  # int64 [n, context_length], open_clip's layout
+    clip_tokens: np.ndarray | None  # int64 [n, context_length], open_clip's layout (None: the encoder tokenizes)
     minilm_ids: list[np.ndarray] | None  # per prompt, unpadded; None → encode from the texts
 
 
@@ -59,7 +59,8 @@ def can_use_workers(tokenizers: Tokenizers) -> bool:
 
 def tokenize_prompts(tokenizers: Tokenizers, minilm, prompts: list[str]) -> tuple[np.ndarray, list[np.ndarray] | None]:
     """CLIP token rows and MiniLM ids for prompts: the one tokenizing step of every engine."""
-    clip_tokens = np.asarray(tokenizers.clip(prompts), dtype=np.int64)
+    # no shared CLIP tokenizer (an ensemble of differently tokenizing models): the encoder tokenizes
+    clip_tokens = np.asarray(tokenizers.clip(prompts), dtype=np.int64) if tokenizers.clip is not None else None
     ids = minilm_token_ids(minilm, prompts, tokenizers.minilm_max_length) if minilm is not None else None
     return clip_tokens, ids
 

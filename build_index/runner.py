@@ -33,7 +33,8 @@ from img2prompt.index.format import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, REGRESSION, 
                                      ShardTask, plan_shards)
 from img2prompt.index.plan import plan_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
-from img2prompt.models import load_clip, load_text_model, resolve_device
+from img2prompt.clip_ensemble import load_named_clips
+from img2prompt.models import load_text_model, resolve_device
 from img2prompt.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ DEFAULT_SHARD_SIZE = 100_000
 class BuildOptions:
     corpus: list[str]
     out: str
-    clip_model: str
-    clip_pretrained: str | None = None
+    clip_model: str | list[str]  # several: one index holding each model's keys (img2prompt/clip_ensemble.py)
+    clip_pretrained: str | list[str | None] | None = None
     text_model: str | None = None
     column: str = "prompt"
     batch_size: int = 256
@@ -121,7 +122,7 @@ def run_build(options: BuildOptions) -> BuildResult:
     device = resolve_device(options.device)
     log.info("device %s", device)
     with timer.phase("load_models"):
-        clip = load_clip(options.clip_model, options.clip_pretrained, device)
+        clip = load_named_clips(options.clip_model, options.clip_pretrained, device)
         text_model = load_text_model(options.text_model, device)
     models = {"clip": clip.identity(), "text": text_model.identity()}
     total_rows = count_rows(paths + pair_paths)

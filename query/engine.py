@@ -60,26 +60,31 @@ class Img2PromptIndex:
     # -- queries ----------------------------------------------------------------------------------------
     def predict(self, images: Sequence[ImageInput], *, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
                 alpha: float = DEFAULT_ALPHA, consensus: float = DEFAULT_CONSENSUS, beta: float = DEFAULT_BETA,
-                batch_size: int | None = None, workers: int | None = None, progress: bool = False) -> np.ndarray:
+                model_weights: str | Sequence[float] | None = None, batch_size: int | None = None,
+                workers: int | None = None, progress: bool = False) -> np.ndarray:
         """float32 [n, 384] unit-norm predictions, one per image (paths or PIL images), in input order.
 
         consensus: re-weight neighbours by their agreement with the others; beta: share of the regression
-        head (query/blend.py). An image that cannot be decoded gets the corpus-mean prediction and a warning.
+        head (query/blend.py); model_weights: an index of several CLIP models scores Σ w_m · cos_m (default:
+        equal). An image that cannot be decoded gets the corpus-mean prediction and a warning.
         """
         return self.predict_with_neighbours(images, k=k, temperature=temperature, alpha=alpha, consensus=consensus,
-                                            beta=beta, batch_size=batch_size, workers=workers, progress=progress)[0]
+                                            beta=beta, model_weights=model_weights, batch_size=batch_size,
+                                            workers=workers, progress=progress)[0]
 
     def predict_with_neighbours(self, images: Sequence[ImageInput], *, k: int = DEFAULT_K,
                                 temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
                                 consensus: float = DEFAULT_CONSENSUS, beta: float = DEFAULT_BETA,
-                                batch_size: int | None = None, workers: int | None = None,
+                                model_weights: str | Sequence[float] | None = None, batch_size: int | None = None,
+                                workers: int | None = None,
                                 progress: bool = False) -> tuple[np.ndarray, list[SearchResult]]:
         """`predict` plus, per image, the neighbours blended into it (from the same single encoding)."""
         settings = BlendSettings(k, temperature, alpha, consensus, beta).check()
         self.session.retriever.check_k(k)
         require_head(self.session.index, beta)  # before any image is encoded
+        self.session.retriever.model_weights(model_weights)
         embedded = embed_images(self.session.clip, list(images), batch_size, workers, progress=progress)
-        neighbours = self._neighbours_for(embedded, len(images), k)
+        neighbours = self._neighbours_for(embedded, len(images), k, model_weights)
         for position, reason in embedded.failed.items():
             log.warning("%s: %s; it gets the corpus-mean prediction", image_label(images[position], position), reason)
         vectors = np.zeros((len(images), self.session.index.clip_dim), dtype=np.float32)
@@ -89,11 +94,12 @@ class Img2PromptIndex:
                                           embedded.failed)
 
     def search_images(self, images: Sequence[ImageInput], k: int = 10, *, batch_size: int = 16,
-                      workers: int | None = 0) -> list[SearchResult]:
+                      workers: int | None = 0, model_weights: str | Sequence[float] | None = None) -> list[SearchResult]:
         """Ranked prompts per image, in input order; an undecodable image gets a result with `error`."""
         self.session.retriever.check_k(k)
+        self.session.retriever.model_weights(model_weights)
         embedded = embed_images(self.session.clip, list(images), batch_size, workers)
-        neighbours = self._neighbours_for(embedded, len(images), k)
+        neighbours = self._neighbours_for(embedded, len(images), k, model_weights)
         return self._results([image_label(image, i) for i, image in enumerate(images)], neighbours, embedded.failed)
 
     def interrogate(self, images: Sequence[ImageInput], modifiers: int = DEFAULT_MODIFIERS, *,
@@ -109,12 +115,15 @@ class Img2PromptIndex:
         return compose_all([image_label(image, i) for i, image in enumerate(images)], embedded, results,
                            self.prompts(results.ids[:, 0]), vocabulary, modifiers)
 
-    def search_texts(self, texts: Sequence[str], k: int = 10) -> list[SearchResult]:
+    def search_texts(self, texts: Sequence[str], k: int = 10, *,
+                     model_weights: str | Sequence[float] | None = None) -> list[SearchResult]:
         """Ranked prompts per query text (CLIP text → CLIP text), in input order."""
         self.session.retriever.check_k(k)
+        self.session.retriever.model_weights(model_weights)
         texts = list(texts)
         vectors = clip_text_embeddings(self.session.clip, texts).vectors
-        return self._results(texts, self.session.retriever.search(vectors, k, query_kind="text"))
+        return self._results(texts, self.session.retriever.search(vectors, k, query_kind="text",
+                                                                  model_weights=model_weights))
 
     def submission(self, images_dir: str | Path, out: str | Path = "submission.csv",
                    sample_submission: str | Path | None = None, **options):
@@ -129,9 +138,10 @@ class Img2PromptIndex:
             sample_submission=str(sample_submission) if sample_submission is not None else None, **options))
 
     # -- plumbing ---------------------------------------------------------------------------------------
-    def _neighbours_for(self, embedded, total: int, k: int) -> Neighbours:
+    def _neighbours_for(self, embedded, total: int, k: int, model_weights=None) -> Neighbours:
         """Search the decoded images; rows of images that failed stay empty (ids -1)."""
-        return self.session.retriever.search(embedded.vectors, k).spread(embedded.ok, total)
+        return self.session.retriever.search(embedded.vectors, k, model_weights=model_weights).spread(embedded.ok,
+                                                                                                       total)
 
     def _results(self, queries: list[str], neighbours: Neighbours,
                  failed: dict[int, str] | None = None) -> list[SearchResult]:

@@ -47,7 +47,7 @@ SWEEP_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
 SWEEP_ALPHA = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # alpha = 1 is the corpus-mean prediction
 SWEEP_CONSENSUS = (0.0, 3.0, 10.0)
 SWEEP_BETA = (0.0, 0.25, 0.5, 1.0)  # beta = 1 is the regression head alone (swept only where the index has one)
-SETTING_NAMES = ("k", "temperature", "alpha", "consensus", "beta")  # a grid row's fields, in order
+SETTING_NAMES = ("k", "temperature", "alpha", "consensus", "beta", "model_weights")  # a grid row's fields
 DEFAULT_SHRINK = 0.2  # alpha of the knn_shrunk baseline when --alpha is 0
 CV_FOLDS = 5
 CV_SEED = 0
@@ -69,6 +69,7 @@ class EvalOptions(RetrievalSettings):
     sweep_alpha: tuple = SWEEP_ALPHA
     sweep_consensus: tuple = SWEEP_CONSENSUS
     sweep_beta: tuple = SWEEP_BETA
+    sweep_model_weights: tuple | None = None  # an index of several CLIP models (default: see model_weightings)
     captions: dict[str, str] | list[tuple[str, str]] | None = None  # NAME -> imgId,prompt CSV of a captioner
 
 
@@ -137,30 +138,44 @@ def exact_matches(session: QuerySession, true_prompts: list[str]) -> list[set[in
     return [by_key.get(key, set()) for key in keys]
 
 
-def _text_queries(session: QuerySession, labels: pd.DataFrame, k: int, exclude) -> Retrieved:
+def _text_queries(session: QuerySession, labels: pd.DataFrame, k: int, exclude, model_weights=None) -> Retrieved:
     started = time.perf_counter()
     vectors = clip_text_embeddings(session.clip, labels["prompt"].tolist()).vectors
-    found = session.retriever.search(vectors, k, exclude, query_kind="text")
+    found = session.retriever.search(vectors, k, exclude, query_kind="text", model_weights=model_weights)
     return Retrieved(labels["imgId"].tolist(), found, {}, {"encode_search": time.perf_counter() - started},
                      vectors)
 
 
-def sweep_grid(options: EvalOptions, kmax: int, has_head: bool = True) -> list[tuple]:
-    """(k, temperature, alpha, consensus, beta) rows; beta only where the index has a regression head."""
+def model_weightings(members: int, asked: tuple | None = None, chosen: list[float] | None = None) -> list[tuple]:
+    """The model weightings an index of several CLIP models is swept over: equal, each model alone and, for
+    two, 3:1 both ways (plus the one asked for); normalised to sum 1."""
+    if asked is None:
+        asked = [tuple([1.0] * members)] + [tuple(float(i == m) for i in range(members)) for m in range(members)]
+        asked += [(0.75, 0.25), (0.25, 0.75)] if members == 2 else []
+    weightings = [tuple(w / sum(row) for w in row) for row in asked] + ([tuple(chosen)] if chosen else [])
+    return list(dict.fromkeys(tuple(round(w, 6) for w in row) for row in weightings))
+
+
+def sweep_grid(options: EvalOptions, kmax: int, has_head: bool = True,
+               weightings: list[tuple] | None = None) -> list[tuple]:
+    """(k, temperature, alpha, consensus, beta[, model weights]) rows, model weights outermost and beta
+    fastest; beta only where the index has a regression head, model weights only for several CLIP models."""
     ks = sorted({k for k in options.sweep_k if k <= kmax} | {options.k})
     betas = sorted(set(options.sweep_beta) | {options.beta}) if has_head else [0.0]
-    return list(itertools.product(ks, options.sweep_temperature, options.sweep_alpha,
+    rows = list(itertools.product(ks, options.sweep_temperature, options.sweep_alpha,
                                   sorted(set(options.sweep_consensus) | {options.consensus}), betas))
+    return [row + (weights,) for weights in weightings for row in rows] if weightings else rows
 
 
 def sweep_cosines(grid: list[tuple], blended_of, cosines_of) -> np.ndarray:
     """Per-image cosines [settings, images] of every grid row. Rows that differ only in beta share one k-NN
-    blend (beta varies fastest in the grid): `blended_of(settings at beta 0)`, then `cosines_of(blend, beta)`."""
+    blend (beta varies fastest in the grid): `blended_of(settings at beta 0, model weights)`, then
+    `cosines_of(blend, beta)`."""
     rows, last, blended = [], None, None
     for row in grid:
-        settings = BlendSettings(*row)
-        if row[:4] != last:
-            last, blended = row[:4], blended_of(dataclasses.replace(settings, beta=0.0))
+        settings, weights = BlendSettings(*row[:5]), row[5] if len(row) > 5 else None
+        if (row[:4], weights) != last:
+            last, blended = (row[:4], weights), blended_of(dataclasses.replace(settings, beta=0.0), weights)
         rows.append(cosines_of(blended, settings.beta))
     return np.stack(rows)
 
@@ -189,7 +204,8 @@ def cross_validate(cosines: np.ndarray, folds: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _setting(grid_row: tuple) -> dict:
-    return {name: int(value) if name == "k" else float(value) for name, value in zip(SETTING_NAMES, grid_row)}
+    return {name: int(value) if name == "k" else list(value) if name == "model_weights" else float(value)
+            for name, value in zip(SETTING_NAMES, grid_row)}
 
 
 def cross_validation_report(grid: list[tuple], cosines: np.ndarray, folds: int = CV_FOLDS,
@@ -247,7 +263,9 @@ def same_setting(a: dict, b: dict, names=SETTING_NAMES) -> bool:
 def setting_flags(setting: dict) -> str:
     """The submit flags of a setting (the switches only when on)."""
     flags = f"--k {setting['k']} --temperature {setting['temperature']:g} --alpha {setting['alpha']:g}"
-    return flags + "".join(f" --{name} {setting[name]:g}" for name in ("consensus", "beta") if setting.get(name))
+    flags += "".join(f" --{name} {setting[name]:g}" for name in ("consensus", "beta") if setting.get(name))
+    weights = setting.get("model_weights")
+    return flags + (f" --model-weights {','.join(f'{w:g}' for w in weights)}" if weights else "")
 
 
 def baseline_flags(options: EvalOptions, shrink: float) -> dict[str, str]:
@@ -287,15 +305,29 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
                max([options.k, *(options.sweep_k if options.sweep else ())]))
     if kmax < options.k:
         raise UserError(f"--k {options.k} is larger than the corpus left after --exclude-exact ({kmax})")
+    chosen_weights = session.retriever.model_weights(options.model_weights)
     if options.images:
         listing = list_images(options.images)
         retrieved = retrieve_images(session, labels["imgId"].tolist(), listing.paths, kmax,
                                     batch_size=options.batch_size, workers=options.workers,
-                                    progress=options.progress, exclude=exclude)
+                                    progress=options.progress, exclude=exclude, model_weights=chosen_weights)
     else:
-        retrieved = _text_queries(session, labels, kmax, exclude)
+        retrieved = _text_queries(session, labels, kmax, exclude, chosen_weights)
     neighbours = retrieved.neighbours
     query_kind = "image" if options.images else "text"
+    members = len(index.clip_identity.get("members") or [])
+    weightings = model_weightings(members, options.sweep_model_weights, chosen_weights) if members else None
+    searched = {tuple(round(w, 6) for w in chosen_weights or [1 / members] * members): neighbours} if members else {}
+
+    def neighbours_for(weights: tuple | None) -> Neighbours:
+        """The same encoded queries searched again with other model weights (one search each, no encoding)."""
+        if weights not in searched:
+            ok_rows = np.flatnonzero(neighbours.ids[:, 0] >= 0)
+            found = session.retriever.search(retrieved.query_vectors[ok_rows], kmax,
+                                             [exclude[row] for row in ok_rows] if exclude else None,
+                                             query_kind=query_kind, model_weights=list(weights))
+            searched[weights] = found.spread(ok_rows, len(neighbours.ids))
+        return searched[weights]
     head, head_source, head_skipped = None, None, None
     if index.regression_head is not None and (options.beta > 0 or options.sweep):
         try:
@@ -308,9 +340,10 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
 
     ok = neighbours.ids[:, 0] >= 0
 
-    def score_of(settings: BlendSettings, cosines: bool = True) -> np.ndarray:
+    def score_of(settings: BlendSettings, weights: tuple | None = None, cosines: bool = True) -> np.ndarray:
         """Per-image cosines of a setting (or, cosines=False, its predictions)."""
-        view = Neighbours(neighbours.scores[:, :settings.k], neighbours.ids[:, :settings.k])
+        found = neighbours if weights is None else neighbours_for(weights)
+        view = Neighbours(found.scores[:, :settings.k], found.ids[:, :settings.k])
         predictions = blend_neighbours(index, view, settings, head)
         return cosine_rows(predictions, truth) if cosines else predictions
 
@@ -329,7 +362,7 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
             **({"regression_head": float(score_of(BlendSettings(options.k, options.temperature, beta=1.0)).mean())}
                if head is not None else {}),
         },
-        "settings": {**chosen.as_dict(), "knn_shrunk_alpha": shrink, "mode": "images" if options.images else "text",
+        "settings": {**chosen.as_dict(), "model_weights": chosen_weights, "knn_shrunk_alpha": shrink, "mode": "images" if options.images else "text",
                      "exclude_exact": options.exclude_exact, "labels": str(options.labels),
                      "images": options.images},
         "leakage": {"true_prompts_in_corpus": in_corpus,
@@ -344,6 +377,10 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     if index.phrases is not None:
         report["interrogate"] = score_interrogation(index, retrieved, text_model, truth)
     report["warnings"] = [head_skipped] if head_skipped else []
+    if head is not None and in_corpus and (options.beta > 0 or options.sweep):
+        report["warnings"].append(f"{in_corpus} of the true prompts are in the index, and the regression head was "
+                                  "fitted on the index's rows (--exclude-exact only removes neighbours): its scores "
+                                  "here are optimistic; judge beta on labels whose prompts are not in the corpus")
     if captions:
         report["captions"] = {}
         for name, frame in captions.items():
@@ -352,13 +389,14 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
             report["captions"][name] = entry
             report["warnings"] += caption_warnings(name, entry)
     if options.sweep:
-        grid = sweep_grid(options, kmax, has_head=head is not None)
-        cosines = sweep_cosines(grid, lambda settings: score_of(settings, cosines=False),
+        grid = sweep_grid(options, kmax, has_head=head is not None, weightings=weightings)
+        cosines = sweep_cosines(grid, lambda settings, weights: score_of(settings, weights, cosines=False),
                                 lambda blended, beta: cosine_rows(mix_rows(blended, head, beta, ok), truth))
         report.update(sweep_summary(grid, cosines, report["baselines"], baseline_flags(options, shrink)))
         if options.plot:
             plot_sweep(report, options.plot)
-    report["switches"] = switches_report(index, options, grid if options.sweep else None, head_source)
+    report["switches"] = switches_report(index, options, grid if options.sweep else None, head_source,
+                                         chosen_weights)
     if options.out:
         write_json_atomic(options.out, report)
     return report
@@ -495,10 +533,15 @@ def format_switches(switches: dict) -> str:
                               + (f", swept {head['swept']}" if head["swept"] else "") + ")"
                               if head["in_index"] else "absent"),
         f"consensus {switches['consensus']['gamma']:g}"
-        + (f" (swept {switches['consensus']['swept']})" if switches["consensus"]["swept"] else "")])
+        + (f" (swept {switches['consensus']['swept']})" if switches["consensus"]["swept"] else ""),
+        f"CLIP models {len(switches['models']['clip'])}"
+        + (f" (weights {switches['models']['model_weights'] or 'equal'}"
+           + (f", swept {len(switches['models']['swept'])} weightings" if switches["models"]["swept"] else "") + ")"
+           if len(switches["models"]["clip"]) > 1 else "")])
 
 
-def switches_report(index, options: EvalOptions, grid: list[tuple] | None, head_source: str | None) -> dict:
+def switches_report(index, options: EvalOptions, grid: list[tuple] | None, head_source: str | None,
+                    model_weights: list[float] | None = None) -> dict:
     """Which quality switches were in play: what the index holds, what this run used, what it swept."""
     rows = {key_range.keys: key_range.count for key_range in index.key_ranges}
     fits = index.manifest.get("calibration", {}).get("fits", {})
@@ -507,14 +550,21 @@ def switches_report(index, options: EvalOptions, grid: list[tuple] | None, head_
                            "calibration": {kind: fit.get("method") for kind, fit in fits.items()} or None},
             "regression_head": {"in_index": index.regression_head is not None, "beta": options.beta,
                                 "swept": swept(4), "query_mean": head_source},
-            "consensus": {"gamma": options.consensus, "swept": swept(3)}}
+            "consensus": {"gamma": options.consensus, "swept": swept(3)},
+            "models": {"clip": [member["name"] for member in index.clip_identity.get("members", [index.clip_identity])],
+                       "model_weights": model_weights,
+                       "swept": [list(row) for row in dict.fromkeys(row[5] for row in grid)]
+                       if grid and len(grid[0]) > 5 else None}}
 
 
 def format_sweep(report: dict) -> list[str]:
-    lines = [f"{'k':>5} {'T':>6} {'alpha':>6} {'consens':>7} {'beta':>5} {'in-sample':>9}"]
+    weighted = any("model_weights" in row for row in report["sweep"])
+    lines = [f"{'k':>5} {'T':>6} {'alpha':>6} {'consens':>7} {'beta':>5} {'in-sample':>9}"
+             + ("  model weights" if weighted else "")]
     for row in sorted(report["sweep"], key=lambda row: -row["score"])[:15]:
         lines.append(f"{row['k']:>5} {row['temperature']:>6g} {row['alpha']:>6g} {row.get('consensus', 0):>7g} "
-                     f"{row.get('beta', 0):>5g} {row['score']:>9.4f}")
+                     f"{row.get('beta', 0):>5g} {row['score']:>9.4f}"
+                     + (f"  {','.join(f'{w:g}' for w in row['model_weights'])}" if weighted else ""))
     best, recommended, cv = report["best_in_sample"], report["recommended"], report["cross_validation"]
     flags = setting_flags(recommended)
     lines.append(f"best in-sample {best['score']:.4f} (optimistic: chosen and scored on the same images)")

@@ -9,7 +9,8 @@ from img2prompt.api import SearchResult
 from img2prompt.errors import UserError
 
 
-def run_search(index, images: Sequence[str] = (), texts: Sequence[str] = (), k: int = 10) -> list[SearchResult]:
+def run_search(index, images: Sequence[str] = (), texts: Sequence[str] = (), k: int = 10,
+               model_weights: str | None = None) -> list[SearchResult]:
     """Image results first, then text results, each in the order given; `index` is an Img2PromptIndex."""
     if not images and not texts:
         raise UserError("give --image PATH (repeatable) or --text TEXT")
@@ -17,8 +18,8 @@ def run_search(index, images: Sequence[str] = (), texts: Sequence[str] = (), k: 
         if not Path(image).is_file():
             raise UserError(f"image not found: {image}")
     index.session.retriever.check_k(k)
-    results = index.search_images(list(images), k) if images else []
-    return results + (index.search_texts(list(texts), k) if texts else [])
+    results = index.search_images(list(images), k, model_weights=model_weights) if images else []
+    return results + (index.search_texts(list(texts), k, model_weights=model_weights) if texts else [])
 
 
 def format_json(results: list[SearchResult]) -> str:

@@ -33,6 +33,7 @@ class RetrievalSettings:
     alpha: float = DEFAULT_ALPHA
     consensus: float = DEFAULT_CONSENSUS
     beta: float = DEFAULT_BETA
+    model_weights: str | list[float] | None = None  # several CLIP models: "0.7,0.3" (default: equal)
     batch_size: int | None = None
     workers: int | None = None
     progress: bool = True
@@ -53,9 +54,10 @@ class Retrieved:
 
 def retrieve_images(session: QuerySession, image_ids: list[str], paths: dict[str, Path], k: int, *,
                     batch_size: int | None = None, workers: int | None = None, progress: bool = True,
-                    exclude: list[set[int]] | None = None) -> Retrieved:
+                    exclude: list[set[int]] | None = None, model_weights: str | list[float] | None = None) -> Retrieved:
     """Top-k neighbours of every id in `image_ids`; ids without a usable file are reported, not fatal."""
     session.retriever.check_k(k)
+    session.retriever.model_weights(model_weights)  # a bad value fails before any image is decoded
     timings = {}
     present = [image_id for image_id in image_ids if image_id in paths]
     failed = {image_id: MISSING_FILE for image_id in image_ids if image_id not in paths}
@@ -67,7 +69,8 @@ def retrieve_images(session: QuerySession, image_ids: list[str], paths: dict[str
     row_of = {image_id: row for row, image_id in enumerate(image_ids)}
     ok_rows = [row_of[present[position]] for position in embedded.ok]
     started = time.perf_counter()
-    found = session.retriever.search(embedded.vectors, k, [exclude[row] for row in ok_rows] if exclude else None)
+    found = session.retriever.search(embedded.vectors, k, [exclude[row] for row in ok_rows] if exclude else None,
+                                     model_weights=model_weights)
     timings["search"] = time.perf_counter() - started
     vectors = np.zeros((len(image_ids), session.index.clip_dim), dtype=np.float32)
     vectors[ok_rows] = embedded.vectors

@@ -7,9 +7,11 @@ the lists are merged: the scores a caller sees, and the softmax weighs, are cali
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
+from img2prompt.clip_ensemble import parse_model_weights, weighted_query
 from img2prompt.errors import UserError
 from img2prompt.index.backend import merge_top_k
 from img2prompt.index.format import PromptIndex
@@ -65,16 +67,32 @@ class Retriever:
         if k > self.index.count:
             raise UserError(f"--k {k} is larger than the index ({self.index.count} prompts)")
 
+    def model_weights(self, value: str | Sequence[float] | None) -> list[float] | None:
+        """--model-weights ("0.7,0.3" or numbers) checked against the index's CLIP models, normalised."""
+        if value is None:
+            return None
+        members = self.index.clip_identity.get("members")
+        text = value if isinstance(value, str) else ",".join(str(weight) for weight in value)
+        if not members:
+            raise UserError(f"--model-weights {text}: the index holds one CLIP model (build with several "
+                            "--clip-model to weigh them)")
+        return parse_model_weights(text, len(members))
+
     def search(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None,
-               query_kind: str = "image") -> Neighbours:
+               query_kind: str = "image", model_weights: str | Sequence[float] | None = None) -> Neighbours:
         """Top-k per query; `exclude[i]` lists prompt ids query i must not return (the eval leakage guard).
-        `query_kind`: "image" or "text", which picks the calibration of the key kinds' scores."""
+        `query_kind`: "image" or "text", which picks the calibration of the key kinds' scores.
+        `model_weights`: for an index of several CLIP models, score = Σ w_m · cos_m (default: the mean)."""
         self.check_k(k)
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index.clip_dim:
             raise UserError(f"query vectors have shape {queries.shape}, the index expects dim {self.index.clip_dim}")
+        weights = self.model_weights(model_weights)
         if len(queries) == 0:
             return Neighbours(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+        if weights is not None:
+            queries = weighted_query(queries, [member["dim"] for member in self.index.clip_identity["members"]],
+                                     weights).astype(np.float32)
         extra = max((len(ids) for ids in exclude), default=0) if exclude else 0
         fetch = min(self.index.count, k + extra)
         scores, ids = self._search_ranges(queries, fetch, query_kind)

@@ -86,6 +86,7 @@ def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
     check_submit_outputs(options)
     session.retriever.check_k(options.k)
     require_head(session.index, options.beta)
+    session.retriever.model_weights(options.model_weights)
     if session.index.text_dim != EMBED_DIM:
         raise UserError(f"the index's text model gives {session.index.text_dim}-d vectors; a submission needs "
                         f"the {EMBED_DIM}-d all-MiniLM-L6-v2 scorer")
@@ -97,7 +98,7 @@ def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
         if options.strict:
             raise UserError(f"{len(missing)} of {len(image_ids)} images are not in {options.images} (--strict): {shown}")
     result = retrieve_images(session, image_ids, listing.paths, options.k, batch_size=options.batch_size,
-                             workers=options.workers, progress=options.progress)
+                             workers=options.workers, progress=options.progress, model_weights=options.model_weights)
     started = time.perf_counter()
     predictions = predict_rows(session.index, result.neighbours, result.query_vectors, settings)
     result.timings_s["blend"] = time.perf_counter() - started
@@ -122,7 +123,7 @@ def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
         duplicate_files=[str(p) for paths in listing.duplicates.values() for p in paths],
         ignored_files=listing.ignored,
         not_in_sample=not_in_sample,
-        settings=settings.as_dict(),
+        settings={**settings.as_dict(), "model_weights": session.retriever.model_weights(options.model_weights)},
         timings_s={name: round(seconds, 3) for name, seconds in result.timings_s.items()},
         images_per_s=round(decoded / encode_seconds, 1) if decoded and encode_seconds else None)
 
