@@ -31,9 +31,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
                     "dataset-metadata.json. The kit is checked to open before it is written.")
     kit.add_argument("index", metavar="INDEX_DIR", help="a built index")
     kit.add_argument("--out", required=True, metavar="KIT_DIR", help="kit folder to write")
-    kit.add_argument("--clip-weights", metavar="PATH",
+    kit.add_argument("--clip-weights", metavar="PATH", action="append",
                      help="the index's CLIP weights: a checkpoint file or an open_clip local-dir folder (default: "
-                          "where the index manifest says they are; needed for a pretrained tag such as openai)")
+                          "where the index manifest says they are; needed for a pretrained tag such as openai); "
+                          "once per model for an index of several CLIP models")
     kit.add_argument("--python-version", metavar="X.Y",
                      help="CPython version of the Kaggle image (default: this interpreter's)")
     kit.add_argument("--platform", action="append", metavar="TAG", dest="platforms",
@@ -53,7 +54,8 @@ def run(args) -> None:
     """Build the kit and print its size report."""
     from img2prompt.kaggle_kit import KitOptions, build_kit, format_kit_report
 
-    report = build_kit(KitOptions(index=args.index, out=args.out, clip_weights=args.clip_weights,
+    weights = args.clip_weights[0] if args.clip_weights and len(args.clip_weights) == 1 else args.clip_weights
+    report = build_kit(KitOptions(index=args.index, out=args.out, clip_weights=weights,
                                   python_version=args.python_version, platforms=args.platforms,
                                   preinstalled=args.preinstalled, with_scorer=args.with_scorer,
                                   overwrite=args.overwrite))

@@ -4,7 +4,8 @@
       kit.json                  marker + what the kit holds (the notebook finds the kit by this file)
       wheels/                   img2prompt (built from this checkout) + every dependency Kaggle lacks
       index/                    the index (verified, hard-linked when possible)
-      clip/                     the index's CLIP weights in open_clip's local-dir layout
+      clip/                     the index's CLIP weights in open_clip's local-dir layout (an index of several
+                                CLIP models: clip-1/, clip-2/, … one per model, named in kit.json)
       img2prompt-submit.ipynb   the submission notebook; submit.py holds the same code
       README.md, dataset-metadata.json
 
@@ -65,7 +66,9 @@ MB = 1e6
 class KitOptions:
     index: str
     out: str
-    clip_weights: str | None = None  # a checkpoint file, or an open_clip local-dir folder (config + weights)
+    # a checkpoint file, or an open_clip local-dir folder (config + weights); a list: one per model of an index
+    # of several CLIP models (None entries: where the manifest says)
+    clip_weights: str | list[str | None] | None = None
     python_version: str | None = None  # X.Y; default: the running interpreter's
     platforms: list[str] | None = None  # default: DEFAULT_PLATFORMS (+ pure-Python wheels, always)
     preinstalled: list[str] | None = None  # default: DEFAULT_PREINSTALLED
@@ -459,15 +462,30 @@ def write_clip_folder(clip_identity: dict, clip_weights: str | None, dest: Path)
     return source
 
 
-def verify_kit_clip(index_dir: Path, clip_dir: Path) -> None:
-    """Open the kit's index with the kit's CLIP folder, as the notebook will: the identity check must pass."""
+def write_clip_folders(clip_identity: dict, clip_weights: str | list | None, dest: Path) -> tuple[list[str], str]:
+    """The index's CLIP model(s) as local-dir folders in dest: clip/, or clip-1/, clip-2/, … for an index of
+    several models; returns (folder names, where the weights came from)."""
+    members = clip_identity.get("members") or [clip_identity]
+    weights = clip_weights if isinstance(clip_weights, list) else [clip_weights] * (1 if clip_weights else len(members))
+    if len(weights) != len(members):
+        raise UserError(f"the index holds {len(members)} CLIP models but {len(weights)} --clip-weights were given: "
+                        "give one per model, in the order they were built")
+    names = ["clip"] if len(members) == 1 else [f"clip-{number}" for number in range(1, len(members) + 1)]
+    sources = [write_clip_folder(member, member_weights, dest / name)
+               for member, member_weights, name in zip(members, weights, names)]
+    return names, "; ".join(sources)
+
+
+def verify_kit_clip(index_dir: Path, clip_dirs: Path | list[Path]) -> None:
+    """Open the kit's index with the kit's CLIP folder(s), as the notebook will: the identity check must pass."""
     import img2prompt.api as api
 
-    log.info("checking that %s opens with the CLIP in %s", index_dir, clip_dir)
+    clip_dirs = [clip_dirs] if isinstance(clip_dirs, Path) else clip_dirs
+    log.info("checking that %s opens with the CLIP in %s", index_dir, ", ".join(map(str, clip_dirs)))
     try:
-        handle = api.open_index(index_dir, device="cpu", clip_model=str(clip_dir))
+        handle = api.open_index(index_dir, device="cpu", clip_model=[str(folder) for folder in clip_dirs])
     except UserError as exc:
-        raise UserError(f"the kit's clip/ folder does not give the index's CLIP model, so the kit could not "
+        raise UserError(f"the kit's CLIP folder(s) do not give the index's CLIP model(s), so the kit could not "
                         f"open its index; nothing was written. {exc}") from exc
     close = getattr(handle, "close", None)
     if close is not None:
@@ -580,8 +598,10 @@ def _check_options(options: KitOptions) -> tuple[Path, Path, Target, list[str], 
         raise UserError(f"--out {options.out}: cannot write in {out.parent}")
     if _inside(index_dir, out) or _inside(out, index_dir):
         raise UserError(f"--out {options.out} and the index {options.index} must not contain each other")
-    if options.clip_weights is not None and not Path(options.clip_weights).exists():
-        raise UserError(f"--clip-weights {options.clip_weights}: no such file or folder")
+    given = options.clip_weights if isinstance(options.clip_weights, list) else [options.clip_weights]
+    for weights in given:
+        if weights is not None and not Path(weights).exists():
+            raise UserError(f"--clip-weights {weights}: no such file or folder")
     python_version = _check_python_version(options.python_version or "%d.%d" % sys.version_info[:2])
     platforms = tuple(dict.fromkeys(tag.strip() for tag in (options.platforms or DEFAULT_PLATFORMS) if tag.strip()))
     if not platforms:
@@ -615,8 +635,8 @@ def build_kit(options: KitOptions) -> KitReport:
         timings["index"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        clip_source = write_clip_folder(index_manifest["models"]["clip"], options.clip_weights, tmp / "clip")
-        verify_kit_clip(tmp / "index", tmp / "clip")
+        clip_folders, clip_source = write_clip_folders(index_manifest["models"]["clip"], options.clip_weights, tmp)
+        verify_kit_clip(tmp / "index", [tmp / name for name in clip_folders])
         timings["clip"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
@@ -641,7 +661,7 @@ def build_kit(options: KitOptions) -> KitReport:
         for name in stray:  # nothing but the chosen wheels, one per package
             (wheels_dir / name).unlink()
         sizes = {"wheels": _folder_bytes(wheels_dir) / MB, "index": _folder_bytes(tmp / "index") / MB,
-                 "clip": _folder_bytes(tmp / "clip") / MB}
+                 "clip": sum(_folder_bytes(tmp / name) for name in clip_folders) / MB}
         kit_info = {
             "format": KIT_FORMAT, "img2prompt_version": own.version,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -650,6 +670,7 @@ def build_kit(options: KitOptions) -> KitReport:
             "index": {"count": index_manifest.get("count"), "clip": index_manifest["models"]["clip"],
                       "text": index_manifest["models"].get("text")},
             "wheels": [wheel.__dict__ for wheel in wheels],
+            "clip_folders": clip_folders,
         }
         (tmp / KIT_MARKER).write_text(json.dumps(kit_info, indent=2) + "\n", encoding="utf-8")
         from img2prompt.kit_template import write_submit_files

@@ -100,7 +100,9 @@ def sample_for(images: Path, sample: str):
 
 
 OUT.parent.mkdir(parents=True, exist_ok=True)
-with img2prompt.open_index(KIT / "index", clip_model=str(KIT / "clip")) as index:
+# the CLIP folder(s) the kit holds: clip/, or clip-1/, clip-2/, … for an index of several CLIP models
+CLIP_FOLDERS = [str(KIT / name) for name in json.loads((KIT / "kit.json").read_text()).get("clip_folders", ["clip"])]
+with img2prompt.open_index(KIT / "index", clip_model=CLIP_FOLDERS) as index:
     report = index.submission(IMAGES, OUT, sample_submission=sample_for(IMAGES, SAMPLE), **SETTINGS)
 print(f"wrote {report.out}: {report.images} images, predicted {report.predicted}, "
       f"corpus-mean fallback {len(report.failed)}")

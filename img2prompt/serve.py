@@ -390,7 +390,8 @@ def create_app(index, *, api_key: str | None = None, max_upload: int = DEFAULT_M
          "temperature": {"type": "number", "default": DEFAULT_TEMPERATURE},
          "alpha": {"type": "number", "default": DEFAULT_ALPHA},
          "consensus": {"type": "number", "default": DEFAULT_CONSENSUS},
-         "beta": {"type": "number", "default": DEFAULT_BETA}}),
+         "beta": {"type": "number", "default": DEFAULT_BETA},
+         "model_weights": {"type": "string", "description": "an index of several CLIP models: W1,W2,..."}}),
               summary="the predicted 384-d prompt embedding of each uploaded image, with the neighbours blended")
     async def predict(request: Request) -> dict:
         refuse_when_full()
@@ -398,6 +399,8 @@ def create_app(index, *, api_key: str | None = None, max_upload: int = DEFAULT_M
         options = {"k": check_k(fields.get("k"), DEFAULT_K)}
         for name in ("temperature", "alpha", "consensus", "beta"):
             options.update(number(fields, name))
+        if fields.get("model_weights"):
+            options["model_weights"] = fields["model_weights"]
         results = await run("predict", images, **options)
         return {"k": options["k"], "predictions": [
             {"query": name, "vector": vector.tolist(), "neighbours": hits.to_dict()["results"]}

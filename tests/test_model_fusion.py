@@ -109,3 +109,17 @@ def test_eval_sweeps_model_weights_from_one_encoding(fused, tmp_path):
         assert single["score"] == pytest.approx(score, abs=1e-6)
     assert report["switches"]["models"]["swept"] == [list(w) for w in rows]
     assert len(report["switches"]["models"]["clip"]) == 2
+
+
+def test_kit_carries_one_clip_folder_per_model(fused_index, tmp_path, tiny_clip_dir):
+    from img2prompt.kaggle_kit import copy_index, verify_kit_clip, write_clip_folders
+
+    manifest, _ = copy_index(fused_index, tmp_path / "kit" / "index")
+    names, _ = write_clip_folders(manifest["models"]["clip"], None, tmp_path / "kit")
+    assert names == ["clip-1", "clip-2"] and all((tmp_path / "kit" / name / "open_clip_config.json").is_file()
+                                                 for name in names)
+    verify_kit_clip(tmp_path / "kit" / "index", [tmp_path / "kit" / name for name in names])
+    with pytest.raises(UserError, match="CLIP member 1 of 2"):  # the folders swapped: refused, member named
+        verify_kit_clip(tmp_path / "kit" / "index", [tmp_path / "kit" / name for name in reversed(names)])
+    with pytest.raises(UserError, match="holds 2 CLIP models but 1 --clip-weights"):
+        write_clip_folders(manifest["models"]["clip"], [str(tiny_clip_dir)], tmp_path / "other")

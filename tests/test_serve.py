@@ -131,6 +131,8 @@ def test_predict_takes_the_quality_switches(client, index, images):
     assert not np.allclose(vector, index.predict([str(images[1])], k=4)[0], atol=1e-4)
     refused = client.post("/predict", files=[upload(images[1])], data={"beta": "0.5"})  # 1 image, no image keys
     assert refused.status_code == 422 and "image-key mean" in refused.json()["detail"]
+    weighed = client.post("/predict", files=[upload(images[1])], data={"model_weights": "1,1"})
+    assert weighed.status_code == 422 and "the index holds one CLIP model" in weighed.json()["detail"]
 
 
 def test_upload_never_touches_disk(client, index, monkeypatch):
