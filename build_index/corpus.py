@@ -187,6 +187,18 @@ def _has_surrogates(value: str) -> bool:
         return True
 
 
+def clean_prompt(raw: str, max_chars: int = DEFAULT_MAX_CHARS) -> tuple[str | None, str | None]:
+    """(normalised prompt, None), or (None, why it is skipped): a NUL byte, nothing left, too long."""
+    if "\x00" in raw:
+        return None, SKIP_NUL
+    prompt = normalise_prompt(raw)
+    if not prompt:
+        return None, SKIP_EMPTY
+    if len(prompt) > max_chars:
+        return None, SKIP_TOO_LONG
+    return prompt, None
+
+
 def iter_prompts(paths: list[Path], column: str = "prompt", report: CorpusReport | None = None,
                  max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[str]:
     """Yield each kept prompt once, in order; count every read row and each skip reason in `report`."""
@@ -205,18 +217,9 @@ def iter_prompt_rows(paths: list[Path], column: str = "prompt", report: CorpusRe
         rows = _raw_text_rows(path) if is_text else _raw_table_rows(path, column)
         for raw, skip_reason in rows:
             report.read += 1
+            prompt, skip_reason = (None, skip_reason) if skip_reason else clean_prompt(raw, max_chars)
             if skip_reason:
                 report.skipped[skip_reason] += 1
-                continue
-            if "\x00" in raw:
-                report.skipped[SKIP_NUL] += 1
-                continue
-            prompt = normalise_prompt(raw)
-            if not prompt:
-                report.skipped[SKIP_EMPTY] += 1
-                continue
-            if len(prompt) > max_chars:
-                report.skipped[SKIP_TOO_LONG] += 1
                 continue
             key = dedup_key(prompt)
             if key in seen:

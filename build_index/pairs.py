@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, SKIP_EMPTY, SKIP_NUL, SKIP_TOO_LONG, TABLE_SUFFIXES,
-                                           CorpusReport, _raw_table_rows, normalise_prompt)
+from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, SKIP_NUL, TABLE_SUFFIXES, CorpusReport, _raw_table_rows,
+                                           clean_prompt)
 from img2prompt.errors import UserError
 
 IMAGE_COLUMN, PROMPT_COLUMN = "image", "prompt"
@@ -50,18 +50,10 @@ def iter_pairs(paths: list[Path], report: CorpusReport | None = None,
             if prompt_skip or image_skip:
                 report.skipped[prompt_skip or SKIP_NO_IMAGE] += 1
                 continue
-            if "\x00" in raw or "\x00" in image:
-                report.skipped[SKIP_NUL] += 1
-                continue
-            prompt = normalise_prompt(raw)
-            if not prompt:
-                report.skipped[SKIP_EMPTY] += 1
-                continue
-            if len(prompt) > max_chars:
-                report.skipped[SKIP_TOO_LONG] += 1
-                continue
-            if not image.strip():
-                report.skipped[SKIP_NO_IMAGE] += 1
+            prompt, skip = clean_prompt(raw, max_chars)
+            skip = skip or (SKIP_NUL if "\x00" in image else SKIP_NO_IMAGE if not image.strip() else None)
+            if skip:
+                report.skipped[skip] += 1
                 continue
             image_path = str(folder / image.strip())  # an absolute `image` replaces the folder
             if image_path in seen:

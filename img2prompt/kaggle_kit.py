@@ -485,8 +485,8 @@ def verify_kit_clip(index_dir: Path, clip_dirs: Path | list[Path]) -> None:
     try:
         handle = api.open_index(index_dir, device="cpu", clip_model=[str(folder) for folder in clip_dirs])
     except UserError as exc:
-        raise UserError(f"the kit's CLIP folder(s) do not give the index's CLIP model(s), so the kit could not "
-                        f"open its index; nothing was written. {exc}") from exc
+        raise UserError(f"what the kit's CLIP folder(s) hold does not give the index's CLIP model(s), so the kit "
+                        f"could not open its index; nothing was written. {exc}") from exc
     close = getattr(handle, "close", None)
     if close is not None:
         close()

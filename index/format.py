@@ -542,7 +542,7 @@ class PromptIndex:
         rebuild swaps a new index into this folder meanwhile (a long-running server, say)."""
         # a native Arrow file (not a Python file object: Arrow's reader threads must not call back into Python)
         self._prompt_file = pa.memory_map(str(self.root / PROMPTS), "r")
-        for name in ("minilm", "clip_vectors", "minilm_mean", "phrases"):
+        for name in ("minilm", "clip_vectors", "minilm_mean", "phrases", "regression_head"):
             getattr(self, name)
 
     @cached_property

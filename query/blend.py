@@ -11,7 +11,7 @@ the rest say gains weight, a lone outlier loses it. γ = 0 is plain k-NN.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -26,7 +26,7 @@ DEFAULT_CONSENSUS = 0.0  # off until eval on real weights shows it helps
 DEFAULT_BETA = 0.0  # off until eval on real weights shows it helps
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True)
 class BlendSettings:
     """Everything that turns neighbours (and the regression head's vector) into a prediction."""
     k: int = DEFAULT_K
@@ -40,7 +40,9 @@ class BlendSettings:
         return self
 
     def as_dict(self) -> dict:
-        return {name: (int(value) if name == "k" else float(value)) for name, value in asdict(self).items()}
+        """The five settings (also for a subclass that carries more fields)."""
+        return {item.name: (int if item.name == "k" else float)(getattr(self, item.name))
+                for item in fields(BlendSettings)}
 
 
 def check_blend_args(k: int, temperature: float, alpha: float, consensus: float = 0.0, beta: float = 0.0) -> None:

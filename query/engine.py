@@ -79,7 +79,8 @@ class Img2PromptIndex:
                                 workers: int | None = None,
                                 progress: bool = False) -> tuple[np.ndarray, list[SearchResult]]:
         """`predict` plus, per image, the neighbours blended into it (from the same single encoding)."""
-        settings = BlendSettings(k, temperature, alpha, consensus, beta).check()
+        settings = BlendSettings(k=k, temperature=temperature, alpha=alpha, consensus=consensus,
+                                 beta=beta).check()
         self.session.retriever.check_k(k)
         require_head(self.session.index, beta)  # before any image is encoded
         self.session.retriever.model_weights(model_weights)

@@ -173,7 +173,7 @@ def sweep_cosines(grid: list[tuple], blended_of, cosines_of) -> np.ndarray:
     `cosines_of(blend, beta)`."""
     rows, last, blended = [], None, None
     for row in grid:
-        settings, weights = BlendSettings(*row[:5]), row[5] if len(row) > 5 else None
+        settings, weights = BlendSettings(**_setting(row[:5])), row[5] if len(row) > 5 else None
         if (row[:4], weights) != last:
             last, blended = (row[:4], weights), blended_of(dataclasses.replace(settings, beta=0.0), weights)
         rows.append(cosines_of(blended, settings.beta))
@@ -348,18 +348,18 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
         return cosine_rows(predictions, truth) if cosines else predictions
 
     shrink = options.alpha if options.alpha > 0 else DEFAULT_SHRINK
-    plain = BlendSettings(options.k, options.temperature)
+    plain = BlendSettings(k=options.k, temperature=options.temperature)
     product = score_of(chosen)
     report = {
         "n": len(labels),
         **summarise(product),
         "baselines": {
             "corpus_mean": float(cosine_rows(corpus_mean_prediction(index.minilm_mean, len(labels)), truth).mean()),
-            "top1": float(score_of(BlendSettings(1, options.temperature)).mean()),
+            "top1": float(score_of(BlendSettings(k=1, temperature=options.temperature)).mean()),
             "knn": float(score_of(plain).mean()),
-            "knn_shrunk": float(score_of(BlendSettings(options.k, options.temperature, shrink)).mean()),
+            "knn_shrunk": float(score_of(dataclasses.replace(plain, alpha=shrink)).mean()),
             # beta = 1: the regression head alone (the k-NN part does not count)
-            **({"regression_head": float(score_of(BlendSettings(options.k, options.temperature, beta=1.0)).mean())}
+            **({"regression_head": float(score_of(dataclasses.replace(plain, beta=1.0)).mean())}
                if head is not None else {}),
         },
         "settings": {**chosen.as_dict(), "model_weights": chosen_weights, "knn_shrunk_alpha": shrink, "mode": "images" if options.images else "text",

@@ -14,8 +14,7 @@ import numpy as np
 
 from img2prompt.errors import UserError
 from img2prompt.index.format import PromptIndex
-from img2prompt.query.blend import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_CONSENSUS, DEFAULT_K, DEFAULT_TEMPERATURE,
-                                    BlendSettings, blend, corpus_mean_prediction, mix_head)
+from img2prompt.query.blend import BlendSettings, blend, corpus_mean_prediction, mix_head
 from img2prompt.query.embed_images import embed_images
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import QuerySession
@@ -26,13 +25,9 @@ MISSING_FILE = "not found in the images folder"
 
 
 @dataclass(kw_only=True)
-class RetrievalSettings:
-    """What submit and eval share: blending and image loading (models and device come with the session)."""
-    k: int = DEFAULT_K
-    temperature: float = DEFAULT_TEMPERATURE
-    alpha: float = DEFAULT_ALPHA
-    consensus: float = DEFAULT_CONSENSUS
-    beta: float = DEFAULT_BETA
+class RetrievalSettings(BlendSettings):
+    """What submit and eval share: blending (BlendSettings' fields), model weights and image loading (models
+    and device come with the session)."""
     model_weights: str | list[float] | None = None  # several CLIP models: "0.7,0.3" (default: equal)
     batch_size: int | None = None
     workers: int | None = None
@@ -40,7 +35,7 @@ class RetrievalSettings:
 
     @property
     def blend_settings(self) -> BlendSettings:
-        return BlendSettings(self.k, self.temperature, self.alpha, self.consensus, self.beta).check()
+        return BlendSettings(**self.as_dict()).check()
 
 
 @dataclass
