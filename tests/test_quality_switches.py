@@ -197,3 +197,36 @@ def test_build_refuses_nothing_and_embeddings_with_pairs(tmp_path, tiny_clip_dir
     wrong = run_cli("build", corpus_file, "--pairs", no_column, "--out", tmp_path / "c", "--clip-model",
                     tiny_clip_dir, "--device", "cpu")
     assert wrong.returncode == 2 and "no column 'image'" in wrong.stderr and not (tmp_path / "c").exists()
+
+
+def test_a_build_with_pairs_resumes_to_the_uninterrupted_result(tmp_path, tiny_clip_dir, pairs_file, monkeypatch):
+    from img2prompt.build_index.shard_encoder import ShardEncoder
+    from img2prompt.index.format import open_index
+
+    corpus = tmp_path / "prompts.txt"
+    corpus.write_text("\n".join(read_data_prompts(10)) + "\n", encoding="utf-8")
+    # shards of 3: four text shards, then pair shards [img0-2], [img3-5], [missing, broken] (empty once encoded)
+    options = dict(clip_model=str(tiny_clip_dir), pairs=[str(pairs_file)], shard_size=3, batch_size=8, device="cpu",
+                   progress=False)
+    reference = img2prompt.build([str(corpus)], tmp_path / "reference", **options).manifest
+    encode, calls = ShardEncoder._encode_images, []
+
+    def fail_on_the_second_image_shard(self, shard, root):
+        calls.append(shard.task.number)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return encode(self, shard, root)
+
+    monkeypatch.setattr(ShardEncoder, "_encode_images", fail_on_the_second_image_shard)
+    with pytest.raises(RuntimeError, match="killed"):
+        img2prompt.build([str(corpus)], tmp_path / "idx", **options)
+    monkeypatch.setattr(ShardEncoder, "_encode_images", encode)
+    assert calls == [4, 5]  # pair shards are numbered after the four text shards
+    resumed = img2prompt.build([str(corpus)], tmp_path / "idx", resume=True, **options).manifest
+    assert resumed["rates"]["encoded_now"] == 3  # only the last two pair shards were encoded again
+    assert [record for record in resumed["key_ranges"]] == reference["key_ranges"]
+    assert resumed["corpus"] == reference["corpus"] and resumed["corpus"]["pairs"]["kept"] == 6
+    ours, theirs = open_index(tmp_path / "idx"), open_index(tmp_path / "reference")
+    assert ours.prompts == theirs.prompts and ours.count == 16
+    np.testing.assert_array_equal(np.asarray(ours.clip_vectors), np.asarray(theirs.clip_vectors))
+    np.testing.assert_array_equal(np.asarray(ours.minilm), np.asarray(theirs.minilm))
