@@ -21,27 +21,37 @@ import numpy as np
 from img2prompt.index.flat import exact_search
 
 CALIBRATION_QUERIES = 256  # sample image-keyed rows used as queries
+MIN_POINTS = 2  # (score, quality) points a kind needs for any map
+MIN_CORRELATION = 0.2  # a line whose score explains less of the quality than this is noise, not a slope
 CALIBRATION_K = 20  # neighbours per query and key kind
 SAME_PROMPT = 0.999  # MiniLM cosine above which a neighbour is the query's own prompt (left out)
 EXTRA = 32  # candidates fetched beyond k, to make up for the ones left out
 
 
 def line_fit(scores: np.ndarray, quality: np.ndarray) -> tuple[float, float] | None:
-    """(a, b) of the least-squares line quality ≈ a + b · score; None when the scores do not vary."""
+    """(a, b) of the least-squares line quality ≈ a + b · score; None when the scores do not vary or the
+    line explains too little (correlation under MIN_CORRELATION: its slope would be noise)."""
     scores, quality = np.asarray(scores, np.float64), np.asarray(quality, np.float64)
-    spread = scores - scores.mean()
-    denominator = float(spread @ spread)
-    if len(scores) < 2 or denominator <= 1e-12:
+    if len(scores) < MIN_POINTS:
         return None
-    b = float(spread @ (quality - quality.mean())) / denominator
+    spread, quality_spread = scores - scores.mean(), quality - quality.mean()
+    denominator = float(spread @ spread)
+    if denominator <= 1e-12 or float(quality_spread @ quality_spread) <= 1e-12:
+        return None
+    b = float(spread @ quality_spread) / denominator
+    correlation = float(spread @ quality_spread) / np.sqrt(denominator * float(quality_spread @ quality_spread))
+    if correlation < MIN_CORRELATION:
+        return None
     return float(quality.mean() - b * scores.mean()), b
 
 
 def fit_map(text: tuple[np.ndarray, np.ndarray], image: tuple[np.ndarray, np.ndarray]) -> dict:
     """{"scale", "offset", "method", ...} mapping image-key scores onto the text keys' scale, from
-    (scores, quality) points of each kind."""
+    (scores, quality) points of each kind. Too few points of a kind: no map (method "none", identity)."""
+    if len(text[0]) < MIN_POINTS or len(image[0]) < MIN_POINTS:
+        return {"scale": 1.0, "offset": 0.0, "method": "none"}
     text_line, image_line = line_fit(*text), line_fit(*image)
-    if text_line and image_line and text_line[1] > 0 and image_line[1] > 0:
+    if text_line and image_line:  # both slopes > 0: line_fit refuses a weak or negative correlation
         (a_text, b_text), (a_image, b_image) = text_line, image_line
         return {"scale": b_image / b_text, "offset": (a_image - a_text) / b_text, "method": "quality",
                 "text_line": [a_text, b_text], "image_line": [a_image, b_image]}
@@ -68,10 +78,12 @@ def neighbour_points(keys: np.ndarray, minilm: np.ndarray, start: int, queries: 
 
 
 def fit_calibration(clip_vectors: np.ndarray, minilm: np.ndarray, text_rows: tuple[int, int],
-                    image_rows: tuple[int, int], prompts_of, encode_texts, seed: int = 0) -> dict:
+                    image_rows: tuple[int, int], prompts_of, encode_texts, seed: int = 0, weigh=None) -> dict:
     """The manifest's "calibration": a map per query kind (image, text) for the image keys.
 
-    `prompts_of(ids)` gives the prompts of index rows, `encode_texts(prompts)` their CLIP text vectors."""
+    `prompts_of(ids)` gives the prompts of index rows, `encode_texts(prompts)` their CLIP text vectors;
+    `weigh(queries)` turns query vectors into the ones searched (an index of several CLIP models searched
+    with --model-weights: the map is fitted again for those weights, see query/search.py)."""
     rng = np.random.default_rng(seed)
     count = min(CALIBRATION_QUERIES, image_rows[1] - image_rows[0])
     sample = np.sort(rng.choice(np.arange(*image_rows), size=count, replace=False))
@@ -79,6 +91,8 @@ def fit_calibration(clip_vectors: np.ndarray, minilm: np.ndarray, text_rows: tup
     truth /= np.maximum(np.linalg.norm(truth, axis=1, keepdims=True), 1e-12)
     queries = {"image": np.asarray(clip_vectors[sample], np.float32),
                "text": np.asarray(encode_texts(prompts_of(sample)), np.float32)}
+    if weigh is not None:
+        queries = {kind: np.asarray(weigh(vectors), np.float32) for kind, vectors in queries.items()}
     maps, fits = {}, {}
     for query_kind, vectors in queries.items():
         points = {kind: neighbour_points(clip_vectors[start:stop], minilm, start, vectors, truth)

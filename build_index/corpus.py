@@ -54,19 +54,20 @@ def dedup_key(prompt: str) -> int:
                                           digest_size=8).digest(), "little")
 
 
-def expand_corpus_paths(patterns: Iterable[str]) -> list[Path]:
+def expand_corpus_paths(patterns: Iterable[str], what: str = "corpus",
+                        suffixes: tuple[str, ...] = TEXT_SUFFIXES + TABLE_SUFFIXES) -> list[Path]:
+    """Files and globs (each sorted) → existing paths in order; `what` names them in errors ("--pairs")."""
     paths: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise UserError(f"corpus pattern matched no file: {pattern}")
+            raise UserError(f"{what} pattern matched no file: {pattern}")
         for match in matches:
             path = Path(match)
             if not path.is_file():
-                raise UserError(f"corpus file not found: {match}")
-            if path.suffix.lower() not in TEXT_SUFFIXES + TABLE_SUFFIXES:
-                raise UserError(f"{match}: unsupported corpus format {path.suffix!r} "
-                                f"(use {', '.join(TEXT_SUFFIXES + TABLE_SUFFIXES)})")
+                raise UserError(f"{what} file not found: {match}")
+            if path.suffix.lower() not in suffixes:
+                raise UserError(f"{match}: unsupported {what} format {path.suffix!r} (use {', '.join(suffixes)})")
             if path not in paths:
                 paths.append(path)
     return paths
@@ -114,13 +115,12 @@ def check_corpus_files(paths: list[Path], column: str) -> None:
         rows.close()
 
 
-def _check_column(path: Path, column: str, columns: list[str]) -> None:
+def _check_column(path: Path, column: str, columns: list[str], hint: str = " (choose one with --column)") -> None:
     if column not in columns:
-        raise UserError(f"{path}: no column {column!r}; its columns are {', '.join(map(repr, columns))} "
-                        "(choose one with --column)")
+        raise UserError(f"{path}: no column {column!r}; its columns are {', '.join(map(repr, columns))}{hint}")
 
 
-def _raw_table_rows(path: Path, column: str) -> Iterator[RawRow]:
+def _raw_table_rows(path: Path, column: str, hint: str = " (choose one with --column)") -> Iterator[RawRow]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -129,7 +129,7 @@ def _raw_table_rows(path: Path, column: str) -> Iterator[RawRow]:
             parquet = pq.ParquetFile(path)
         except Exception as exc:
             raise UserError(f"{path}: not a readable parquet file ({exc})") from exc
-        _check_column(path, column, parquet.schema_arrow.names)
+        _check_column(path, column, parquet.schema_arrow.names, hint)
         kind = parquet.schema_arrow.field(column).type
         is_binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_binary):
@@ -153,7 +153,7 @@ def _raw_table_rows(path: Path, column: str) -> Iterator[RawRow]:
     try:
         header = pd.read_csv(path, sep=separator, nrows=0, encoding="utf-8-sig", encoding_errors="replace",
                              quoting=quoting)
-        _check_column(path, column, [str(name) for name in header.columns])
+        _check_column(path, column, [str(name) for name in header.columns], hint)
         # surrogateescape keeps undecodable bytes visible so the row can be skipped and counted.
         reader = pd.read_csv(path, sep=separator, usecols=[column], dtype=object, keep_default_na=False,
                              na_values=[], encoding="utf-8-sig", encoding_errors="surrogateescape",

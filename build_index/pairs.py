@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, SKIP_NUL, TABLE_SUFFIXES, CorpusReport, _raw_table_rows,
-                                           clean_prompt)
-from img2prompt.errors import UserError
+                                           clean_prompt, dedup_key, expand_corpus_paths)
 
 IMAGE_COLUMN, PROMPT_COLUMN = "image", "prompt"
 SKIP_NO_IMAGE = "no_image"
@@ -22,16 +21,19 @@ SKIP_DUPLICATE_IMAGE = "duplicate_image"
 SKIP_UNREADABLE_IMAGE = "unreadable_image"
 
 
+COLUMNS_HINT = f" (a --pairs table needs columns {IMAGE_COLUMN!r} and {PROMPT_COLUMN!r})"
+
+
+def expand_pair_paths(patterns: list[str]) -> list[Path]:
+    """--pairs files and globs → existing table paths (errors name --pairs)."""
+    return expand_corpus_paths(patterns, "--pairs", TABLE_SUFFIXES)
+
+
 def check_pair_files(paths: list[Path]) -> None:
-    """Every pairs file exists, is a table and has both columns, before any output folder is touched."""
+    """Every pairs table has both columns, before any output folder is touched."""
     for path in paths:
-        if not path.is_file():
-            raise UserError(f"--pairs {path}: file not found")
-        if path.suffix.lower() not in TABLE_SUFFIXES:
-            raise UserError(f"--pairs {path}: expected a .csv, .tsv or .parquet table with columns "
-                            f"{IMAGE_COLUMN!r} and {PROMPT_COLUMN!r}")
         for column in (IMAGE_COLUMN, PROMPT_COLUMN):
-            rows = _raw_table_rows(path, column)
+            rows = _raw_table_rows(path, column, COLUMNS_HINT)
             next(rows, None)  # runs that reader's header and column checks
             rows.close()
 
@@ -40,12 +42,12 @@ def iter_pairs(paths: list[Path], report: CorpusReport | None = None,
                max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[tuple[str, str]]:
     """(absolute image path, normalised prompt) for each usable row, in file and row order."""
     report = report if report is not None else CorpusReport()
-    seen: set[str] = set()
+    seen: set[int] = set()  # 8-byte hashes of the image paths, as corpus dedup keeps (memory: ~2M images fine)
     for path in paths:
         report.files.append(str(path))
         folder = path.resolve().parent
-        for (image, image_skip), (raw, prompt_skip) in zip(_raw_table_rows(path, IMAGE_COLUMN),
-                                                           _raw_table_rows(path, PROMPT_COLUMN)):
+        for (image, image_skip), (raw, prompt_skip) in zip(_raw_table_rows(path, IMAGE_COLUMN, COLUMNS_HINT),
+                                                           _raw_table_rows(path, PROMPT_COLUMN, COLUMNS_HINT)):
             report.read += 1
             if prompt_skip or image_skip:
                 report.skipped[prompt_skip or SKIP_NO_IMAGE] += 1
@@ -56,9 +58,10 @@ def iter_pairs(paths: list[Path], report: CorpusReport | None = None,
                 report.skipped[skip] += 1
                 continue
             image_path = str(folder / image.strip())  # an absolute `image` replaces the folder
-            if image_path in seen:
+            key = dedup_key(image_path)
+            if key in seen:
                 report.skipped[SKIP_DUPLICATE_IMAGE] += 1
                 continue
-            seen.add(image_path)
+            seen.add(key)
             report.kept += 1
             yield image_path, prompt

@@ -8,7 +8,6 @@ corpus still yields exactly the same prompts for them and that their files are i
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import resource
 import time
@@ -22,7 +21,7 @@ from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, chec
 from img2prompt.build_index.embed import clip_text_embeddings
 from img2prompt.build_index.calibration import fit_calibration
 from img2prompt.build_index.engine import BuildEngine, engine_class
-from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE, check_pair_files, iter_pairs
+from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE, check_pair_files, expand_pair_paths, iter_pairs
 from img2prompt.build_index.phrases import MIN_COUNT, mine_phrases
 from img2prompt.build_index.precomputed import check_against_model, misaligned, open_precomputed
 from img2prompt.build_index.regression import RidgeAccumulator
@@ -112,7 +111,7 @@ def run_build(options: BuildOptions) -> BuildResult:
     timer = PhaseTimer()
     engine = engine_class(options.engine).from_options(options)  # an engine's missing extra fails here, early
     paths = expand_corpus_paths(options.corpus) if options.corpus else []
-    pair_paths = expand_corpus_paths(options.pairs) if options.pairs else []
+    pair_paths = expand_pair_paths(options.pairs) if options.pairs else []
     if not paths and not pair_paths:
         raise UserError("nothing to index: give corpus files, --pairs files, or both")
     if options.embeddings and pair_paths:
@@ -304,10 +303,16 @@ def build_search_backend(vectors, folder: Path, options: BuildOptions, timer: Ph
 def calibrate_key_kinds(writer: IndexWriter, key_ranges: list[KeyRange], clip, options: BuildOptions) -> dict:
     """Fit the image keys' score map (build_index/calibration.py) on sample image-keyed rows."""
     rows = {key_range.keys: (key_range.start, key_range.stop) for key_range in key_ranges}
-    return fit_calibration(writer.vectors("clip"), writer.vectors("minilm"), rows[TEXT_KEYS], rows[IMAGE_KEYS],
-                           prompts_of=writer.prompt_rows,
-                           encode_texts=lambda texts: clip_text_embeddings(clip, texts, options.batch_size).vectors,
-                           seed=options.seed)
+    calibration = fit_calibration(
+        writer.vectors("clip"), writer.vectors("minilm"), rows[TEXT_KEYS], rows[IMAGE_KEYS],
+        prompts_of=writer.prompt_rows, seed=options.seed,
+        encode_texts=lambda texts: clip_text_embeddings(clip, texts, options.batch_size).vectors)
+    for query_kind, fit in calibration["fits"].items():
+        if fit["method"] == "none":
+            log.warning("too few image-keyed rows with distinct prompts to calibrate their scores for %s queries "
+                        "(%s points): image keys keep raw cosines, which outrank text keys; add more pairs",
+                        query_kind, fit["points"])
+    return calibration
 
 
 REGRESSION_CHUNK = 65_536  # rows read from the memory maps at a time

@@ -46,11 +46,17 @@ def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip
     """Build an index folder from prompt files; see `img2prompt build --help` for the options.
 
     Returns a BuildResult (manifest, corpus report, timings). Extra keyword options are BuildOptions fields
-    (column, batch_size, device, shard_size, index, max_memory, resume, overwrite, max_chars, workers, progress).
+    (column, batch_size, device, shard_size, index, max_memory, resume, overwrite, max_chars, workers, progress,
+    pairs: (image, prompt) tables for image-keyed entries, regression: fit the ridge head, engine). clip_model
+    (and clip_pretrained) may be lists: one index holding several CLIP models' keys.
     """
     from img2prompt.build_index.runner import BuildOptions, run_build
 
     corpus = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
+    if isinstance(options.get("pairs"), (str, Path)):
+        options["pairs"] = [options["pairs"]]
+    if options.get("pairs"):
+        options["pairs"] = [str(path) for path in options["pairs"]]
     return run_build(BuildOptions(corpus=[str(path) for path in corpus], out=str(out), clip_model=clip_model,
                                   clip_pretrained=clip_pretrained, text_model=text_model, **options))
 

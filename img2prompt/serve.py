@@ -149,9 +149,9 @@ class ModelWorker:
         """One public-API call for a batch: a list of results aligned with `items`."""
         self.stats["calls"] += 1
         if kind == "texts":
-            return self.index.search_texts(items, options["k"])
-        if kind == "images":
-            return self.index.search_images(items, options["k"], workers=0)  # no decoding processes per call
+            return self.index.search_texts(items, options["k"], model_weights=options.get("model_weights"))
+        if kind == "images":  # no decoding processes per call
+            return self.index.search_images(items, options["k"], workers=0, model_weights=options.get("model_weights"))
         if kind == "predict":
             vectors, neighbours = self.index.predict_with_neighbours(items, workers=0, **options)
             return list(zip(vectors, neighbours))
@@ -167,6 +167,7 @@ class TextQuery(BaseModel):
     text: str | list[str] = Field(description="one query text, or several",
                                   examples=["a castle on a hill, matte painting"])
     k: int = Field(DEFAULT_SEARCH_K, description="results per query (1 … min(index size, 1000))")
+    model_weights: str | None = Field(None, description="an index of several CLIP models: W1,W2,... (default equal)")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -364,7 +365,9 @@ def create_app(index, *, api_key: str | None = None, max_upload: int = DEFAULT_M
                 "queue": {"pending": worker.pending, "max": queue_size, **worker.stats}}
 
     @app.post("/search", dependencies=protected, openapi_extra=_body_doc(
-        {"k": {"type": "integer", "default": DEFAULT_SEARCH_K}}, TextQuery.model_json_schema()),
+        {"k": {"type": "integer", "default": DEFAULT_SEARCH_K},
+         "model_weights": {"type": "string", "description": "an index of several CLIP models: W1,W2,..."}},
+        TextQuery.model_json_schema()),
               summary="ranked prompts for uploaded image(s) or JSON {text, k}: the `img2prompt search --json` list")
     async def search(request: Request) -> list[dict]:
         refuse_when_full()
@@ -378,10 +381,12 @@ def create_app(index, *, api_key: str | None = None, max_upload: int = DEFAULT_M
             if not texts or not all(text.strip() for text in texts):
                 raise HTTPException(422, "text must not be empty")
             k = check_k(query.k, DEFAULT_SEARCH_K)
-            return [result.to_dict() for result in await run("texts", texts, k=k)]
+            weights = {"model_weights": query.model_weights} if query.model_weights else {}
+            return [result.to_dict() for result in await run("texts", texts, k=k, **weights)]
         names, images, fields = await read_images(request)
         k = check_k(fields.get("k"), DEFAULT_SEARCH_K)
-        results = await run("images", images, k=k)
+        weights = {"model_weights": fields["model_weights"]} if fields.get("model_weights") else {}
+        results = await run("images", images, k=k, **weights)
         # the API names a PIL image by its position in the batch; here it is the uploaded file's name
         return [dataclasses.replace(result, query=name).to_dict() for name, result in zip(names, results)]
 

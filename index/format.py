@@ -368,7 +368,7 @@ class IndexWriter:
         """Concatenate shards into prompts.parquet, minilm.f16, clip.f16 and minilm_mean.npy (streamed)."""
         count = self.rows_committed()
         if count == 0:
-            raise UserError("the corpus holds no usable prompt: nothing to index")
+            raise UserError("the corpus holds no usable prompt (nor --pairs a decodable image): nothing to index")
         clip_dim = self._concat_vectors("clip", CLIP_VECTORS)
         text_dim = self._concat_vectors("minilm", MINILM)
         total = np.zeros(text_dim, dtype=np.float64)
@@ -487,7 +487,8 @@ class KeyRange:
 
     @classmethod
     def from_dict(cls, entry: dict) -> "KeyRange":
-        return cls(entry["keys"], int(entry["rows"][0]), int(entry["rows"][1]), entry["search"], entry.get("folder", ""))
+        start, stop = entry["rows"]
+        return cls(entry["keys"], int(start), int(stop), entry["search"], entry.get("folder", ""))
 
 
 @dataclass

@@ -52,8 +52,8 @@ def check_blend_args(k: int, temperature: float, alpha: float, consensus: float 
         raise UserError(f"--temperature must be > 0 (got {temperature})")
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
-    if not consensus >= 0.0:
-        raise UserError(f"--consensus must be 0 or more (got {consensus})")
+    if not 0.0 <= consensus < float("inf"):
+        raise UserError(f"--consensus must be 0 or more, and finite (got {consensus})")
     if not 0.0 <= beta <= 1.0:
         raise UserError(f"--beta must be between 0 and 1 (got {beta})")
 

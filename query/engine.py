@@ -95,7 +95,8 @@ class Img2PromptIndex:
                                           embedded.failed)
 
     def search_images(self, images: Sequence[ImageInput], k: int = 10, *, batch_size: int = 16,
-                      workers: int | None = 0, model_weights: str | Sequence[float] | None = None) -> list[SearchResult]:
+                      workers: int | None = 0,
+                      model_weights: str | Sequence[float] | None = None) -> list[SearchResult]:
         """Ranked prompts per image, in input order; an undecodable image gets a result with `error`."""
         self.session.retriever.check_k(k)
         self.session.retriever.model_weights(model_weights)
@@ -130,7 +131,8 @@ class Img2PromptIndex:
                    sample_submission: str | Path | None = None, **options):
         """Predict every image in `images_dir` and write Kaggle's submission.csv; returns a SubmitReport.
 
-        Options: k, temperature, alpha, explain (CSV path), save_npy (path), strict, batch_size, workers, progress.
+        Options: k, temperature, alpha, consensus, beta, model_weights, explain (CSV path), save_npy (path), strict,
+        batch_size, workers, progress.
         """
         from img2prompt.query.submit import SubmitOptions, run_submit
 

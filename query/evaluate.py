@@ -362,7 +362,8 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
             **({"regression_head": float(score_of(dataclasses.replace(plain, beta=1.0)).mean())}
                if head is not None else {}),
         },
-        "settings": {**chosen.as_dict(), "model_weights": chosen_weights, "knn_shrunk_alpha": shrink, "mode": "images" if options.images else "text",
+        "settings": {**chosen.as_dict(), "model_weights": chosen_weights, "knn_shrunk_alpha": shrink,
+                     "mode": "images" if options.images else "text",
                      "exclude_exact": options.exclude_exact, "labels": str(options.labels),
                      "images": options.images},
         "leakage": {"true_prompts_in_corpus": in_corpus,
@@ -428,7 +429,7 @@ def recall_on_queries(session: QuerySession, retrieved: Retrieved) -> float | No
     if not ok.any():
         return None
     vectors = retrieved.query_vectors[ok]
-    key_range, backend = session.retriever.ranges[0]  # the planned (possibly approximate) text-key backend
+    key_range, backend = session.retriever.ranges[0]  # the first key range's backend (text keys, when there are)
     k = min(10, key_range.count)
     _, truth = exact_search(session.index.clip_vectors[key_range.start:key_range.stop], vectors, k)
     _, found = backend.search(vectors, k)

@@ -110,6 +110,8 @@ def load_image(source: str | Path | bytes) -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"too large ({exc})") from exc
+    except FileNotFoundError as exc:  # e.g. a pairs table naming an image that is not there
+        raise ImageDecodeError("file not found") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageDecodeError("not an image Pillow can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data

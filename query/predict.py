@@ -86,8 +86,9 @@ def require_head(index: PromptIndex, beta: float):
 def head_predictions(index: PromptIndex, query_vectors: np.ndarray, ok: np.ndarray,
                      query_kind: str = "image") -> tuple[np.ndarray, str]:
     """The regression head's unit predictions for the `ok` rows (other rows: zeros) and where the query mean
-    came from: the index's own keys of that kind, or, for image queries to an index without image-keyed
-    entries, the mean of these query images (the head is centred per modality; see build_index/regression.py)."""
+    came from: the index's own keys of that kind, or, for an index without keys of the queries' kind (image
+    queries, no `--pairs`), the mean of these queries — so each prediction then depends on the batch it came
+    in (the head is centred per modality; see build_index/regression.py)."""
     head = require_head(index, 1.0)
     out = np.zeros((len(query_vectors), index.text_dim), dtype=np.float32)
     ok = np.asarray(ok, dtype=bool)
@@ -96,9 +97,10 @@ def head_predictions(index: PromptIndex, query_vectors: np.ndarray, ok: np.ndarr
     elif ok.sum() >= MIN_BATCH_FOR_MEAN:
         mean, source = query_vectors[ok].mean(axis=0), "queries"
     else:
-        raise UserError(f"--beta with image queries needs the image-key mean: this index has no image-keyed entries "
-                        f"(build --pairs) and {int(ok.sum())} image(s) are too few to estimate it (at least "
-                        f"{MIN_BATCH_FOR_MEAN} in one call)")
+        how = "build --pairs" if query_kind == "image" else "a corpus of prompts"
+        raise UserError(f"--beta with {query_kind} queries needs the {query_kind}-key mean: this index has no "
+                        f"{query_kind}-keyed entries ({how}) and {int(ok.sum())} {query_kind} queries are too few "
+                        f"to estimate it (at least {MIN_BATCH_FOR_MEAN} in one call)")
     if ok.any():
         out[ok] = head.predict(query_vectors[ok], mean)
     return out, source

@@ -6,6 +6,7 @@ the lists are merged: the scores a caller sees, and the softmax weighs, are cali
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,6 +16,9 @@ from img2prompt.clip_ensemble import parse_model_weights, weighted_query
 from img2prompt.errors import UserError
 from img2prompt.index.backend import merge_top_k
 from img2prompt.index.format import PromptIndex
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,22 +43,49 @@ def calibrate(scores: np.ndarray, fit: dict | None) -> np.ndarray:
 
 
 class Retriever:
-    def __init__(self, index: PromptIndex, device: str = "cpu") -> None:
+    def __init__(self, index: PromptIndex, device: str = "cpu", encode_texts=None) -> None:
         self.index = index
         self.ranges = [(key_range, index.open_backend(device, key_range)) for key_range in index.key_ranges]
         self.backend = self.ranges[0][1]
+        self.encode_texts = encode_texts  # CLIP text vectors of prompts: refitting the calibration needs them
+        self._refitted: dict[tuple, dict] = {}
+
+    def calibration_for(self, weights: list[float] | None) -> dict:
+        """The key kinds' score maps for these model weights. The build fitted them on the models' mean cosine;
+        other weights move the score distributions, so the map is fitted again for them (once per weighting,
+        the same procedure and sample as the build's, build_index/calibration.py)."""
+        maps = self.index.calibration
+        if not maps or weights is None or np.allclose(weights, 1 / len(weights)):
+            return maps
+        key = tuple(round(weight, 6) for weight in weights)
+        if key not in self._refitted:
+            from img2prompt.build_index.calibration import fit_calibration
+
+            if self.encode_texts is None:
+                raise UserError("--model-weights on an index with image-keyed entries needs the CLIP model to "
+                                "calibrate the key kinds for those weights")
+            rows = {key_range.keys: (key_range.start, key_range.stop) for key_range, _ in self.ranges}
+            dims = [member["dim"] for member in self.index.clip_identity["members"]]
+            fitted = fit_calibration(self.index.clip_vectors, self.index.minilm, rows["text"], rows["image"],
+                                     self.index.prompt_rows, self.encode_texts,
+                                     seed=self.index.manifest["calibration"].get("seed", 0),
+                                     weigh=lambda queries: weighted_query(queries, dims, weights))
+            log.info("image-key calibration fitted for model weights %s (%d queries)", list(key), fitted["queries"])
+            self._refitted[key] = fitted["maps"]
+        return self._refitted[key]
 
     def close(self) -> None:
         for _, backend in self.ranges:
             backend.close()
 
-    def _search_ranges(self, queries: np.ndarray, fetch: int, query_kind: str) -> tuple[np.ndarray, np.ndarray]:
+    def _search_ranges(self, queries: np.ndarray, fetch: int, query_kind: str,
+                       weights: list[float] | None) -> tuple[np.ndarray, np.ndarray]:
         """Top-`fetch` over every key range, calibrated scores, global ids, best first."""
         if len(self.ranges) == 1 and not self.index.calibration:
             return self.backend.search(queries, fetch)  # the common case: one text range, raw cosines
         scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
         ids = np.zeros((len(queries), 0), dtype=np.int64)
-        maps = self.index.calibration.get(query_kind, {})
+        maps = self.calibration_for(weights).get(query_kind, {})
         for key_range, backend in self.ranges:
             found_scores, found_ids = backend.search(queries, min(fetch, key_range.count))
             scores, ids = merge_top_k(scores, ids, calibrate(found_scores, maps.get(key_range.keys)),
@@ -95,7 +126,7 @@ class Retriever:
                                      weights).astype(np.float32)
         extra = max((len(ids) for ids in exclude), default=0) if exclude else 0
         fetch = min(self.index.count, k + extra)
-        scores, ids = self._search_ranges(queries, fetch, query_kind)
+        scores, ids = self._search_ranges(queries, fetch, query_kind, weights)
         if extra:
             kept_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
             kept_ids = np.full((len(ids), k), -1, dtype=np.int64)

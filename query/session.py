@@ -117,7 +117,10 @@ class QuerySession:
 
     @cached_property
     def retriever(self) -> Retriever:
-        return Retriever(self.index, device=str(self.clip.device))
+        from img2prompt.build_index.embed import clip_text_embeddings
+
+        return Retriever(self.index, device=str(self.clip.device),
+                         encode_texts=lambda texts: clip_text_embeddings(self.clip, texts).vectors)
 
 
 def open_session(index_dir: str, overrides: ModelOverrides | None = None, device: str = "auto",

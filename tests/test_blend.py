@@ -92,6 +92,7 @@ def test_beta_mixes_the_head_after_shrinkage():
 
 
 @pytest.mark.parametrize("consensus, beta, message", [(-1.0, 0.0, "--consensus must be 0 or more"),
+                                                      (float("inf"), 0.0, "--consensus must be 0 or more, and finite"),
                                                       (0.0, 1.5, "--beta must be between 0 and 1")])
 def test_bad_switches(consensus, beta, message):
     from img2prompt.query.blend import BlendSettings

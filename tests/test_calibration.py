@@ -43,6 +43,18 @@ def test_moments_fallback_when_a_slope_is_not_positive():
     assert mapped.mean() == pytest.approx(text_scores.mean()) and mapped.std() == pytest.approx(text_scores.std())
 
 
+def test_no_map_from_too_few_points_and_no_line_from_noise():
+    assert fit_map((np.array([0.3, 0.2]), np.array([0.5, 0.4])), (np.array([]), np.array([]))) == \
+        {"scale": 1.0, "offset": 0.0, "method": "none"}  # e.g. every image-keyed row holds one prompt
+    rng = np.random.default_rng(0)
+    text_scores = rng.uniform(0.2, 0.3, 200)
+    noisy = 0.4 + 0.02 * text_scores + rng.normal(0, 0.1, 200)  # a slope, but buried in noise
+    assert line_fit(text_scores, noisy) is None
+    image_scores = np.linspace(0.8, 0.95, 50)
+    fit = fit_map((text_scores, noisy), (image_scores, -1.0 + 1.5 * image_scores))
+    assert fit["method"] == "moments" and 0.1 < fit["scale"] < 10  # no scale blown up by a noise slope
+
+
 def test_neighbour_points_leave_out_the_queries_own_prompt():
     keys = np.array([[1, 0], [0.8, 0.6], [0, 1]], np.float16)
     minilm = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float16)

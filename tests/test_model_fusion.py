@@ -82,6 +82,25 @@ def test_model_weights_score_by_the_weighted_cosines(fused, tiny_clip_dir):
                            fused.predict(IMAGES[:2], k=4), atol=1e-4)
 
 
+def test_model_weights_refit_the_image_key_calibration(fused):
+    from img2prompt.build_index.calibration import fit_calibration
+    from img2prompt.clip_ensemble import weighted_query
+
+    index, retriever = fused.session.index, fused.session.retriever
+    assert retriever.calibration_for([0.5, 0.5]) == index.calibration  # the build's own, for equal weights
+    refit = retriever.calibration_for([0.8, 0.2])
+    by_hand = fit_calibration(index.clip_vectors, index.minilm, (0, 60), (60, 66), index.prompt_rows,
+                              lambda texts: clip_text_embeddings(fused.session.clip, texts).vectors,
+                              weigh=lambda queries: weighted_query(queries, [64, 32], [0.8, 0.2]))["maps"]
+    assert refit == by_hand and refit != index.calibration
+    query = index.clip_vectors[60:61].astype(np.float32)
+    raw = weighted_query(query, [64, 32], [0.8, 0.2]) @ index.clip_vectors.astype(np.float32).T
+    fit = refit["image"]["image"]
+    expected = np.concatenate([raw[0, :60], fit["scale"] * raw[0, 60:] + fit["offset"]])
+    found = retriever.search(query, 8, model_weights=[0.8, 0.2])
+    np.testing.assert_allclose(found.scores[0], np.sort(expected)[::-1][:8], atol=1e-4)
+
+
 def test_cli_takes_one_value_per_model(fused_index, tiny_clip_dir, tmp_path):
     listed = run_cli("search", fused_index, "--text", "a castle", "--k", "3", "--model-weights", "1,0", "--json", "-q")
     assert listed.returncode == 0, listed.stderr

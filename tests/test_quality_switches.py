@@ -174,8 +174,8 @@ def test_eval_sweeps_the_switches_and_reports_them(opened_pairs, tmp_path):
 def test_pairs_alone_with_an_approximate_index_in_its_own_folder(tmp_path, tiny_clip_dir, pairs_file):
     from img2prompt.kaggle_kit import copy_index
 
-    result = img2prompt.build([], tmp_path / "idx", clip_model=str(tiny_clip_dir), pairs=[str(pairs_file)],
-                              index="hnsw", device="cpu", progress=False)
+    result = img2prompt.build([], tmp_path / "idx", clip_model=str(tiny_clip_dir), pairs=str(pairs_file),
+                              index="hnsw", device="cpu", progress=False)  # one table may be a plain string
     manifest = result.manifest
     assert [(entry["keys"], entry["folder"], entry["search"]["kind"]) for entry in manifest["key_ranges"]] == \
         [("image", "image_keys", "hnsw")] and "calibration" not in manifest
@@ -184,6 +184,12 @@ def test_pairs_alone_with_an_approximate_index_in_its_own_folder(tmp_path, tiny_
     with img2prompt.open_index(tmp_path / "kit-index", device="cpu") as index:
         found = index.search_images(IMAGES[:2], k=3)
         assert [result.ids[0] for result in found] == [0, 1] and found[0].keys == ["image"] * 3
+        from img2prompt.query.predict import head_predictions
+
+        with pytest.raises(UserError, match="--beta with text queries needs the text-key mean: this index has no "
+                                            "text-keyed entries"):
+            head_predictions(index.session.index, index.session.index.clip_vectors[:3].astype(np.float32),
+                             np.ones(3, bool), "text")
 
 
 def test_build_refuses_nothing_and_embeddings_with_pairs(tmp_path, tiny_clip_dir, pairs_file, corpus_file):
@@ -197,6 +203,26 @@ def test_build_refuses_nothing_and_embeddings_with_pairs(tmp_path, tiny_clip_dir
     wrong = run_cli("build", corpus_file, "--pairs", no_column, "--out", tmp_path / "c", "--clip-model",
                     tiny_clip_dir, "--device", "cpu")
     assert wrong.returncode == 2 and "no column 'image'" in wrong.stderr and not (tmp_path / "c").exists()
+    assert "a --pairs table needs columns 'image' and 'prompt'" in wrong.stderr and "--column" not in wrong.stderr
+    missing = run_cli("build", corpus_file, "--pairs", tmp_path / "none.csv", "--out", tmp_path / "d", "--clip-model",
+                      tiny_clip_dir, "--device", "cpu")
+    assert missing.returncode == 2 and "--pairs file not found" in missing.stderr
+
+
+def test_pairs_of_one_prompt_cannot_calibrate_and_say_so(tmp_path, tiny_clip_dir, corpus_file):
+    pairs = tmp_path / "pairs.csv"
+    pd.DataFrame({"image": [str(path) for path in IMAGES[:3]], "prompt": ["one prompt"] * 3}).to_csv(pairs,
+                                                                                                   index=False)
+    out = tmp_path / "idx"
+    img2prompt.build(str(corpus_file), out, clip_model=str(tiny_clip_dir), pairs=str(pairs), device="cpu",
+                     progress=False)
+    text = (out / "manifest.json").read_text()
+    manifest = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the manifest"))
+    assert {fit["method"] for fit in manifest["calibration"]["fits"].values()} == {"none"}
+    with img2prompt.open_index(out, device="cpu") as index:
+        found = index.search_images([IMAGES[1]], k=5)[0]
+        assert found.ids[0] == 161 and np.isfinite(found.scores).all()  # its own image key, raw cosine ~1
+        assert np.isfinite(index.predict([IMAGES[1]], k=index.count)).all()
 
 
 def test_a_build_with_pairs_resumes_to_the_uninterrupted_result(tmp_path, tiny_clip_dir, pairs_file, monkeypatch):

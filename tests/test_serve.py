@@ -133,6 +133,8 @@ def test_predict_takes_the_quality_switches(client, index, images):
     assert refused.status_code == 422 and "image-key mean" in refused.json()["detail"]
     weighed = client.post("/predict", files=[upload(images[1])], data={"model_weights": "1,1"})
     assert weighed.status_code == 422 and "the index holds one CLIP model" in weighed.json()["detail"]
+    searched = client.post("/search", json={"text": "a fox", "model_weights": "1,1"})
+    assert searched.status_code == 422 and "the index holds one CLIP model" in searched.json()["detail"]
 
 
 def test_upload_never_touches_disk(client, index, monkeypatch):
@@ -266,12 +268,12 @@ class _Gated:
     def __getattr__(self, name: str):
         return getattr(self._index, name)
 
-    def search_texts(self, texts, k=10):
+    def search_texts(self, texts, k=10, **options):
         self.entered.set()
         assert self.gate.wait(60)
         if any("boom" in text for text in texts):
             raise RuntimeError("boom")
-        return self._index.search_texts(texts, k)
+        return self._index.search_texts(texts, k, **options)
 
 
 def _pile_up(client, worker, texts: list[str], queued: int) -> tuple[list, list[threading.Thread]]:
