@@ -38,6 +38,15 @@ class CorpusReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
 
+    def keep_once(self, key: int, seen: set[int], duplicate_reason: str) -> bool:
+        """Count a row kept the first time its key is seen, else skipped as a duplicate."""
+        if key in seen:
+            self.skipped[duplicate_reason] += 1
+            return False
+        seen.add(key)
+        self.kept += 1
+        return True
+
     def as_dict(self) -> dict:
         return {"files": self.files, "read": self.read, "kept": self.kept,
                 "skipped": {reason: self.skipped[reason] for reason in sorted(self.skipped)}}
@@ -221,13 +230,8 @@ def iter_prompt_rows(paths: list[Path], column: str = "prompt", report: CorpusRe
             if skip_reason:
                 report.skipped[skip_reason] += 1
                 continue
-            key = dedup_key(prompt)
-            if key in seen:
-                report.skipped[SKIP_DUPLICATE] += 1
-                continue
-            seen.add(key)
-            report.kept += 1
-            yield report.read - 1, prompt
+            if report.keep_once(dedup_key(prompt), seen, SKIP_DUPLICATE):
+                yield report.read - 1, prompt
 
 
 def count_rows(paths: list[Path], block: int = 1 << 22) -> int:

@@ -58,10 +58,5 @@ def iter_pairs(paths: list[Path], report: CorpusReport | None = None,
                 report.skipped[skip] += 1
                 continue
             image_path = str(folder / image.strip())  # an absolute `image` replaces the folder
-            key = dedup_key(image_path)
-            if key in seen:
-                report.skipped[SKIP_DUPLICATE_IMAGE] += 1
-                continue
-            seen.add(key)
-            report.kept += 1
-            yield image_path, prompt
+            if report.keep_once(dedup_key(image_path), seen, SKIP_DUPLICATE_IMAGE):
+                yield image_path, prompt
