@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="csv/parquet with imgId,prompt (the competition's prompts.csv layout)")
     evaluate.add_argument("--images", metavar="IMAGES_DIR",
                           help="query with IMAGES_DIR/<imgId>.<ext>; without it, text-only mode")
-    evaluate.add_argument("--sweep", action="store_true", help="grid of k × temperature × alpha from one search")
+    evaluate.add_argument("--sweep", action="store_true",
+                          help="grid of k × temperature × alpha × consensus × beta (× model weights for several CLIP "
+                               "models) from one encoding of the queries")
     evaluate.add_argument("--plot", metavar="PNG", help="draw score vs k per temperature (needs --sweep)")
     evaluate.add_argument("--out", metavar="JSON", help="write the full report here")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")

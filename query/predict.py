@@ -49,7 +49,8 @@ class Retrieved:
 
 def retrieve_images(session: QuerySession, image_ids: list[str], paths: dict[str, Path], k: int, *,
                     batch_size: int | None = None, workers: int | None = None, progress: bool = True,
-                    exclude: list[set[int]] | None = None, model_weights: str | list[float] | None = None) -> Retrieved:
+                    exclude: list[set[int]] | None = None,
+                    model_weights: str | list[float] | None = None) -> Retrieved:
     """Top-k neighbours of every id in `image_ids`; ids without a usable file are reported, not fatal."""
     session.retriever.check_k(k)
     session.retriever.model_weights(model_weights)  # a bad value fails before any image is decoded
@@ -133,7 +134,8 @@ def predict_rows(index: PromptIndex, neighbours: Neighbours, query_vectors: np.n
     """Predictions from searched neighbours and the query vectors (used by the head only when beta > 0)."""
     head = None
     if settings.beta > 0:
-        head, source = head_predictions(index, query_vectors, neighbours.ids[:, 0] >= 0, query_kind)
+        ok = neighbours.ids[:, 0] >= 0
+        head, source = head_predictions(index, query_vectors, ok, query_kind)
         if source == "queries":
-            log.info("regression head: image-key mean estimated from these %d query images", len(query_vectors))
+            log.info("regression head: %s-key mean estimated from these %d queries", query_kind, int(ok.sum()))
     return blend_neighbours(index, neighbours, settings, head)
