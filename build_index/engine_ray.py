@@ -112,7 +112,7 @@ class _ShardWorker:
                     raise UserError(f"the Ray worker on {self.host} does not see the index folder {root}: --out "
                                     "must be on a filesystem every node mounts at the same path")
                 started = time.perf_counter()
-                tokens, ids = tokenize_prompts(self.tokenizers, self.minilm, task.prompts)
+                tokens, ids = tokenize_prompts(self.tokenizers, self.minilm, task.prompts, task.images is None)
                 tokenize_s = time.perf_counter() - started
         except BaseException:
             with self._stage("encode", seq):

@@ -57,10 +57,14 @@ def can_use_workers(tokenizers: Tokenizers) -> bool:
     return isinstance(tokenizers.clip, FastClipTokenizer)
 
 
-def tokenize_prompts(tokenizers: Tokenizers, minilm, prompts: list[str]) -> tuple[np.ndarray, list[np.ndarray] | None]:
-    """CLIP token rows and MiniLM ids for prompts: the one tokenizing step of every engine."""
-    # no shared CLIP tokenizer (an ensemble of differently tokenizing models): the encoder tokenizes
-    clip_tokens = np.asarray(tokenizers.clip(prompts), dtype=np.int64) if tokenizers.clip is not None else None
+def tokenize_prompts(tokenizers: Tokenizers, minilm, prompts: list[str],
+                     with_clip: bool = True) -> tuple[np.ndarray | None, list[np.ndarray] | None]:
+    """CLIP token rows and MiniLM ids for prompts: the one tokenizing step of every engine.
+
+    No CLIP tokens for image-keyed tasks (with_clip=False: their keys are image vectors), nor without a shared
+    CLIP tokenizer (an ensemble of differently tokenizing models: the encoder tokenizes)."""
+    with_clip = with_clip and tokenizers.clip is not None
+    clip_tokens = np.asarray(tokenizers.clip(prompts), dtype=np.int64) if with_clip else None
     ids = minilm_token_ids(minilm, prompts, tokenizers.minilm_max_length) if minilm is not None else None
     return clip_tokens, ids
 
@@ -75,8 +79,8 @@ def _init_worker(tokenizers: Tokenizers) -> None:
     _WORKER["tokenizers"], _WORKER["minilm"] = tokenizers, tokenizers.minilm()
 
 
-def _tokenize_in_worker(prompts: list[str]):
-    return tokenize_prompts(_WORKER["tokenizers"], _WORKER["minilm"], prompts)
+def _tokenize_in_worker(prompts: list[str], with_clip: bool = True):
+    return tokenize_prompts(_WORKER["tokenizers"], _WORKER["minilm"], prompts, with_clip)
 
 
 def tokenized_shards(tasks: Iterator[ShardTask], tokenizers: Tokenizers, workers: int = 0) -> Iterator[TokenizedShard]:
@@ -86,7 +90,7 @@ def tokenized_shards(tasks: Iterator[ShardTask], tokenizers: Tokenizers, workers
             log.info("this CLIP tokenizer has no fast picklable form: tokenizing in the main process")
         minilm = tokenizers.minilm()
         for task in tasks:
-            tokens, ids = tokenize_prompts(tokenizers, minilm, task.prompts)
+            tokens, ids = tokenize_prompts(tokenizers, minilm, task.prompts, with_clip=task.images is None)
             yield TokenizedShard(task, tokens, ids)
         return
     context = multiprocessing.get_context("spawn")
@@ -102,8 +106,8 @@ def tokenized_shards(tasks: Iterator[ShardTask], tokenizers: Tokenizers, workers
                 if task is None:
                     exhausted = True
                     break
-                futures = [pool.submit(_tokenize_in_worker, task.prompts[start:start + CHUNK_PROMPTS])
-                           for start in range(0, len(task.prompts), CHUNK_PROMPTS)]
+                futures = [pool.submit(_tokenize_in_worker, task.prompts[start:start + CHUNK_PROMPTS],
+                                       task.images is None) for start in range(0, len(task.prompts), CHUNK_PROMPTS)]
                 pending.append((task, futures))
                 in_flight += len(futures)
             if not pending:
@@ -111,7 +115,7 @@ def tokenized_shards(tasks: Iterator[ShardTask], tokenizers: Tokenizers, workers
             task, futures = pending.popleft()
             parts = [future.result() for future in futures]
             in_flight -= len(futures)
-            tokens = np.concatenate([part[0] for part in parts])
+            tokens = None if parts[0][0] is None else np.concatenate([part[0] for part in parts])
             ids = None if parts[0][1] is None else [row for part in parts for row in part[1]]
             yield TokenizedShard(task, tokens, ids)
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from img2prompt.build_index.embed import (clip_embed_tokens, clip_text_embeddings, count_truncated,
@@ -74,11 +75,7 @@ class ShardEncoder:
             truncated = count_truncated(self.clip, task.prompts, tokens)
         seconds["encode_clip"] = time.perf_counter() - started
         started = time.perf_counter()
-        if shard.minilm_ids is None:
-            minilm = minilm_embeddings(self.text_model, task.prompts, self.batch_size)
-        else:
-            minilm = minilm_embed_ids(self.text_model, shard.minilm_ids, minilm_batch_order(task.prompts),
-                                      self.batch_size)
+        minilm = self._minilm_vectors(shard, range(len(task.prompts)))
         seconds["encode_minilm"] = time.perf_counter() - started
         started = time.perf_counter()
         record = save_shard(root, task, vectors, minilm, truncated)
@@ -99,17 +96,20 @@ class ShardEncoder:
         for position, reason in list(embedded.failed.items())[:3]:
             log.warning("pairs: skipping %s (%s)", task.images[position], reason)
         started = time.perf_counter()
-        prompts = [task.prompts[row] for row in kept]
-        if shard.minilm_ids is None:
-            minilm = minilm_embeddings(self.text_model, prompts, self.batch_size)
-        else:
-            minilm = minilm_embed_ids(self.text_model, [shard.minilm_ids[row] for row in kept],
-                                      minilm_batch_order(prompts), self.batch_size)
+        minilm = self._minilm_vectors(shard, kept)
         seconds["encode_minilm"] = time.perf_counter() - started
         record = save_shard(root, task, embedded.vectors, minilm, kept=kept)
         record["skipped"] = {SKIP_UNREADABLE_IMAGE: len(embedded.failed)}
         release_free_memory()
         return record, seconds
+
+    def _minilm_vectors(self, shard: TokenizedShard, rows) -> np.ndarray:
+        """The scorer's vectors of these rows of the task, from the pre-tokenized ids when there are."""
+        prompts = [shard.task.prompts[row] for row in rows]
+        if shard.minilm_ids is None:
+            return minilm_embeddings(self.text_model, prompts, self.batch_size)
+        return minilm_embed_ids(self.text_model, [shard.minilm_ids[row] for row in rows],
+                                minilm_batch_order(prompts), self.batch_size)
 
     def _precomputed_vectors(self, shard: TokenizedShard):
         """The task's given CLIP vectors, the first prompts checked against the model's own."""

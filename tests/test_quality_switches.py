@@ -256,3 +256,15 @@ def test_a_build_with_pairs_resumes_to_the_uninterrupted_result(tmp_path, tiny_c
     assert ours.prompts == theirs.prompts and ours.count == 16
     np.testing.assert_array_equal(np.asarray(ours.clip_vectors), np.asarray(theirs.clip_vectors))
     np.testing.assert_array_equal(np.asarray(ours.minilm), np.asarray(theirs.minilm))
+
+
+def test_image_keyed_tasks_are_not_clip_tokenized(clip, text_model):
+    """Their keys are image vectors: CLIP tokens would be work thrown away (tokenizing bounds GPU builds)."""
+    from img2prompt.build_index.pipeline import tokenized_shards, tokenizers_for
+    from img2prompt.index.format import ShardTask
+
+    tasks = [ShardTask(0, 0, read_data_prompts(3)), ShardTask(1, 3, read_data_prompts(2), images=["a.png", "b.png"])]
+    for workers in (0, 1):  # in-process, and in a spawned tokenizing worker
+        text, image = tokenized_shards(iter(tasks), tokenizers_for(clip, text_model), workers)
+        assert text.clip_tokens.shape == (3, clip.context_length) and image.clip_tokens is None
+        assert len(image.minilm_ids) == 2  # the prompts' MiniLM ids are still made ahead
