@@ -270,9 +270,9 @@ def setting_flags(setting: dict) -> str:
 
 def baseline_flags(options: EvalOptions, shrink: float) -> dict[str, str]:
     """The submit flags that reproduce each baseline, for the "does not beat" warning."""
-    knn = f"--k {options.k} --temperature {options.temperature:g}"
-    return {"corpus_mean": "--alpha 1", "top1": "--k 1 --alpha 0", "knn": f"{knn} --alpha 0",
-            "knn_shrunk": f"{knn} --alpha {shrink:g}", "regression_head": "--beta 1"}
+    knn = {"k": options.k, "temperature": options.temperature, "alpha": 0.0}
+    return {"corpus_mean": "--alpha 1", "top1": "--k 1 --alpha 0", "knn": setting_flags(knn),
+            "knn_shrunk": setting_flags({**knn, "alpha": shrink}), "regression_head": "--beta 1"}
 
 
 def run_eval(session: QuerySession, options: EvalOptions) -> dict:
