@@ -103,14 +103,14 @@ def random_clip(arch: str = "ViT-B-32", device: str = "cpu"):
     import open_clip
     import torch
 
-    from img2prompt.models import ClipModel, _clip_embed_dim
+    from img2prompt.encoders.models import ClipModel, _clip_embed_dim
 
     model, _, preprocess = open_clip.create_model_and_transforms(arch)
     model.eval()
     model.to(device)
     tokenizer = open_clip.get_tokenizer(arch)
     try:  # the tokenizer load_clip gives (the fast one where it exists); same tokens either way
-        from img2prompt.tokenization import make_clip_tokenizer
+        from img2prompt.encoders.tokenization import make_clip_tokenizer
 
         tokenizer = make_clip_tokenizer(tokenizer)
     except ImportError:

@@ -1,7 +1,7 @@
 """One table of the rates that matter at scale, for any open_clip architecture, on one device:
 
     section   rows
-    tokenize  CLIP tokenizer prompts/s: open_clip's, and img2prompt.tokenization's fast one when importable,
+    tokenize  CLIP tokenizer prompts/s: open_clip's, and img2prompt.encoders.tokenization's fast one when importable,
               in 1 process and in N spawned processes; MiniLM's Rust tokenizer the same way
     tower     CLIP text tower alone, pre-tokenized, length-bucketed batches (fp16 autocast on CUDA)
     minilm    MiniLM architecture (all-MiniLM-L6-v2's config, random weights unless --text-model):
@@ -83,7 +83,7 @@ def _init_worker(kind: str, payload, max_seq_length: int) -> None:
     if kind == "clip":
         _WORK["fn"] = lambda batch: payload(batch).numpy()  # numpy crosses processes cheaper than a tensor
     else:
-        from img2prompt.tokenization import load_minilm_tokenizer, minilm_token_ids
+        from img2prompt.encoders.tokenization import load_minilm_tokenizer, minilm_token_ids
 
         tokenizer = load_minilm_tokenizer(payload)
         _WORK["fn"] = lambda batch: minilm_token_ids(tokenizer, batch, max_seq_length)
@@ -142,7 +142,7 @@ class Context:
             return Path(self.args.text_model)
         if self.args.tokenizer_dir:
             return Path(self.args.tokenizer_dir)
-        from img2prompt.models import default_text_model_path
+        from img2prompt.encoders.models import default_text_model_path
 
         return Path(default_text_model_path())
 
@@ -211,7 +211,7 @@ def tokenize_section(ctx: Context) -> None:
     batches = [prompts[start:start + args.token_batch] for start in range(0, len(prompts), args.token_batch)]
     tokenizers = {"open_clip": open_clip.get_tokenizer(args.arch)}
     try:
-        from img2prompt.tokenization import make_clip_tokenizer
+        from img2prompt.encoders.tokenization import make_clip_tokenizer
 
         fast = make_clip_tokenizer(open_clip.get_tokenizer(args.arch))
         if fast is tokenizers["open_clip"] or type(fast) is type(tokenizers["open_clip"]):
@@ -220,10 +220,10 @@ def tokenize_section(ctx: Context) -> None:
         else:
             tokenizers["fast"] = fast
     except ImportError as exc:
-        row("tokenize", "fast CLIP tokenizer", "skipped", None, f"img2prompt.tokenization not importable: {exc}")
+        row("tokenize", "fast CLIP tokenizer", "skipped", None, f"img2prompt.encoders.tokenization not importable: {exc}")
     minilm = None
     try:
-        from img2prompt.tokenization import load_minilm_tokenizer, minilm_token_ids
+        from img2prompt.encoders.tokenization import load_minilm_tokenizer, minilm_token_ids
 
         minilm_folder, max_seq = str(ctx.tokenizer_dir()), ctx.minilm_max_seq_length()
         minilm = load_minilm_tokenizer(minilm_folder)
@@ -269,8 +269,8 @@ def tower_section(ctx: Context) -> None:
     import torch
 
     from common import random_clip
-    from img2prompt.build_index.embed import autocast_for
-    from img2prompt.models import clip_encode_text, supports_short_context
+    from img2prompt.encoders.text import autocast_for
+    from img2prompt.encoders.models import clip_encode_text, supports_short_context
 
     args, prompts = ctx.args, ctx.sample()
     clip = random_clip(args.arch, ctx.device)
@@ -308,8 +308,8 @@ def tower_section(ctx: Context) -> None:
 def minilm_section(ctx: Context) -> None:
     import torch
 
-    from img2prompt.build_index.embed import minilm_embeddings
-    from img2prompt.models import load_text_model
+    from img2prompt.encoders.text import minilm_embeddings
+    from img2prompt.encoders.models import load_text_model
 
     args, prompts = ctx.args, ctx.sample()
     folder = ctx.minilm_dir()
@@ -325,8 +325,8 @@ def minilm_section(ctx: Context) -> None:
                  time.perf_counter() - started, f"{len(prompts):,} prompts, batch {args.batch_size}, fp32 "
                                                 f"(the scorer stays fp32), max_seq_length {text_model.max_seq_length}")
         try:
-            from img2prompt.build_index.embed import minilm_batch_order, minilm_embed_ids
-            from img2prompt.tokenization import load_minilm_tokenizer, minilm_token_ids
+            from img2prompt.encoders.text import minilm_batch_order, minilm_embed_ids
+            from img2prompt.encoders.tokenization import load_minilm_tokenizer, minilm_token_ids
         except ImportError as exc:
             row("minilm", f"{what}: model only", "skipped", None, f"pre-tokenized path not importable: {exc}")
             return
@@ -504,7 +504,7 @@ def submit_section(ctx: Context) -> None:
     import torch
 
     import img2prompt
-    import img2prompt.query.embed_images as embed_images_module
+    import img2prompt.encoders.image_embed as embed_images_module
 
     args = ctx.args
     index_dir = ctx.index_dir

@@ -10,7 +10,7 @@ context (with --device cuda). "first result" is the first byte the child writes 
 "exit" adds its teardown. The first search runs with an empty identity cache ("cold"), the others warm.
 Commands alternate, so both sides see the same machine load; medians are printed.
 
-Hashing: `img2prompt.models.weights_sha256` over --arch's random weights (what a cold `search`/`submit`
+Hashing: `img2prompt.encoders.models.weights_sha256` over --arch's random weights (what a cold `search`/`submit`
 pays for a real checkpoint before its first result; the cache, keyed by the weights file's path, size and
 mtime, replaces it with a JSON lookup).
 """
@@ -99,7 +99,7 @@ def main() -> None:
     import open_clip
     import torch
 
-    from img2prompt.models import weights_sha256
+    from img2prompt.encoders.models import weights_sha256
 
     started = time.perf_counter()
     model, _, _ = open_clip.create_model_and_transforms(args.arch)

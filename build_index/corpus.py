@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 
+from img2prompt.encoders.prompts import dedup_key, normalise_prompt
 from img2prompt.errors import UserError, short_reason
 
 TEXT_SUFFIXES = (".txt",)
@@ -50,17 +50,6 @@ class CorpusReport:
     def as_dict(self) -> dict:
         return {"files": self.files, "read": self.read, "kept": self.kept,
                 "skipped": {reason: self.skipped[reason] for reason in sorted(self.skipped)}}
-
-
-def normalise_prompt(text: str) -> str:
-    """Collapse all whitespace runs (CR, LF, tabs, NBSP…) into single spaces and strip the ends."""
-    return " ".join(text.split())
-
-
-def dedup_key(prompt: str) -> int:
-    """8-byte hash of the case- and whitespace-insensitive form: compact enough for tens of millions."""
-    return int.from_bytes(hashlib.blake2b(normalise_prompt(prompt).casefold().encode("utf-8", "surrogatepass"),
-                                          digest_size=8).digest(), "little")
 
 
 def expand_corpus_paths(patterns: Iterable[str], what: str = "corpus",

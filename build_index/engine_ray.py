@@ -40,7 +40,7 @@ from img2prompt.build_index.pipeline import TokenizedShard, tokenize_prompts
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError, short_reason
 from img2prompt.index.format import MANIFEST, ShardTask
-from img2prompt.models import resolve_device, usable_cores
+from img2prompt.encoders.models import resolve_device, usable_cores
 
 log = logging.getLogger(__name__)
 

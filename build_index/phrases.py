@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
-from img2prompt.build_index.corpus import normalise_prompt
+from img2prompt.encoders.prompts import normalise_prompt
 
 MIN_COUNT = 5  # a phrase must appear in at least this many prompts
 MAX_PHRASES = 20_000

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from img2prompt.index.format import ShardTask
-from img2prompt.models import usable_cores
-from img2prompt.tokenization import FastClipTokenizer, load_minilm_tokenizer, minilm_token_ids
+from img2prompt.encoders.models import usable_cores
+from img2prompt.encoders.tokenization import FastClipTokenizer, load_minilm_tokenizer, minilm_token_ids
 
 log = logging.getLogger(__name__)
 

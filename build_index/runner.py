@@ -18,13 +18,12 @@ from typing import Iterator
 
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, check_corpus_files, count_rows,
                                            expand_corpus_paths, file_fingerprint, iter_prompt_rows, iter_prompts)
-from img2prompt.build_index.embed import clip_text_embeddings
-from img2prompt.build_index.calibration import fit_calibration
+from img2prompt.index.calibration import fit_calibration
 from img2prompt.build_index.engine import BuildEngine, engine_class
 from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE, check_pair_files, expand_pair_paths, iter_pairs
 from img2prompt.build_index.phrases import MIN_COUNT, mine_phrases
 from img2prompt.build_index.precomputed import check_against_model, misaligned, open_precomputed
-from img2prompt.build_index.regression import RidgeAccumulator
+from img2prompt.index.ridge import RidgeAccumulator
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError
 from img2prompt.index.backend import backend_class
@@ -32,8 +31,8 @@ from img2prompt.index.format import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, REGRESSION, 
                                      ShardTask, plan_shards)
 from img2prompt.index.plan import plan_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
-from img2prompt.clip_ensemble import load_named_clips
-from img2prompt.models import load_text_model, resolve_device
+from img2prompt.encoders.clip_ensemble import load_named_clips
+from img2prompt.encoders.models import load_text_model, resolve_device
 from img2prompt.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -253,7 +252,7 @@ def build_phrases(writer: IndexWriter, clip, options: BuildOptions) -> tuple[dic
     mined = mine_phrases((prompt for batch in writer.iter_prompt_batches() for prompt in batch),
                          min_count=options.phrase_min_count)
     phrases = [phrase for phrase, _ in mined]
-    vectors = clip_text_embeddings(clip, phrases, options.batch_size).vectors
+    vectors = clip.text_embeddings(phrases, options.batch_size).vectors
     files = writer.save_phrases(phrases, [count for _, count in mined], vectors)
     return {"count": len(phrases), "min_count": options.phrase_min_count}, files
 
@@ -306,7 +305,7 @@ def calibrate_key_kinds(writer: IndexWriter, key_ranges: list[KeyRange], clip, o
     calibration = fit_calibration(
         writer.vectors("clip"), writer.vectors("minilm"), rows[TEXT_KEYS], rows[IMAGE_KEYS],
         prompts_of=writer.prompt_rows, seed=options.seed,
-        encode_texts=lambda texts: clip_text_embeddings(clip, texts, options.batch_size).vectors)
+        encode_texts=lambda texts: clip.text_embeddings(texts, options.batch_size).vectors)
     for query_kind, fit in calibration["fits"].items():
         if fit["method"] == "none":
             log.warning("too few image-keyed rows with distinct prompts to calibrate their scores for %s queries "

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from img2prompt.build_index.embed import (clip_embed_tokens, clip_text_embeddings, count_truncated,
-                                          minilm_batch_order, minilm_embed_ids, minilm_embeddings)
+from img2prompt.encoders.text import minilm_batch_order, minilm_embed_ids, minilm_embeddings
 from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE
 from img2prompt.build_index.pipeline import TokenizedShard, Tokenizers, tokenizers_for
 from img2prompt.build_index.precomputed import (AGREEMENT_SAMPLE, PrecomputedVectors, check_agreement,
@@ -19,8 +18,8 @@ from img2prompt.build_index.precomputed import (AGREEMENT_SAMPLE, PrecomputedVec
 from img2prompt.errors import UserError
 from img2prompt.index.format import save_shard
 from img2prompt.memory import release_free_memory
-from img2prompt.clip_ensemble import load_named_clips
-from img2prompt.models import ClipModel, TextModel, load_text_model, resolve_device
+from img2prompt.encoders.clip_ensemble import ClipEnsemble, load_named_clips
+from img2prompt.encoders.models import TextModel, load_text_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class EncoderSpec:
 
 
 class ShardEncoder:
-    def __init__(self, clip: ClipModel, text_model: TextModel, batch_size: int,
+    def __init__(self, clip: ClipEnsemble, text_model: TextModel, batch_size: int,
                  precomputed: PrecomputedVectors | None = None) -> None:
         self.clip, self.text_model, self.batch_size, self.precomputed = clip, text_model, batch_size, precomputed
 
@@ -67,12 +66,12 @@ class ShardEncoder:
         if self.precomputed is not None:
             vectors, truncated = self._precomputed_vectors(shard), 0
         elif shard.clip_tokens is None:  # an ensemble whose members tokenize differently: each its own way
-            result = clip_text_embeddings(self.clip, task.prompts, self.batch_size)
+            result = self.clip.text_embeddings(task.prompts, self.batch_size)
             vectors, truncated = result.vectors, result.truncated
         else:
             tokens = torch.from_numpy(shard.clip_tokens)
-            vectors = clip_embed_tokens(self.clip, tokens, self.batch_size)
-            truncated = count_truncated(self.clip, task.prompts, tokens)
+            vectors = self.clip.embed_tokens(tokens, self.batch_size)
+            truncated = self.clip.count_truncated(task.prompts, tokens)
         seconds["encode_clip"] = time.perf_counter() - started
         started = time.perf_counter()
         minilm = self._minilm_vectors(shard, range(len(task.prompts)))
@@ -86,7 +85,7 @@ class ShardEncoder:
     def _encode_images(self, shard: TokenizedShard, root: str | Path) -> tuple[dict, dict]:
         """An image-keyed task: CLIP image vectors as keys; rows whose image cannot be decoded are dropped
         (counted in the record, the first few named in the log)."""
-        from img2prompt.query.embed_images import embed_images
+        from img2prompt.encoders.image_embed import embed_images
 
         task, seconds = shard.task, {}
         started = time.perf_counter()
@@ -115,5 +114,5 @@ class ShardEncoder:
         """The task's given CLIP vectors, the first prompts checked against the model's own."""
         vectors = self.precomputed.take(shard.task.source_rows)
         sample = shard.task.prompts[:AGREEMENT_SAMPLE]
-        check_agreement(vectors[:len(sample)], clip_text_embeddings(self.clip, sample).vectors, self.clip.name)
+        check_agreement(vectors[:len(sample)], self.clip.text_embeddings(sample).vectors, self.clip.name)
         return vectors

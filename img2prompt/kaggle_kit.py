@@ -375,7 +375,7 @@ def copy_index(index_dir: Path, dest: Path) -> tuple[dict, str]:
 
 
 def _local_dir_folder(name: str) -> Path | None:
-    from img2prompt.models import LOCAL_DIR_PREFIX
+    from img2prompt.encoders.models import LOCAL_DIR_PREFIX
 
     return Path(name[len(LOCAL_DIR_PREFIX):]) if name.startswith(LOCAL_DIR_PREFIX) else None
 

@@ -231,7 +231,7 @@ def parse_form(body: bytes, content_type: str) -> tuple[list[tuple[str, bytes]],
 def decode_upload(data: bytes):
     """Uploaded bytes → RGB PIL image, with exactly the checks `img2prompt search` applies to an image file;
     raises ImageDecodeError with the reason."""
-    from img2prompt.query.images import load_image
+    from img2prompt.encoders.images import load_image
 
     return load_image(data)
 
@@ -273,7 +273,7 @@ def create_app(index, *, api_key: str | None = None, max_upload: int = DEFAULT_M
     """
     from img2prompt import __version__
     from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_CONSENSUS, DEFAULT_K, DEFAULT_TEMPERATURE
-    from img2prompt.query.images import ImageDecodeError
+    from img2prompt.encoders.images import ImageDecodeError
 
     worker = ModelWorker(index, queue_size)
     max_k = min(index.count, MAX_K)

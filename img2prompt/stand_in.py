@@ -44,7 +44,7 @@ def write_tiny_text_model(folder: str | Path, dim: int = 32, seed: int = 0) -> P
     import torch
     from transformers import BertConfig, BertModel
 
-    from img2prompt.models import default_text_model_path
+    from img2prompt.encoders.models import default_text_model_path
 
     source, folder = Path(default_text_model_path()), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

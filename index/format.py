@@ -614,7 +614,7 @@ class PromptIndex:
         """The ridge head CLIP → MiniLM (build_index/regression.py), or None for an index built without one."""
         if REGRESSION not in self.manifest.get("files", {}):
             return None
-        from img2prompt.build_index.regression import RidgeHead
+        from img2prompt.index.ridge import RidgeHead
 
         try:
             return RidgeHead.load(self.root / REGRESSION, self.manifest["regression"])

@@ -11,12 +11,11 @@ from typing import Sequence
 
 import numpy as np
 
-from img2prompt.api import ImageInput, SearchResult
-from img2prompt.build_index.embed import clip_text_embeddings
+from img2prompt.query.results import ImageInput, SearchResult
 from img2prompt.errors import UserError
 from img2prompt.query.blend import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_CONSENSUS, DEFAULT_K, DEFAULT_TEMPERATURE,
                                     BlendSettings)
-from img2prompt.query.embed_images import embed_images, image_label
+from img2prompt.encoders.image_embed import embed_images, image_label
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, Interrogation, compose_all
 from img2prompt.query.predict import predict_rows, require_head
 from img2prompt.query.search import Neighbours
@@ -123,7 +122,7 @@ class Img2PromptIndex:
         self.session.retriever.check_k(k)
         self.session.retriever.model_weights(model_weights)
         texts = list(texts)
-        vectors = clip_text_embeddings(self.session.clip, texts).vectors
+        vectors = self.session.clip.text_embeddings(texts).vectors
         return self._results(texts, self.session.retriever.search(vectors, k, query_kind="text",
                                                                   model_weights=model_weights))
 

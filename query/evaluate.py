@@ -24,16 +24,16 @@ import numpy as np
 import pandas as pd
 
 from img2prompt.atomic import atomic_path, check_output_paths, write_json_atomic
-from img2prompt.build_index.corpus import dedup_key
-from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
+from img2prompt.encoders.prompts import dedup_key
+from img2prompt.encoders.text import minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index.flat import exact_search
 from img2prompt.index.format import MANIFEST, file_sha256
 from img2prompt.index.recall import recall_at_k
-from img2prompt.models import load_text_model
+from img2prompt.encoders.models import load_text_model
 from img2prompt.query.blend import BlendSettings, corpus_mean_prediction
-from img2prompt.query.embed_images import check_image_loading_args
-from img2prompt.query.images import list_images
+from img2prompt.encoders.image_embed import check_image_loading_args
+from img2prompt.encoders.images import list_images
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, compose, rank_modifiers
 from img2prompt.query.predict import (RetrievalSettings, Retrieved, blend_neighbours, head_predictions, mix_rows,
                                       require_head, retrieve_images)
@@ -140,7 +140,7 @@ def exact_matches(session: QuerySession, true_prompts: list[str]) -> list[set[in
 
 def _text_queries(session: QuerySession, labels: pd.DataFrame, k: int, exclude, model_weights=None) -> Retrieved:
     started = time.perf_counter()
-    vectors = clip_text_embeddings(session.clip, labels["prompt"].tolist()).vectors
+    vectors = session.clip.text_embeddings(labels["prompt"].tolist()).vectors
     found = session.retriever.search(vectors, k, exclude, query_kind="text", model_weights=model_weights)
     return Retrieved(labels["imgId"].tolist(), found, {}, {"encode_search": time.perf_counter() - started},
                      vectors)

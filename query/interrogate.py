@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from img2prompt.build_index.corpus import normalise_prompt
+from img2prompt.encoders.prompts import normalise_prompt
 
 DEFAULT_MODIFIERS = 4
 

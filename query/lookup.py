@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from img2prompt.api import SearchResult
+from img2prompt.query.results import SearchResult
 from img2prompt.errors import UserError
 
 

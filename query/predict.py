@@ -15,7 +15,7 @@ import numpy as np
 from img2prompt.errors import UserError
 from img2prompt.index.format import PromptIndex
 from img2prompt.query.blend import BlendSettings, blend, corpus_mean_prediction, mix_head
-from img2prompt.query.embed_images import embed_images
+from img2prompt.encoders.image_embed import embed_images
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import QuerySession
 

@@ -164,7 +164,7 @@ def score_aligned(label_ids: list[str], truth: np.ndarray, predicted_ids: list[s
 
 def caption_vectors(text_model, captions: pd.DataFrame) -> np.ndarray:
     """A caption's prediction is the scorer's own embedding of its text."""
-    from img2prompt.build_index.embed import minilm_embeddings
+    from img2prompt.encoders.text import minilm_embeddings
 
     return minilm_embeddings(text_model, captions["prompt"].tolist())
 
@@ -191,7 +191,7 @@ def run_score(options: ScoreOptions, text_model=None) -> dict:
     submission = read_submission(options.submission) if options.submission else None
     captions = read_prompt_table(options.captions, "captions") if options.captions else None
     if text_model is None:
-        from img2prompt.models import load_text_model
+        from img2prompt.encoders.models import load_text_model
 
         text_model = load_text_model(options.text_model, options.device)
     truth = _truth_vectors(text_model, labels)
@@ -211,7 +211,7 @@ def run_score(options: ScoreOptions, text_model=None) -> dict:
 
 
 def _truth_vectors(text_model, labels: pd.DataFrame) -> np.ndarray:
-    from img2prompt.build_index.embed import minilm_embeddings
+    from img2prompt.encoders.text import minilm_embeddings
 
     return minilm_embeddings(text_model, labels["prompt"].tolist())
 

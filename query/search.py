@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from img2prompt.clip_ensemble import parse_model_weights, weighted_query
+from img2prompt.encoders.clip_ensemble import parse_model_weights, weighted_query
 from img2prompt.errors import UserError
 from img2prompt.index.backend import merge_top_k
 from img2prompt.index.format import PromptIndex
@@ -59,7 +59,7 @@ class Retriever:
             return maps
         key = tuple(round(weight, 6) for weight in weights)
         if key not in self._refitted:
-            from img2prompt.build_index.calibration import fit_calibration
+            from img2prompt.index.calibration import fit_calibration
 
             if self.encode_texts is None:
                 raise UserError("--model-weights on an index with image-keyed entries needs the CLIP model to "

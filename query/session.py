@@ -10,10 +10,10 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 
-from img2prompt.clip_ensemble import ClipEnsemble, load_clip_ensemble
+from img2prompt.encoders.clip_ensemble import ClipEnsemble, load_clip_ensemble
 from img2prompt.errors import UserError
 from img2prompt.index.format import PromptIndex, open_index
-from img2prompt.models import ClipModel, load_clip, load_text_model, resolve_device
+from img2prompt.encoders.models import ClipModel, load_text_model, resolve_device
 from img2prompt.query.search import Retriever
 
 log = logging.getLogger(__name__)
@@ -52,13 +52,13 @@ def _model_count(count: int) -> str:
     return "one CLIP model" if count == 1 else f"an ensemble of {count} CLIP models"
 
 
-def check_clip(index: PromptIndex, clip: ClipModel | ClipEnsemble) -> None:
+def check_clip(index: PromptIndex, clip: ClipEnsemble) -> None:
     built = index.clip_identity
     built_members = built.get("members")
-    if built_members is None and not isinstance(clip, ClipEnsemble):
-        return _check_one_clip(built, clip)
+    members = clip.members
+    if built_members is None and len(members) == 1:
+        return _check_one_clip(built, members[0])
     # An ensemble's vectors are its members' parts in order: same members, same order, or other vectors.
-    members = clip.members if isinstance(clip, ClipEnsemble) else [clip]
     built_members = built_members or [built]
     if len(members) != len(built_members):
         raise UserError(f"the index was built with {_model_count(len(built_members))} "
@@ -81,7 +81,7 @@ def _as_list(value: str | list[str] | None, count: int, what: str) -> list | Non
 
 
 def load_index_clip(index: PromptIndex, overrides: ModelOverrides, device,
-                    verify: bool = False) -> ClipModel | ClipEnsemble:
+                    verify: bool = False) -> ClipEnsemble:
     built = index.clip_identity
     members = built.get("members") or [built]
     # Per member, as for one model: a given name drops the manifest's pretrained; a given pretrained wins.
@@ -91,9 +91,7 @@ def load_index_clip(index: PromptIndex, overrides: ModelOverrides, device,
     pretrained = [weights if weights is not None else (None if given else member.get("pretrained"))
                   for given, weights, member in zip(given_names, given_pretrained, members)]
     try:
-        # One model: load_clip itself, as before (tests count its calls through this module's name).
-        clip = load_clip(names[0], pretrained[0], device, verify=verify) if len(names) == 1 else \
-            load_clip_ensemble(names, pretrained, device, verify=verify)
+        clip = load_clip_ensemble(names, pretrained, device, verify=verify)
     except UserError as exc:
         if overrides.clip_model or overrides.clip_pretrained:
             raise
@@ -113,14 +111,12 @@ def check_text_model(index: PromptIndex, name: str, device, verify: bool = False
 @dataclass
 class QuerySession:
     index: PromptIndex
-    clip: ClipModel | ClipEnsemble
+    clip: ClipEnsemble
 
     @cached_property
     def retriever(self) -> Retriever:
-        from img2prompt.build_index.embed import clip_text_embeddings
-
         return Retriever(self.index, device=str(self.clip.device),
-                         encode_texts=lambda texts: clip_text_embeddings(self.clip, texts).vectors)
+                         encode_texts=lambda texts: self.clip.text_embeddings(texts).vectors)
 
 
 def open_session(index_dir: str, overrides: ModelOverrides | None = None, device: str = "auto",

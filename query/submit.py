@@ -17,8 +17,8 @@ import numpy as np
 from img2prompt.atomic import check_output_paths, write_atomic
 from img2prompt.errors import UserError
 from img2prompt.query.blend import neighbour_weights
-from img2prompt.query.embed_images import check_image_loading_args
-from img2prompt.query.images import list_images
+from img2prompt.encoders.image_embed import check_image_loading_args
+from img2prompt.encoders.images import list_images
 from img2prompt.query.predict import MISSING_FILE, RetrievalSettings, predict_rows, require_head, retrieve_images
 from img2prompt.query.session import QuerySession
 from img2prompt.query.submission import EMBED_DIM, read_sample_submission, write_explain, write_submission

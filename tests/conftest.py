@@ -42,14 +42,14 @@ def other_clip_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def clip(tiny_clip_dir):
-    from img2prompt.models import load_clip
+    from img2prompt.encoders.models import load_clip
 
     return load_clip(str(tiny_clip_dir), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def text_model():
-    from img2prompt.models import load_text_model
+    from img2prompt.encoders.models import load_text_model
 
     return load_text_model(None, device="cpu")
 

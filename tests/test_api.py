@@ -59,7 +59,7 @@ def test_pil_images_and_paths_give_the_same_predictions(opened, sample_images):
 
 def test_models_and_backend_load_once_per_open(built_index, sample_images, tmp_path, monkeypatch):
     import img2prompt.index.format as index_format
-    import img2prompt.query.session as session_module
+    import img2prompt.encoders.clip_ensemble as session_module  # where the index's CLIP models are loaded
 
     loads = {"clip": 0, "backend": 0}
     load_clip, open_backend = session_module.load_clip, index_format.PromptIndex.open_backend

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from img2prompt.build_index.calibration import fit_map, line_fit, neighbour_points
+from img2prompt.index.calibration import fit_map, line_fit, neighbour_points
 from img2prompt.query.search import calibrate
 
 

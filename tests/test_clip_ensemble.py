@@ -11,12 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from img2prompt.build_index.embed import clip_embed_tokens, clip_text_embeddings, count_truncated
-from img2prompt.clip_ensemble import (ClipEnsemble, load_clip_ensemble, parse_model_weights, split_parts,
+from img2prompt.encoders.clip_ensemble import (ClipEnsemble, load_clip_ensemble, parse_model_weights, split_parts,
                                       weighted_query)
 from img2prompt.errors import UserError
-from img2prompt.models import ClipModel, load_clip
-from img2prompt.query.embed_images import embed_images
+from img2prompt.encoders.models import ClipModel, load_clip
+from img2prompt.encoders.image_embed import embed_images
 from img2prompt.query.session import ModelOverrides, check_clip, load_index_clip
 from img2prompt.stand_in import TINY_CLIP_CONFIG, write_tiny_clip
 
@@ -66,7 +65,7 @@ def small_images(count: int) -> list[Image.Image]:
 def test_text_vectors_are_the_scaled_concatenation_and_score_the_mean_cosine(pair, ensemble):
     a, b = (by_hand_text(member, PROMPTS) for member in pair)
     expected = np.concatenate([HALF * a, HALF * b], axis=1)
-    result = clip_text_embeddings(ensemble, PROMPTS, batch_size=3)
+    result = ensemble.text_embeddings(PROMPTS, batch_size=3)
     assert ensemble.dim == pair[0].dim + pair[1].dim == result.vectors.shape[1]
     np.testing.assert_allclose(result.vectors, expected, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, atol=1e-6)
@@ -75,10 +74,10 @@ def test_text_vectors_are_the_scaled_concatenation_and_score_the_mean_cosine(pai
     assert result.truncated == 1  # only the 100-word prompt is longer than the context
     assert ensemble.tokenizer is pair[0].tokenizer or type(ensemble.tokenizer) is type(pair[0].tokenizer)
     tokens = ensemble.tokenizer(PROMPTS)
-    np.testing.assert_allclose(clip_embed_tokens(ensemble, tokens, 2), expected, atol=1e-6)
-    assert count_truncated(ensemble, PROMPTS, tokens) == 1
+    np.testing.assert_allclose(ensemble.embed_tokens(tokens, 2), expected, atol=1e-6)
+    assert ensemble.count_truncated(PROMPTS, tokens) == 1
     done = []
-    clip_text_embeddings(ensemble, PROMPTS, batch_size=1, progress=done.append)
+    ensemble.text_embeddings(PROMPTS, batch_size=1, progress=done.append)
     assert sum(done) == len(PROMPTS)  # each prompt counted once, not once per member
 
 
@@ -90,11 +89,11 @@ def test_members_that_tokenize_differently_are_encoded_per_member(pair, ensemble
     mixed = ClipEnsemble([pair[0], slow])
     assert mixed.tokenizer is None
     with pytest.raises(ValueError, match="tokenize differently"):
-        clip_embed_tokens(mixed, pair[0].tokenizer(PROMPTS))
-    result = clip_text_embeddings(mixed, PROMPTS)
-    np.testing.assert_allclose(result.vectors, clip_text_embeddings(ensemble, PROMPTS).vectors, atol=1e-6)
+        mixed.embed_tokens(pair[0].tokenizer(PROMPTS))
+    result = mixed.text_embeddings(PROMPTS)
+    np.testing.assert_allclose(result.vectors, ensemble.text_embeddings(PROMPTS).vectors, atol=1e-6)
     assert result.truncated == 1
-    assert count_truncated(mixed, PROMPTS, pair[0].tokenizer(PROMPTS)) == 1
+    assert mixed.count_truncated(PROMPTS, pair[0].tokenizer(PROMPTS)) == 1
 
 
 class Shifted:
@@ -140,7 +139,7 @@ def test_members_with_other_preprocessing_get_their_own_pixels(pair, wide_dir):
     np.testing.assert_allclose(in_worker.vectors, result.vectors, atol=1e-6)
     # Another context length: no shared tokenizer; each member tokenizes for itself.
     assert mixed.tokenizer is None and mixed.context_length == 8
-    text = clip_text_embeddings(mixed, PROMPTS)
+    text = mixed.text_embeddings(PROMPTS)
     np.testing.assert_allclose(text.vectors, np.concatenate([HALF * by_hand_text(pair[0], PROMPTS),
                                                              HALF * by_hand_text(wide, PROMPTS)], axis=1), atol=1e-6)
     assert text.truncated == 3  # cut by the 8-token member: all but the cat; by both: the 100 words
@@ -148,8 +147,8 @@ def test_members_with_other_preprocessing_get_their_own_pixels(pair, wide_dir):
 
 def test_weighted_query_scores_the_weighted_cosines(pair, ensemble):
     queries, keys = PROMPTS[:2], PROMPTS[2:]
-    q = clip_text_embeddings(ensemble, queries).vectors
-    k = clip_text_embeddings(ensemble, keys).vectors
+    q = ensemble.text_embeddings(queries).vectors
+    k = ensemble.text_embeddings(keys).vectors
     cos_a = by_hand_text(pair[0], queries) @ by_hand_text(pair[0], keys).T
     cos_b = by_hand_text(pair[1], queries) @ by_hand_text(pair[1], keys).T
     dims = [member.dim for member in ensemble.members]
@@ -202,7 +201,7 @@ def test_index_checks_each_member(pair, ensemble, tiny_clip_dir, other_clip_dir,
     with pytest.raises(UserError, match=r"^CLIP member 1 of 2"):
         check_clip(index, ClipEnsemble(pair[::-1]))  # the same members in another order are other vectors
     with pytest.raises(UserError, match="built with an ensemble of 2 CLIP models .* but one CLIP model was given"):
-        check_clip(index, pair[0])
+        check_clip(index, ClipEnsemble([pair[0]]))
     with pytest.raises(UserError, match="the index holds an ensemble of 2 CLIP models, but 1 --clip-model"):
         load_index_clip(index, ModelOverrides(str(tiny_clip_dir)), "cpu")
     with pytest.raises(UserError, match="built with one CLIP model .* but an ensemble of 2 CLIP models was given"):
@@ -213,7 +212,9 @@ def test_index_checks_each_member(pair, ensemble, tiny_clip_dir, other_clip_dir,
 
 def test_loading_refuses_twins_and_misaligned_pretrained(tiny_clip_dir, other_clip_dir, pair):
     single = load_clip_ensemble([str(tiny_clip_dir)], [None], "cpu")
-    assert type(single) is ClipModel and single.sha256 == pair[0].sha256
+    # one model is an ensemble of one whose identity (what a manifest records) is the model's own
+    assert type(single) is ClipEnsemble and single.sha256 == pair[0].sha256
+    assert single.identity() == pair[0].identity() and single.dim == pair[0].dim
     with pytest.raises(UserError, match="given twice"):
         load_clip_ensemble([str(tiny_clip_dir), str(tiny_clip_dir)], None, "cpu")
     with pytest.raises(UserError, match="2 CLIP models but 1 --clip-pretrained"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import KAGGLE_SAMPLE, read_data_prompts
-from img2prompt.build_index.embed import (clip_embed_tokens, clip_text_embeddings, minilm_batch_order, minilm_embed_ids,
+from img2prompt.encoders.text import (clip_embed_tokens, clip_text_embeddings, minilm_batch_order, minilm_embed_ids,
                                           minilm_embeddings)
 from img2prompt.build_index.pipeline import tokenized_shards, tokenizers_for
 from img2prompt.index.format import plan_shards

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from img2prompt.query.images import ImageDecodeError, list_images, load_image
+from img2prompt.encoders.images import ImageDecodeError, list_images, load_image
 
 
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
@@ -102,15 +102,16 @@ def test_search_reports_a_bad_image_and_answers_the_rest(built_index, hostile_fo
 
 def test_extreme_aspect_ratio_is_refused_before_preprocessing(tmp_path, clip):
     """A 197-byte 1×60000 PNG passes the pixel limit but would cost minutes and GBs in the 224-px resize."""
-    from img2prompt.query.embed_images import embed_images
-    from img2prompt.query.images import ImageDecodeError, load_image
+    from img2prompt.encoders.clip_ensemble import ClipEnsemble
+    from img2prompt.encoders.image_embed import embed_images
+    from img2prompt.encoders.images import ImageDecodeError, load_image
 
     Image.new("L", (1, 60_000)).save(tmp_path / "strip.png", optimize=True)
     Image.new("RGB", (400, 20)).save(tmp_path / "banner.png")  # exactly 20:1 is still an image
     with pytest.raises(ImageDecodeError, match=r"unusable shape 1×60000"):
         load_image(tmp_path / "strip.png")
     assert load_image(tmp_path / "banner.png").size == (400, 20)
-    embedded = embed_images(clip, [tmp_path / "strip.png", tmp_path / "banner.png"], workers=0)
+    embedded = embed_images(ClipEnsemble([clip]), [tmp_path / "strip.png", tmp_path / "banner.png"], workers=0)
     assert embedded.ok == [1] and "unusable shape" in embedded.failed[0]
 
 

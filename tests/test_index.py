@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from conftest import read_data_prompts
-from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
+from img2prompt.encoders.text import clip_text_embeddings, minilm_embeddings
 from img2prompt.index.format import FORMAT_VERSION, open_index
 from img2prompt.query.session import ModelOverrides, open_session
 
@@ -47,7 +47,7 @@ def test_prompt_as_text_query_finds_itself_first(built_index, tiny_clip_dir):
     session = open_session(str(built_index), ModelOverrides(), "cpu")
     prompts = read_data_prompts(160)
     picks = [0, 17, 99, 159]
-    vectors = clip_text_embeddings(session.clip, [prompts[i] for i in picks]).vectors
+    vectors = session.clip.text_embeddings([prompts[i] for i in picks]).vectors
     found = session.retriever.search(vectors, 5)
     assert found.ids[:, 0].tolist() == picks
     assert np.all(np.diff(found.scores, axis=1) <= 1e-6)  # best first

@@ -38,7 +38,7 @@ def copied(built_index, tmp_path_factory):
 
 
 def test_the_build_stores_the_vocabulary(copied, clip):
-    from img2prompt.build_index.embed import clip_text_embeddings
+    from img2prompt.encoders.text import clip_text_embeddings
     from img2prompt.index.format import open_index
 
     index = open_index(copied)
@@ -49,7 +49,8 @@ def test_the_build_stores_the_vocabulary(copied, clip):
 
 
 def test_a_planted_phrase_is_returned_first(copied, sample_images, clip):
-    from img2prompt.query.embed_images import embed_images
+    from img2prompt.encoders.clip_ensemble import ClipEnsemble
+    from img2prompt.encoders.image_embed import embed_images
 
     image = sorted(sample_images.iterdir())[0]
     with img2prompt.open_index(copied, device="cpu") as index:
@@ -57,7 +58,7 @@ def test_a_planted_phrase_is_returned_first(copied, sample_images, clip):
         base = index.interrogate([image])[0].base
     planted = next(row for row, phrase in enumerate(phrases) if phrase not in base.casefold())
     vectors = np.fromfile(copied / "phrases.f16", dtype=np.float16).reshape(len(phrases), -1)
-    vectors[planted] = embed_images(clip, [image]).vectors[0]  # this phrase now "is" the image for CLIP
+    vectors[planted] = embed_images(ClipEnsemble([clip]), [image]).vectors[0]  # this phrase now "is" the image for CLIP
     vectors.tofile(copied / "phrases.f16")
     with img2prompt.open_index(copied, device="cpu") as index:
         result = index.interrogate([image, sample_images / "missing.png"], modifiers=3)[0]

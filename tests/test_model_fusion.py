@@ -11,9 +11,9 @@ import pytest
 
 import img2prompt
 from conftest import DATA, read_data_prompts, run_cli
-from img2prompt.build_index.embed import clip_text_embeddings
+from img2prompt.encoders.text import clip_text_embeddings
 from img2prompt.errors import UserError
-from img2prompt.models import load_clip
+from img2prompt.encoders.models import load_clip
 from img2prompt.stand_in import TINY_CLIP_CONFIG, write_tiny_clip
 
 IMAGES = sorted((DATA / "images").glob("*.png"))
@@ -49,7 +49,8 @@ def fused(fused_index):
 
 
 def test_keys_are_each_members_vectors_side_by_side(fused, tiny_clip_dir, wide_dir):
-    from img2prompt.query.embed_images import embed_images
+    from img2prompt.encoders.clip_ensemble import ClipEnsemble
+    from img2prompt.encoders.image_embed import embed_images
 
     identity = fused.manifest["models"]["clip"]
     small, wide = load_clip(str(tiny_clip_dir), device="cpu"), load_clip(str(wide_dir), device="cpu")
@@ -60,7 +61,7 @@ def test_keys_are_each_members_vectors_side_by_side(fused, tiny_clip_dir, wide_d
     text_keys = np.hstack([half * clip_text_embeddings(small, PROMPTS).vectors,
                            half * clip_text_embeddings(wide, PROMPTS).vectors])
     np.testing.assert_allclose(index.clip_vectors[:60].astype(np.float32), text_keys, atol=2e-3)
-    image_keys = np.hstack([half * embed_images(small, IMAGES).vectors, half * embed_images(wide, IMAGES).vectors])
+    image_keys = np.hstack([half * embed_images(ClipEnsemble([small]), IMAGES).vectors, half * embed_images(ClipEnsemble([wide]), IMAGES).vectors])
     np.testing.assert_allclose(index.clip_vectors[60:].astype(np.float32), image_keys, atol=2e-3)
     assert fused.manifest["corpus"]["clip_truncated"] > 0  # the 8-token member cuts most prompts
 
@@ -83,14 +84,14 @@ def test_model_weights_score_by_the_weighted_cosines(fused, tiny_clip_dir):
 
 
 def test_model_weights_refit_the_image_key_calibration(fused):
-    from img2prompt.build_index.calibration import fit_calibration
-    from img2prompt.clip_ensemble import weighted_query
+    from img2prompt.index.calibration import fit_calibration
+    from img2prompt.encoders.clip_ensemble import weighted_query
 
     index, retriever = fused.session.index, fused.session.retriever
     assert retriever.calibration_for([0.5, 0.5]) == index.calibration  # the build's own, for equal weights
     refit = retriever.calibration_for([0.8, 0.2])
     by_hand = fit_calibration(index.clip_vectors, index.minilm, (0, 60), (60, 66), index.prompt_rows,
-                              lambda texts: clip_text_embeddings(fused.session.clip, texts).vectors,
+                              lambda texts: fused.session.clip.text_embeddings(texts).vectors,
                               weigh=lambda queries: weighted_query(queries, [64, 32], [0.8, 0.2]))["maps"]
     assert refit == by_hand and refit != index.calibration
     query = index.clip_vectors[60:61].astype(np.float32)

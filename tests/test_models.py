@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from img2prompt.errors import UserError
-from img2prompt.models import load_clip, resolve_device, weights_sha256
+from img2prompt.encoders.models import load_clip, resolve_device, weights_sha256
 
 
 def test_local_dir_loads_the_checkpoint_weights(tiny_clip_dir, clip):
@@ -104,7 +104,7 @@ def test_same_weights_under_another_architecture_are_refused(built_index, tiny_c
 
 
 def test_weights_hash_is_cached_per_file_and_verify_recomputes(tiny_clip_dir, tmp_path, monkeypatch, clip):
-    import img2prompt.models as models
+    import img2prompt.encoders.models as models
 
     copy = shutil.copytree(tiny_clip_dir, tmp_path / "cached")
     assert load_clip(str(copy)).sha256 == clip.sha256  # hashed once, remembered
@@ -122,7 +122,7 @@ def test_weights_hash_is_cached_per_file_and_verify_recomputes(tiny_clip_dir, tm
 
 
 def test_hub_name_with_a_slash_is_a_hub_name_not_a_missing_folder():
-    from img2prompt.models import load_text_model, looks_like_path
+    from img2prompt.encoders.models import load_text_model, looks_like_path
 
     assert not looks_like_path("sentence-transformers/all-MiniLM-L6-v2")
     assert looks_like_path("./models/minilm") and looks_like_path("/abs/minilm")
@@ -136,7 +136,7 @@ def test_hub_name_with_a_slash_is_a_hub_name_not_a_missing_folder():
 def test_missing_scorer_package_names_the_extra(monkeypatch):
     import sys
 
-    from img2prompt.models import load_text_model
+    from img2prompt.encoders.models import load_text_model
 
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import now raises ImportError
     with pytest.raises(UserError, match=r"needs sentence-transformers.*pip install 'img2prompt\[scorer\]'"):

@@ -9,7 +9,7 @@ import pytest
 
 import img2prompt
 from conftest import read_data_prompts
-from img2prompt.build_index.embed import clip_text_embeddings
+from img2prompt.encoders.text import clip_text_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index.format import open_index
 
@@ -52,7 +52,7 @@ def test_precomputed_vectors_are_indexed_by_prompt_id(exchange, clip, tmp_path):
     ("model", r"the --embeddings do not match CLIP .* \(mean cosine"),
 ])
 def test_bad_precomputed_vectors_are_refused(exchange, clip, other_clip_dir, tmp_path, case, message):
-    from img2prompt.models import load_clip
+    from img2prompt.encoders.models import load_clip
 
     folder, _, vectors = exchange
     vectors = vectors.copy()

@@ -10,9 +10,10 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from img2prompt.build_index.corpus import CorpusReport, dedup_key, iter_prompts, normalise_prompt
+from img2prompt.build_index.corpus import CorpusReport, iter_prompts
+from img2prompt.encoders.prompts import dedup_key, normalise_prompt
 from img2prompt.errors import UserError
-from img2prompt.query.images import ImageDecodeError, load_image
+from img2prompt.encoders.images import ImageDecodeError, load_image
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

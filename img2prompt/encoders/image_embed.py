@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from img2prompt.build_index.embed import autocast_for, l2_normalise
-from img2prompt.clip_ensemble import ClipEnsemble
+from img2prompt.encoders.text import autocast_for, l2_normalise
+from img2prompt.encoders.clip_ensemble import ClipEnsemble
 from img2prompt.errors import UserError
-from img2prompt.models import ClipModel, clip_encode_image, usable_cores
+from img2prompt.encoders.models import usable_cores
 from img2prompt.progress import progress_bar
-from img2prompt.query.images import ImageDecodeError, load_image, to_rgb
+from img2prompt.encoders.images import ImageDecodeError, load_image, to_rgb
 
 
 def image_label(image, position: int) -> str:
@@ -87,7 +87,7 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 64
 
 
-def embed_images(clip: ClipModel | ClipEnsemble, images: list, batch_size: int | None = None,
+def embed_images(clip: ClipEnsemble, images: list, batch_size: int | None = None,
                  workers: int | None = None, progress: Callable[[int], None] | bool | None = None) -> ImageEmbeddings:
     """CLIP image vectors for paths or PIL images; `progress` is a callback, or True for a bar."""
     check_image_loading_args(batch_size, workers)
@@ -109,10 +109,7 @@ def embed_images(clip: ClipModel | ClipEnsemble, images: list, batch_size: int |
             decode_s += seconds
             if pixels is not None:
                 started = time.perf_counter()
-                if isinstance(clip, ClipEnsemble):  # per-member towers, normalised and concatenated
-                    features = clip.encode_image(pixels)
-                else:
-                    features = clip_encode_image(clip, pixels.to(clip.device, non_blocking=True))
+                features = clip.encode_image(pixels)
                 vectors.append(features.float().cpu().numpy())
                 encode_s += time.perf_counter() - started
                 ok.extend(positions)

@@ -1,4 +1,7 @@
-"""Several CLIP models behind one index: an ensemble that quacks like `models.ClipModel`.
+"""The CLIP model(s) behind one index: an ensemble of one or more members; every caller speaks to this class.
+
+A single model is an ensemble of one: its vectors, identity and manifest entry are exactly the member's own,
+so callers never branch on how many models an index holds.
 
 An ensemble vector is the concatenation over the M members of sqrt(1/M) · unit(member vector). It has
 unit norm and dim = Σ member dims, and the inner product of two such vectors is the MEAN of the members'
@@ -15,9 +18,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from img2prompt.encoders.models import (ClipModel, clip_encode_image, clip_prompt_truncated, clip_token_lengths,
+                                        load_clip, resolve_device)
+from img2prompt.encoders.text import (ClipTextResult, clip_embed_tokens, clip_text_embeddings, count_truncated,
+                                      l2_normalise)
 from img2prompt.errors import UserError
-from img2prompt.models import (ClipModel, clip_encode_image, clip_prompt_truncated, clip_token_lengths, load_clip,
-                               resolve_device)
 
 # Strings on which two tokenizers must agree to be taken as one: plain and non-ASCII text, HTML entities,
 # special-token text and one prompt longer than any context (truncation).
@@ -55,11 +60,11 @@ class EnsemblePreprocess:
 
 
 class ClipEnsemble:
-    """M ≥ 2 CLIP models on one device; see the module docstring for the vector layout."""
+    """M ≥ 1 CLIP models on one device; see the module docstring for the vector layout."""
 
     def __init__(self, members: Sequence[ClipModel]) -> None:
-        if len(members) < 2:
-            raise ValueError("a CLIP ensemble needs at least two members")
+        if not members:
+            raise ValueError("a CLIP ensemble needs at least one member")
         if len({str(member.device) for member in members}) != 1:
             raise ValueError("the members of a CLIP ensemble must be on one device")
         self.members = list(members)
@@ -68,37 +73,48 @@ class ClipEnsemble:
         self.scale = math.sqrt(1.0 / len(self.members))
         self.device = self.members[0].device
         self.name = " + ".join(member.name for member in self.members)
-        self.pretrained = None
+        self.pretrained = self.members[0].pretrained if self.single else None
         self.context_length = min(member.context_length for member in self.members)
-        self.sha256 = _combined_sha256([member.sha256 for member in self.members])
-        self.architecture_sha256 = _combined_sha256([member.architecture_sha256 for member in self.members])
         configs = [member.preprocess_config for member in self.members]
-        self.preprocess_config = _combined_sha256(configs)
+        if self.single:  # the member's own identity: an index of one model reads as it always did
+            self.sha256 = self.members[0].sha256
+            self.architecture_sha256 = self.members[0].architecture_sha256
+            self.preprocess_config = configs[0]
+        else:
+            self.sha256 = _combined_sha256([member.sha256 for member in self.members])
+            self.architecture_sha256 = _combined_sha256([member.architecture_sha256 for member in self.members])
+            self.preprocess_config = _combined_sha256(configs)
         self.tokenizer = _shared_tokenizer(self.members)
         # Equal transforms: preprocess once and feed the one tensor to every member (half the decode work).
         self.shared_preprocess = len(set(configs)) == 1
         self.preprocess = self.members[0].preprocess if self.shared_preprocess \
             else EnsemblePreprocess([member.preprocess for member in self.members])
 
+    @property
+    def single(self) -> bool:
+        return len(self.members) == 1
+
     def __repr__(self) -> str:
         return f"ClipEnsemble({self.name!r}, dim={self.dim})"
 
     def identity(self) -> dict:
+        if self.single:
+            return self.members[0].identity()
         return {"name": self.name, "members": [member.identity() for member in self.members],
                 "sha256": self.sha256, "dim": self.dim, "context_length": self.context_length,
                 "architecture_sha256": self.architecture_sha256, "preprocess": self.preprocess_config}
 
     def combine(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         """Per-member vectors [n, dim_m] → ensemble layout [n, Σ dim_m] (each part normalised, scaled)."""
-        from img2prompt.build_index.embed import l2_normalise
-
+        if self.single:  # already unit-norm member vectors: returned as they are (bit for bit)
+            return np.asarray(parts[0], dtype=np.float32)
         return np.concatenate([l2_normalise(part) * np.float32(self.scale) for part in parts], axis=1)
 
     def embed_tokens(self, tokens: torch.Tensor, batch_size: int = 256, *, bucketed: bool = True,
                      progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """build_index.embed.clip_embed_tokens for the ensemble: one token matrix fed to every member."""
-        from img2prompt.build_index.embed import clip_embed_tokens
-
+        """L2-normalised key vectors (float32, input order) for token rows: one token matrix fed to every member."""
+        if self.single:
+            return clip_embed_tokens(self.members[0], tokens, batch_size, bucketed=bucketed, progress=progress)
         if self.tokenizer is None:
             raise ValueError(f"the CLIP members {self.name} tokenize differently: one token matrix cannot serve "
                              "them all; tokenize per member (clip_text_embeddings does)")
@@ -108,9 +124,11 @@ class ClipEnsemble:
 
     def text_embeddings(self, prompts: list[str], batch_size: int = 256, *, bucketed: bool = True,
                         progress: Callable[[int], None] | None = None):
-        """build_index.embed.clip_text_embeddings for the ensemble (a ClipTextResult)."""
-        from img2prompt.build_index.embed import ClipTextResult, clip_text_embeddings
-
+        """Tokenize and encode in this process (queries, small sets; the build tokenizes in workers)."""
+        if self.single:
+            return clip_text_embeddings(self.members[0], prompts, batch_size, bucketed=bucketed, progress=progress)
+        if not prompts:
+            return ClipTextResult(np.zeros((0, self.dim), dtype=np.float32), 0)
         if self.tokenizer is not None:
             tokens = self.tokenizer(prompts)
             return ClipTextResult(self.embed_tokens(tokens, batch_size, bucketed=bucketed, progress=progress),
@@ -123,8 +141,6 @@ class ClipEnsemble:
 
     def count_truncated(self, prompts: list[str], tokens: torch.Tensor | None = None) -> int:
         """Prompts cut by at least one member (with a shared tokenizer: by the shortest context)."""
-        from img2prompt.build_index.embed import count_truncated
-
         if self.tokenizer is not None:  # one tokenizer and one context (checked): member 0 speaks for all
             return count_truncated(self.members[0], prompts, self.tokenizer(prompts) if tokens is None else tokens)
         cut: set[int] = set()
@@ -137,6 +153,8 @@ class ClipEnsemble:
 
     def encode_image(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Ensemble-layout image vectors (float32, on the device) for one batch from `preprocess`."""
+        if self.single:  # the member's raw output, normalised by the caller as for every query
+            return clip_encode_image(self.members[0], pixels.to(self.device, non_blocking=True)).float()
         if isinstance(pixels, torch.Tensor):  # a shared preprocess: one copy to the device serves every member
             parts = [pixels.to(self.device, non_blocking=True)] * len(self.members)
         else:
@@ -209,8 +227,8 @@ def parse_model_weights(text: str, count: int) -> list[float]:
 
 
 def load_clip_ensemble(names: list[str], pretrained: list[str | None] | None, device: str | torch.device = "cpu",
-                       verify: bool = False) -> ClipModel | ClipEnsemble:
-    """One name → load_clip's ClipModel (unchanged); several → a ClipEnsemble of them, in that order."""
+                       verify: bool = False) -> ClipEnsemble:
+    """CLIP models by name (in order) → one ClipEnsemble (of one, for one name)."""
     if not names:
         raise UserError("no CLIP model given")
     pretrained = [None] * len(names) if pretrained is None else list(pretrained)
@@ -218,8 +236,8 @@ def load_clip_ensemble(names: list[str], pretrained: list[str | None] | None, de
         raise UserError(f"{len(names)} CLIP models but {len(pretrained)} --clip-pretrained values: give one per "
                         "--clip-model, in the same order (an empty value for a local-dir:/hf-hub: model)")
     device = resolve_device(device) if isinstance(device, str) else device
-    if len(names) == 1:
-        return load_clip(names[0], pretrained[0], device, verify=verify)
+    if len(names) == 1:  # its errors read as they always did, with no "member 1 of 1"
+        return ClipEnsemble([load_clip(names[0], pretrained[0], device, verify=verify)])
     members: list[ClipModel] = []
     for position, (name, weights) in enumerate(zip(names, pretrained)):
         try:

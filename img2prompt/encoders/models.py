@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from img2prompt.errors import UserError, short_reason
-from img2prompt.tokenization import FastClipTokenizer, make_clip_tokenizer
+from img2prompt.encoders.tokenization import FastClipTokenizer, make_clip_tokenizer
 
 log = logging.getLogger(__name__)
 

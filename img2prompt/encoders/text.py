@@ -16,10 +16,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from img2prompt.clip_ensemble import ClipEnsemble
-from img2prompt.models import (ClipModel, TextModel, clip_encode_text, clip_prompt_truncated,
-                               clip_token_lengths)
-from img2prompt.tokenization import minilm_encode_features, pad_minilm_batch
+from img2prompt.encoders.models import (ClipModel, TextModel, clip_encode_text, clip_prompt_truncated,
+                                        clip_token_lengths)
+from img2prompt.encoders.tokenization import minilm_encode_features, pad_minilm_batch
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
@@ -41,33 +40,27 @@ class ClipTextResult:
     truncated: int  # prompts longer than CLIP's context (cut for CLIP only)
 
 
-def count_truncated(clip: ClipModel | ClipEnsemble, prompts: list[str], tokens: torch.Tensor) -> int:
+def count_truncated(clip: ClipModel, prompts: list[str], tokens: torch.Tensor) -> int:
     """Prompts longer than CLIP's context; only rows that fill the context need a closer look."""
-    if isinstance(clip, ClipEnsemble):
-        return clip.count_truncated(prompts, tokens)
     full = (clip_token_lengths(clip, tokens) >= clip.context_length).nonzero().flatten().tolist()
     return sum(clip_prompt_truncated(clip, prompts[i]) for i in full)
 
 
-def clip_text_embeddings(clip: ClipModel | ClipEnsemble, prompts: list[str], batch_size: int = 256, *,
+def clip_text_embeddings(clip: ClipModel, prompts: list[str], batch_size: int = 256, *,
                          bucketed: bool = True, progress: Callable[[int], None] | None = None) -> ClipTextResult:
-    """Tokenize and encode in this process (queries, small sets); the build tokenizes in workers."""
+    """One model's text vectors, tokenized and encoded in this process (ClipEnsemble.text_embeddings calls it)."""
     if not prompts:
         return ClipTextResult(np.zeros((0, clip.dim), dtype=np.float32), 0)
-    if isinstance(clip, ClipEnsemble):  # members may tokenize differently: the ensemble decides
-        return clip.text_embeddings(prompts, batch_size, bucketed=bucketed, progress=progress)
     tokens = clip.tokenizer(prompts)
     return ClipTextResult(clip_embed_tokens(clip, tokens, batch_size, bucketed=bucketed, progress=progress),
                           count_truncated(clip, prompts, tokens))
 
 
-def clip_embed_tokens(clip: ClipModel | ClipEnsemble, tokens: torch.Tensor, batch_size: int = 256, *,
+def clip_embed_tokens(clip: ClipModel, tokens: torch.Tensor, batch_size: int = 256, *,
                       bucketed: bool = True, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """L2-normalised CLIP text vectors (float32, input order) for token rows [n, context_length]."""
     if len(tokens) == 0:
         return np.zeros((0, clip.dim), dtype=np.float32)
-    if isinstance(clip, ClipEnsemble):
-        return clip.embed_tokens(tokens, batch_size, bucketed=bucketed, progress=progress)
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     lengths = clip_token_lengths(clip, tokens)
     order = torch.argsort(lengths, stable=True) if bucketed else torch.arange(len(tokens))
