@@ -30,7 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ray
 from ray.exceptions import RayError, RayTaskError
@@ -48,6 +48,7 @@ MAX_TRIES = 3  # attempts per shard (and model loads per worker slot) before the
 IN_FLIGHT_PER_WORKER = 2  # one encoding, one tokenizing: the actor never waits for the driver
 PROGRESS_LOG_S = 30.0  # a progress line at most this often (and at the end)
 WAITING_LOG_S = 60.0  # how long without any result before saying what the build is waiting for
+PROGRESS_POLL_S = 1.0  # how often the driver asks the workers how many rows they have encoded (the bar)
 # Test-only fault injection: "N:MARKER" makes the worker that encodes shard N die (os._exit) halfway through
 # writing the shard's MiniLM file, unless MARKER exists (it creates MARKER first, so the retry succeeds).
 CRASH_ENV = "IMG2PROMPT_RAY_TEST_CRASH"
@@ -74,6 +75,7 @@ class _ShardWorker:
         self.turn = threading.Condition()
         self.stage_next = {"tokenize": 0, "encode": 0}  # the seq each stage serves next
         self.load_error: BaseException | None = None
+        self.rows_encoded = 0  # rows through the encoders so far (read by the driver's progress bar)
         try:
             self.encoder = spec.load()
             self.tokenizers = self.encoder.tokenizers
@@ -86,6 +88,13 @@ class _ShardWorker:
         import torch
 
         torch.set_num_threads(self.threads)
+
+    def encoded(self) -> int:
+        """Rows this actor has encoded so far (a third thread answers while the two calls run)."""
+        return self.rows_encoded
+
+    def _count(self, rows: int) -> None:
+        self.rows_encoded += rows  # one writer (the encoding stage runs one call at a time)
 
     def ready(self) -> str:
         if self.load_error is not None:
@@ -122,7 +131,7 @@ class _ShardWorker:
             self._set_threads()
             if self.crash:
                 _die_mid_write_if_asked(self.crash, task.number)
-            record, seconds = self.encoder.encode(TokenizedShard(task, tokens, ids), root)
+            record, seconds = self.encoder.encode(TokenizedShard(task, tokens, ids), root, self._count)
         return record, {"tokenize": tokenize_s, **seconds}
 
 
@@ -176,6 +185,7 @@ class _Slot:
     failures: int = 0
     running: deque = field(default_factory=deque)  # (ObjectRef, _Attempt) in submission order
     calls: int = 0  # calls made to its current actor (their `seq`)
+    reported: int = 0  # its actor's encoded rows already given to the progress bar
 
 
 def _reason(exc: BaseException) -> str:
@@ -286,15 +296,15 @@ class RayEngine(BuildEngine):
 
     # ------------------------------------------------------------------------------------------ running
 
-    def run(self, tasks: Iterator[ShardTask], encoder: ShardEncoder, spec: EncoderSpec,
-            root: Path) -> Iterator[tuple[dict, dict]]:
+    def run(self, tasks: Iterator[ShardTask], encoder: ShardEncoder, spec: EncoderSpec, root: Path,
+            progress: Callable[[int], None] | None = None) -> Iterator[tuple[dict, dict]]:
         started_ray = self._connect()
         slots: list[_Slot] = []
         try:
             workers, resources = self._plan(spec)
             actor_spec = replace(spec, device="cuda") if spec.device.startswith("cuda") else spec
             threads = max(1, int(resources["num_cpus"]))
-            options = {**resources, "max_concurrency": IN_FLIGHT_PER_WORKER}
+            options = {**resources, "max_concurrency": IN_FLIGHT_PER_WORKER + 1}  # + the progress query
             log.info("ray: %d workers (%s each) on a cluster of %s", workers,
                      ", ".join(f"{key} {value:g}" for key, value in resources.items()),
                      {key: value for key, value in ray.cluster_resources().items() if key in ("CPU", "GPU")})
@@ -304,14 +314,14 @@ class RayEngine(BuildEngine):
             def start(slot: _Slot) -> None:
                 slot.actor = _Actor.options(**options).remote(spec_ref, threads, cwd, crash)
                 slot.generation += 1
-                slot.ready, slot.host, slot.calls = False, "starting", 0
+                slot.ready, slot.host, slot.calls, slot.reported = False, "starting", 0, 0
                 pending[slot.actor.ready.remote()] = ("ready", slot, slot.generation, None)
 
             pending: dict = {}
             slots = [_Slot(index) for index in range(workers)]
             for slot in slots:
                 start(slot)
-            yield from self._schedule(tasks, slots, pending, start, str(Path(root).resolve()))
+            yield from self._schedule(tasks, slots, pending, start, str(Path(root).resolve()), progress)
         finally:
             for slot in slots:
                 if slot.actor is not None:
@@ -321,12 +331,12 @@ class RayEngine(BuildEngine):
                 ray.shutdown()
 
     def _schedule(self, tasks: Iterator[ShardTask], slots: list[_Slot], pending: dict, start,
-                  root: str) -> Iterator[tuple[dict, dict]]:
+                  root: str, progress: Callable[[int], None] | None = None) -> Iterator[tuple[dict, dict]]:
         retry: deque[_Attempt] = deque()
         tasks = iter(tasks)
         exhausted = False
         submitted = done = rows = 0
-        began = last_log = last_result = time.monotonic()
+        began = last_log = last_result = last_warning = time.monotonic()
 
         def next_attempt() -> _Attempt | None:
             nonlocal exhausted, submitted
@@ -412,12 +422,30 @@ class RayEngine(BuildEngine):
             start(slot)
             return results
 
+        def poll_progress() -> None:
+            """Driver-side aggregation: each live actor's encoded rows since the last poll go to `progress`."""
+            live = [slot for slot in slots if slot.ready and slot.running]
+            try:
+                counts = ray.get([slot.actor.encoded.remote() for slot in live], timeout=PROGRESS_POLL_S)
+            except (RayError, TimeoutError):
+                return  # a dying actor: its rows are reported when its shard is retried
+            for slot, count in zip(live, counts):
+                if count > slot.reported:
+                    progress(count - slot.reported)
+                    slot.reported = count
+
         while True:
             fill()
             if exhausted and not retry and not any(slot.running for slot in slots):
                 break
-            finished, _ = ray.wait(list(pending), num_returns=1, timeout=WAITING_LOG_S)
+            timeout = PROGRESS_POLL_S if progress else WAITING_LOG_S
+            finished, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if progress:
+                poll_progress()
+            if not finished and time.monotonic() - max(last_result, last_warning) < WAITING_LOG_S:
+                continue
             if not finished:
+                last_warning = time.monotonic()
                 waiting = [slot.index for slot in slots if not slot.ready]
                 log.warning("ray: no result for %.0f s; %d shards running, workers %s still starting (placement "
                             "needs free %s)", time.monotonic() - last_result,

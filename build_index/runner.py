@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, check_corpus_files, count_rows,
                                            expand_corpus_paths, file_fingerprint, iter_prompt_rows, iter_prompts)
@@ -103,11 +103,8 @@ def precision_of(device) -> str:
 
 
 def run_build(options: BuildOptions) -> BuildResult:
-    if options.shard_size <= 0 or options.batch_size <= 0:
-        raise UserError("--shard-size and --batch-size must be positive")
-    if options.workers is not None and options.workers < 0:
-        raise UserError(f"--workers must be 0 or more (got {options.workers})")
-    timer = PhaseTimer()
+    """Check everything the arguments and the files can refuse, load the models, then run the BuildJob."""
+    check_build_options(options)
     engine = engine_class(options.engine).from_options(options)  # an engine's missing extra fails here, early
     paths = expand_corpus_paths(options.corpus) if options.corpus else []
     pair_paths = expand_pair_paths(options.pairs) if options.pairs else []
@@ -117,6 +114,7 @@ def run_build(options: BuildOptions) -> BuildResult:
         raise UserError("--embeddings gives CLIP text vectors for the corpus; it cannot be combined with --pairs")
     check_corpus_files(paths, options.column)
     check_pair_files(pair_paths)
+    timer = PhaseTimer()
     device = resolve_device(options.device)
     log.info("device %s", device)
     with timer.phase("load_models"):
@@ -139,10 +137,23 @@ def run_build(options: BuildOptions) -> BuildResult:
     spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
                        options.batch_size, options.embeddings, models)
     try:
-        return _build_into(writer, engine, encoder, spec, paths, pair_paths, models, device, total_rows, options,
-                           timer)
+        return BuildJob(writer, engine, encoder, spec, paths, pair_paths, models, device, total_rows, options,
+                        timer).run()
     finally:
         writer.close()
+
+
+MAX_WORKERS = 64  # tokenizing processes: each holds both tokenizers (~250 MiB); more than cores only thrash
+
+
+def check_build_options(options: BuildOptions) -> None:
+    """The numbers in the options, refused in one line before any file is read or model loaded."""
+    if options.shard_size <= 0 or options.batch_size <= 0:
+        raise UserError("--shard-size and --batch-size must be positive")
+    if options.workers is not None and not 0 <= options.workers <= MAX_WORKERS:
+        raise UserError(f"--workers must be between 0 and {MAX_WORKERS} (got {options.workers})")
+    if options.max_chars <= 0:
+        raise UserError(f"--max-chars must be at least 1 (got {options.max_chars})")
 
 
 def plan_tasks(paths, pair_paths, corpus: CorpusReport, pairs: CorpusReport, options: BuildOptions,
@@ -156,58 +167,101 @@ def plan_tasks(paths, pair_paths, corpus: CorpusReport, pairs: CorpusReport, opt
     yield from plan_shards(iter_pairs(pair_paths, pairs, options.max_chars), options.shard_size, first_number=after)
 
 
-def _build_into(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder, spec: EncoderSpec, paths,
-                pair_paths, models: dict, device, total_rows: int, options: BuildOptions,
-                timer: PhaseTimer) -> BuildResult:
-    corpus, pairs = CorpusReport(), CorpusReport()
-    precomputed = encoder.precomputed
-    report, encoded_rows = encode_shards(writer, engine, encoder, spec,
-                                         plan_tasks(paths, pair_paths, corpus, pairs, options, bool(precomputed)),
-                                         corpus, options, timer, total_rows=total_rows, pairs=pairs)
-    if precomputed and corpus.read != precomputed.rows:
-        raise misaligned(precomputed.rows, corpus.read)
-    memory = {"peak_rss_mib_after_encode": peak_rss_mib()}
-    with timer.phase("consolidate"):
-        count, _, _ = writer.consolidate()
-    key_ranges, backend_files = build_search_backends(writer, options, timer)
-    extra: dict = {}
-    if len(key_ranges) > 1:
-        with timer.phase("calibration"):
-            extra["calibration"] = calibrate_key_kinds(writer, key_ranges, encoder.clip, options)
-    if options.regression:
-        with timer.phase("regression"):
-            extra["regression"] = fit_regression_head(writer, key_ranges, options)
-        backend_files += (REGRESSION,)
-    with timer.phase("phrases"):
-        phrase_info, phrase_files = build_phrases(writer, encoder.clip, options)
-    memory["peak_rss_mib_at_end"] = peak_rss_mib()
-    timings = {name: round(seconds, 3) for name, seconds in timer.seconds.items()}
-    encode_seconds = timings.get("encode_clip", 0) + timings.get("encode_minilm", 0)
-    manifest = writer.complete({
-        "count": count,
-        "metric": "inner_product",
-        "models": models,
-        "search": key_ranges[0].plan,
-        "key_ranges": [key_range.as_dict() for key_range in key_ranges],
-        **extra,
-        "phrases": phrase_info,
-        "corpus": report,
-        "build_options": {"batch_size": options.batch_size, "device": str(device), "index": options.index,
-                          "max_memory": options.max_memory, "seed": options.seed},
-        "timings_s": timings,
-        "rates": {"prompts_per_s": round(encoded_rows / encode_seconds, 1) if encoded_rows and encode_seconds
-                  else None, "encoded_now": encoded_rows},
-        "memory": memory,
-    }, backend_files + phrase_files)
-    log.info("built %s: %d prompts in %s", Path(options.out), count, timings)
-    return BuildResult(manifest=manifest, report=report, timings=timings)
+class BuildJob:
+    """One build, read as its phases: `steps()` names them in order (optional ones only when asked for), each
+    step a method that reads and writes the job's state; `run()` times each and commits the manifest last."""
+
+    def __init__(self, writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder, spec: EncoderSpec, paths,
+                 pair_paths, models: dict, device, total_rows: int, options: BuildOptions, timer: PhaseTimer) -> None:
+        self.writer, self.engine, self.encoder, self.spec = writer, engine, encoder, spec
+        self.paths, self.pair_paths, self.models, self.device = paths, pair_paths, models, device
+        self.total_rows, self.options, self.timer = total_rows, options, timer
+        self.report: dict = {}
+        self.encoded_rows = self.count = 0
+        self.key_ranges: list[KeyRange] = []
+        self.files: tuple[str, ...] = ()
+        self.extra: dict = {}
+        self.memory: dict = {}
+
+    def steps(self) -> list[tuple[str, Callable[[], None]]]:
+        steps = [("encode", self.encode), ("consolidate", self.consolidate), ("search", self.search_backends),
+                 ("calibration", self.calibrate)]  # calibration only acts with image-keyed entries
+        if self.options.regression:
+            steps.append(("regression", self.regression_head))
+        return steps + [("phrases", self.phrases)]
+
+    def run(self) -> BuildResult:
+        for name, step in self.steps():
+            log.debug("build step: %s", name)
+            step()
+        return self.commit()
+
+    # -- the phases -------------------------------------------------------------------------------------
+    def encode(self) -> None:
+        corpus, pairs = CorpusReport(), CorpusReport()
+        precomputed = self.encoder.precomputed
+        tasks = plan_tasks(self.paths, self.pair_paths, corpus, pairs, self.options, bool(precomputed))
+        self.report, self.encoded_rows = encode_shards(self.writer, self.engine, self.encoder, self.spec, tasks,
+                                                       corpus, self.options, self.timer,
+                                                       total_rows=self.total_rows, pairs=pairs)
+        if precomputed and corpus.read != precomputed.rows:
+            raise misaligned(precomputed.rows, corpus.read)
+        self.memory["peak_rss_mib_after_encode"] = peak_rss_mib()
+
+    def consolidate(self) -> None:
+        with self.timer.phase("consolidate"):
+            self.count, _, _ = self.writer.consolidate()
+
+    def search_backends(self) -> None:
+        self.key_ranges, self.files = build_search_backends(self.writer, self.options, self.timer)
+
+    def calibrate(self) -> None:
+        if len(self.key_ranges) > 1:
+            with self.timer.phase("calibration"):
+                self.extra["calibration"] = calibrate_key_kinds(self.writer, self.key_ranges, self.encoder.clip,
+                                                                self.options)
+
+    def regression_head(self) -> None:
+        with self.timer.phase("regression"):
+            self.extra["regression"] = fit_regression_head(self.writer, self.key_ranges, self.options)
+        self.files += (REGRESSION,)
+
+    def phrases(self) -> None:
+        with self.timer.phase("phrases"):
+            self.extra["phrases"], phrase_files = build_phrases(self.writer, self.encoder.clip, self.options)
+        self.files += phrase_files
+
+    def commit(self) -> BuildResult:
+        """The manifest, written last: the index exists from this moment, whole."""
+        self.memory["peak_rss_mib_at_end"] = peak_rss_mib()
+        timings = {name: round(seconds, 3) for name, seconds in self.timer.seconds.items()}
+        encode_seconds = timings.get("encode_clip", 0) + timings.get("encode_minilm", 0)
+        options = self.options
+        manifest = self.writer.complete({
+            "count": self.count,
+            "metric": "inner_product",
+            "models": self.models,
+            "search": self.key_ranges[0].plan,
+            "key_ranges": [key_range.as_dict() for key_range in self.key_ranges],
+            **self.extra,
+            "corpus": self.report,
+            "build_options": {"batch_size": options.batch_size, "device": str(self.device), "index": options.index,
+                              "max_memory": options.max_memory, "seed": options.seed},
+            "timings_s": timings,
+            "rates": {"prompts_per_s": round(self.encoded_rows / encode_seconds, 1)
+                      if self.encoded_rows and encode_seconds else None, "encoded_now": self.encoded_rows},
+            "memory": self.memory,
+        }, self.files)
+        log.debug("built %s: %d prompts", Path(options.out), self.count)  # the summary is the caller's to print
+        return BuildResult(manifest=manifest, report=self.report, timings=timings)
 
 
 def encode_shards(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder, spec: EncoderSpec,
                   tasks: Iterator[ShardTask], corpus: CorpusReport, options: BuildOptions, timer: PhaseTimer,
                   total_rows: int | None = None, pairs: CorpusReport | None = None) -> tuple[dict, int]:
     """Have the engine encode every shard task without a valid committed record, committing each record as
-    it finishes (any order); returns (corpus report, rows encoded).
+    it finishes (any order); returns (corpus report, rows encoded). The bar moves per encoded batch (the
+    engine reports rows as they go) and by a whole shard for one already committed (a resume).
 
     Committed shards (a resume) are re-read from the corpus only to check they are unchanged, and their
     files are checked against the recorded sha256: a damaged one is encoded again.
@@ -223,17 +277,17 @@ def encode_shards(writer: IndexWriter, engine: BuildEngine, encoder: ShardEncode
                 planned = task.number + 1
                 if writer.is_committed(task):
                     truncated_total += writer.records[task.number]["clip_truncated"]
-                    bar.update(corpus.read + pairs.read - bar.n)
+                    bar.update(len(task.prompts))
                 else:
                     yield task
 
-        for record, seconds in engine.run(to_encode(), encoder, spec, writer.root):
+        for record, seconds in engine.run(to_encode(), encoder, spec, writer.root, bar.update):
             writer.commit_shard(record)
             for phase, value in seconds.items():
                 timer.seconds[phase] += value
             truncated_total += record["clip_truncated"]
             encoded += record["count"]
-            bar.update(corpus.read + pairs.read - bar.n)
+        bar.update(max(0, (total_rows or 0) - bar.n))  # rows skipped (duplicates, empty, …) were never encoded
     if any(number >= planned for number in writer.records):
         raise UserError(f"{options.out}: cannot resume, the corpus (or --pairs) now gives fewer entries than were "
                         "indexed; rerun with --overwrite")
@@ -287,7 +341,9 @@ def build_search_backend(vectors, folder: Path, options: BuildOptions, timer: Ph
     log.info("%s keys: index %s (%s), about %.1f MiB", kind, plan.kind, plan.reason, plan.estimated_bytes / 2**20)
     backend_cls = backend_class(plan.kind)
     with timer.phase("build_index"):
-        with progress_bar(enabled=options.progress, total=count, unit="vec", desc=f"index {plan.kind}") as bar:
+        # A kind without files of its own (flat) builds nothing: a bar would show an instant, meaningless rate.
+        shown = options.progress and bool(backend_cls.files())
+        with progress_bar(enabled=shown, total=count, unit="vec", desc=f"index {plan.kind}") as bar:
             backend = backend_cls.build(vectors, plan.params, folder, seed=options.seed, progress=bar.update)
     with timer.phase("recall"):
         # Tunes the search settings (efSearch; nprobe + re-rank depth) on one query set, reports on another.

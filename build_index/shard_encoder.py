@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from img2prompt.build_index.precomputed import (AGREEMENT_SAMPLE, PrecomputedVec
 from img2prompt.errors import UserError
 from img2prompt.index.format import save_shard
 from img2prompt.memory import release_free_memory
+from img2prompt.progress import RowProgress
 from img2prompt.encoders.clip_ensemble import ClipEnsemble, load_named_clips
 from img2prompt.encoders.models import TextModel, load_text_model, resolve_device
 
@@ -57,24 +59,29 @@ class ShardEncoder:
     def tokenizers(self) -> Tokenizers:
         return tokenizers_for(self.clip, self.text_model)
 
-    def encode(self, shard: TokenizedShard, root: str | Path) -> tuple[dict, dict]:
-        """Encode the shard, write its files atomically into `root`; (record to commit, phase seconds)."""
+    def encode(self, shard: TokenizedShard, root: str | Path,
+               progress: Callable[[int], None] | None = None) -> tuple[dict, dict]:
+        """Encode the shard, write its files atomically into `root`; (record to commit, phase seconds).
+        `progress(rows)` is called as batches finish (each row once, over the CLIP and the MiniLM pass)."""
+        rows = RowProgress(progress, passes=2)
         if shard.task.images is not None:
-            return self._encode_images(shard, root)
+            return self._encode_images(shard, root, rows)
         task, seconds = shard.task, {}
         started = time.perf_counter()
         if self.precomputed is not None:
             vectors, truncated = self._precomputed_vectors(shard), 0
+            rows(len(task.prompts))
         elif shard.clip_tokens is None:  # an ensemble whose members tokenize differently: each its own way
-            result = self.clip.text_embeddings(task.prompts, self.batch_size)
+            result = self.clip.text_embeddings(task.prompts, self.batch_size, progress=rows)
             vectors, truncated = result.vectors, result.truncated
         else:
             tokens = torch.from_numpy(shard.clip_tokens)
-            vectors = self.clip.embed_tokens(tokens, self.batch_size)
+            vectors = self.clip.embed_tokens(tokens, self.batch_size, progress=rows)
             truncated = self.clip.count_truncated(task.prompts, tokens)
         seconds["encode_clip"] = time.perf_counter() - started
         started = time.perf_counter()
-        minilm = self._minilm_vectors(shard, range(len(task.prompts)))
+        minilm = self._minilm_vectors(shard, range(len(task.prompts)), rows)
+        rows.finish(len(task.prompts))
         seconds["encode_minilm"] = time.perf_counter() - started
         started = time.perf_counter()
         record = save_shard(root, task, vectors, minilm, truncated)
@@ -82,33 +89,34 @@ class ShardEncoder:
         release_free_memory()
         return record, seconds
 
-    def _encode_images(self, shard: TokenizedShard, root: str | Path) -> tuple[dict, dict]:
+    def _encode_images(self, shard: TokenizedShard, root: str | Path, rows: RowProgress) -> tuple[dict, dict]:
         """An image-keyed task: CLIP image vectors as keys; rows whose image cannot be decoded are dropped
         (counted in the record, the first few named in the log)."""
         from img2prompt.encoders.image_embed import embed_images
 
         task, seconds = shard.task, {}
         started = time.perf_counter()
-        embedded = embed_images(self.clip, task.images, self.batch_size)
+        embedded = embed_images(self.clip, task.images, self.batch_size, progress=rows)
         seconds["encode_images"] = time.perf_counter() - started
         kept = embedded.ok
         for position, reason in list(embedded.failed.items())[:3]:
             log.warning("pairs: skipping %s (%s)", task.images[position], reason)
         started = time.perf_counter()
-        minilm = self._minilm_vectors(shard, kept)
+        minilm = self._minilm_vectors(shard, kept, rows)
+        rows.finish(len(task.prompts))
         seconds["encode_minilm"] = time.perf_counter() - started
         record = save_shard(root, task, embedded.vectors, minilm, kept=kept)
         record["skipped"] = {SKIP_UNREADABLE_IMAGE: len(embedded.failed)}
         release_free_memory()
         return record, seconds
 
-    def _minilm_vectors(self, shard: TokenizedShard, rows) -> np.ndarray:
+    def _minilm_vectors(self, shard: TokenizedShard, rows, progress: RowProgress | None = None) -> np.ndarray:
         """The scorer's vectors of these rows of the task, from the pre-tokenized ids when there are."""
         prompts = [shard.task.prompts[row] for row in rows]
         if shard.minilm_ids is None:
             return minilm_embeddings(self.text_model, prompts, self.batch_size)
         return minilm_embed_ids(self.text_model, [shard.minilm_ids[row] for row in rows],
-                                minilm_batch_order(prompts), self.batch_size)
+                                minilm_batch_order(prompts), self.batch_size, progress)
 
     def _precomputed_vectors(self, shard: TokenizedShard):
         """The task's given CLIP vectors, the first prompts checked against the model's own."""

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from img2prompt.errors import UserError
 from img2prompt.query.results import ImageInput, SearchResult
+from img2prompt.query.settings import RetrievalSettings, SettingError
 
 
 def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip_pretrained: str | None = None,
@@ -37,16 +38,49 @@ def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip
 
 
 def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None = None,
-               clip_pretrained: str | None = None, text_model: str | None = None, verify: bool = False):
+               clip_pretrained: str | None = None, text_model: str | None = None, verify: bool = False,
+               lazy: bool = False):
     """Open a built index with its CLIP model; returns an `Img2PromptIndex` (also a context manager).
 
     clip_model / clip_pretrained re-point to where the index's CLIP weights live on this machine (e.g. a kit's
-    `clip/` folder); the weights and architecture must be the ones the index was built with.
+    `clip/` folder); the weights and architecture must be the ones the index was built with. lazy: read and
+    check the manifest now, load the models on first use (what the CLI does, so that a bad argument is
+    refused in well under a second).
     """
     from img2prompt.query.engine import Img2PromptIndex
 
     return Img2PromptIndex.open(path, device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,
-                                text_model=text_model, verify=verify)
+                                text_model=text_model, verify=verify, lazy=lazy)
 
 
-__all__ = ["build", "open_index", "SearchResult", "UserError"]
+def build_choices() -> dict:
+    """What `build` can be asked for, from the registries: index kinds, engines and each engine's own flags."""
+    from img2prompt.build_index.engine import ENGINES
+    from img2prompt.index.plan import INDEX_KINDS
+
+    return {"index": list(INDEX_KINDS), "engines": ENGINES}
+
+
+def format_search(results: list[SearchResult], as_json: bool = False) -> str:
+    """`img2prompt search` output: a table, or JSON ([{query, results: [{rank, score, prompt, id, key}]}])."""
+    from img2prompt.query.lookup import format_json, format_table
+
+    return format_json(results) + "\n" if as_json else format_table(results)
+
+
+def format_eval_report(report: dict) -> str:
+    """`img2prompt eval`'s text report of `Img2PromptIndex.evaluate`'s dict."""
+    from img2prompt.query.evaluate import format_report
+
+    return format_report(report)
+
+
+def npy_ids_path(npy: str | Path) -> Path:
+    """Where `submission(save_npy=...)` writes the imgId order of the predictions array."""
+    from img2prompt.query.submit import npy_ids_path as ids_path
+
+    return ids_path(npy)
+
+
+__all__ = ["build", "build_choices", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError",
+           "format_search", "format_eval_report", "npy_ids_path"]

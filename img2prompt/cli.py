@@ -73,26 +73,33 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool) -> Non
 
 
 def _add_blend_flags(parser: argparse.ArgumentParser) -> None:
-    from img2prompt.query.blend import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_CONSENSUS, DEFAULT_K, DEFAULT_TEMPERATURE
+    from img2prompt.api import RetrievalSettings
 
+    default = RetrievalSettings()
     group = parser.add_argument_group("prediction (provisional defaults: tune with `img2prompt eval --sweep`)")
-    group.add_argument("--k", type=int, default=DEFAULT_K, help=f"neighbours blended (default {DEFAULT_K})")
-    group.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                       help=f"softmax temperature over similarities (default {DEFAULT_TEMPERATURE})")
-    group.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
-                       help=f"shrinkage towards the corpus-mean vector, 0..1 (default {DEFAULT_ALPHA})")
-    group.add_argument("--consensus", type=float, default=DEFAULT_CONSENSUS, metavar="GAMMA",
+    group.add_argument("--k", type=int, default=default.k, help=f"neighbours blended (default {default.k})")
+    group.add_argument("--temperature", type=float, default=default.temperature,
+                       help=f"softmax temperature over similarities (default {default.temperature})")
+    group.add_argument("--alpha", type=float, default=default.alpha,
+                       help=f"shrinkage towards the corpus-mean vector, 0..1 (default {default.alpha})")
+    group.add_argument("--consensus", type=float, default=default.consensus, metavar="GAMMA",
                        help="re-weight the neighbours by their agreement with the others, w·exp(GAMMA·agreement) "
-                            f"(default {DEFAULT_CONSENSUS}: off)")
-    group.add_argument("--beta", type=float, default=DEFAULT_BETA,
+                            f"(default {default.consensus}: off)")
+    group.add_argument("--beta", type=float, default=default.beta,
                        help="share of the index's regression head (ridge CLIP → MiniLM) in the prediction, 0..1 "
-                            f"(default {DEFAULT_BETA}: off)")
+                            f"(default {default.beta}: off)")
     _add_model_weights_flag(group)
+    _add_min_score_flag(group, "neighbours scoring under S leave the blend (the best one always stays); with several "
+                               "CLIP models, under S for any one model")
 
 
 def _add_model_weights_flag(group) -> None:
     group.add_argument("--model-weights", metavar="W1,W2,...",
                        help="an index built with several --clip-model: weigh the models' cosines (default: equal)")
+
+
+def _add_min_score_flag(group, text: str) -> None:
+    group.add_argument("--min-score", type=float, metavar="S", help=f"{text} (default: off)")
 
 
 def _add_image_flags(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "ray engine: encoding actors (default: one per GPU or CPU)")
     group.add_argument("--shard-size", type=int, default=100_000,
                        help="prompts per shard, the unit of resume (default 100000)")
-    group.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
+    from img2prompt.api import build_choices
+
+    choices = build_choices()
+    group.add_argument("--index", default="auto", choices=choices["index"],
                        help="FAISS index type (default auto: by corpus size and --max-memory)")
     group.add_argument("--max-memory", type=parse_bytes, help="memory budget for the FAISS index, e.g. 8G")
     group.add_argument("--max-chars", type=int, default=4000,
@@ -146,13 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="precomputed CLIP text vectors (.npy files or a folder of them, sorted by name), "
                             "row-aligned with CORPUS (clip-retrieval/autofaiss layout); --clip-model names the model "
                             "that made them, checked on the first prompts")
-    group.add_argument("--engine", default="local", choices=["local", "ray"],
+    group.add_argument("--engine", default="local", choices=list(choices["engines"]),
                        help="who runs the shard tasks: local (default) or ray (a Ray cluster; pip install "
                             "'img2prompt[ray]'; --out must be a folder every node sees)")
-    group.add_argument("--ray-address", default=None,
-                       help="with --engine ray: auto (a running cluster) or ADDRESS; default: start a local one")
-    group.add_argument("--gpus-per-worker", type=float, default=0,
-                       help="with --engine ray: GPUs per encoding actor (default 0: CPU actors)")
     group.add_argument("--pairs", action="append", metavar="TABLE",
                        help="image-keyed entries: a .csv/.tsv/.parquet with columns image (path, absolute or relative "
                             "to the table) and prompt; the key is the CLIP image vector (repeatable; globs allowed)")
@@ -161,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     group.add_argument("--overwrite", action="store_true", help="replace a complete index in --out")
     group.add_argument("--json", action="store_true", help="print the build summary as JSON")
+    for entry in choices["engines"].values():  # each engine's own flags, in a group of its own
+        if entry.flags:
+            engine_group = build.add_argument_group(entry.title)
+            for flag in entry.flags:
+                engine_group.add_argument(flag.flag, dest=f"engine_{flag.key}", type=flag.type, default=flag.default,
+                                          metavar=flag.key.upper(), help=flag.help)
 
     submit = commands.add_parser("submit", parents=[common], help="write a Kaggle submission.csv for a folder of images",
                                  epilog=EPILOG_SUBMIT, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -192,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true",
                         help="JSON: [{query, results: [{rank, score, prompt, id, key}]}] (key: text or image)")
     _add_model_weights_flag(search)
+    _add_min_score_flag(search, "leave out hits scoring under S (the best hit always stays)")
     _add_model_flags(search, for_build=False)
 
     interrogate = commands.add_parser(
@@ -245,18 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open(args):
-    """The one way every query command opens an index: the public API."""
+    """The one way every query command opens an index: the public API. The manifest is read and checked now,
+    the models load on first use, so argument errors come before seconds of model loading."""
     from img2prompt.api import open_index
 
     return open_index(args.index, device=args.device, clip_model=args.clip_model,
-                      clip_pretrained=args.clip_pretrained, text_model=args.text_model, verify=args.verify)
+                      clip_pretrained=args.clip_pretrained, text_model=args.text_model, verify=args.verify, lazy=True)
 
 
-def _retrieval_settings(args) -> dict:
-    """The RetrievalSettings fields that submit and eval share."""
-    return {"k": args.k, "temperature": args.temperature, "alpha": args.alpha, "consensus": args.consensus,
-            "beta": args.beta, "model_weights": args.model_weights, "batch_size": args.batch_size,
-            "workers": args.workers, "progress": not args.quiet}
+def _settings(args):
+    """The flags onto the one RetrievalSettings (validated as it is made; its errors name our flags)."""
+    from img2prompt.api import RetrievalSettings
+
+    return RetrievalSettings(k=args.k, temperature=args.temperature, alpha=args.alpha, consensus=args.consensus,
+                             beta=args.beta, model_weights=args.model_weights, min_score=args.min_score)
+
+
+def _loading(args) -> dict:
+    return {"batch_size": args.batch_size, "workers": args.workers, "progress": not args.quiet}
 
 
 def cmd_build(args) -> None:
@@ -268,7 +287,8 @@ def cmd_build(args) -> None:
         shard_size=args.shard_size, index=args.index, max_memory=args.max_memory, resume=args.resume,
         overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers,
         embeddings=args.embeddings, engine=args.engine, pairs=args.pairs, regression=args.regression,
-        engine_options={"address": args.ray_address, "gpus_per_worker": args.gpus_per_worker})
+        engine_options={name.removeprefix("engine_"): value for name, value in vars(args).items()
+                        if name.startswith("engine_")})
     manifest = result.manifest
     summary = {"index": args.out, "count": manifest["count"], "corpus": result.report,
                "search": {"kind": manifest["search"]["kind"], "recall_at_10": manifest["search"]["recall_at_10"]},
@@ -288,9 +308,10 @@ def cmd_build(args) -> None:
 
 
 def cmd_submit(args) -> None:
+    settings = _settings(args)
     with _open(args) as index:
-        report = index.submission(args.images, args.out, args.sample_submission, explain=args.explain,
-                                  save_npy=args.save_npy, strict=args.strict, **_retrieval_settings(args))
+        report = index.submission(args.images, args.out, args.sample_submission, settings, explain=args.explain,
+                                  save_npy=args.save_npy, strict=args.strict, **_loading(args))
     if args.json:
         print(json.dumps(report.__dict__, indent=2))
         return
@@ -308,18 +329,19 @@ def cmd_submit(args) -> None:
     if report.not_in_sample:
         print(f"  {report.not_in_sample} image(s) in the folder are not in the sample submission (ignored)")
     if args.save_npy:
-        from img2prompt.query.submit import npy_ids_path
+        from img2prompt.api import npy_ids_path
 
         print(f"  predictions array: {args.save_npy} (imgId order: {npy_ids_path(args.save_npy)})")
     print("timings (s): " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in report.timings_s.items()))
 
 
 def cmd_search(args) -> None:
-    from img2prompt.query.lookup import format_json, format_table, run_search
+    from img2prompt.api import format_search
 
     with _open(args) as index:
-        results = run_search(index, args.image or [], args.text or [], args.k, args.model_weights)
-    sys.stdout.write(format_json(results) + "\n" if args.json else format_table(results))
+        results = index.search(args.image or [], args.text or [], args.k, model_weights=args.model_weights,
+                               min_score=args.min_score)
+    sys.stdout.write(format_search(results, as_json=args.json))
 
 
 def cmd_interrogate(args) -> None:
@@ -340,14 +362,14 @@ def cmd_interrogate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from img2prompt.query.evaluate import EvalOptions, format_report, run_eval
+    from img2prompt.api import format_eval_report
 
+    settings = _settings(args)
     with _open(args) as index:
-        report = run_eval(index.session, EvalOptions(
-            labels=args.labels, images=args.images, sweep=args.sweep, plot=args.plot, out=args.out,
-            exclude_exact=args.exclude_exact, text_model=args.text_model, captions=args.captions,
-            **_retrieval_settings(args)))
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+        report = index.evaluate(args.labels, settings, images=args.images, sweep=args.sweep, plot=args.plot,
+                                out=args.out, exclude_exact=args.exclude_exact, text_model=args.text_model,
+                                captions=args.captions, **_loading(args))
+    print(json.dumps(report, indent=2) if args.json else format_eval_report(report))
 
 
 def cmd_serve(args) -> None:
@@ -383,9 +405,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("img2prompt").setLevel(level)
+    # FAISS's loader tries its AVX-512/AVX2 builds in turn and logs each miss as a ModuleNotFoundError at debug
+    # level: not an error (the next build loads), so it stays out of -v.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        COMMANDS[args.command](args)
+        try:
+            COMMANDS[args.command](args)
+        except UserError as exc:
+            from img2prompt.api import SettingError
+
+            if isinstance(exc, SettingError):  # a retrieval setting: named by its flag here
+                raise exc.relabel(lambda setting: "--" + setting.replace("_", "-")) from exc
+            raise
     except UserError as exc:
         print(f"img2prompt {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -3,59 +3,16 @@
 prediction = normalise((1 - beta) · shrunk + beta · head),
 shrunk     = normalise((1 - alpha) · knn + alpha · normalise(corpus_mean)),
 knn        = normalise(Σ_j w_j · minilm[id_j]),  w = softmax(similarity / temperature) over the k neighbours,
-head       = the index's regression head applied to the query (build_index/regression.py), only when beta > 0.
+head       = the index's regression head applied to the query (index/ridge.py), only when beta > 0.
 
 With consensus γ > 0 the softmax weights are re-weighted by each neighbour's agreement with the others,
 w'_j ∝ w_j · exp(γ · a_j), a_j = cos(minilm_j, Σ_{i≠j} w_i · minilm_i): a neighbour whose prompt says what
-the rest say gains weight, a lone outlier loses it. γ = 0 is plain k-NN.
+the rest say gains weight, a lone outlier loses it. γ = 0 is plain k-NN. A score floor (min_score, see
+query/predict.py floor_scores) arrives here as -inf scores.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import numpy as np
-
-from img2prompt.errors import UserError
-
-# Provisional: chosen without real CLIP weights (none are available where this was written); tune them
-# on real weights with `img2prompt eval INDEX --labels ... --sweep` and pass the winners to submit.
-DEFAULT_K = 20
-DEFAULT_TEMPERATURE = 0.05
-DEFAULT_ALPHA = 0.0
-DEFAULT_CONSENSUS = 0.0  # off until eval on real weights shows it helps
-DEFAULT_BETA = 0.0  # off until eval on real weights shows it helps
-
-
-@dataclass(kw_only=True)
-class BlendSettings:
-    """Everything that turns neighbours (and the regression head's vector) into a prediction."""
-    k: int = DEFAULT_K
-    temperature: float = DEFAULT_TEMPERATURE
-    alpha: float = DEFAULT_ALPHA
-    consensus: float = DEFAULT_CONSENSUS
-    beta: float = DEFAULT_BETA
-
-    def check(self) -> "BlendSettings":
-        check_blend_args(self.k, self.temperature, self.alpha, self.consensus, self.beta)
-        return self
-
-    def as_dict(self) -> dict:
-        """The five settings (also for a subclass that carries more fields)."""
-        return {item.name: (int if item.name == "k" else float)(getattr(self, item.name))
-                for item in fields(BlendSettings)}
-
-
-def check_blend_args(k: int, temperature: float, alpha: float, consensus: float = 0.0, beta: float = 0.0) -> None:
-    if k <= 0:
-        raise UserError(f"--k must be at least 1 (got {k})")
-    if not temperature > 0:
-        raise UserError(f"--temperature must be > 0 (got {temperature})")
-    if not 0.0 <= alpha <= 1.0:
-        raise UserError(f"--alpha must be between 0 and 1 (got {alpha})")
-    if not 0.0 <= consensus < float("inf"):
-        raise UserError(f"--consensus must be 0 or more, and finite (got {consensus})")
-    if not 0.0 <= beta <= 1.0:
-        raise UserError(f"--beta must be between 0 and 1 (got {beta})")
 
 
 def softmax_weights(scores: np.ndarray, temperature: float) -> np.ndarray:
@@ -97,8 +54,8 @@ def neighbour_weights(scores: np.ndarray, ids: np.ndarray, minilm: np.ndarray, *
 
 def blend(scores: np.ndarray, ids: np.ndarray, minilm: np.ndarray, *, k: int, temperature: float,
           alpha: float = 0.0, corpus_mean: np.ndarray | None = None, consensus: float = 0.0) -> np.ndarray:
-    """float32 [n, dim] unit-norm predictions from the first k of each row's neighbours (sorted best first)."""
-    check_blend_args(k, temperature, alpha, consensus)
+    """float32 [n, dim] unit-norm predictions from the first k of each row's neighbours (sorted best first).
+    The settings are valid here (query/settings.py checked them); -inf scores get weight 0."""
     scores, ids = np.asarray(scores)[:, :k], np.asarray(ids)[:, :k]
     weights, neighbours = neighbour_weights(scores, ids, minilm, temperature=temperature, consensus=consensus)
     knn = normalise_rows(np.einsum("nk,nkd->nd", weights, neighbours))

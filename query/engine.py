@@ -13,13 +13,15 @@ import numpy as np
 
 from img2prompt.query.results import ImageInput, SearchResult
 from img2prompt.errors import UserError
-from img2prompt.query.blend import (DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_CONSENSUS, DEFAULT_K, DEFAULT_TEMPERATURE,
-                                    BlendSettings)
 from img2prompt.encoders.image_embed import embed_images, image_label
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, Interrogation, compose_all
-from img2prompt.query.predict import predict_rows, require_head
+from img2prompt.query.evaluate import eval_options, run_eval
+from img2prompt.query.lookup import run_search
+from img2prompt.query.predict import ImageLoading, blended_scores, predict_rows, retrieve
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import ModelOverrides, QuerySession, open_session
+from img2prompt.query.settings import RetrievalSettings
+from img2prompt.query.submit import SubmitOptions, SubmitReport, run_submit
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,11 @@ class Img2PromptIndex:
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", clip_model: str | None = None,
              clip_pretrained: str | None = None, text_model: str | None = None,
-             verify: bool = False) -> "Img2PromptIndex":
+             verify: bool = False, lazy: bool = False) -> "Img2PromptIndex":
         overrides = ModelOverrides(clip_model, clip_pretrained, text_model)
-        session = open_session(str(path), overrides, device, verify)
-        session.retriever  # load the search backend now, not inside the first query
+        session = open_session(str(path), overrides, device, verify, lazy=lazy)
+        if not lazy:
+            session.retriever  # load the search backend now, not inside the first query
         return cls(session)
 
     # -- what it holds ----------------------------------------------------------------------------------
@@ -50,58 +53,64 @@ class Img2PromptIndex:
 
     @property
     def device(self) -> str:
-        return str(self.session.clip.device)
+        return str(self.session.device)
 
     def prompts(self, ids: Sequence[int] | np.ndarray) -> list[str]:
         """The prompt texts with these ids ("" for -1, i.e. no neighbour)."""
         return self.session.index.prompt_rows(ids)
 
     # -- queries ----------------------------------------------------------------------------------------
-    def predict(self, images: Sequence[ImageInput], *, k: int = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
-                alpha: float = DEFAULT_ALPHA, consensus: float = DEFAULT_CONSENSUS, beta: float = DEFAULT_BETA,
-                model_weights: str | Sequence[float] | None = None, batch_size: int | None = None,
-                workers: int | None = None, progress: bool = False) -> np.ndarray:
+    def settings(self, settings: RetrievalSettings | None = None, **values) -> RetrievalSettings:
+        """`settings` (default: the defaults) with `values` changed, checked against this index: the one
+        check every query method makes before any image is decoded."""
+        return RetrievalSettings.of(settings, **values).check_for(self.session.index)
+
+    def predict(self, images: Sequence[ImageInput], settings: RetrievalSettings | None = None, *,
+                batch_size: int | None = None, workers: int | None = None, progress: bool = False,
+                **values) -> np.ndarray:
         """float32 [n, 384] unit-norm predictions, one per image (paths or PIL images), in input order.
 
-        consensus: re-weight neighbours by their agreement with the others; beta: share of the regression
-        head (query/blend.py); model_weights: an index of several CLIP models scores Σ w_m · cos_m (default:
-        equal). An image that cannot be decoded gets the corpus-mean prediction and a warning.
+        `settings`: a RetrievalSettings (k, temperature, alpha, consensus, beta, model_weights, min_score; see
+        query/settings.py), or its fields as keywords (`predict(images, k=5)`). An image that cannot be decoded
+        gets the corpus-mean prediction and a warning.
         """
-        return self.predict_with_neighbours(images, k=k, temperature=temperature, alpha=alpha, consensus=consensus,
-                                            beta=beta, model_weights=model_weights, batch_size=batch_size,
-                                            workers=workers, progress=progress)[0]
+        return self.predict_with_neighbours(images, settings, batch_size=batch_size, workers=workers,
+                                            progress=progress, **values)[0]
 
-    def predict_with_neighbours(self, images: Sequence[ImageInput], *, k: int = DEFAULT_K,
-                                temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
-                                consensus: float = DEFAULT_CONSENSUS, beta: float = DEFAULT_BETA,
-                                model_weights: str | Sequence[float] | None = None, batch_size: int | None = None,
-                                workers: int | None = None,
-                                progress: bool = False) -> tuple[np.ndarray, list[SearchResult]]:
+    def predict_with_neighbours(self, images: Sequence[ImageInput], settings: RetrievalSettings | None = None, *,
+                                batch_size: int | None = None, workers: int | None = None, progress: bool = False,
+                                **values) -> tuple[np.ndarray, list[SearchResult]]:
         """`predict` plus, per image, the neighbours blended into it (from the same single encoding)."""
-        settings = BlendSettings(k=k, temperature=temperature, alpha=alpha, consensus=consensus,
-                                 beta=beta).check()
-        self.session.retriever.check_k(k)
-        require_head(self.session.index, beta)  # before any image is encoded
-        self.session.retriever.model_weights(model_weights)
-        embedded = embed_images(self.session.clip, list(images), batch_size, workers, progress=progress)
-        neighbours = self._neighbours_for(embedded, len(images), k, model_weights)
-        for position, reason in embedded.failed.items():
+        settings = self.settings(settings, **values)
+        images = list(images)
+        found = retrieve(self.session, images, settings, loading=ImageLoading(batch_size, workers, progress))
+        for position, reason in found.failed.items():
             log.warning("%s: %s; it gets the corpus-mean prediction", image_label(images[position], position), reason)
-        vectors = np.zeros((len(images), self.session.index.clip_dim), dtype=np.float32)
-        vectors[embedded.ok] = embedded.vectors
-        predictions = predict_rows(self.session.index, neighbours, vectors, settings)
-        return predictions, self._results([image_label(image, i) for i, image in enumerate(images)], neighbours,
-                                          embedded.failed)
+        predictions = predict_rows(self.session.index, found.neighbours, found.query_vectors, settings)
+        return predictions, self._results([image_label(image, i) for i, image in enumerate(images)],
+                                          found.neighbours, found.failed)
 
     def search_images(self, images: Sequence[ImageInput], k: int = 10, *, batch_size: int = 16,
-                      workers: int | None = 0,
-                      model_weights: str | Sequence[float] | None = None) -> list[SearchResult]:
-        """Ranked prompts per image, in input order; an undecodable image gets a result with `error`."""
-        self.session.retriever.check_k(k)
-        self.session.retriever.model_weights(model_weights)
-        embedded = embed_images(self.session.clip, list(images), batch_size, workers)
-        neighbours = self._neighbours_for(embedded, len(images), k, model_weights)
-        return self._results([image_label(image, i) for i, image in enumerate(images)], neighbours, embedded.failed)
+                      workers: int | None = 0, model_weights: str | Sequence[float] | None = None,
+                      min_score: float | None = None) -> list[SearchResult]:
+        """Ranked prompts per image, in input order; an undecodable image gets a result with `error`.
+        min_score: hits scoring under it are left out (the best hit always stays)."""
+        settings = self.settings(k=k, model_weights=model_weights, min_score=min_score)
+        images = list(images)
+        found = retrieve(self.session, images, settings, loading=ImageLoading(batch_size, workers))
+        return self._results([image_label(image, i) for i, image in enumerate(images)], found.neighbours,
+                             found.failed, settings, found.query_vectors)
+
+    def search(self, images: Sequence[str] = (), texts: Sequence[str] = (), k: int = 10, *,
+               model_weights: str | Sequence[float] | None = None, min_score: float | None = None) -> list[SearchResult]:
+        """Image results first, then text results (`img2prompt search`); image paths are checked first."""
+        return run_search(self, images, texts, k, model_weights, min_score)
+
+    def evaluate(self, labels: str | Path, settings: RetrievalSettings | None = None, **options) -> dict:
+        """`img2prompt eval`'s report on a labelled set (imgId,prompt); options: images, sweep, plot, out,
+        exclude_exact, text_model, captions, the sweep axes, batch_size, workers, progress, and the settings'
+        fields as keywords."""
+        return run_eval(self.session, eval_options(labels, settings, **options))
 
     def interrogate(self, images: Sequence[ImageInput], modifiers: int = DEFAULT_MODIFIERS, *,
                     batch_size: int | None = None, workers: int | None = 0) -> list[Interrogation]:
@@ -116,28 +125,32 @@ class Img2PromptIndex:
         return compose_all([image_label(image, i) for i, image in enumerate(images)], embedded, results,
                            self.prompts(results.ids[:, 0]), vocabulary, modifiers)
 
-    def search_texts(self, texts: Sequence[str], k: int = 10, *,
-                     model_weights: str | Sequence[float] | None = None) -> list[SearchResult]:
+    def search_texts(self, texts: Sequence[str], k: int = 10, *, model_weights: str | Sequence[float] | None = None,
+                     min_score: float | None = None) -> list[SearchResult]:
         """Ranked prompts per query text (CLIP text → CLIP text), in input order."""
-        self.session.retriever.check_k(k)
-        self.session.retriever.model_weights(model_weights)
+        settings = self.settings(k=k, model_weights=model_weights, min_score=min_score)
         texts = list(texts)
         vectors = self.session.clip.text_embeddings(texts).vectors
-        return self._results(texts, self.session.retriever.search(vectors, k, query_kind="text",
-                                                                  model_weights=model_weights))
+        return self._results(texts, self.session.retriever.search(vectors, settings.k, query_kind="text",
+                                                                  model_weights=settings.model_weights),
+                             settings=settings, query_vectors=vectors)
 
     def submission(self, images_dir: str | Path, out: str | Path = "submission.csv",
-                   sample_submission: str | Path | None = None, **options):
+                   sample_submission: str | Path | None = None, settings: RetrievalSettings | None = None, *,
+                   explain: str | Path | None = None, save_npy: str | Path | None = None, strict: bool = False,
+                   batch_size: int | None = None, workers: int | None = None, progress: bool = False,
+                   **values) -> SubmitReport:
         """Predict every image in `images_dir` and write Kaggle's submission.csv; returns a SubmitReport.
 
-        Options: k, temperature, alpha, consensus, beta, model_weights, explain (CSV path), save_npy (path), strict,
-        batch_size, workers, progress.
+        `settings` as for `predict` (or its fields as keywords); explain: a CSV of each image's neighbours;
+        save_npy: the predictions as float32 [n, 384] (+ NAME.ids.txt); strict: an undecodable image fails.
         """
-        from img2prompt.query.submit import SubmitOptions, run_submit
-
         return run_submit(self.session, SubmitOptions(
             images=str(images_dir), out=str(out),
-            sample_submission=str(sample_submission) if sample_submission is not None else None, **options))
+            sample_submission=str(sample_submission) if sample_submission is not None else None,
+            explain=None if explain is None else str(explain), save_npy=None if save_npy is None else str(save_npy),
+            strict=strict, settings=self.settings(settings, **values),
+            loading=ImageLoading(batch_size, workers, progress)))
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _neighbours_for(self, embedded, total: int, k: int, model_weights=None) -> Neighbours:
@@ -145,17 +158,24 @@ class Img2PromptIndex:
         return self.session.retriever.search(embedded.vectors, k, model_weights=model_weights).spread(embedded.ok,
                                                                                                        total)
 
-    def _results(self, queries: list[str], neighbours: Neighbours,
-                 failed: dict[int, str] | None = None) -> list[SearchResult]:
-        """One SearchResult per query; a failed one (position → reason) has no results and its error."""
+    def _results(self, queries: list[str], neighbours: Neighbours, failed: dict[int, str] | None = None,
+                 settings: RetrievalSettings | None = None, query_vectors: np.ndarray | None = None) -> list[SearchResult]:
+        """One SearchResult per query; a failed one (position → reason) has no results and its error. With a
+        score floor, hits under it are left out (as the blend leaves them out)."""
         flat = self.prompts(neighbours.ids.ravel())
         kinds = self.session.index.key_kinds(neighbours.ids)
         k = neighbours.ids.shape[1]
+        kept = np.ones(neighbours.ids.shape, dtype=bool)
+        if settings is not None and settings.min_score is not None and len(queries):
+            ok = neighbours.ids[:, 0] >= 0
+            kept[ok] = np.isfinite(blended_scores(self.session.index, neighbours.scores[ok], neighbours.ids[ok],
+                                                  settings, query_vectors[ok]))
         failed = failed or {}
         return [SearchResult(query, np.zeros(0, np.int64), np.zeros(0, np.float32), [], error=failed[row])
                 if row in failed else
-                SearchResult(query, neighbours.ids[row], neighbours.scores[row], flat[row * k:(row + 1) * k],
-                             keys=list(kinds[row]))
+                SearchResult(query, neighbours.ids[row][kept[row]], neighbours.scores[row][kept[row]],
+                             [prompt for prompt, keep in zip(flat[row * k:(row + 1) * k], kept[row]) if keep],
+                             keys=[kind for kind, keep in zip(kinds[row], kept[row]) if keep])
                 for row, query in enumerate(queries)]
 
     def close(self) -> None:
@@ -163,7 +183,7 @@ class Img2PromptIndex:
         retriever = self.session.__dict__.pop("retriever", None)
         if retriever is not None:
             retriever.close()
-        if self.session.clip.device.type == "cuda":
+        if self.session.device.type == "cuda":
             import torch
 
             torch.cuda.empty_cache()

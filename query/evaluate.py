@@ -31,23 +31,24 @@ from img2prompt.index.flat import exact_search
 from img2prompt.index.format import MANIFEST, file_sha256
 from img2prompt.index.recall import recall_at_k
 from img2prompt.encoders.models import load_text_model
-from img2prompt.query.blend import BlendSettings, corpus_mean_prediction
+from img2prompt.query.blend import corpus_mean_prediction
 from img2prompt.encoders.image_embed import check_image_loading_args
 from img2prompt.encoders.images import list_images
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, compose, rank_modifiers
-from img2prompt.query.predict import (RetrievalSettings, Retrieved, blend_neighbours, head_predictions, mix_rows,
-                                      require_head, retrieve_images)
+from img2prompt.query.predict import (ImageLoading, Retrieved, blend_neighbours, head_predictions, mix_rows,
+                                      retrieve_images)
 from img2prompt.query.score import (BOOTSTRAP_MIN_N, align, caption_vectors, cosine_rows,
                                     read_prompt_table, summarise)
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import QuerySession
+from img2prompt.query.settings import RetrievalSettings
 
 SWEEP_K = (1, 2, 3, 5, 10, 20, 30, 50, 100)
 SWEEP_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
 SWEEP_ALPHA = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # alpha = 1 is the corpus-mean prediction
 SWEEP_CONSENSUS = (0.0, 3.0, 10.0)
 SWEEP_BETA = (0.0, 0.25, 0.5, 1.0)  # beta = 1 is the regression head alone (swept only where the index has one)
-SETTING_NAMES = ("k", "temperature", "alpha", "consensus", "beta", "model_weights")  # a grid row's fields
+SETTING_NAMES = ("k", "temperature", "alpha", "consensus", "beta", "model_weights")  # what a sweep row varies
 DEFAULT_SHRINK = 0.2  # alpha of the knn_shrunk baseline when --alpha is 0
 CV_FOLDS = 5
 CV_SEED = 0
@@ -56,8 +57,10 @@ NOT_BEATEN_TOLERANCE = 1e-9  # equal up to rounding (e.g. the grid's alpha = 1 v
 
 
 @dataclass
-class EvalOptions(RetrievalSettings):
+class EvalOptions:
     labels: str
+    settings: RetrievalSettings = dataclasses.field(default_factory=RetrievalSettings)  # the chosen setting
+    loading: ImageLoading = dataclasses.field(default_factory=lambda: ImageLoading(progress=True))
     text_model: str | None = None  # the scorer for the ground truth (default: as the index names it)
     images: str | None = None
     sweep: bool = False
@@ -121,6 +124,16 @@ def competition_score(predictions: np.ndarray, truth: np.ndarray) -> float:
     return float(cosine_rows(predictions, truth).mean())
 
 
+def eval_options(labels: str | Path, settings: RetrievalSettings | None = None, *, batch_size: int | None = None,
+                 workers: int | None = None, progress: bool = True, **fields) -> EvalOptions:
+    """EvalOptions from the API's keyword form: retrieval settings' fields go into `settings`, the rest are
+    EvalOptions fields (sweep, images, captions, …)."""
+    names = {item.name for item in dataclasses.fields(RetrievalSettings)}
+    changes = {name: fields.pop(name) for name in list(fields) if name in names}
+    return EvalOptions(labels=str(labels), settings=RetrievalSettings.of(settings, **changes),
+                       loading=ImageLoading(batch_size, workers, progress), **fields)
+
+
 def read_labels(path: str | Path) -> pd.DataFrame:
     return read_prompt_table(path, "labels")
 
@@ -142,8 +155,7 @@ def _text_queries(session: QuerySession, labels: pd.DataFrame, k: int, exclude, 
     started = time.perf_counter()
     vectors = session.clip.text_embeddings(labels["prompt"].tolist()).vectors
     found = session.retriever.search(vectors, k, exclude, query_kind="text", model_weights=model_weights)
-    return Retrieved(labels["imgId"].tolist(), found, {}, {"encode_search": time.perf_counter() - started},
-                     vectors)
+    return Retrieved(found, {}, vectors, {"encode_search": time.perf_counter() - started})
 
 
 def model_weightings(members: int, asked: tuple | None = None, chosen: list[float] | None = None) -> list[tuple]:
@@ -157,25 +169,27 @@ def model_weightings(members: int, asked: tuple | None = None, chosen: list[floa
 
 
 def sweep_grid(options: EvalOptions, kmax: int, has_head: bool = True,
-               weightings: list[tuple] | None = None) -> list[tuple]:
-    """(k, temperature, alpha, consensus, beta[, model weights]) rows, model weights outermost and beta
-    fastest; beta only where the index has a regression head, model weights only for several CLIP models."""
-    ks = sorted({k for k in options.sweep_k if k <= kmax} | {options.k})
-    betas = sorted(set(options.sweep_beta) | {options.beta}) if has_head else [0.0]
+               weightings: list[tuple] | None = None) -> list[RetrievalSettings]:
+    """The sweep's settings: model weights outermost and beta fastest; beta only where the index has a
+    regression head, model weights only for several CLIP models. Every row keeps the chosen score floor."""
+    chosen = options.settings
+    ks = sorted({k for k in options.sweep_k if k <= kmax} | {chosen.k})
+    betas = sorted(set(options.sweep_beta) | {chosen.beta}) if has_head else [0.0]
     rows = list(itertools.product(ks, options.sweep_temperature, options.sweep_alpha,
-                                  sorted(set(options.sweep_consensus) | {options.consensus}), betas))
-    return [row + (weights,) for weights in weightings for row in rows] if weightings else rows
+                                  sorted(set(options.sweep_consensus) | {chosen.consensus}), betas))
+    return [RetrievalSettings(k=k, temperature=t, alpha=a, consensus=c, beta=b, model_weights=weights,
+                              min_score=chosen.min_score)
+            for weights in (weightings or [None]) for k, t, a, c, b in rows]
 
 
-def sweep_cosines(grid: list[tuple], blended_of, cosines_of) -> np.ndarray:
+def sweep_cosines(grid: list[RetrievalSettings], blended_of, cosines_of) -> np.ndarray:
     """Per-image cosines [settings, images] of every grid row. Rows that differ only in beta share one k-NN
-    blend (beta varies fastest in the grid): `blended_of(settings at beta 0, model weights)`, then
-    `cosines_of(blend, beta)`."""
+    blend (beta varies fastest in the grid): `blended_of(the setting at beta 0)`, then `cosines_of(blend, beta)`."""
     rows, last, blended = [], None, None
-    for row in grid:
-        settings, weights = BlendSettings(**_setting(row[:5])), row[5] if len(row) > 5 else None
-        if (row[:4], weights) != last:
-            last, blended = (row[:4], weights), blended_of(dataclasses.replace(settings, beta=0.0), weights)
+    for settings in grid:
+        at_zero = settings.replace(beta=0.0)
+        if at_zero != last:
+            last, blended = at_zero, blended_of(at_zero)
         rows.append(cosines_of(blended, settings.beta))
     return np.stack(rows)
 
@@ -203,12 +217,13 @@ def cross_validate(cosines: np.ndarray, folds: np.ndarray) -> tuple[np.ndarray, 
     return held_out, chosen
 
 
-def _setting(grid_row: tuple) -> dict:
-    return {name: int(value) if name == "k" else list(value) if name == "model_weights" else float(value)
-            for name, value in zip(SETTING_NAMES, grid_row)}
+def _setting(settings: RetrievalSettings) -> dict:
+    """A sweep row's report fields (model weights only where the sweep weighs models)."""
+    values = settings.as_dict()
+    return {name: values[name] for name in SETTING_NAMES if name != "model_weights" or values[name] is not None}
 
 
-def cross_validation_report(grid: list[tuple], cosines: np.ndarray, folds: int = CV_FOLDS,
+def cross_validation_report(grid: list[RetrievalSettings], cosines: np.ndarray, folds: int = CV_FOLDS,
                             seed: int = CV_SEED) -> dict | None:
     """The cross-validated score of "pick the grid's best", how often each setting won, per-fold detail."""
     n = cosines.shape[1]
@@ -224,6 +239,14 @@ def cross_validation_report(grid: list[tuple], cosines: np.ndarray, folds: int =
                           "score": float(held_out[assignment == fold].mean())} for fold, row in enumerate(chosen)]}
 
 
+def unbeaten_baseline(cv_score: float | None, baselines: dict) -> tuple[str, float] | None:
+    """The best baseline when the sweep's cross-validated choice does not beat it (then it is what to use)."""
+    if cv_score is None or not baselines:
+        return None
+    name, value = max(baselines.items(), key=lambda item: item[1])
+    return (name, value) if cv_score <= value + NOT_BEATEN_TOLERANCE else None
+
+
 def sweep_warnings(n: int, cv_score: float | None, baselines: dict, flags: dict | None = None) -> list[str]:
     """Why the recommended setting should not be trusted blindly."""
     warnings = []
@@ -233,15 +256,16 @@ def sweep_warnings(n: int, cv_score: float | None, baselines: dict, flags: dict 
     if cv_score is None:
         warnings.append("cannot cross-validate the sweep's choice with a single labelled image")
         return warnings
-    name, value = max(baselines.items(), key=lambda item: item[1])
-    if cv_score <= value + NOT_BEATEN_TOLERANCE:
+    unbeaten = unbeaten_baseline(cv_score, baselines)
+    if unbeaten:
+        name, value = unbeaten
         hint = f" (submit {flags[name]})" if flags and name in flags else ""
         warnings.append(f"the sweep's choice does not beat baseline {name}: cross-validated {cv_score:.4f} "
                         f"<= {name} {value:.4f}; prefer the baseline{hint}")
     return warnings
 
 
-def sweep_summary(grid: list[tuple], cosines: np.ndarray, baselines: dict, flags: dict | None = None) -> dict:
+def sweep_summary(grid: list[RetrievalSettings], cosines: np.ndarray, baselines: dict, flags: dict | None = None) -> dict:
     """The sweep's part of the report from per-image cosines [settings, images] of every grid setting."""
     means = cosines.mean(axis=1)
     rows = [{**_setting(setting), "score": float(score)} for setting, score in zip(grid, means)]
@@ -249,8 +273,12 @@ def sweep_summary(grid: list[tuple], cosines: np.ndarray, baselines: dict, flags
     cv = cross_validation_report(grid, cosines)
     cv_score = cv["score"] if cv else None
     chosen = sum(1 for fold in cv["per_fold"] if same_setting(fold, rows[best])) if cv else 0
+    unbeaten = unbeaten_baseline(cv_score, baselines)
+    use = ({"baseline": unbeaten[0], "flags": (flags or {}).get(unbeaten[0])} if unbeaten
+           else {"flags": setting_flags(_setting(grid[best]))})
     return {"sweep": rows,
             "best_in_sample": {**rows[best], "optimistic": True},  # chosen and scored on the same images
+            "use": use,  # the one recommendation: the sweep's choice, or the baseline it does not beat
             "recommended": {**_setting(grid[best]), "cross_validated_score": cv_score, "chosen_in_folds": chosen},
             "cross_validation": cv,
             "warnings": sweep_warnings(cosines.shape[1], cv_score, baselines, flags)}
@@ -263,22 +291,22 @@ def same_setting(a: dict, b: dict, names=SETTING_NAMES) -> bool:
 def setting_flags(setting: dict) -> str:
     """The submit flags of a setting (the switches only when on)."""
     flags = f"--k {setting['k']} --temperature {setting['temperature']:g} --alpha {setting['alpha']:g}"
-    flags += "".join(f" --{name} {setting[name]:g}" for name in ("consensus", "beta") if setting.get(name))
+    flags += "".join(f" --{name.replace('_', '-')} {setting[name]:g}" for name in ("consensus", "beta", "min_score")
+                     if setting.get(name))
     weights = setting.get("model_weights")
     return flags + (f" --model-weights {','.join(f'{w:g}' for w in weights)}" if weights else "")
 
 
 def baseline_flags(options: EvalOptions, shrink: float) -> dict[str, str]:
     """The submit flags that reproduce each baseline, for the "does not beat" warning."""
-    knn = {"k": options.k, "temperature": options.temperature, "alpha": 0.0}
+    knn = {"k": options.settings.k, "temperature": options.settings.temperature, "alpha": 0.0}
     return {"corpus_mean": "--alpha 1", "top1": "--k 1 --alpha 0", "knn": setting_flags(knn),
             "knn_shrunk": setting_flags({**knn, "alpha": shrink}), "regression_head": "--beta 1"}
 
 
 def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     """The report for a labelled set, on an opened session (the index and its CLIP model)."""
-    chosen = options.blend_settings
-    require_head(session.index, options.beta)
+    chosen = options.settings.check_for(session.index)
     if options.plot and not options.sweep:
         raise UserError("--plot draws the sweep: add --sweep")
     if options.plot and importlib.util.find_spec("matplotlib") is None:
@@ -286,12 +314,11 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     sets = caption_sets(options.captions)
     check_output_paths({"--out": options.out, "--plot": options.plot},
                        {"--labels": options.labels, **{f"--captions {name}": path for name, path in sets.items()}})
-    check_image_loading_args(options.batch_size, options.workers)
+    check_image_loading_args(options.loading.batch_size, options.loading.workers)
     labels = read_labels(options.labels)
     # read every caption file before the models and the search: a malformed one fails at once
     captions = {name: read_prompt_table(path, f"captions {name}") for name, path in sets.items()}
     index = session.index
-    session.retriever.check_k(options.k)
     text_model = load_text_model(options.text_model or index.text_identity["name"], session.clip.device)
     if text_model.sha256 != index.text_identity["sha256"]:
         raise UserError("the scorer loaded for the ground truth differs from the index's text model "
@@ -302,17 +329,16 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     in_corpus = sum(1 for ids in matches if ids)
     exclude = matches if options.exclude_exact else None
     kmax = min(index.count - max((len(ids) for ids in matches), default=0) if exclude else index.count,
-               max([options.k, *(options.sweep_k if options.sweep else ())]))
-    if kmax < options.k:
-        raise UserError(f"--k {options.k} is larger than the corpus left after --exclude-exact ({kmax})")
-    chosen_weights = session.retriever.model_weights(options.model_weights)
+               max([chosen.k, *(options.sweep_k if options.sweep else ())]))
+    if kmax < chosen.k:
+        raise UserError(f"--k {chosen.k} is larger than the corpus left after --exclude-exact ({kmax})")
+    chosen_weights = list(chosen.model_weights) if chosen.model_weights is not None else None
     if options.images:
         listing = list_images(options.images)
-        retrieved = retrieve_images(session, labels["imgId"].tolist(), listing.paths, kmax,
-                                    batch_size=options.batch_size, workers=options.workers,
-                                    progress=options.progress, exclude=exclude, model_weights=chosen_weights)
+        retrieved, failed = retrieve_images(session, labels["imgId"].tolist(), listing.paths, chosen, fetch=kmax,
+                                            exclude=exclude, loading=options.loading)
     else:
-        retrieved = _text_queries(session, labels, kmax, exclude, chosen_weights)
+        retrieved, failed = _text_queries(session, labels, kmax, exclude, chosen_weights), {}
     neighbours = retrieved.neighbours
     query_kind = "image" if options.images else "text"
     members = len(index.clip_identity.get("members") or [])
@@ -329,46 +355,48 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
             searched[weights] = found.spread(ok_rows, len(neighbours.ids))
         return searched[weights]
     head, head_source, head_skipped = None, None, None
-    if index.regression_head is not None and (options.beta > 0 or options.sweep):
+    if index.regression_head is not None and (chosen.beta > 0 or options.sweep):
         try:
             head, head_source = head_predictions(index, retrieved.query_vectors, neighbours.ids[:, 0] >= 0,
                                                  query_kind)
         except UserError as exc:
-            if options.beta > 0:
+            if chosen.beta > 0:
                 raise
             head_skipped = f"the regression head is not swept: {exc}"  # a sweep without beta still runs
 
     ok = neighbours.ids[:, 0] >= 0
 
-    def score_of(settings: BlendSettings, weights: tuple | None = None, cosines: bool = True) -> np.ndarray:
+    def score_of(settings: RetrievalSettings, cosines: bool = True) -> np.ndarray:
         """Per-image cosines of a setting (or, cosines=False, its predictions)."""
-        found = neighbours if weights is None else neighbours_for(weights)
+        weights = settings.model_weights
+        found = neighbours if weights is None else neighbours_for(tuple(round(w, 6) for w in weights))
         view = Neighbours(found.scores[:, :settings.k], found.ids[:, :settings.k])
-        predictions = blend_neighbours(index, view, settings, head)
+        predictions = blend_neighbours(index, view, settings, head, retrieved.query_vectors)
         return cosine_rows(predictions, truth) if cosines else predictions
 
-    shrink = options.alpha if options.alpha > 0 else DEFAULT_SHRINK
-    plain = BlendSettings(k=options.k, temperature=options.temperature)
+    shrink = chosen.alpha if chosen.alpha > 0 else DEFAULT_SHRINK
+    plain = RetrievalSettings(k=chosen.k, temperature=chosen.temperature, model_weights=chosen.model_weights,
+                              min_score=chosen.min_score)
     product = score_of(chosen)
     report = {
         "n": len(labels),
         **summarise(product),
         "baselines": {
             "corpus_mean": float(cosine_rows(corpus_mean_prediction(index.minilm_mean, len(labels)), truth).mean()),
-            "top1": float(score_of(BlendSettings(k=1, temperature=options.temperature)).mean()),
+            "top1": float(score_of(plain.replace(k=1)).mean()),
             "knn": float(score_of(plain).mean()),
             "knn_shrunk": float(score_of(dataclasses.replace(plain, alpha=shrink)).mean()),
             # beta = 1: the regression head alone (the k-NN part does not count)
             **({"regression_head": float(score_of(dataclasses.replace(plain, beta=1.0)).mean())}
                if head is not None else {}),
         },
-        "settings": {**chosen.as_dict(), "model_weights": chosen_weights, "knn_shrunk_alpha": shrink,
+        "settings": {**chosen.as_dict(), "knn_shrunk_alpha": shrink,
                      "mode": "images" if options.images else "text",
                      "exclude_exact": options.exclude_exact, "labels": str(options.labels),
                      "images": options.images},
         "leakage": {"true_prompts_in_corpus": in_corpus,
                     "excluded_corpus_rows": sum(len(ids) for ids in matches) if options.exclude_exact else 0},
-        "failed": retrieved.failed,
+        "failed": failed,
         "index": {"path": str(index.root), "created_at": index.manifest.get("created_at"), "count": index.count,
                   "faiss": index.search_plan["kind"], "manifest_sha256": _manifest_sha(index.root)},
         "models": {"clip": index.clip_identity, "text": index.text_identity},
@@ -378,7 +406,7 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     if index.phrases is not None:
         report["interrogate"] = score_interrogation(index, retrieved, text_model, truth)
     report["warnings"] = [head_skipped] if head_skipped else []
-    if head is not None and in_corpus and (options.beta > 0 or options.sweep):
+    if head is not None and in_corpus and (chosen.beta > 0 or options.sweep):
         report["warnings"].append(f"{in_corpus} of the true prompts are in the index, and the regression head was "
                                   "fitted on the index's rows (--exclude-exact only removes neighbours): its scores "
                                   "here are optimistic; judge beta on labels whose prompts are not in the corpus")
@@ -391,7 +419,7 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
             report["warnings"] += caption_warnings(name, entry)
     if options.sweep:
         grid = sweep_grid(options, kmax, has_head=head is not None, weightings=weightings)
-        cosines = sweep_cosines(grid, lambda settings, weights: score_of(settings, weights, cosines=False),
+        cosines = sweep_cosines(grid, lambda settings: score_of(settings, cosines=False),
                                 lambda blended, beta: cosine_rows(mix_rows(blended, head, beta, ok), truth))
         report.update(sweep_summary(grid, cosines, report["baselines"], baseline_flags(options, shrink)))
         if options.plot:
@@ -541,25 +569,26 @@ def format_switches(switches: dict) -> str:
            if len(switches["models"]["clip"]) > 1 else "")])
 
 
-def switches_report(index, options: EvalOptions, grid: list[tuple] | None, head_source: str | None,
+def switches_report(index, options: EvalOptions, grid: list[RetrievalSettings] | None, head_source: str | None,
                     model_weights: list[float] | None = None) -> dict:
     """Which quality switches were in play: what the index holds, what this run used, what it swept."""
     rows = {key_range.keys: key_range.count for key_range in index.key_ranges}
     fits = index.manifest.get("calibration", {}).get("fits", {})
-    swept = (lambda position: sorted({row[position] for row in grid})) if grid else (lambda position: None)
+    swept = (lambda name: sorted({getattr(row, name) for row in grid})) if grid else (lambda name: None)
+    chosen = options.settings
     return {"image_keys": {"rows": rows.get("image", 0),
                            "calibration": {kind: fit.get("method") for kind, fit in fits.items()} or None},
-            "regression_head": {"in_index": index.regression_head is not None, "beta": options.beta,
-                                "swept": swept(4), "query_mean": head_source},
-            "consensus": {"gamma": options.consensus, "swept": swept(3)},
+            "regression_head": {"in_index": index.regression_head is not None, "beta": chosen.beta,
+                                "swept": swept("beta"), "query_mean": head_source},
+            "consensus": {"gamma": chosen.consensus, "swept": swept("consensus")},
             "models": {"clip": [member["name"] for member in index.clip_identity.get("members", [index.clip_identity])],
                        "model_weights": model_weights,
-                       "swept": [list(row) for row in dict.fromkeys(row[5] for row in grid)]
-                       if grid and len(grid[0]) > 5 else None}}
+                       "swept": [list(weights) for weights in dict.fromkeys(row.model_weights for row in grid)]
+                       if grid and grid[0].model_weights is not None else None}}
 
 
 def format_sweep(report: dict) -> list[str]:
-    weighted = any("model_weights" in row for row in report["sweep"])
+    weighted = any(row.get("model_weights") for row in report["sweep"])
     lines = [f"{'k':>5} {'T':>6} {'alpha':>6} {'consens':>7} {'beta':>5} {'in-sample':>9}"
              + ("  model weights" if weighted else "")]
     for row in sorted(report["sweep"], key=lambda row: -row["score"])[:15]:
@@ -573,6 +602,13 @@ def format_sweep(report: dict) -> list[str]:
         lines.append(f"cross-validated score of the sweep's choice: {cv['score']:.4f} "
                      f"({cv['folds']} folds, seed {cv['seed']})")
     lines.append("baselines: " + ", ".join(f"{name} {value:.4f}" for name, value in report["baselines"].items()))
-    lines.append(f"recommended (chosen on all {report['n']} images): {flags}"
-                 + (f" (chosen in {recommended['chosen_in_folds']} of {cv['folds']} folds)" if cv else ""))
+    sweep_choice = (f"{flags} (chosen on all {report['n']} images"
+                    + (f"; in {recommended['chosen_in_folds']} of {cv['folds']} folds" if cv else "") + ")")
+    use = report.get("use", {})
+    if use.get("baseline"):  # one coherent recommendation, not a choice followed by "prefer the baseline"
+        lines.append(f"recommended: the {use['baseline']} baseline"
+                     + (f" (submit {use['flags']})" if use.get("flags") else "")
+                     + f"; the sweep's choice {sweep_choice} does not beat it cross-validated")
+    else:
+        lines.append(f"recommended: {sweep_choice}")
     return lines

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from img2prompt.encoders.clip_ensemble import parse_model_weights, weighted_query
+from img2prompt.encoders.clip_ensemble import weighted_query
 from img2prompt.errors import UserError
 from img2prompt.index.backend import merge_top_k
 from img2prompt.index.format import PromptIndex
@@ -53,7 +53,7 @@ class Retriever:
     def calibration_for(self, weights: list[float] | None) -> dict:
         """The key kinds' score maps for these model weights. The build fitted them on the models' mean cosine;
         other weights move the score distributions, so the map is fitted again for them (once per weighting,
-        the same procedure and sample as the build's, build_index/calibration.py)."""
+        the same procedure and sample as the build's, index/calibration.py)."""
         maps = self.index.calibration
         if not maps or weights is None or np.allclose(weights, 1 / len(weights)):
             return maps
@@ -92,33 +92,18 @@ class Retriever:
                                       np.where(found_ids >= 0, found_ids + key_range.start, -1), fetch)
         return scores, ids
 
-    def check_k(self, k: int) -> None:
-        if k <= 0:
-            raise UserError(f"--k must be at least 1 (got {k})")
-        if k > self.index.count:
-            raise UserError(f"--k {k} is larger than the index ({self.index.count} prompts)")
-
-    def model_weights(self, value: str | Sequence[float] | None) -> list[float] | None:
-        """--model-weights ("0.7,0.3" or numbers) checked against the index's CLIP models, normalised."""
-        if value is None:
-            return None
-        members = self.index.clip_identity.get("members")
-        text = value if isinstance(value, str) else ",".join(str(weight) for weight in value)
-        if not members:
-            raise UserError(f"--model-weights {text}: the index holds one CLIP model (build with several "
-                            "--clip-model to weigh them)")
-        return parse_model_weights(text, len(members))
-
     def search(self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None,
-               query_kind: str = "image", model_weights: str | Sequence[float] | None = None) -> Neighbours:
-        """Top-k per query; `exclude[i]` lists prompt ids query i must not return (the eval leakage guard).
-        `query_kind`: "image" or "text", which picks the calibration of the key kinds' scores.
-        `model_weights`: for an index of several CLIP models, score = Σ w_m · cos_m (default: the mean)."""
-        self.check_k(k)
+               query_kind: str = "image", model_weights: Sequence[float] | None = None) -> Neighbours:
+        """Top-k per query, all queries in one backend call; `exclude[i]` lists prompt ids query i must not return
+        (the eval leakage guard). `query_kind`: "image" or "text", which picks the calibration of the key kinds'
+        scores. `model_weights` (checked: RetrievalSettings): for an index of several CLIP models,
+        score = Σ w_m · cos_m (default: the mean)."""
+        if not 1 <= k <= self.index.count:
+            raise ValueError(f"k = {k} outside 1..{self.index.count} (RetrievalSettings.check_for refuses it)")
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index.clip_dim:
             raise UserError(f"query vectors have shape {queries.shape}, the index expects dim {self.index.clip_dim}")
-        weights = self.model_weights(model_weights)
+        weights = list(model_weights) if model_weights is not None else None
         if len(queries) == 0:
             return Neighbours(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
         if weights is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
 
 from img2prompt.encoders.clip_ensemble import ClipEnsemble, load_clip_ensemble
 from img2prompt.errors import UserError
@@ -108,23 +109,32 @@ def check_text_model(index: PromptIndex, name: str, device, verify: bool = False
         raise UserError(_mismatch("text", index.text_identity, text.identity()))
 
 
-@dataclass
 class QuerySession:
-    index: PromptIndex
-    clip: ClipEnsemble
+    """An opened index and its CLIP model(s). The models load on first use (`clip`), so that everything the
+    arguments, the manifest and the file system can refuse is refused before seconds of model loading."""
+
+    def __init__(self, index: PromptIndex, device, load_clip: Callable[[], ClipEnsemble]) -> None:
+        self.index, self.device, self._load_clip = index, device, load_clip
+
+    @cached_property
+    def clip(self) -> ClipEnsemble:
+        return self._load_clip()
 
     @cached_property
     def retriever(self) -> Retriever:
-        return Retriever(self.index, device=str(self.clip.device),
+        return Retriever(self.index, device=str(self.device),
                          encode_texts=lambda texts: self.clip.text_embeddings(texts).vectors)
 
 
 def open_session(index_dir: str, overrides: ModelOverrides | None = None, device: str = "auto",
-                 verify: bool = False) -> QuerySession:
+                 verify: bool = False, lazy: bool = False) -> QuerySession:
+    """The index (its manifest checked) and, unless `lazy`, its CLIP model(s) loaded and identity-checked."""
     overrides = overrides or ModelOverrides()
     index = open_index(index_dir, verify=verify)
     torch_device = resolve_device(device)
     if overrides.text_model:
         check_text_model(index, overrides.text_model, torch_device, verify)
-    clip = load_index_clip(index, overrides, torch_device, verify)
-    return QuerySession(index=index, clip=clip)
+    session = QuerySession(index, torch_device, lambda: load_index_clip(index, overrides, torch_device, verify))
+    if not lazy:
+        session.clip
+    return session

@@ -19,21 +19,24 @@ from img2prompt.errors import UserError
 from img2prompt.query.blend import neighbour_weights
 from img2prompt.encoders.image_embed import check_image_loading_args
 from img2prompt.encoders.images import list_images
-from img2prompt.query.predict import MISSING_FILE, RetrievalSettings, predict_rows, require_head, retrieve_images
+from img2prompt.query.predict import MISSING_FILE, ImageLoading, blended_scores, predict_rows, retrieve_images
 from img2prompt.query.session import QuerySession
+from img2prompt.query.settings import RetrievalSettings
 from img2prompt.query.submission import EMBED_DIM, read_sample_submission, write_explain, write_submission
 
 SHOWN_IDS = 5  # ids quoted in messages about missing images
 
 
 @dataclass
-class SubmitOptions(RetrievalSettings):
+class SubmitOptions:
     images: str
     out: str = "submission.csv"
     sample_submission: str | None = None
     explain: str | None = None
     save_npy: str | None = None  # float32 [n, 384] predictions + NAME.ids.txt (imgId order), for ensembling
     strict: bool = False
+    settings: RetrievalSettings = field(default_factory=RetrievalSettings)
+    loading: ImageLoading = field(default_factory=ImageLoading)
 
 
 @dataclass
@@ -63,7 +66,7 @@ def check_submit_outputs(options: SubmitOptions) -> None:
                        {"--sample-submission": options.sample_submission})
     if options.save_npy is not None and not str(options.save_npy).endswith(".npy"):
         raise UserError(f"--save-npy {options.save_npy}: the file name must end in .npy")
-    check_image_loading_args(options.batch_size, options.workers)
+    check_image_loading_args(options.loading.batch_size, options.loading.workers)
 
 
 def select_image_ids(options: SubmitOptions, listing) -> tuple[list[str], list[str] | None, int]:
@@ -82,11 +85,10 @@ def select_image_ids(options: SubmitOptions, listing) -> tuple[list[str], list[s
 
 
 def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
-    settings = options.blend_settings
+    """Everything is checked (settings, outputs, images, the sample) before the models load or an image is
+    decoded; then one retrieval over all the images and one blend."""
+    settings = options.settings.check_for(session.index)
     check_submit_outputs(options)
-    session.retriever.check_k(options.k)
-    require_head(session.index, options.beta)
-    session.retriever.model_weights(options.model_weights)
     if session.index.text_dim != EMBED_DIM:
         raise UserError(f"the index's text model gives {session.index.text_dim}-d vectors; a submission needs "
                         f"the {EMBED_DIM}-d all-MiniLM-L6-v2 scorer")
@@ -97,12 +99,11 @@ def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
         shown = ", ".join(missing[:SHOWN_IDS]) + (" …" if len(missing) > SHOWN_IDS else "")
         if options.strict:
             raise UserError(f"{len(missing)} of {len(image_ids)} images are not in {options.images} (--strict): {shown}")
-    result = retrieve_images(session, image_ids, listing.paths, options.k, batch_size=options.batch_size,
-                             workers=options.workers, progress=options.progress, model_weights=options.model_weights)
+    result, failed = retrieve_images(session, image_ids, listing.paths, settings, loading=options.loading)
     started = time.perf_counter()
     predictions = predict_rows(session.index, result.neighbours, result.query_vectors, settings)
     result.timings_s["blend"] = time.perf_counter() - started
-    undecodable = {image_id: reason for image_id, reason in result.failed.items() if reason != MISSING_FILE}
+    undecodable = {image_id: reason for image_id, reason in failed.items() if reason != MISSING_FILE}
     if undecodable and options.strict:
         listed = "; ".join(f"{image_id}: {reason}" for image_id, reason in list(undecodable.items())[:SHOWN_IDS])
         raise UserError(f"{len(undecodable)} image(s) could not be predicted (--strict): {listed}")
@@ -114,26 +115,29 @@ def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
         write_atomic(npy_ids_path(options.save_npy), lambda handle: handle.write(ids_text))
     result.timings_s["write"] = time.perf_counter() - started
     if options.explain:
-        write_explain_for(session, options, image_ids, result.neighbours)
+        write_explain_for(session, options, image_ids, result.neighbours, result.query_vectors)
     decoded = len(image_ids) - len(missing)
     encode_seconds = result.timings_s.get("decode_encode", 0.0)
     return SubmitReport(
-        out=str(options.out), images=len(image_ids), predicted=len(image_ids) - len(result.failed),
-        failed=result.failed, missing=missing,
+        out=str(options.out), images=len(image_ids), predicted=len(image_ids) - len(failed),
+        failed=failed, missing=missing,
         duplicate_files=[str(p) for paths in listing.duplicates.values() for p in paths],
         ignored_files=listing.ignored,
         not_in_sample=not_in_sample,
-        settings={**settings.as_dict(), "model_weights": session.retriever.model_weights(options.model_weights)},
+        settings=settings.as_dict(),
         timings_s={name: round(seconds, 3) for name, seconds in result.timings_s.items()},
         images_per_s=round(decoded / encode_seconds, 1) if decoded and encode_seconds else None)
 
 
-def write_explain_for(session: QuerySession, options: SubmitOptions, image_ids: list[str], neighbours) -> None:
+def write_explain_for(session: QuerySession, options: SubmitOptions, image_ids: list[str], neighbours,
+                      query_vectors: np.ndarray) -> None:
     weights = np.zeros_like(neighbours.scores)
     ok = neighbours.ids[:, 0] >= 0  # as blend_neighbours: a row with a first neighbour is blended
-    if ok.any():  # the weights the k-NN part used (softmax, then consensus)
-        weights[ok] = neighbour_weights(neighbours.scores[ok], neighbours.ids[ok], session.index.minilm,
-                                        temperature=options.temperature, consensus=options.consensus)[0]
+    if ok.any():  # the weights the k-NN part used (score floor, softmax, then consensus)
+        settings = options.settings
+        scores = blended_scores(session.index, neighbours.scores[ok], neighbours.ids[ok], settings, query_vectors[ok])
+        weights[ok] = neighbour_weights(scores, neighbours.ids[ok], session.index.minilm,
+                                        temperature=settings.temperature, consensus=settings.consensus)[0]
     ids = neighbours.ids
     flat = session.index.prompt_rows(ids.ravel())
     prompts = [flat[row * ids.shape[1]:(row + 1) * ids.shape[1]] for row in range(len(ids))]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from img2prompt.errors import UserError
 from img2prompt.query.blend import blend, corpus_mean_prediction, softmax_weights
 
 MINILM = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.6, 0.8, 0.0]], dtype=np.float16)
@@ -40,14 +39,6 @@ def test_softmax_ignores_missing_neighbours():
     weights = softmax_weights(np.array([[0.2, 0.1, -np.inf]]), 0.1)
     assert weights[0, 2] == 0.0
     np.testing.assert_allclose(weights.sum(), 1.0)
-
-
-@pytest.mark.parametrize("k, temperature, alpha, message", [
-    (0, 0.1, 0.0, "--k must be at least 1"), (2, 0.0, 0.0, "--temperature must be > 0"),
-    (2, 0.1, 1.5, "--alpha must be between 0 and 1")])
-def test_bad_settings(k, temperature, alpha, message):
-    with pytest.raises(UserError, match=message):
-        blend(np.ones((1, 2)), np.zeros((1, 2), int), MINILM, k=k, temperature=temperature, alpha=alpha)
 
 
 def test_consensus_reweights_by_agreement_with_the_others():
@@ -89,13 +80,3 @@ def test_beta_mixes_the_head_after_shrinkage():
     expected = np.array([0.75, 0.25, 0.0]) / np.linalg.norm([0.75, 0.25, 0.0])  # asymmetric beta = 0.25
     np.testing.assert_allclose(mix_head(knn, head, 0.25)[0], expected, atol=1e-7)
     np.testing.assert_array_equal(mix_head(knn, None, 0.0), knn)
-
-
-@pytest.mark.parametrize("consensus, beta, message", [(-1.0, 0.0, "--consensus must be 0 or more"),
-                                                      (float("inf"), 0.0, "--consensus must be 0 or more, and finite"),
-                                                      (0.0, 1.5, "--beta must be between 0 and 1")])
-def test_bad_switches(consensus, beta, message):
-    from img2prompt.query.blend import BlendSettings
-
-    with pytest.raises(UserError, match=message):
-        BlendSettings(consensus=consensus, beta=beta).check()

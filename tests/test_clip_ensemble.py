@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from img2prompt.encoders.clip_ensemble import (ClipEnsemble, load_clip_ensemble, parse_model_weights, split_parts,
+from img2prompt.encoders.clip_ensemble import (ClipEnsemble, load_clip_ensemble, split_parts,
                                       weighted_query)
 from img2prompt.errors import UserError
 from img2prompt.encoders.models import ClipModel, load_clip
@@ -161,17 +161,6 @@ def test_weighted_query_scores_the_weighted_cosines(pair, ensemble):
     np.testing.assert_allclose(parts[1], HALF * by_hand_text(pair[1], queries), atol=1e-6)
     with pytest.raises(ValueError):
         split_parts(q, [dims[0], dims[1] + 1])
-
-
-def test_parse_model_weights():
-    assert parse_model_weights("0.7,0.3", 2) == pytest.approx([0.7, 0.3])
-    assert parse_model_weights(" 3 , 1 ", 2) == pytest.approx([0.75, 0.25])
-    assert parse_model_weights("0,2", 2) == pytest.approx([0.0, 1.0])
-    for text, count, match in [("0.5", 2, "gives 1 weights"), ("-1,2", 2, "≥ 0"), ("0,0", 2, "sum > 0"),
-                               ("a,b", 2, "numbers separated by commas"), ("1,nan", 2, "finite")]:
-        with pytest.raises(UserError, match=match) as caught:
-            parse_model_weights(text, count)
-        assert "\n" not in str(caught.value)
 
 
 class FakeIndex:

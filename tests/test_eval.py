@@ -12,7 +12,7 @@ from conftest import DATA, KAGGLE_SAMPLE, read_data_prompts
 from img2prompt.encoders.text import minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index.format import open_index
-from img2prompt.query.evaluate import EvalOptions, competition_score, cosine_rows, run_eval
+from img2prompt.query.evaluate import eval_options, competition_score, cosine_rows, run_eval
 
 
 def test_metric_by_hand():
@@ -42,7 +42,7 @@ def evaluate(built_index, labels, **kwargs):
         _OPENED[built_index] = img2prompt.open_index(built_index, device="cpu")
     # these tests are about the k × temperature × alpha grid: the switches' axes (test_quality_switches.py) stay off
     kwargs = {"sweep_consensus": (0.0,), "sweep_beta": (0.0,), **kwargs}
-    return run_eval(_OPENED[built_index].session, EvalOptions(labels=str(labels), progress=False, **kwargs))
+    return run_eval(_OPENED[built_index].session, eval_options(str(labels), progress=False, **kwargs))
 
 
 def test_text_mode_baselines_and_leakage_guard(built_index, labels, text_model):
@@ -198,11 +198,14 @@ def test_cross_validation_by_hand():
 
 def test_sweep_summary_recommends_the_all_data_choice_and_warns():
     from img2prompt.query.evaluate import sweep_summary
+    from img2prompt.query.settings import RetrievalSettings
 
-    grid = [(1, 0.05, 0.0), (5, 0.05, 0.0)]
+    grid = [RetrievalSettings(k=1, temperature=0.05, alpha=0.0), RetrievalSettings(k=5, temperature=0.05, alpha=0.0)]
     part = sweep_summary(grid, COSINES, {"corpus_mean": 0.38, "top1": 0.2})
-    assert part["best_in_sample"] == {"k": 1, "temperature": 0.05, "alpha": 0.0, "score": 0.5, "optimistic": True}
-    assert part["recommended"] == {"k": 1, "temperature": 0.05, "alpha": 0.0,
+    off = {"consensus": 0.0, "beta": 0.0}  # the switches' axes, off in this grid
+    assert part["best_in_sample"] == {"k": 1, "temperature": 0.05, "alpha": 0.0, **off, "score": 0.5,
+                                      "optimistic": True}
+    assert part["recommended"] == {"k": 1, "temperature": 0.05, "alpha": 0.0, **off,
                                    "cross_validated_score": pytest.approx(CV_BY_HAND), "chosen_in_folds": 3}
     cv = part["cross_validation"]
     assert cv["folds"] == 4 and cv["score"] == pytest.approx(CV_BY_HAND)  # n = 4 < 5 folds: leave-one-out
@@ -292,9 +295,13 @@ def test_a_sweep_that_cannot_beat_the_corpus_mean_says_so(built_index, labels):
     from img2prompt.query.evaluate import format_report
 
     text = format_report(report)
-    for needle in ("cross-validated score of the sweep's choice", "recommended (chosen on all 20 images): --k",
+    for needle in ("cross-validated score of the sweep's choice", "(chosen on all 20 images",
                    "optimistic", "baselines: corpus_mean", "warnings:", "does not beat baseline"):
         assert needle in text, needle
+    # one coherent recommendation: the baseline the sweep does not beat, with its flags, on one line
+    recommended = [line for line in text.splitlines() if line.startswith("recommended")]
+    assert len(recommended) == 1 and recommended[0].startswith(
+        "recommended: the corpus_mean baseline (submit --alpha 1); the sweep's choice --k")
 
 
 def test_plot_draws_baselines_and_marks_the_recommended_setting():

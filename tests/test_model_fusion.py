@@ -114,18 +114,18 @@ def test_cli_takes_one_value_per_model(fused_index, tiny_clip_dir, tmp_path):
 
 
 def test_eval_sweeps_model_weights_from_one_encoding(fused, tmp_path):
-    from img2prompt.query.evaluate import EvalOptions, run_eval
+    from img2prompt.query.evaluate import eval_options, run_eval
 
     labels = tmp_path / "labels.csv"
     pd.DataFrame({"imgId": [path.stem for path in IMAGES],
                   "prompt": read_data_prompts(200)[150:156]}).to_csv(labels, index=False)
     options = dict(labels=str(labels), images=str(DATA / "images"), progress=False, k=3, temperature=0.1)
-    report = run_eval(fused.session, EvalOptions(**options, sweep=True, sweep_k=(3,), sweep_temperature=(0.1,),
+    report = run_eval(fused.session, eval_options(**options, sweep=True, sweep_k=(3,), sweep_temperature=(0.1,),
                                                  sweep_alpha=(0.0,), sweep_consensus=(0.0,), sweep_beta=(0.0,)))
     rows = {tuple(row["model_weights"]): row["score"] for row in report["sweep"]}
     assert set(rows) == {(0.5, 0.5), (1.0, 0.0), (0.0, 1.0), (0.75, 0.25), (0.25, 0.75)}
     for weights, score in rows.items():  # each weighting's row equals a separate run with those weights
-        single = run_eval(fused.session, EvalOptions(**options, model_weights=list(weights)))
+        single = run_eval(fused.session, eval_options(**options, model_weights=list(weights)))
         assert single["score"] == pytest.approx(score, abs=1e-6)
     assert report["switches"]["models"]["swept"] == [list(w) for w in rows]
     assert len(report["switches"]["models"]["clip"]) == 2

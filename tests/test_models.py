@@ -141,3 +141,24 @@ def test_missing_scorer_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import now raises ImportError
     with pytest.raises(UserError, match=r"needs sentence-transformers.*pip install 'img2prompt\[scorer\]'"):
         load_text_model(None)
+
+
+def test_open_clip_imports_without_the_towers_a_model_does_not_use(tmp_path):
+    """transformers/timm cost seconds of a query's start-up: left out for a plain CLIP, loaded for one that needs
+    them (a fresh interpreter: open_clip is imported once per process)."""
+    import json
+    import subprocess
+    import sys
+
+    hf_folder = tmp_path / "hf-tower"
+    hf_folder.mkdir()
+    (hf_folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {"embed_dim": 8, "text_cfg": {"hf_model_name": "some/bert"}, "vision_cfg": {}}}))
+    code = ("import sys; from img2prompt.encoders.models import import_open_clip\n"
+            "oc = import_open_clip('ViT-B-32')\n"
+            "print('plain', 'transformers' in sys.modules, 'timm' in sys.modules)\n"
+            f"oc = import_open_clip('local-dir:{hf_folder}')\n"
+            "print('hf', oc.hf_model.transformers is not None)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["plain False False", "hf True"]

@@ -147,19 +147,19 @@ def test_no_head_is_a_one_line_error(tmp_path, tiny_clip_dir, corpus_file, sampl
 
 
 def test_eval_sweeps_the_switches_and_reports_them(opened_pairs, tmp_path):
-    from img2prompt.query.evaluate import EvalOptions, run_eval
+    from img2prompt.query.evaluate import eval_options, run_eval
 
     labels = tmp_path / "labels.csv"
     pd.DataFrame({"imgId": [path.stem for path in IMAGES],
                   "prompt": read_data_prompts(200)[100:106]}).to_csv(labels, index=False)
     options = dict(labels=str(labels), images=str(DATA / "images"), progress=False, exclude_exact=True)
-    report = run_eval(opened_pairs.session, EvalOptions(**options, sweep=True, sweep_k=(3,), sweep_temperature=(0.1,),
+    report = run_eval(opened_pairs.session, eval_options(**options, sweep=True, sweep_k=(3,), sweep_temperature=(0.1,),
                                                         sweep_alpha=(0.0,), sweep_consensus=(0.0, 2.0),
                                                         sweep_beta=(0.0, 0.5), k=3, temperature=0.1))
     settings = {(row["consensus"], row["beta"]): row["score"] for row in report["sweep"]}
     assert set(settings) == {(0.0, 0.0), (0.0, 0.5), (2.0, 0.0), (2.0, 0.5)}
     for (consensus, beta), score in settings.items():  # each grid row equals a separate run with that setting
-        single = run_eval(opened_pairs.session, EvalOptions(**options, k=3, temperature=0.1, consensus=consensus,
+        single = run_eval(opened_pairs.session, eval_options(**options, k=3, temperature=0.1, consensus=consensus,
                                                             beta=beta))
         assert single["score"] == pytest.approx(score, abs=1e-6)
     switches = report["switches"]
@@ -167,7 +167,7 @@ def test_eval_sweeps_the_switches_and_reports_them(opened_pairs, tmp_path):
     assert switches["regression_head"] == {"in_index": True, "beta": 0.0, "swept": [0.0, 0.5], "query_mean": "index"}
     assert switches["consensus"] == {"gamma": 0.0, "swept": [0.0, 2.0]}
     assert "regression_head" in report["baselines"]
-    text = run_eval(opened_pairs.session, EvalOptions(labels=str(labels), progress=False, sweep=True, sweep_k=(3,),
+    text = run_eval(opened_pairs.session, eval_options(str(labels), progress=False, sweep=True, sweep_k=(3,),
                                                       sweep_temperature=(0.1,), sweep_alpha=(0.0,), k=3, beta=0.5))
     assert text["settings"]["mode"] == "text" and text["switches"]["regression_head"]["query_mean"] == "index"
 

@@ -157,7 +157,7 @@ def test_same_weights_elsewhere_are_accepted(built_index, sample_images, tiny_cl
 
 
 def test_k_larger_than_corpus(built_index, sample_images, tmp_path):
-    with pytest.raises(UserError, match=r"--k 500 is larger than the index \(160 prompts\)"):
+    with pytest.raises(UserError, match=r"^k 500 is larger than the index \(160 prompts\)"):  # the setting's name
         submit(built_index, sample_images, tmp_path / "s.csv", k=500)
 
 

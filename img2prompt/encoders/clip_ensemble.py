@@ -23,6 +23,7 @@ from img2prompt.encoders.models import (ClipModel, clip_encode_image, clip_promp
 from img2prompt.encoders.text import (ClipTextResult, clip_embed_tokens, clip_text_embeddings, count_truncated,
                                       l2_normalise)
 from img2prompt.errors import UserError
+from img2prompt.progress import RowProgress
 
 # Strings on which two tokenizers must agree to be taken as one: plain and non-ASCII text, HTML entities,
 # special-token text and one prompt longer than any context (truncation).
@@ -118,7 +119,7 @@ class ClipEnsemble:
         if self.tokenizer is None:
             raise ValueError(f"the CLIP members {self.name} tokenize differently: one token matrix cannot serve "
                              "them all; tokenize per member (clip_text_embeddings does)")
-        member_progress = _shared_progress(progress, len(self.members))
+        member_progress = RowProgress(progress, len(self.members)) if progress else None
         return self.combine([clip_embed_tokens(member, tokens, batch_size, bucketed=bucketed,
                                                progress=member_progress) for member in self.members])
 
@@ -133,7 +134,7 @@ class ClipEnsemble:
             tokens = self.tokenizer(prompts)
             return ClipTextResult(self.embed_tokens(tokens, batch_size, bucketed=bucketed, progress=progress),
                                   self.count_truncated(prompts, tokens))
-        member_progress = _shared_progress(progress, len(self.members))
+        member_progress = RowProgress(progress, len(self.members)) if progress else None
         results = [clip_text_embeddings(member, prompts, batch_size, bucketed=bucketed, progress=member_progress)
                    for member in self.members]
         return ClipTextResult(self.combine([result.vectors for result in results]),
@@ -168,22 +169,6 @@ class ClipEnsemble:
         return torch.cat(features, dim=-1)
 
 
-def _shared_progress(progress: Callable[[int], None] | None, passes: int) -> Callable[[int], None] | None:
-    """One progress callback for `passes` runs over the same rows: reports each row once in total."""
-    if progress is None:
-        return None
-    seen = reported = 0
-
-    def update(rows: int) -> None:
-        nonlocal seen, reported
-        seen += rows
-        step = seen // passes - reported
-        if step:
-            reported += step
-            progress(step)
-    return update
-
-
 def split_parts(vectors: np.ndarray, dims: list[int]) -> list[np.ndarray]:
     """Ensemble-layout vectors ([..., Σ dims]) → one view per member ([..., dim_m])."""
     vectors = np.asarray(vectors)
@@ -207,23 +192,6 @@ def weighted_query(vectors: np.ndarray, dims: list[int], weights: list[float]) -
     factors = [weight / total * len(dims) for weight in weights]
     parts = split_parts(np.asarray(vectors, dtype=np.float32), dims)
     return np.concatenate([part * np.float32(factor) for part, factor in zip(parts, factors)], axis=-1)
-
-
-def parse_model_weights(text: str, count: int) -> list[float]:
-    """A CLI value such as "0.7,0.3" → one weight per CLIP member, normalised to sum 1."""
-    pieces = [piece.strip() for piece in text.split(",")]
-    try:
-        weights = [float(piece) for piece in pieces]
-    except ValueError:
-        raise UserError(f"--model-weights {text!r}: give {count} numbers separated by commas, e.g. "
-                        f"{','.join(['0.5'] * count) if count > 1 else '1'}") from None
-    if len(weights) != count:
-        raise UserError(f"--model-weights {text!r} gives {len(weights)} weights but the index holds {count} "
-                        "CLIP models: give one per model, in the order they were built")
-    if any(not math.isfinite(weight) or weight < 0 for weight in weights) or sum(weights) <= 0:
-        raise UserError(f"--model-weights {text!r}: every weight must be a finite number ≥ 0 and their sum > 0")
-    total = sum(weights)
-    return [weight / total for weight in weights]
 
 
 def load_clip_ensemble(names: list[str], pretrained: list[str | None] | None, device: str | torch.device = "cpu",

@@ -198,16 +198,70 @@ OFFLINE_HINT = ("On an offline machine (Kaggle) pass local weights: --clip-model
                 "--clip-model local-dir:/kaggle/input/<folder with open_clip_config.json and weights>")
 
 
+# open_clip imports these for towers few CLIP models use (HF text towers, timm image towers), at a cost of
+# seconds: `import_open_clip` leaves them out when the model's config names no such tower.
+OPTIONAL_TOWERS = {"transformers": ("text_cfg", "hf_model_name", "hf_model"),
+                   "timm": ("vision_cfg", "timm_model_name", "timm_model")}
+
+
+def open_clip_config(model_name: str) -> dict | None:
+    """The model config open_clip will build from (read without importing open_clip); None when unknown
+    (an hf-hub: model, whose config is fetched by open_clip itself)."""
+    import importlib.util
+
+    if model_name.startswith(LOCAL_DIR_PREFIX):
+        path = Path(model_name[len(LOCAL_DIR_PREFIX):]) / "open_clip_config.json"
+    elif model_name.startswith(HF_HUB_PREFIX):
+        return None
+    else:
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None or spec.origin is None:
+            return None
+        path = Path(spec.origin).parent / "model_configs" / f"{model_name}.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("model_cfg", config) if isinstance(config, dict) else None
+
+
+def import_open_clip(model_name: str | None = None):
+    """`import open_clip`, without transformers/timm when `model_name`'s config needs neither (seconds of a
+    query's start-up). A later model that needs one gets its tower module loaded again with the package."""
+    import importlib
+    import sys
+
+    config = open_clip_config(model_name) if model_name else None
+    if "open_clip" not in sys.modules and config is not None:
+        blocked = [package for package, (part, key, _) in OPTIONAL_TOWERS.items()
+                   if package not in sys.modules and not (config.get(part) or {}).get(key)]
+        for package in blocked:
+            sys.modules[package] = None  # `import transformers` now raises ImportError, which open_clip expects
+        try:
+            import open_clip  # noqa: F401
+        finally:
+            for package in blocked:
+                if package in sys.modules and sys.modules[package] is None:
+                    del sys.modules[package]
+    import open_clip
+
+    for package, (part, key, module) in OPTIONAL_TOWERS.items():
+        tower = getattr(open_clip, module, None) or sys.modules.get(f"open_clip.{module}")
+        if config is not None and (config.get(part) or {}).get(key) and tower is not None \
+                and getattr(tower, package, None) is None:
+            importlib.reload(tower)  # it was imported without the package: now with it
+    return open_clip
+
+
 def load_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
               verify: bool = False) -> ClipModel:
     """Load CLIP by open_clip name + pretrained tag or checkpoint file, or by `local-dir:`/`hf-hub:` schema.
 
     verify=True hashes the weights even when the identity cache knows them.
     """
-    import open_clip
-
     device = resolve_device(device) if isinstance(device, str) else device
     model_name = normalise_clip_name(model_name)
+    open_clip = import_open_clip(model_name)
     weights_files: list[Path] = []
     if model_name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(model_name[len(LOCAL_DIR_PREFIX):])

@@ -93,7 +93,7 @@ def minilm_batch_order(prompts: list[str]) -> np.ndarray:
 
 
 def minilm_embed_ids(text_model: TextModel, ids: list[np.ndarray], order: np.ndarray,
-                     batch_size: int = 256) -> np.ndarray:
+                     batch_size: int = 256, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """minilm_embeddings for prompts tokenized elsewhere (build workers): the same batches as encode."""
     if not ids:
         return np.zeros((0, text_model.dim), dtype=np.float32)
@@ -101,4 +101,6 @@ def minilm_embed_ids(text_model: TextModel, ids: list[np.ndarray], order: np.nda
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         out[rows] = minilm_encode_features(text_model.model, pad_minilm_batch([ids[i] for i in rows]))
+        if progress:
+            progress(len(rows))
     return l2_normalise(out)
