@@ -120,3 +120,10 @@ def test_the_cli_prints_one_line_and_exits_2(workspace):
     assert "--save-npy's id list and --out name the same file" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert fingerprint(workspace) == before
+
+
+def test_eval_names_a_null_label_before_any_model(opened, workspace, tmp_path, no_work):
+    labels = tmp_path / "labels.parquet"
+    pd.DataFrame({"imgId": ["img0", "img1"], "prompt": ["a cat", None]}).to_parquet(labels)
+    with pytest.raises(UserError, match=r"labels.parquet, row 2: prompt is empty \(null\)"):
+        run_eval(opened.session, EvalOptions(labels=str(labels), images=str(workspace / "imgs"), progress=False))

@@ -185,9 +185,11 @@ def test_the_command_prints_the_table_and_json(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("table, message", [
-    (pd.DataFrame({"imgId": ["a", "b"], "prompt": [7, 8]}), r"labels.parquet, row 1: prompt holds int64 \(7\), not text"),
+    (pd.DataFrame({"imgId": ["a", "b"], "prompt": [7, 8]}),
+     r"labels.parquet, row 1: prompt holds int64 \(7\), not text"),
     (pd.DataFrame({"imgId": ["a", "b"], "prompt": [0.5, 8.0]}), r"row 1: prompt holds float64 \(0.5\), not text"),
-    (pd.DataFrame({"imgId": ["a", "b"], "prompt": ["a cat", None]}), r"labels.parquet, row 2: prompt is empty \(null\)"),
+    (pd.DataFrame({"imgId": ["a", "b"], "prompt": ["a cat", None]}),
+     r"labels.parquet, row 2: prompt is empty \(null\)"),
     (pd.DataFrame({"imgId": ["a", "b"], "prompt": ["a cat", float("nan")]}), r"row 2: prompt is empty \(null\)"),
     (pd.DataFrame({"imgId": ["a", None], "prompt": ["a cat", "a dog"]}), r"row 2: imgId is empty \(null\)"),
     (pd.DataFrame({"imgId": ["a", "b"], "prompt": pd.Categorical(["a cat", None])}), r"row 2: prompt is empty"),
