@@ -25,7 +25,7 @@ PathLike = str | os.PathLike
 class Output:
     """One output flag: its main file and the side files written with it, each with how to name it."""
     flag: str
-    path: PathLike
+    path: PathLike | None  # None: the flag is unused
     side_files: tuple[tuple[str, PathLike], ...] = ()  # (description, path), e.g. ("id list", P.ids.txt)
 
     def files(self) -> list[tuple[str, Path]]:

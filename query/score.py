@@ -10,6 +10,10 @@ missing ones (labelled, not predicted) and the extra ones (predicted, not labell
 report and warned about, never silently dropped. Because Kaggle would score a missing image as nothing,
 the report also gives `score_missing_as_zero` (sum of cosines / number of labelled images) as the
 pessimistic figure. No index is needed.
+
+Inputs are checked as Kaggle would read them: a submission's ids are `<imgId>_<i>` with i in 0..383 in
+ASCII decimal without leading zeros; labels' and captions' prompts are text with at least one word (a null,
+a number or an empty prompt is a one-line error naming the file and row, before the scorer loads).
 """
 from __future__ import annotations
 
@@ -71,8 +75,8 @@ def read_prompt_table(path: str | Path, what: str = "labels") -> pd.DataFrame:
         raise UserError(f"{path}: a header but no rows")
     where = (lambda row: f"{path}, row {row + 1}") if is_parquet else (lambda row: f"{path}, line {row + 2}")
     frame = frame[["imgId", "prompt"]].reset_index(drop=True)
-    frame = pd.DataFrame({"imgId": _text_column(frame["imgId"], path, where, allow_integers=True),
-                          "prompt": _text_column(frame["prompt"], path, where)})
+    frame = pd.DataFrame({"imgId": _text_column(frame["imgId"], where, allow_integers=True),
+                          "prompt": _text_column(frame["prompt"], where)})
     empty_id = (frame["imgId"].str.strip() == "").to_numpy()
     if empty_id.any():
         raise UserError(f"{where(int(np.argmax(empty_id)))}: the imgId is empty")
@@ -87,7 +91,7 @@ def read_prompt_table(path: str | Path, what: str = "labels") -> pd.DataFrame:
     return frame
 
 
-def _text_column(column: pd.Series, path: Path, where, allow_integers: bool = False) -> pd.Series:
+def _text_column(column: pd.Series, where, allow_integers: bool = False) -> pd.Series:
     """A column as Python strings: text (plain, pandas string or dictionary-encoded/category), or with
     `allow_integers` an integer column; a null or a non-text value is an error naming its row."""
     name = column.name
