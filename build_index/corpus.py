@@ -118,7 +118,20 @@ def _check_column(path: Path, column: str, columns: list[str], hint: str = " (ch
         raise UserError(f"{path}: no column {column!r}; its columns are {', '.join(map(repr, columns))}{hint}")
 
 
-def _raw_table_rows(path: Path, column: str, hint: str = " (choose one with --column)") -> Iterator[RawRow]:
+TYPE_HINT = ": choose the prompt column with --column"
+
+
+def is_text_type(kind: pa.DataType) -> bool:
+    """Arrow text: string, binary (decoded as UTF-8), or either dictionary-encoded (a pandas category)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind))
+
+
+def _raw_table_rows(path: Path, column: str, hint: str = " (choose one with --column)",
+                    type_hint: str = TYPE_HINT) -> Iterator[RawRow]:
+    """`hint` ends the missing-column error, `type_hint` the not-text one (each names the option to fix it)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -129,9 +142,8 @@ def _raw_table_rows(path: Path, column: str, hint: str = " (choose one with --co
             raise UserError(f"{path}: not a readable parquet file ({exc})") from exc
         _check_column(path, column, parquet.schema_arrow.names, hint)
         kind = parquet.schema_arrow.field(column).type
-        is_binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_binary):
-            raise UserError(f"{path}: column {column!r} holds {kind}, not text: choose the prompt column with --column")
+        if not is_text_type(kind):
+            raise UserError(f"{path}: column {column!r} holds {kind}, not text{type_hint}")
         try:
             for batch in parquet.iter_batches(columns=[column], batch_size=READ_CHUNK_ROWS):
                 for value in batch.column(0).to_pylist():

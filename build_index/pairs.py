@@ -4,16 +4,19 @@ A pairs file is a CSV/TSV/parquet table with an `image` column (a path, absolute
 file's folder) and a `prompt` column: e.g. DiffusionDB's metadata, or images generated for corpus prompts.
 The entry's key is the CLIP *image* vector of the image, its value the prompt's MiniLM vector. Prompts are
 normalised like corpus prompts but not deduplicated (several images of one prompt are several keys); a
-row naming an image already listed is skipped. Images that cannot be decoded are skipped when the shard
-is encoded and counted in the shard's record ("unreadable_image").
+row naming an image already listed (the same file once `..` and symlinks are resolved) is skipped. Images
+that cannot be decoded are skipped when the shard is encoded and counted in the shard's record
+("unreadable_image").
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Iterator
 
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, SKIP_NUL, TABLE_SUFFIXES, CorpusReport, _raw_table_rows,
-                                           clean_prompt, dedup_key, expand_corpus_paths)
+                                           clean_prompt, expand_corpus_paths)
 
 IMAGE_COLUMN, PROMPT_COLUMN = "image", "prompt"
 SKIP_NO_IMAGE = "no_image"
@@ -22,6 +25,8 @@ SKIP_UNREADABLE_IMAGE = "unreadable_image"
 
 
 COLUMNS_HINT = f" (a --pairs table needs columns {IMAGE_COLUMN!r} and {PROMPT_COLUMN!r})"
+TYPE_HINT = (f": a --pairs table needs text columns {IMAGE_COLUMN!r} (image paths) and {PROMPT_COLUMN!r} "
+             "(the names are fixed; rename the columns)")
 
 
 def expand_pair_paths(patterns: list[str]) -> list[Path]:
@@ -33,7 +38,7 @@ def check_pair_files(paths: list[Path]) -> None:
     """Every pairs table has both columns, before any output folder is touched."""
     for path in paths:
         for column in (IMAGE_COLUMN, PROMPT_COLUMN):
-            rows = _raw_table_rows(path, column, COLUMNS_HINT)
+            rows = _raw_table_rows(path, column, COLUMNS_HINT, TYPE_HINT)
             next(rows, None)  # runs that reader's header and column checks
             rows.close()
 
@@ -42,12 +47,13 @@ def iter_pairs(paths: list[Path], report: CorpusReport | None = None,
                max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[tuple[str, str]]:
     """(absolute image path, normalised prompt) for each usable row, in file and row order."""
     report = report if report is not None else CorpusReport()
-    seen: set[int] = set()  # 8-byte hashes of the image paths, as corpus dedup keeps (memory: ~2M images fine)
+    seen: set[int] = set()  # 8-byte hashes of the resolved image paths (memory: ~2M images fine)
     for path in paths:
         report.files.append(str(path))
         folder = path.resolve().parent
-        for (image, image_skip), (raw, prompt_skip) in zip(_raw_table_rows(path, IMAGE_COLUMN, COLUMNS_HINT),
-                                                           _raw_table_rows(path, PROMPT_COLUMN, COLUMNS_HINT)):
+        images = _raw_table_rows(path, IMAGE_COLUMN, COLUMNS_HINT, TYPE_HINT)
+        prompts = _raw_table_rows(path, PROMPT_COLUMN, COLUMNS_HINT, TYPE_HINT)
+        for (image, image_skip), (raw, prompt_skip) in zip(images, prompts):
             report.read += 1
             if prompt_skip or image_skip:
                 report.skipped[prompt_skip or SKIP_NO_IMAGE] += 1
@@ -58,5 +64,12 @@ def iter_pairs(paths: list[Path], report: CorpusReport | None = None,
                 report.skipped[skip] += 1
                 continue
             image_path = str(folder / image.strip())  # an absolute `image` replaces the folder
-            if report.keep_once(dedup_key(image_path), seen, SKIP_DUPLICATE_IMAGE):
+            if report.keep_once(path_key(image_path), seen, SKIP_DUPLICATE_IMAGE):
                 yield image_path, prompt
+
+
+def path_key(image_path: str) -> int:
+    """8-byte hash of the file a path names (symlinks and `..` resolved, case and spaces kept: `A.png`,
+    `a.png` and `b  c.png`, `b c.png` are four files), so only true repeats of one image are skipped."""
+    resolved = os.fsencode(os.path.realpath(image_path))
+    return int.from_bytes(hashlib.blake2b(resolved, digest_size=8).digest(), "little")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from img2prompt.atomic import atomic_path, check_output_paths, write_json_atomic
+from img2prompt.atomic import atomic_path, write_json_atomic
 from img2prompt.encoders.prompts import dedup_key
 from img2prompt.encoders.text import minilm_embeddings
 from img2prompt.errors import UserError
@@ -31,13 +31,14 @@ from img2prompt.index.flat import exact_search
 from img2prompt.index.format import MANIFEST, file_sha256
 from img2prompt.index.recall import recall_at_k
 from img2prompt.encoders.models import load_text_model
+from img2prompt.output_paths import Output, check_outputs
 from img2prompt.query.blend import corpus_mean_prediction
 from img2prompt.encoders.image_embed import check_image_loading_args
 from img2prompt.encoders.images import list_images
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, compose, rank_modifiers
 from img2prompt.query.predict import (ImageLoading, Retrieved, blend_neighbours, head_predictions, mix_rows,
                                       retrieve_images)
-from img2prompt.query.score import (BOOTSTRAP_MIN_N, align, caption_vectors, cosine_rows,
+from img2prompt.query.score import (BOOTSTRAP_MIN_N, align, caption_vectors, check_labelled_images, cosine_rows,
                                     read_prompt_table, summarise)
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import QuerySession
@@ -312,10 +313,15 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     if options.plot and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plot needs matplotlib, which is not installed: pip install 'img2prompt[eval]'")
     sets = caption_sets(options.captions)
-    check_output_paths({"--out": options.out, "--plot": options.plot},
-                       {"--labels": options.labels, **{f"--captions {name}": path for name, path in sets.items()}})
+    # outputs against every input (labels, captions, images, the index) and each other
+    check_outputs([Output("--out", options.out), Output("--plot", options.plot)],
+                  {"--labels": options.labels, **{f"--captions {name}": path for name, path in sets.items()},
+                   "IMAGES_DIR": options.images, "INDEX_DIR": session.index.root})
     check_image_loading_args(options.loading.batch_size, options.loading.workers)
     labels = read_labels(options.labels)
+    if options.images:  # refuse labels that (almost) match no image, before any model
+        check_labelled_images(options.labels, labels["imgId"].tolist(), options.images,
+                              list(list_images(options.images).paths))
     # read every caption file before the models and the search: a malformed one fails at once
     captions = {name: read_prompt_table(path, f"captions {name}") for name, path in sets.items()}
     index = session.index

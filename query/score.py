@@ -10,6 +10,10 @@ missing ones (labelled, not predicted) and the extra ones (predicted, not labell
 report and warned about, never silently dropped. Because Kaggle would score a missing image as nothing,
 the report also gives `score_missing_as_zero` (sum of cosines / number of labelled images) as the
 pessimistic figure. No index is needed.
+
+Inputs are checked as Kaggle would read them: a submission's ids are `<imgId>_<i>` with i in 0..383 in
+ASCII decimal without leading zeros; labels' and captions' prompts are text with at least one word (a null,
+a number or an empty prompt is a one-line error naming the file and row, before the scorer loads).
 """
 from __future__ import annotations
 
@@ -19,13 +23,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from img2prompt.atomic import check_output_paths, write_json_atomic
+from img2prompt.atomic import write_json_atomic
 from img2prompt.errors import UserError, short_reason
+from img2prompt.output_paths import Output, check_outputs
 from img2prompt.query.submission import EMBED_DIM, ID_COLUMN, VALUE_COLUMN
 
 BOOTSTRAP_MIN_N = 30  # fewer images than this: a bootstrap interval would mostly show its own noise
 BOOTSTRAP_SAMPLES = 1000
 SHOWN_IDS = 5  # ids quoted in a warning line; the report holds them all
+ELEMENT_PATTERN = r"0|[1-9][0-9]*"  # str.fullmatch: the whole element, ASCII only ([0-9], not \d)
+MIN_FOUND_SHARE = 0.5  # eval refuses labels of which fewer than this share have an image file
 
 
 def cosine_rows(predictions: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -48,26 +55,60 @@ def summarise(cosines: np.ndarray, seed: int = 0) -> dict:
 
 
 def read_prompt_table(path: str | Path, what: str = "labels") -> pd.DataFrame:
-    """An `imgId,prompt` table (csv/tsv sniffed, or parquet): labels, or a captioner's texts."""
+    """An `imgId,prompt` table (csv/tsv sniffed, or parquet): labels, or a captioner's texts.
+
+    Every row is checked as the competition's prompts are: an imgId (text, or an integer column) and a
+    prompt that is text with at least one word; the first bad row is a one-line error naming file and row."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
+    is_parquet = path.suffix.lower() == ".parquet"
     try:
-        frame = (pd.read_parquet(path) if path.suffix.lower() == ".parquet"
+        frame = (pd.read_parquet(path) if is_parquet
                  else pd.read_csv(path, dtype=str, keep_default_na=False, sep=None, engine="python"))
     except Exception as exc:
         raise UserError(f"{path}: cannot read {what} ({short_reason(exc)})") from exc
     missing = [column for column in ("imgId", "prompt") if column not in frame.columns]
     if missing:
         raise UserError(f"{path}: no column {', '.join(missing)}; its columns are {', '.join(map(str, frame.columns))}")
-    frame = frame[["imgId", "prompt"]].astype(str)
+    if len(frame) == 0:
+        raise UserError(f"{path}: a header but no rows")
+    where = (lambda row: f"{path}, row {row + 1}") if is_parquet else (lambda row: f"{path}, line {row + 2}")
+    frame = frame[["imgId", "prompt"]].reset_index(drop=True)
+    frame = pd.DataFrame({"imgId": _text_column(frame["imgId"], where, allow_integers=True),
+                          "prompt": _text_column(frame["prompt"], where)})
+    empty_id = (frame["imgId"].str.strip() == "").to_numpy()
+    if empty_id.any():
+        raise UserError(f"{where(int(np.argmax(empty_id)))}: the imgId is empty")
+    wordless = ~frame["prompt"].str.contains(r"\w", regex=True).to_numpy(dtype=bool)
+    if wordless.any():
+        row = int(np.argmax(wordless))
+        raise UserError(f"{where(row)}: prompt {frame['prompt'].iloc[row]!r} has no word (a prompt must be text)")
     duplicated = frame["imgId"].duplicated()
     if duplicated.any():
         row = int(np.argmax(duplicated.to_numpy()))
-        raise UserError(f"{path}, line {row + 2}: imgId {frame['imgId'].iloc[row]!r} appears twice")
-    if len(frame) == 0:
-        raise UserError(f"{path}: a header but no rows")
-    return frame.reset_index(drop=True)
+        raise UserError(f"{where(row)}: imgId {frame['imgId'].iloc[row]!r} appears twice")
+    return frame
+
+
+def _text_column(column: pd.Series, where, allow_integers: bool = False) -> pd.Series:
+    """A column as Python strings: text (plain, pandas string or dictionary-encoded/category), or with
+    `allow_integers` an integer column; a null or a non-text value is an error naming its row."""
+    name = column.name
+    if allow_integers and pd.api.types.is_integer_dtype(column.dtype):
+        return column.astype(np.int64).astype(str)
+    values = column.astype(object) if isinstance(column.dtype, pd.CategoricalDtype) else column
+    null = pd.isna(values).to_numpy(dtype=bool)
+    if null.any():
+        raise UserError(f"{where(int(np.argmax(null)))}: {name} is empty (null)")
+    not_text = np.fromiter((not isinstance(value, str) for value in values), dtype=bool, count=len(values))
+    if not_text.any():
+        row = int(np.argmax(not_text))
+        value = values.iloc[row]
+        kind = column.dtype if not pd.api.types.is_object_dtype(column.dtype) else type(value).__name__
+        value = value.item() if isinstance(value, np.generic) else value  # 7, not np.int64(7)
+        raise UserError(f"{where(row)}: {name} holds {kind} ({value!r}), not text")
+    return values.astype(str)
 
 
 @dataclass
@@ -96,13 +137,14 @@ def read_submission(path: str | Path, dim: int = EMBED_DIM) -> SubmissionVectors
         raise UserError(f"{path}: the submission has a header but no rows")
     parts = frame[ID_COLUMN].str.rpartition("_")
     image_of_row, element = parts[0], parts[2]
-    bad_id = ((image_of_row == "") | ~element.str.fullmatch(r"\d+")).to_numpy()
-    if not bad_id.any():  # only digits left: safe to convert
+    # as Kaggle matches ids: f"{imgId}_{i}", i in ASCII decimal without leading zeros ("X_007", "X_٧" are not 7)
+    bad_id = ((image_of_row == "") | ~element.str.fullmatch(ELEMENT_PATTERN)).to_numpy()
+    if not bad_id.any():  # only ASCII digits left: safe to convert
         bad_id = element.astype(np.int64).to_numpy() >= dim
     if bad_id.any():
         line = _first_bad_line(bad_id)
         raise UserError(f"{path}, line {line}: {frame[ID_COLUMN].iloc[line - 2]!r} is not of the form "
-                        f"<imgId>_<0..{dim - 1}>")
+                        f"<imgId>_<0..{dim - 1}> (the element number in ASCII digits, no leading zero)")
     duplicated = frame[ID_COLUMN].duplicated().to_numpy()
     if duplicated.any():
         line = _first_bad_line(duplicated)
@@ -139,6 +181,29 @@ def align(label_ids: list[str], predicted_ids: list[str]) -> tuple[list[int], li
     missing = [image_id for image_id in label_ids if image_id not in position]
     extra = [image_id for image_id in predicted_ids if image_id not in labelled]
     return label_rows, predicted_rows, missing, extra
+
+
+def check_labelled_images(labels: str | Path, label_ids: list[str], images: str | Path, image_ids: list[str]) -> None:
+    """Refuse labels of which fewer than half (MIN_FOUND_SHARE) have an image in the folder: the wrong
+    folder, or ids that differ from the file stems (case, a `.png` kept in the id) would otherwise score
+    every missing image with the corpus mean and recommend settings from that."""
+    present = set(image_ids)
+    found = sum(1 for image_id in label_ids if image_id in present)
+    if found >= MIN_FOUND_SHARE * len(label_ids):  # labels are never empty (read_prompt_table)
+        return
+    folded = {image_id.casefold() for image_id in image_ids}
+    hint = ""
+    if sum(1 for image_id in label_ids if Path(image_id).stem in present) > found:
+        hint = "; the labels' ids carry a file suffix: give the file stem (abc, not abc.png)"
+    elif sum(1 for image_id in label_ids if image_id.casefold() in folded) > found:
+        hint = "; the ids differ from the file names in case only (imgId must equal the file stem exactly)"
+    raise UserError(f"{labels}: only {found} of {len(label_ids)} labelled images are in {images} (at least "
+                    f"{MIN_FOUND_SHARE:.0%} must be): labels name {_shown(label_ids)}; the folder holds "
+                    f"{_shown(sorted(image_ids))}{hint}")
+
+
+def _shown(ids: list[str]) -> str:
+    return ", ".join(ids[:SHOWN_IDS]) + (", …" if len(ids) > SHOWN_IDS else "") if ids else "none"
 
 
 def score_aligned(label_ids: list[str], truth: np.ndarray, predicted_ids: list[str], predictions: np.ndarray,
@@ -184,8 +249,8 @@ def run_score(options: ScoreOptions, text_model=None) -> dict:
     if (options.submission is None) == (options.captions is None):
         raise UserError("give exactly one of --submission and --captions")
     prediction = options.submission or options.captions
-    check_output_paths({"--out": options.out}, {"--labels": options.labels,
-                                                 "--submission" if options.submission else "--captions": prediction})
+    check_outputs([Output("--out", options.out)],
+                  {"--labels": options.labels, "--submission" if options.submission else "--captions": prediction})
     labels = read_prompt_table(options.labels, "labels")
     # read the prediction before loading the scorer: a malformed file fails in a second, not after a model load
     submission = read_submission(options.submission) if options.submission else None

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from img2prompt.atomic import check_output_paths, write_atomic
+from img2prompt.atomic import write_atomic
 from img2prompt.errors import UserError
+from img2prompt.output_paths import Output, check_outputs
 from img2prompt.query.blend import neighbour_weights
 from img2prompt.encoders.image_embed import check_image_loading_args
 from img2prompt.encoders.images import list_images
@@ -60,10 +61,14 @@ def npy_ids_path(npy: str | Path) -> Path:
     return npy.with_name(npy.name.removesuffix(".npy") + ".ids.txt")
 
 
-def check_submit_outputs(options: SubmitOptions) -> None:
+def check_submit_outputs(options: SubmitOptions, index_root: str | Path | None = None) -> None:
     """Refuse unusable or colliding outputs before any work (no image is encoded for nothing)."""
-    check_output_paths({"--out": options.out, "--explain": options.explain, "--save-npy": options.save_npy},
-                       {"--sample-submission": options.sample_submission})
+    # every written file (with --save-npy's id list) against the inputs and each other
+    npy = options.save_npy
+    check_outputs([Output("--out", options.out), Output("--explain", options.explain),
+                   Output("--save-npy", npy, (("id list", npy_ids_path(npy)),) if npy else ())],
+                  {"--sample-submission": options.sample_submission, "IMAGES_DIR": options.images,
+                   "INDEX_DIR": index_root})
     if options.save_npy is not None and not str(options.save_npy).endswith(".npy"):
         raise UserError(f"--save-npy {options.save_npy}: the file name must end in .npy")
     check_image_loading_args(options.loading.batch_size, options.loading.workers)
@@ -88,7 +93,7 @@ def run_submit(session: QuerySession, options: SubmitOptions) -> SubmitReport:
     """Everything is checked (settings, outputs, images, the sample) before the models load or an image is
     decoded; then one retrieval over all the images and one blend."""
     settings = options.settings.check_for(session.index)
-    check_submit_outputs(options)
+    check_submit_outputs(options, session.index.root)  # the index is an input too
     if session.index.text_dim != EMBED_DIM:
         raise UserError(f"the index's text model gives {session.index.text_dim}-d vectors; a submission needs "
                         f"the {EMBED_DIM}-d all-MiniLM-L6-v2 scorer")

@@ -171,3 +171,20 @@ def test_progress_in_a_log_is_sparse(monkeypatch):
             bar.update(10)
     assert bar.mininterval == progress.LOG_INTERVAL_S == 30.0
     assert stream.getvalue().count("encode") <= 3  # start, (at most one timed update), end
+
+
+def test_dictionary_encoded_strings_are_text(tmp_path):
+    """A pandas category column is written as dictionary<string>: read its values, nulls counted."""
+    path = tmp_path / "cat.parquet"
+    pd.DataFrame({"prompt": pd.Categorical(["a red fox", "blue bird", None, "a red fox"])}).to_parquet(path)
+    assert pa.types.is_dictionary(pq.ParquetFile(path).schema_arrow.field("prompt").type)
+    prompts, report = read([path])
+    assert prompts == ["a red fox", "blue bird"]
+    assert dict(report.skipped) == {"null": 1, "duplicate": 1}
+    binary = tmp_path / "dictbin.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([b"green frog"], pa.binary()).dictionary_encode()}), binary)
+    assert read([binary])[0] == ["green frog"]
+    numbers = tmp_path / "dictint.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([1, 2]).dictionary_encode()}), numbers)
+    with pytest.raises(UserError, match=r"holds int64, not text: choose the prompt column with --column"):
+        read([numbers])

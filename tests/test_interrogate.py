@@ -82,12 +82,12 @@ def test_an_index_without_vocabulary_says_so(copied, tmp_path, sample_images):
 def test_eval_scores_the_readable_prompt(built_index, text_model):
     import pandas as pd
 
-    from img2prompt.query.evaluate import EvalOptions, run_eval
+    from img2prompt.query.evaluate import eval_options, run_eval
 
     labels = pd.read_csv(KAGGLE_SAMPLE / "prompts.csv")
     images = [KAGGLE_SAMPLE / "images" / f"{image_id}.png" for image_id in labels["imgId"]]
     with img2prompt.open_index(built_index, device="cpu") as index:
-        report = run_eval(index.session, EvalOptions(labels=str(KAGGLE_SAMPLE / "prompts.csv"), k=3,
+        report = run_eval(index.session, eval_options(labels=str(KAGGLE_SAMPLE / "prompts.csv"), k=3,
                                                      images=str(KAGGLE_SAMPLE / "images"), progress=False))
         texts = [result.prompt for result in index.interrogate(images)]
     predicted = text_model.model.encode(texts, normalize_embeddings=True)

@@ -3,6 +3,7 @@ head (--beta), consensus (--consensus), and eval sweeping them; each checked aga
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -269,3 +270,38 @@ def test_image_keyed_tasks_are_not_clip_tokenized(clip, text_model):
         text, image = tokenized_shards(iter(tasks), tokenizers_for(clip, text_model), workers)
         assert text.clip_tokens.shape == (3, clip.context_length) and image.clip_tokens is None
         assert len(image.minilm_ids) == 2  # the prompts' MiniLM ids are still made ahead
+
+
+def test_pairs_dedup_by_the_file_a_path_names(tmp_path):
+    """`A.png`, `a.png`, `b  c.png`, `b c.png` are four files (kept); `imgs/../imgs/x.png`, `./imgs/x.png`
+    and a symlink to it are `imgs/x.png` again (skipped as duplicates)."""
+    from img2prompt.build_index.corpus import CorpusReport
+    from img2prompt.build_index.pairs import iter_pairs
+
+    (tmp_path / "imgs").mkdir()
+    os.symlink(tmp_path / "imgs" / "x.png", tmp_path / "link.png")
+    names = ["A.png", "a.png", "b  c.png", "b c.png", "imgs/x.png", "imgs/../imgs/x.png", "./imgs/x.png",
+             str(tmp_path / "imgs" / "x.png"), "link.png"]
+    path = tmp_path / "pairs.csv"
+    pd.DataFrame({"image": names, "prompt": [f"prompt {n}" for n in range(len(names))]}).to_csv(path, index=False)
+    report = CorpusReport()
+    kept = list(iter_pairs([path], report))
+    assert [image for image, _ in kept] == [str(tmp_path / name) for name in names[:5]]
+    assert [prompt for _, prompt in kept] == [f"prompt {n}" for n in range(5)]
+    assert (report.read, report.kept, dict(report.skipped)) == (9, 5, {"duplicate_image": 4})
+
+
+def test_pairs_columns_may_be_dictionary_encoded_and_a_wrong_type_names_the_pairs_columns(tmp_path):
+    from img2prompt.build_index.pairs import check_pair_files, iter_pairs
+
+    path = tmp_path / "pairs.parquet"
+    pd.DataFrame({"image": pd.Categorical(["a.png", "b.png"]), "prompt": pd.Categorical(["a cat", "a cat"])}
+                 ).to_parquet(path)
+    check_pair_files([path])
+    assert list(iter_pairs([path])) == [(str(tmp_path / "a.png"), "a cat"), (str(tmp_path / "b.png"), "a cat")]
+    numbers = tmp_path / "numbers.parquet"
+    pd.DataFrame({"image": [1, 2], "prompt": ["a cat", "a dog"]}).to_parquet(numbers)
+    with pytest.raises(UserError, match=r"numbers.parquet: column 'image' holds int64, not text: a --pairs table "
+                                        r"needs text columns 'image' \(image paths\) and 'prompt'") as caught:
+        check_pair_files([numbers])
+    assert "--column" not in str(caught.value)  # --column chooses the corpus's prompt column, not these

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import KAGGLE_SAMPLE
 from img2prompt.errors import UserError
-from img2prompt.query.score import ScoreOptions, read_submission, run_score
+from img2prompt.query.score import ScoreOptions, check_labelled_images, read_prompt_table, read_submission, run_score
 
 needs_sample = pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/kaggle-sample is not present")
 LABELS = KAGGLE_SAMPLE / "prompts.csv"
@@ -122,6 +122,11 @@ def valid_rows(image: str = "a", values=None) -> str:
     ("imgId_eId,val\n" + valid_rows().replace("a_5,0.0", "a_5,oops"), r"line 7: value 'oops' is not a finite number"),
     ("imgId_eId,val\n" + valid_rows().replace("a_9,0.0", "a_9,"), r"line 11: value '' is not a finite number"),
     ("imgId_eId,val\n" + valid_rows() + "b_0,1\n", r"image 'b' has 1 rows, expected 384"),
+    # Kaggle matches f"{imgId}_{i}" exactly: a leading zero or a non-ASCII digit is another id, not element 7
+    ("imgId_eId,val\n" + valid_rows().replace("a_7,", "a_007,"), r"line 9: 'a_007' is not of the form .*ASCII"),
+    ("imgId_eId,val\n" + valid_rows().replace("a_7,", "a_\u0667,"), r"line 9: 'a_\u0667' is not of the form"),
+    ("imgId_eId,val\n" + valid_rows().replace("a_0,", "a_00,"), r"line 2: 'a_00' is not of the form"),
+    ("imgId_eId,val\n" + valid_rows().replace("a_7,", "a_+7,"), r"line 9: 'a_\+7' is not of the form"),
 ])
 def test_malformed_submissions_get_one_line_errors(tmp_path, body, message):
     path = write(tmp_path, "bad.csv", body)
@@ -177,3 +182,61 @@ def test_the_command_prints_the_table_and_json(tmp_path, capsys, monkeypatch):
     assert cli_score.parse_named_path("blip=out/blip.csv") == ("blip", "out/blip.csv")
     with pytest.raises(argparse.ArgumentTypeError, match="expected NAME=captions.csv"):
         cli_score.parse_named_path("out/blip.csv")
+
+
+@pytest.mark.parametrize("table, message", [
+    (pd.DataFrame({"imgId": ["a", "b"], "prompt": [7, 8]}),
+     r"labels.parquet, row 1: prompt holds int64 \(7\), not text"),
+    (pd.DataFrame({"imgId": ["a", "b"], "prompt": [0.5, 8.0]}), r"row 1: prompt holds float64 \(0.5\), not text"),
+    (pd.DataFrame({"imgId": ["a", "b"], "prompt": ["a cat", None]}),
+     r"labels.parquet, row 2: prompt is empty \(null\)"),
+    (pd.DataFrame({"imgId": ["a", "b"], "prompt": ["a cat", float("nan")]}), r"row 2: prompt is empty \(null\)"),
+    (pd.DataFrame({"imgId": ["a", None], "prompt": ["a cat", "a dog"]}), r"row 2: imgId is empty \(null\)"),
+    (pd.DataFrame({"imgId": ["a", "b"], "prompt": pd.Categorical(["a cat", None])}), r"row 2: prompt is empty"),
+    (pd.DataFrame({"imgId": ["a", "b"], "prompt": ["a cat", " ... "]}), r"row 2: prompt ' ... ' has no word"),
+])
+def test_labels_parquet_must_hold_text_prompts(tmp_path, table, message):
+    """Nulls and numbers in a labels parquet: one line naming file and row, never the scorer's traceback."""
+    path = tmp_path / "labels.parquet"
+    table.to_parquet(path)
+    with pytest.raises(UserError, match=message) as caught:
+        read_prompt_table(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_dictionary_encoded_and_integer_columns_are_read_as_text(tmp_path):
+    path = tmp_path / "labels.parquet"
+    pd.DataFrame({"imgId": [10, 11], "prompt": pd.Categorical(["a cat", "a dog"])}).to_parquet(path)
+    frame = read_prompt_table(path)
+    assert frame["imgId"].tolist() == ["10", "11"] and frame["prompt"].tolist() == ["a cat", "a dog"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("imgId,prompt\na,a cat\nb,\n", r"labels.csv, line 3: prompt '' has no word"),
+    ("imgId,prompt\na,a cat\nb,  \n", r"line 3: prompt '  ' has no word"),
+    ("imgId,prompt\na,a cat\n,a dog\n", r"line 3: the imgId is empty"),
+])
+def test_labels_csv_rows_need_an_id_and_a_word(tmp_path, body, message):
+    with pytest.raises(UserError, match=message):
+        read_prompt_table(write(tmp_path, "labels.csv", body))
+
+
+def test_null_captions_are_named_before_the_scorer_loads(tmp_path):
+    labels = write(tmp_path, "labels.csv", "imgId,prompt\na,a cat\nb,a dog\n")
+    captions = tmp_path / "blip.parquet"
+    pd.DataFrame({"imgId": ["a", "b"], "prompt": ["a cat", None]}).to_parquet(captions)
+    with pytest.raises(UserError, match=r"blip.parquet, row 2: prompt is empty \(null\)"):
+        run_score(ScoreOptions(labels=str(labels), captions=str(captions)))  # no scorer: fails before loading
+
+
+def test_labels_that_match_too_few_images_are_refused():
+    check_labelled_images("l.csv", ["a", "b", "c", "d"], "imgs", ["a", "b", "x"])  # half found: scored
+    with pytest.raises(UserError, match=r"l.csv: only 1 of 4 labelled images are in imgs \(at least 50% must be\): "
+                                        r"labels name a, b, c, d; the folder holds a, x, y$"):
+        check_labelled_images("l.csv", ["a", "b", "c", "d"], "imgs", ["y", "x", "a"])
+    with pytest.raises(UserError, match=r"only 0 of 2 .*the folder holds none$"):
+        check_labelled_images("l.csv", ["a", "b"], "imgs", [])
+    with pytest.raises(UserError, match=r"labels name A, B; the folder holds a, b; the ids differ .* in case only"):
+        check_labelled_images("l.csv", ["A", "B"], "imgs", ["a", "b"])
+    with pytest.raises(UserError, match=r"only 0 of 2 .*carry a file suffix: give the file stem"):
+        check_labelled_images("l.csv", ["a.png", "b.png"], "imgs", ["a", "b"])
