@@ -130,6 +130,15 @@ else:
 # that file lists every image (a hidden test set with other images is written in file-name order).
 
 # %%
+import warnings
+
+# open_clip's dependencies import tqdm.auto, which in a notebook without ipywidgets warns "IProgress not
+# found" and then uses the plain text bar anyway (img2prompt's own bars are that plain bar, tqdm.std):
+# import it once here with that warning silenced.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    import tqdm.auto
+
 import img2prompt
 
 
