@@ -118,11 +118,13 @@ except metadata.PackageNotFoundError:
 if installed == VERSION:  # a second run of the notebook in the same session
     print(f"img2prompt {VERSION} is already installed")
 else:
+    # pip's output is captured: a notebook cell does not show what a child process writes
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
-                          "--find-links", str(KIT / "wheels"), f"img2prompt=={VERSION}"])
+                          "--find-links", str(KIT / "wheels"), f"img2prompt=={VERSION}"], capture_output=True, text=True)
     if pip.returncode != 0:
-        raise SystemExit(f"pip could not install img2prompt {VERSION} from {KIT / 'wheels'} (exit {pip.returncode}): "
-                         "see its message above")
+        print(pip.stdout + pip.stderr)
+        errors = [line for line in pip.stderr.splitlines() if line.startswith("ERROR")] or ["(no message)"]
+        raise SystemExit(f"pip could not install img2prompt {VERSION} from {KIT / 'wheels'}: {errors[-1]}")
     print(f"installed img2prompt {VERSION} from {KIT / 'wheels'}")
 
 # %% [markdown]

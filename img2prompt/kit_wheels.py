@@ -71,6 +71,7 @@ class Target:
 
 
 def check_python_version(text: str) -> str:
+    """--python-version as given, when it is a CPython X.Y."""
     if not re.fullmatch(r"3\.\d{1,2}", text or ""):
         raise UserError(f"--python-version {text!r}: give a CPython version as X.Y, e.g. 3.11")
     return text
@@ -236,6 +237,7 @@ def pip_download(name: str, specifier: SpecifierSet, prefer: str | None, dest: P
 
 
 def installed_version(name: str) -> str | None:
+    """The version of `name` installed here, or None."""
     try:
         return importlib_metadata.version(name)
     except importlib_metadata.PackageNotFoundError:

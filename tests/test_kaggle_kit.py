@@ -261,16 +261,19 @@ def distribution_closure(names: list[str]) -> dict[str, metadata.Distribution]:
     the extras their dependants ask for, e.g. torch → cuda-toolkit[cublas,...] → nvidia-cublas)."""
     found: dict[str, metadata.Distribution] = {}
     extras: dict[str, set[str]] = {}
-    todo = [(name, ()) for name in names]
+    todo = [(name, (), SpecifierSet()) for name in names]
     while todo:
-        raw, wanted = todo.pop()
+        raw, wanted, specifier = todo.pop()
         name = canonicalize_name(raw)
         new = set(wanted) - extras.get(name, set())
         if name in found and not new:
             continue
-        try:
-            dist = found.get(name) or metadata.distribution(name)
-        except metadata.PackageNotFoundError:
+        # the first installed copy on sys.path that satisfies the requirement (a venv's own old setuptools
+        # may shadow the newer one torch requires)
+        copies = list(metadata.distributions(name=raw))
+        dist = found.get(name) or next((copy for copy in copies if specifier.contains(copy.version, prereleases=True)),
+                                       copies[0] if copies else None)
+        if dist is None:
             continue  # an optional requirement that is not installed here
         found[name] = dist
         extras.setdefault(name, set()).update(new)
@@ -278,7 +281,7 @@ def distribution_closure(names: list[str]) -> dict[str, metadata.Distribution]:
             requirement = Requirement(line)
             if requirement.marker is None or any(requirement.marker.evaluate({"extra": extra})
                                                  for extra in {"", *extras[name]}):
-                todo.append((requirement.name, tuple(requirement.extras)))
+                todo.append((requirement.name, tuple(requirement.extras), requirement.specifier))
     return found
 
 

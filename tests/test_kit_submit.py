@@ -216,3 +216,17 @@ def test_the_notebook_runs_in_a_kernel_without_stray_output(stub_kit, tmp_path):
     assert "IProgress" not in shown and "Warning" not in shown
     assert "index verified" in shown and "is already installed" in shown and f"wrote {submission}" in shown
     assert submission.is_file()
+
+
+def test_a_failed_install_is_one_line_naming_pips_error(kit_copy, sample_images, tmp_path, monkeypatch):
+    """pip's message is captured (a notebook cell would not show a child's stderr) and its ERROR line ends
+    the run; nothing is predicted. The kit asks for a version its wheels/ do not hold, so pip cannot succeed."""
+    info = json.loads((kit_copy / "kit.json").read_text())
+    info["img2prompt_version"] = "0.0.1"
+    (kit_copy / "kit.json").write_text(json.dumps(info))
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    with pytest.raises(SystemExit, match=r"pip could not install img2prompt 0\.0\.1 from .*wheels: ERROR: ") as caught:
+        run_submit_in_process(kit_copy, sample_images, tmp_path / "submission.csv", monkeypatch)
+    assert "\n" not in str(caught.value) and "img2prompt==0.0.1" in str(caught.value)
+    assert not (tmp_path / "submission.csv").exists()
