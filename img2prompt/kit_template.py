@@ -66,17 +66,81 @@ print(f"kit: {KIT} (img2prompt {KIT_INFO['img2prompt_version']}, index of {KIT_I
 print(f"images: {IMAGES}\\nsample submission: {SAMPLE or '(none)'}\\nout: {OUT}")
 
 # %% [markdown]
+# Check the kit's index against the sizes and sha256s that kit.json lists: a damaged index (a bad upload, a
+# changed file) stops the notebook here with one line, before anything is installed or predicted, rather
+# than writing a submission from wrong vectors.
+
+# %%
+import hashlib
+import time
+
+
+def index_problem(index: Path, records: dict) -> str:
+    """What is wrong with the index files (one line), or "" when each has its recorded size and sha256."""
+    for name, record in records.items():  # sizes first: a truncated file is told without reading anything
+        path = index / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != record["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, kit.json says {record['bytes']}"
+    for name, record in records.items():
+        digest = hashlib.sha256()
+        with open(index / name, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != record["sha256"]:
+            return f"{index / name}: its sha256 differs from the one kit.json lists"
+    return ""
+
+
+INDEX_FILES = KIT_INFO["index"].get("files")
+if not INDEX_FILES:
+    raise SystemExit(f"{KIT / 'kit.json'} lists no index checksums (an older kit): rebuild it with "
+                     "`img2prompt kaggle-kit`")
+started = time.perf_counter()
+problem = index_problem(KIT / "index", INDEX_FILES)
+if problem:
+    raise SystemExit(f"the kit's index is damaged, nothing was predicted: {problem}; rebuild or re-upload the kit")
+print(f"index verified: {len(INDEX_FILES)} files, {sum(r['bytes'] for r in INDEX_FILES.values()) / 1e6:.1f} MB, "
+      f"{time.perf_counter() - started:.1f} s")
+
+# %% [markdown]
 # Install img2prompt and everything it needs from the kit's wheels (no internet, no package index).
 
 # %%
-subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
-                       "--find-links", str(KIT / "wheels"), f"img2prompt=={KIT_INFO['img2prompt_version']}"])
+from importlib import metadata
+
+VERSION = KIT_INFO["img2prompt_version"]
+try:
+    installed = metadata.version("img2prompt")
+except metadata.PackageNotFoundError:
+    installed = None
+if installed == VERSION:  # a second run of the notebook in the same session
+    print(f"img2prompt {VERSION} is already installed")
+else:
+    # pip's output is captured: a notebook cell does not show what a child process writes
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
+                          "--find-links", str(KIT / "wheels"), f"img2prompt=={VERSION}"], capture_output=True, text=True)
+    if pip.returncode != 0:
+        print(pip.stdout + pip.stderr)
+        errors = [line for line in pip.stderr.splitlines() if line.startswith("ERROR")] or ["(no message)"]
+        raise SystemExit(f"pip could not install img2prompt {VERSION} from {KIT / 'wheels'}: {errors[-1]}")
+    print(f"installed img2prompt {VERSION} from {KIT / 'wheels'}")
 
 # %% [markdown]
 # Predict every image's prompt embedding and write the submission, in the sample submission's order when
 # that file lists every image (a hidden test set with other images is written in file-name order).
 
 # %%
+import warnings
+
+# open_clip's dependencies import tqdm.auto, which in a notebook without ipywidgets warns "IProgress not
+# found" and then uses the plain text bar anyway (img2prompt's own bars are that plain bar, tqdm.std):
+# import it once here with that warning silenced.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    import tqdm.auto
+
 import img2prompt
 
 
@@ -101,7 +165,7 @@ def sample_for(images: Path, sample: str):
 
 OUT.parent.mkdir(parents=True, exist_ok=True)
 # the CLIP folder(s) the kit holds: clip/, or clip-1/, clip-2/, … for an index of several CLIP models
-CLIP_FOLDERS = [str(KIT / name) for name in json.loads((KIT / "kit.json").read_text()).get("clip_folders", ["clip"])]
+CLIP_FOLDERS = [str(KIT / name) for name in KIT_INFO.get("clip_folders", ["clip"])]
 with img2prompt.open_index(KIT / "index", clip_model=CLIP_FOLDERS) as index:
     report = index.submission(IMAGES, OUT, sample_submission=sample_for(IMAGES, SAMPLE), **SETTINGS)
 print(f"wrote {report.out}: {report.images} images, predicted {report.predicted}, "

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -25,25 +24,17 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from conftest import KAGGLE_SAMPLE
-from img2prompt import kaggle_kit, kit_template
+from img2prompt import kaggle_kit, kit_clip, kit_template, kit_wheels
 from img2prompt.errors import UserError
-from img2prompt.kaggle_kit import KitOptions, Target, build_kit, format_kit_report, resolve_closure
+from img2prompt.kaggle_kit import KitOptions, build_kit, format_kit_report
+from img2prompt.kit_wheels import Target, resolve_closure
+from kit_helpers import make_wheel
 
 KAGGLE_SHIPS = ["torch", "torchvision", "numpy", "pandas", "pyarrow", "pillow"]
-LINUX_311 = Target("3.11", kaggle_kit.DEFAULT_PLATFORMS)
+LINUX_311 = Target("3.11", kit_wheels.DEFAULT_PLATFORMS)
 
 
 # ---------------------------------------------------------------------------------------------- fake wheels
-
-def make_wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
-    """A minimal wheel: just NAME-VERSION.dist-info/METADATA with the Requires-Dist lines."""
-    stem = f"{name.replace('-', '_')}-{version}"
-    path = folder / f"{stem}-py3-none-any.whl"
-    body = "".join(f"Requires-Dist: {line}\n" for line in requires)
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(f"{stem}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{body}")
-    return path
-
 
 class FakeIndex:
     """A package index of fake wheels: fetch() returns the newest version matching the specifier."""
@@ -81,7 +72,7 @@ FAKE_PACKAGES = {
 
 def resolve(tmp_path, *, target=LINUX_311, extras=(), installed=lambda name: None, packages=FAKE_PACKAGES):
     index = FakeIndex(packages)
-    root = kaggle_kit.read_wheel_metadata(make_wheel(tmp_path, "root", "1.0", packages["root"]["1.0"]))
+    root = kit_wheels.read_wheel_metadata(make_wheel(tmp_path, "root", "1.0", packages["root"]["1.0"]))
     wheels = tmp_path / "wheels"
     wheels.mkdir(exist_ok=True)
     result = resolve_closure([root], {"root": set(extras)}, target=target, preinstalled=["torch", "Pillow"],
@@ -122,7 +113,7 @@ def test_closure_refuses_a_wheel_of_another_package(tmp_path):
     def wrong(name, specifier, prefer, dest):
         return make_wheel(dest, "other", "1.0", [])
 
-    root = kaggle_kit.read_wheel_metadata(make_wheel(tmp_path, "root", "1.0", ["alpha"]))
+    root = kit_wheels.read_wheel_metadata(make_wheel(tmp_path, "root", "1.0", ["alpha"]))
     with pytest.raises(UserError, match="asked for alpha"):
         resolve_closure([root], {}, target=LINUX_311, preinstalled=[], fetch=wrong, dest=tmp_path)
 
@@ -219,16 +210,16 @@ def test_clip_that_does_not_match_the_index_is_refused(built_index, other_clip_d
 
 def test_pretrained_tag_without_a_file_asks_for_clip_weights(tmp_path):
     with pytest.raises(UserError, match="--clip-weights"):
-        kaggle_kit.write_clip_folder({"name": "ViT-B-32", "pretrained": "openai"}, None, tmp_path / "clip")
+        kit_clip.write_clip_folder({"name": "ViT-B-32", "pretrained": "openai"}, None, tmp_path / "clip")
     with pytest.raises(UserError, match="--clip-weights"):
-        kaggle_kit.write_clip_folder({"name": "local-dir:/nonexistent/clip", "pretrained": None}, None,
+        kit_clip.write_clip_folder({"name": "local-dir:/nonexistent/clip", "pretrained": None}, None,
                                      tmp_path / "clip")
 
 
 def test_clip_config_for_an_architecture_and_tag():
     import open_clip
 
-    config = kaggle_kit.clip_config_for("ViT-B-32", "openai")
+    config = kit_clip.clip_config_for("ViT-B-32", "openai")
     assert config["model_cfg"]["vision_cfg"] == open_clip.get_model_config("ViT-B-32")["vision_cfg"]
     tag = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
     assert config["preprocess_cfg"]["mean"] == list(tag["mean"])
@@ -236,7 +227,7 @@ def test_clip_config_for_an_architecture_and_tag():
     # open_clip >= 3 builds `ViT-B-32` + the openai tag with plain GELU (it only warns): so must the kit.
     if int(open_clip.__version__.split(".")[0]) >= 3:
         assert "quick_gelu" not in config["model_cfg"]
-    file_config = kaggle_kit.clip_config_for("ViT-B-32-quickgelu", "/models/clip.bin")
+    file_config = kit_clip.clip_config_for("ViT-B-32-quickgelu", "/models/clip.bin")
     assert file_config["preprocess_cfg"] == {} and file_config["model_cfg"]["quick_gelu"] is True
 
 
@@ -270,16 +261,19 @@ def distribution_closure(names: list[str]) -> dict[str, metadata.Distribution]:
     the extras their dependants ask for, e.g. torch → cuda-toolkit[cublas,...] → nvidia-cublas)."""
     found: dict[str, metadata.Distribution] = {}
     extras: dict[str, set[str]] = {}
-    todo = [(name, ()) for name in names]
+    todo = [(name, (), SpecifierSet()) for name in names]
     while todo:
-        raw, wanted = todo.pop()
+        raw, wanted, specifier = todo.pop()
         name = canonicalize_name(raw)
         new = set(wanted) - extras.get(name, set())
         if name in found and not new:
             continue
-        try:
-            dist = found.get(name) or metadata.distribution(name)
-        except metadata.PackageNotFoundError:
+        # the first installed copy on sys.path that satisfies the requirement (a venv's own old setuptools
+        # may shadow the newer one torch requires)
+        copies = list(metadata.distributions(name=raw))
+        dist = found.get(name) or next((copy for copy in copies if specifier.contains(copy.version, prereleases=True)),
+                                       copies[0] if copies else None)
+        if dist is None:
             continue  # an optional requirement that is not installed here
         found[name] = dist
         extras.setdefault(name, set()).update(new)
@@ -287,7 +281,7 @@ def distribution_closure(names: list[str]) -> dict[str, metadata.Distribution]:
             requirement = Requirement(line)
             if requirement.marker is None or any(requirement.marker.evaluate({"extra": extra})
                                                  for extra in {"", *extras[name]}):
-                todo.append((requirement.name, tuple(requirement.extras)))
+                todo.append((requirement.name, tuple(requirement.extras), requirement.specifier))
     return found
 
 
@@ -385,11 +379,13 @@ def test_overwrite_replaces_a_kit(kit, tmp_path, monkeypatch):
     target = tmp_path / "kit"
     target.mkdir()
     (target / "old.txt").write_text("old kit")
+    (target / "kit.json").write_text('{"format": 1}')  # only a kit may be replaced
     build_kit(KitOptions(index=str(out / "index"), out=str(target), overwrite=True))
     assert not (target / "old.txt").exists() and (target / "kit.json").is_file()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["kit"]
 
 
+@pytest.mark.slow
 @pytest.mark.kit
 @pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/kaggle-sample is not present")
 def test_kit_notebook_runs_offline_in_a_fresh_venv(kit, tmp_path):
@@ -419,6 +415,10 @@ def test_kit_notebook_runs_offline_in_a_fresh_venv(kit, tmp_path):
     client = nbclient.NotebookClient(notebook, km=manager, kernel_name="kit-venv", timeout=600, startup_timeout=120,
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute(env=env, cwd=str(tmp_path))
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "execute_result"]  # no stray `0`
+    shown = "".join(output.get("text", "") for output in outputs)
+    assert "IProgress" not in shown and "installed img2prompt" in shown and "index verified" in shown
 
     values = check_submission(submission, KAGGLE_SAMPLE / "sample_submission.csv")
     # The kit's packages were installed into the fresh venv (from the wheels, nothing else was reachable).
