@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
+from typing import TYPE_CHECKING
+
 from img2prompt.errors import UserError
-from img2prompt.index.format import ShardTask
+
+if TYPE_CHECKING:  # the registry is read by `build --help`: no torch for that
+    from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
+    from img2prompt.index.format import ShardTask
 
 @dataclass(frozen=True)
 class EngineFlag:

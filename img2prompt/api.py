@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from img2prompt.errors import UserError
 from img2prompt.query.results import ImageInput, SearchResult
-from img2prompt.query.settings import RetrievalSettings, SettingError
+from img2prompt.query.settings import ImageLoading, RetrievalSettings, SettingError
 
 
 def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip_pretrained: str | None = None,
@@ -53,6 +53,29 @@ def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None
                                 text_model=text_model, verify=verify, lazy=lazy)
 
 
+def check_query(command: str, index: str | Path, settings: RetrievalSettings, **paths: Any) -> None:
+    """Everything `command` ("search", "submit", "eval") can refuse from its arguments, the manifest and the
+    file system, in well under a second (no torch, no model): what the CLI runs before opening the index."""
+    from img2prompt.query import preflight
+
+    opened = preflight.check_settings(index, settings)
+    if command == "search":
+        preflight.check_search_images(paths.get("images") or ())
+    elif command == "submit":
+        preflight.check_submit_paths(opened.root, paths["images"], paths["out"], paths.get("explain"),
+                                     paths.get("save_npy"), paths.get("sample_submission"))
+    elif command == "eval":
+        preflight.check_eval_paths(opened.root, paths["labels"], paths.get("images"), paths.get("out"),
+                                   paths.get("plot"), paths.get("sweep", False), dict(paths.get("captions") or []))
+
+
+def check_environment() -> None:
+    """One line (a UserError) when the installed torch/torchvision pair cannot work, before anything imports it."""
+    from img2prompt.encoders.stack import check_torch_stack
+
+    check_torch_stack()
+
+
 def build_choices() -> dict:
     """What `build` can be asked for, from the registries: index kinds, engines and each engine's own flags."""
     from img2prompt.build_index.engine import ENGINES
@@ -77,10 +100,10 @@ def format_eval_report(report: dict) -> str:
 
 def npy_ids_path(npy: str | Path) -> Path:
     """Where `submission(save_npy=...)` writes the imgId order of the predictions array."""
-    from img2prompt.query.submit import npy_ids_path as ids_path
+    from img2prompt.query.preflight import npy_ids_path as ids_path
 
     return ids_path(npy)
 
 
-__all__ = ["build", "build_choices", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError",
+__all__ = ["build", "build_choices", "check_environment", "check_query", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError",
            "format_search", "format_eval_report", "npy_ids_path"]

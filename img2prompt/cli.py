@@ -275,6 +275,9 @@ def _settings(args):
 
 
 def _loading(args) -> dict:
+    from img2prompt.api import ImageLoading
+
+    ImageLoading(args.batch_size, args.workers)  # checked with the other settings, before any work
     return {"batch_size": args.batch_size, "workers": args.workers, "progress": not args.quiet}
 
 
@@ -308,10 +311,14 @@ def cmd_build(args) -> None:
 
 
 def cmd_submit(args) -> None:
-    settings = _settings(args)
+    from img2prompt.api import check_query
+
+    settings, loading = _settings(args), _loading(args)
+    check_query("submit", args.index, settings, images=args.images, out=args.out, explain=args.explain,
+                save_npy=args.save_npy, sample_submission=args.sample_submission)
     with _open(args) as index:
         report = index.submission(args.images, args.out, args.sample_submission, settings, explain=args.explain,
-                                  save_npy=args.save_npy, strict=args.strict, **_loading(args))
+                                  save_npy=args.save_npy, strict=args.strict, **loading)
     if args.json:
         print(json.dumps(report.__dict__, indent=2))
         return
@@ -336,8 +343,10 @@ def cmd_submit(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from img2prompt.api import format_search
+    from img2prompt.api import RetrievalSettings, check_query, format_search
 
+    settings = RetrievalSettings(k=args.k, model_weights=args.model_weights, min_score=args.min_score)
+    check_query("search", args.index, settings, images=args.image or [])
     with _open(args) as index:
         results = index.search(args.image or [], args.text or [], args.k, model_weights=args.model_weights,
                                min_score=args.min_score)
@@ -362,13 +371,15 @@ def cmd_interrogate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from img2prompt.api import format_eval_report
+    from img2prompt.api import check_query, format_eval_report
 
-    settings = _settings(args)
+    settings, loading = _settings(args), _loading(args)
+    check_query("eval", args.index, settings, labels=args.labels, images=args.images, out=args.out, plot=args.plot,
+                sweep=args.sweep, captions=args.captions)
     with _open(args) as index:
         report = index.evaluate(args.labels, settings, images=args.images, sweep=args.sweep, plot=args.plot,
                                 out=args.out, exclude_exact=args.exclude_exact, text_model=args.text_model,
-                                captions=args.captions, **_loading(args))
+                                captions=args.captions, **loading)
     print(json.dumps(report, indent=2) if args.json else format_eval_report(report))
 
 
@@ -411,6 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         try:
+            from img2prompt.api import check_environment
+
+            check_environment()  # a torch/torchvision mismatch: one line, not open_clip's traceback
             COMMANDS[args.command](args)
         except UserError as exc:
             from img2prompt.api import SettingError

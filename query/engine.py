@@ -17,10 +17,10 @@ from img2prompt.encoders.image_embed import embed_images, image_label
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, Interrogation, compose_all
 from img2prompt.query.evaluate import eval_options, run_eval
 from img2prompt.query.lookup import run_search
-from img2prompt.query.predict import ImageLoading, blended_scores, predict_rows, retrieve
+from img2prompt.query.predict import blended_scores, predict_rows, retrieve
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import ModelOverrides, QuerySession, open_session
-from img2prompt.query.settings import RetrievalSettings
+from img2prompt.query.settings import ImageLoading, RetrievalSettings
 from img2prompt.query.submit import SubmitOptions, SubmitReport, run_submit
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ is scored with the setting that wins on the other folds.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import time
 from dataclasses import dataclass
@@ -31,18 +30,16 @@ from img2prompt.index.flat import exact_search
 from img2prompt.index.format import MANIFEST, file_sha256
 from img2prompt.index.recall import recall_at_k
 from img2prompt.encoders.models import load_text_model
-from img2prompt.output_paths import Output, check_outputs
+from img2prompt.query.preflight import check_eval_paths
 from img2prompt.query.blend import corpus_mean_prediction
-from img2prompt.encoders.image_embed import check_image_loading_args
 from img2prompt.encoders.images import list_images
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, compose, rank_modifiers
-from img2prompt.query.predict import (ImageLoading, Retrieved, blend_neighbours, head_predictions, mix_rows,
-                                      retrieve_images)
+from img2prompt.query.predict import Retrieved, blend_neighbours, head_predictions, mix_rows, retrieve_images
 from img2prompt.query.score import (BOOTSTRAP_MIN_N, align, caption_vectors, check_labelled_images, cosine_rows,
                                     read_prompt_table, summarise)
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import QuerySession
-from img2prompt.query.settings import RetrievalSettings
+from img2prompt.query.settings import ImageLoading, RetrievalSettings
 
 SWEEP_K = (1, 2, 3, 5, 10, 20, 30, 50, 100)
 SWEEP_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
@@ -308,16 +305,9 @@ def baseline_flags(options: EvalOptions, shrink: float) -> dict[str, str]:
 def run_eval(session: QuerySession, options: EvalOptions) -> dict:
     """The report for a labelled set, on an opened session (the index and its CLIP model)."""
     chosen = options.settings.check_for(session.index)
-    if options.plot and not options.sweep:
-        raise UserError("--plot draws the sweep: add --sweep")
-    if options.plot and importlib.util.find_spec("matplotlib") is None:
-        raise UserError("--plot needs matplotlib, which is not installed: pip install 'img2prompt[eval]'")
     sets = caption_sets(options.captions)
-    # outputs against every input (labels, captions, images, the index) and each other
-    check_outputs([Output("--out", options.out), Output("--plot", options.plot)],
-                  {"--labels": options.labels, **{f"--captions {name}": path for name, path in sets.items()},
-                   "IMAGES_DIR": options.images, "INDEX_DIR": session.index.root})
-    check_image_loading_args(options.loading.batch_size, options.loading.workers)
+    check_eval_paths(session.index.root, options.labels, options.images, options.out, options.plot, options.sweep,
+                     sets)
     labels = read_labels(options.labels)
     if options.images:  # refuse labels that (almost) match no image, before any model
         check_labelled_images(options.labels, labels["imgId"].tolist(), options.images,

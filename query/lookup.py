@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Sequence
 
+from img2prompt.query.preflight import check_search_images
 from img2prompt.query.results import SearchResult
 from img2prompt.errors import UserError
 
@@ -16,9 +16,7 @@ def run_search(index, images: Sequence[str] = (), texts: Sequence[str] = (), k: 
     if not images and not texts:
         raise UserError("give --image PATH (repeatable) or --text TEXT")
     index.settings(k=k, model_weights=model_weights, min_score=min_score)
-    for image in images:
-        if not Path(image).is_file():
-            raise UserError(f"image not found: {image}")
+    check_search_images(images)
     options = {"model_weights": model_weights, "min_score": min_score}
     results = index.search_images(list(images), k, **options) if images else []
     return results + (index.search_texts(list(texts), k, **options) if texts else [])

@@ -20,20 +20,11 @@ from img2prompt.index.format import PromptIndex
 from img2prompt.query.blend import blend, corpus_mean_prediction, mix_head
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import QuerySession
-from img2prompt.query.settings import RetrievalSettings
+from img2prompt.query.settings import ImageLoading, RetrievalSettings
 
 log = logging.getLogger(__name__)
 
 MISSING_FILE = "not found in the images folder"
-
-
-@dataclass
-class ImageLoading:
-    """How images are decoded and encoded (not part of what a prediction is): batch size, decoding workers,
-    a progress bar."""
-    batch_size: int | None = None
-    workers: int | None = None
-    progress: bool = False
 
 
 @dataclass

@@ -132,3 +132,21 @@ class RetrievalSettings:
             raise SettingError("beta", f"needs the index's regression head, and {index.root} has none (built "
                                        "with --no-regression-head, or by an older img2prompt): rebuild it")
         return self
+
+
+MAX_IMAGE_WORKERS = 64  # image decoding processes: more than cores only thrash (and each holds a model's preprocess)
+
+
+@dataclass(frozen=True)
+class ImageLoading:
+    """How images are decoded and encoded (not part of what a prediction is): batch size, decoding workers,
+    a progress bar. Checked when made, like the retrieval settings."""
+    batch_size: int | None = None
+    workers: int | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or self.batch_size < 1):
+            raise SettingError("batch_size", f"must be at least 1 (got {self.batch_size})")
+        if self.workers is not None and not 0 <= self.workers <= MAX_IMAGE_WORKERS:
+            raise SettingError("workers", f"must be between 0 and {MAX_IMAGE_WORKERS} (got {self.workers})")

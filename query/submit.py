@@ -16,13 +16,12 @@ import numpy as np
 
 from img2prompt.atomic import write_atomic
 from img2prompt.errors import UserError
-from img2prompt.output_paths import Output, check_outputs
 from img2prompt.query.blend import neighbour_weights
-from img2prompt.encoders.image_embed import check_image_loading_args
 from img2prompt.encoders.images import list_images
-from img2prompt.query.predict import MISSING_FILE, ImageLoading, blended_scores, predict_rows, retrieve_images
+from img2prompt.query.predict import MISSING_FILE, blended_scores, predict_rows, retrieve_images
+from img2prompt.query.preflight import check_submit_paths, npy_ids_path
 from img2prompt.query.session import QuerySession
-from img2prompt.query.settings import RetrievalSettings
+from img2prompt.query.settings import ImageLoading, RetrievalSettings
 from img2prompt.query.submission import EMBED_DIM, read_sample_submission, write_explain, write_submission
 
 SHOWN_IDS = 5  # ids quoted in messages about missing images
@@ -55,23 +54,10 @@ class SubmitReport:
     images_per_s: float | None = None  # decode + encode, steady state over the whole folder
 
 
-def npy_ids_path(npy: str | Path) -> Path:
-    """The imgId list written beside --save-npy's array (row i of the array is line i)."""
-    npy = Path(npy)
-    return npy.with_name(npy.name.removesuffix(".npy") + ".ids.txt")
-
-
 def check_submit_outputs(options: SubmitOptions, index_root: str | Path | None = None) -> None:
     """Refuse unusable or colliding outputs before any work (no image is encoded for nothing)."""
-    # every written file (with --save-npy's id list) against the inputs and each other
-    npy = options.save_npy
-    check_outputs([Output("--out", options.out), Output("--explain", options.explain),
-                   Output("--save-npy", npy, (("id list", npy_ids_path(npy)),) if npy else ())],
-                  {"--sample-submission": options.sample_submission, "IMAGES_DIR": options.images,
-                   "INDEX_DIR": index_root})
-    if options.save_npy is not None and not str(options.save_npy).endswith(".npy"):
-        raise UserError(f"--save-npy {options.save_npy}: the file name must end in .npy")
-    check_image_loading_args(options.loading.batch_size, options.loading.workers)
+    check_submit_paths(index_root, options.images, options.out, options.explain, options.save_npy,
+                       options.sample_submission)
 
 
 def select_image_ids(options: SubmitOptions, listing) -> tuple[list[str], list[str] | None, int]:

@@ -74,3 +74,24 @@ def test_disk_full_is_one_line(values, capsys, monkeypatch):
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"img2prompt submit: error: No space left on device: {values['tmp']}/s.csv"
     assert [p.name for p in values["tmp"].iterdir() if p.name.endswith(".tmp")] == []  # temp file removed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "{index}", "--text", "x", "--k", "0"], "--k must be at least 1 (got 0)"),
+    (["search", "{index}", "--text", "x", "--k", "100000"], "--k 100000 is larger than the index"),
+    (["search", "{index}", "--image", "nope.png"], "image not found: nope.png"),
+    (["submit", "{index}", "{images}", "--out", "/nonexistent-dir/s.csv"], "/nonexistent-dir"),
+    (["submit", "{index}", "{images}", "--beta", "2"], "--beta must be between 0 and 1"),
+    (["submit", "{index}", "{images}", "--workers", "-1"], "--workers must be between 0"),
+    (["eval", "{index}", "--labels", "missing.csv"], "labels file not found: missing.csv")])
+def test_bad_arguments_are_refused_before_torch_or_a_model_loads(built_index, sample_images, argv, message):
+    """Checked from the arguments, the manifest and the file system alone: torch is never imported."""
+    import subprocess
+    import sys
+
+    argv = [arg.format(index=built_index, images=sample_images) for arg in argv]
+    code = ("import sys; from img2prompt import cli; rc = cli.main(sys.argv[1:]); "
+            "print(rc, 'torch' in sys.modules, 'open_clip' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["2", "False", "False"], out.stderr
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1

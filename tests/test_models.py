@@ -162,3 +162,23 @@ def test_open_clip_imports_without_the_towers_a_model_does_not_use(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["plain False False", "hf True"]
+
+
+@pytest.mark.parametrize("torch_version, vision_version, expected", [
+    ("2.14.1", "0.29.1", None), ("2.5.1+cpu", "0.20.1+cpu", None), ("2.5.1", "0.21.0", "needs torchvision 0.20"),
+    ("2.14.1+cu128", "0.28.0", "pip install 'torchvision==0.29.*' (the same build as torch: +cu128)"),
+    (None, "0.29.1", "torch is not installed"), ("2.14.1", None, "torchvision is not installed")])
+def test_a_mismatched_torch_pair_is_named_in_one_line(torch_version, vision_version, expected):
+    from img2prompt.encoders.stack import torch_stack_problem
+
+    problem = torch_stack_problem(torch_version, vision_version)
+    assert (problem is None) if expected is None else (expected in problem and "\n" not in problem)
+
+
+def test_every_command_refuses_a_mismatched_pair_before_any_import(monkeypatch, capsys):
+    from img2prompt import cli
+    from img2prompt.encoders import stack
+
+    monkeypatch.setattr(stack, "installed", lambda name: {"torch": "2.5.1", "torchvision": "0.21.0"}[name])
+    assert cli.main(["search", "nowhere", "--text", "x"]) == 2
+    assert "needs torchvision 0.20" in capsys.readouterr().err

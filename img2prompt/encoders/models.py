@@ -231,6 +231,9 @@ def import_open_clip(model_name: str | None = None):
     import importlib
     import sys
 
+    from img2prompt.encoders.stack import check_torch_stack
+
+    check_torch_stack()
     config = open_clip_config(model_name) if model_name else None
     if "open_clip" not in sys.modules and config is not None:
         blocked = [package for package, (part, key, _) in OPTIONAL_TOWERS.items()

@@ -1,0 +1,51 @@
+"""Is the installed torch / torchvision pair one that works together? Read from package metadata, without
+importing either (a mismatched pair fails deep inside `import open_clip` with a 40-line traceback:
+`RuntimeError: operator torchvision::nms does not exist`)."""
+from __future__ import annotations
+
+import re
+from importlib import metadata
+
+from img2prompt.errors import UserError
+
+# torchvision 0.(N+15) is built against torch 2.N (0.15 ↔ 2.0 … 0.29 ↔ 2.14): one rule since torch 2.0.
+TORCHVISION_OFFSET = 15
+
+
+def _minor(version: str) -> tuple[int, int] | None:
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def torch_stack_problem(torch_version: str | None, torchvision_version: str | None) -> str | None:
+    """One line saying what to install, or None when the pair matches (or cannot be judged)."""
+    if torch_version is None:
+        return "torch is not installed: pip install torch torchvision (the CPU build: add --index-url " \
+               "https://download.pytorch.org/whl/cpu)"
+    if torchvision_version is None:
+        return f"torchvision is not installed (torch {torch_version} is): pip install torchvision"
+    torch_minor, vision_minor = _minor(torch_version), _minor(torchvision_version)
+    if torch_minor is None or vision_minor is None or torch_minor[0] != 2 or vision_minor[0] != 0:
+        return None  # a layout this rule does not know: let the import speak
+    wanted = torch_minor[1] + TORCHVISION_OFFSET
+    if vision_minor[1] == wanted:
+        return None
+    local = torch_version.partition("+")[2]
+    suffix = f" (the same build as torch: +{local})" if local else ""
+    return (f"torch {torch_version} and torchvision {torchvision_version} do not work together (torch "
+            f"2.{torch_minor[1]} needs torchvision 0.{wanted}): pip install 'torchvision==0.{wanted}.*'{suffix}, "
+            "or install both again from one index")
+
+
+def installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_torch_stack() -> None:
+    """Refuse, in one line, a torch/torchvision pair that cannot import open_clip."""
+    problem = torch_stack_problem(installed("torch"), installed("torchvision"))
+    if problem:
+        raise UserError(problem)
