@@ -16,7 +16,7 @@ from typing import Iterator
 
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError
-from img2prompt.index.format import ShardTask
+from img2prompt.index.writer import ShardTask
 
 ENGINES = {
     "local": "img2prompt.build_index.engine_local:LocalEngine",

@@ -28,8 +28,10 @@ from img2prompt.build_index.regression import RidgeAccumulator
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError
 from img2prompt.index.backend import backend_class
-from img2prompt.index.format import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, REGRESSION, TEXT_KEYS, IndexWriter, KeyRange,
-                                     ShardTask, plan_shards)
+from img2prompt.build_index.shards import plan_shards
+from img2prompt.index.layout import IMAGE_KEYS, IMAGE_KEYS_FOLDER, REGRESSION, TEXT_KEYS
+from img2prompt.index.manifest import KeyRange
+from img2prompt.index.writer import IndexWriter, ShardTask
 from img2prompt.index.plan import plan_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
 from img2prompt.clip_ensemble import load_named_clips

@@ -366,7 +366,8 @@ def link_or_copy_tree(source: Path, dest: Path, names: Iterable[str]) -> str:
 
 def copy_index(index_dir: Path, dest: Path) -> tuple[dict, str]:
     """Verify the index (sizes + sha256) and place its files (manifest + the files it lists) in dest."""
-    from img2prompt.index.format import MANIFEST, open_index
+    from img2prompt.index.layout import MANIFEST
+    from img2prompt.index.reader import open_index
 
     log.info("verifying %s (sha256 of every file)", index_dir)
     index = open_index(index_dir, verify=True)
@@ -579,7 +580,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _check_options(options: KitOptions) -> tuple[Path, Path, Target, list[str], dict]:
     """Every check that needs no download; returns index dir, out dir, target, preinstalled, manifest."""
-    from img2prompt.index.format import read_manifest
+    from img2prompt.index.manifest import read_manifest
 
     index_dir = Path(options.index).expanduser().resolve()
     if not index_dir.is_dir():

@@ -28,7 +28,7 @@ from img2prompt.build_index.corpus import dedup_key
 from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index.flat import exact_search
-from img2prompt.index.format import MANIFEST, file_sha256
+from img2prompt.index.layout import MANIFEST, file_sha256
 from img2prompt.index.recall import recall_at_k
 from img2prompt.models import load_text_model
 from img2prompt.query.blend import BlendSettings, corpus_mean_prediction

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from img2prompt.errors import UserError
-from img2prompt.index.format import PromptIndex
+from img2prompt.index.reader import PromptIndex
 from img2prompt.query.blend import BlendSettings, blend, corpus_mean_prediction, mix_head
 from img2prompt.query.embed_images import embed_images
 from img2prompt.query.search import Neighbours

@@ -12,7 +12,7 @@ from functools import cached_property
 
 from img2prompt.clip_ensemble import ClipEnsemble, load_clip_ensemble
 from img2prompt.errors import UserError
-from img2prompt.index.format import PromptIndex, open_index
+from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.models import ClipModel, load_clip, load_text_model, resolve_device
 from img2prompt.query.search import Retriever
 

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 
 from conftest import read_data_prompts
 from img2prompt.build_index.embed import clip_text_embeddings, minilm_embeddings
-from img2prompt.index.format import FORMAT_VERSION, open_index
+from img2prompt.index.layout import FORMAT_VERSION
+from img2prompt.index.reader import open_index
 from img2prompt.query.session import ModelOverrides, open_session
 
 

@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from img2prompt.errors import UserError
-from img2prompt.index.format import FORMAT_VERSION, IndexWriter, ShardTask, open_index, save_shard, shard_path
+from img2prompt.index.layout import FORMAT_VERSION, shard_path
+from img2prompt.index.reader import open_index
+from img2prompt.index.writer import IndexWriter, ShardTask, save_shard
 
 
 def copy_index(built_index, tmp_path):

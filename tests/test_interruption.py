@@ -15,7 +15,7 @@ import pytest
 
 from conftest import run_cli
 from img2prompt.errors import UserError
-from img2prompt.index.format import open_index
+from img2prompt.index.reader import open_index
 
 
 def build_args(corpus: Path, out: Path, clip_dir: Path, *extra: str) -> list[str]:
