@@ -248,9 +248,14 @@ def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
         log.warning("%s: shards/ is left over from a build killed while cleaning up; it is not part of the index "
                     "and can be deleted", root)
     try:
-        prompt_rows = pq.ParquetFile(root / PROMPTS).metadata.num_rows
+        prompt_file = pq.ParquetFile(root / PROMPTS)
+        prompt_rows, prompt_schema = prompt_file.metadata.num_rows, prompt_file.schema_arrow
     except (OSError, pa.ArrowException) as exc:
         raise _damaged(root / PROMPTS, exc) from exc
+    kind = prompt_schema.field("prompt").type if "prompt" in prompt_schema.names else None
+    if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"{root / PROMPTS}: " + (f"the prompt column holds {kind}, not text" if kind else
+                                                 "no prompt column") + ": the index is damaged, rebuild it")
     if prompt_rows != index.count:
         raise UserError(f"{root / PROMPTS}: {prompt_rows} prompts, the manifest says {index.count}: rebuild the index")
     index.preload()
