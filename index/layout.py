@@ -77,11 +77,6 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def manifest_sha256(root: str | Path) -> str:
-    """The identity of one built index (its manifest records every file's sha256)."""
-    return file_sha256(Path(root) / MANIFEST)
-
-
 def prompts_sha256(prompts: list[str]) -> str:
     digest = hashlib.sha256()
     for prompt in prompts:

@@ -207,7 +207,7 @@ def validate_complete(path: Path, manifest: dict) -> None:
     files = manifest.get("files")
     _check_files(problems, files)
     files = files if isinstance(files, dict) else {}
-    section = "faiss" if manifest.get("format_version") == 1 and "search" not in manifest else "search"
+    section = "faiss" if "search" not in manifest and "faiss" in manifest else "search"  # format 1: "faiss"
     _check_plan(problems, section, manifest.get(section))
     if "key_ranges" in manifest and count is not None:
         _check_key_ranges(problems, manifest["key_ranges"], count)
