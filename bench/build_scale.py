@@ -53,7 +53,7 @@ def disk_bytes(folder: Path) -> int:
 
 
 def kill_resume(workdir: Path, size: int, clip: Path, text: Path) -> None:
-    from img2prompt.index.format import open_index
+    from img2prompt.index.reader import open_index
 
     corpus = synthetic_corpus(workdir / f"corpus-{size}.txt", size)
     reference = workdir / "reference"

@@ -21,7 +21,7 @@ from img2prompt.errors import UserError
 
 if TYPE_CHECKING:  # the registry is read by `build --help`: no torch for that
     from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
-    from img2prompt.index.format import ShardTask
+    from img2prompt.index.writer import ShardTask
 
 @dataclass(frozen=True)
 class EngineFlag:

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 from img2prompt.build_index.engine import BuildEngine
 from img2prompt.build_index.pipeline import default_workers, tokenized_shards
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
-from img2prompt.index.format import ShardTask
+from img2prompt.index.writer import ShardTask
 
 
 class LocalEngine(BuildEngine):

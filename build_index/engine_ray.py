@@ -39,7 +39,8 @@ from img2prompt.build_index.engine import BuildEngine
 from img2prompt.build_index.pipeline import TokenizedShard, tokenize_prompts
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError, short_reason
-from img2prompt.index.format import MANIFEST, ShardTask
+from img2prompt.index.layout import MANIFEST
+from img2prompt.index.writer import ShardTask
 from img2prompt.encoders.models import resolve_device, usable_cores
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def _die_mid_write_if_asked(crash: str, number: int) -> None:
     if int(wanted) != number or os.path.exists(marker):
         return
     Path(marker).write_text(f"{os.getpid()}\n")
-    from img2prompt.index import format as index_format
+    from img2prompt.index import writer as index_format
 
     real = index_format.write_atomic
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from img2prompt.index.format import ShardTask
+from img2prompt.index.writer import ShardTask
 from img2prompt.encoders.models import usable_cores
 from img2prompt.encoders.tokenization import FastClipTokenizer, load_minilm_tokenizer, minilm_token_ids
 

@@ -27,8 +27,10 @@ from img2prompt.index.ridge import RidgeAccumulator
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError
 from img2prompt.index.backend import backend_class
-from img2prompt.index.format import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, REGRESSION, TEXT_KEYS, IndexWriter, KeyRange,
-                                     ShardTask, plan_shards)
+from img2prompt.build_index.shards import plan_shards
+from img2prompt.index.layout import IMAGE_KEYS, IMAGE_KEYS_FOLDER, REGRESSION, TEXT_KEYS
+from img2prompt.index.manifest import KeyRange
+from img2prompt.index.writer import IndexWriter, ShardTask
 from img2prompt.index.plan import plan_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
 from img2prompt.encoders.clip_ensemble import load_named_clips
@@ -356,7 +358,7 @@ def build_search_backend(vectors, folder: Path, options: BuildOptions, timer: Ph
 
 
 def calibrate_key_kinds(writer: IndexWriter, key_ranges: list[KeyRange], clip, options: BuildOptions) -> dict:
-    """Fit the image keys' score map (build_index/calibration.py) on sample image-keyed rows."""
+    """Fit the image keys' score map (index/calibration.py) on sample image-keyed rows."""
     rows = {key_range.keys: (key_range.start, key_range.stop) for key_range in key_ranges}
     calibration = fit_calibration(
         writer.vectors("clip"), writer.vectors("minilm"), rows[TEXT_KEYS], rows[IMAGE_KEYS],

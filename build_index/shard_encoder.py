@@ -17,7 +17,7 @@ from img2prompt.build_index.pipeline import TokenizedShard, Tokenizers, tokenize
 from img2prompt.build_index.precomputed import (AGREEMENT_SAMPLE, PrecomputedVectors, check_agreement,
                                                 open_precomputed)
 from img2prompt.errors import UserError
-from img2prompt.index.format import save_shard
+from img2prompt.index.writer import save_shard
 from img2prompt.memory import release_free_memory
 from img2prompt.progress import RowProgress
 from img2prompt.encoders.clip_ensemble import ClipEnsemble, load_named_clips

@@ -82,7 +82,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _check_options(options: KitOptions) -> tuple[Path, Path, Target, list[str], list[str]]:
     """Every check that needs no download; returns index dir, out dir, target, preinstalled, leftover notes."""
-    from img2prompt.index.format import read_manifest
+    from img2prompt.index.manifest import read_manifest
 
     index_dir = Path(options.index).expanduser().resolve()
     if not index_dir.is_dir():

@@ -44,7 +44,8 @@ def link_or_copy_tree(source: Path, dest: Path, names: Iterable[str]) -> str:
 
 def copy_index(index_dir: Path, dest: Path) -> tuple[dict, str]:
     """Verify the index (sizes + sha256) and place its files (manifest + the files it lists) in dest."""
-    from img2prompt.index.format import MANIFEST, open_index
+    from img2prompt.index.layout import MANIFEST
+    from img2prompt.index.reader import open_index
 
     log.info("verifying %s (sha256 of every file)", index_dir)
     index = open_index(index_dir, verify=True)
@@ -55,7 +56,7 @@ def copy_index(index_dir: Path, dest: Path) -> tuple[dict, str]:
 def index_file_records(index_dir: Path, manifest: dict) -> dict[str, dict]:
     """{relative path: {"bytes", "sha256"}} of every file of the kit's index, manifest.json included (the
     manifest's own records cover the rest, just verified): what the notebook checks before it predicts."""
-    from img2prompt.index.format import MANIFEST, file_record
+    from img2prompt.index.layout import MANIFEST, file_record
 
     records = {MANIFEST: file_record(index_dir / MANIFEST)}
     records.update({name: {"bytes": record["bytes"], "sha256": record["sha256"]}

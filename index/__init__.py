@@ -1,1 +1,1 @@
-"""The on-disk index: format (manifest, files) and the FAISS part."""
+"""The on-disk index: its format (layout, manifest, writer, reader, lock) and the search backends."""

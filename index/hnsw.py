@@ -7,7 +7,7 @@ import numpy as np
 
 from img2prompt.index.backend import RerankedBackend
 from img2prompt.index.faiss_file import add_in_chunks, read_faiss, write_faiss
-from img2prompt.index.format import FAISS
+from img2prompt.index.layout import FAISS
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80

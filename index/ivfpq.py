@@ -15,7 +15,7 @@ import numpy as np
 from img2prompt.errors import UserError
 from img2prompt.index.backend import RerankedBackend, ivf_list_count
 from img2prompt.index.faiss_file import add_in_chunks, read_faiss, write_faiss
-from img2prompt.index.format import FAISS
+from img2prompt.index.layout import FAISS
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from img2prompt.encoders.prompts import dedup_key
 from img2prompt.encoders.text import minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index.flat import exact_search
-from img2prompt.index.format import MANIFEST, file_sha256
+from img2prompt.index.layout import MANIFEST, file_sha256
 from img2prompt.index.recall import recall_at_k
 from img2prompt.encoders.models import load_text_model
 from img2prompt.query.preflight import check_eval_paths

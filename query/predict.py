@@ -16,7 +16,7 @@ import numpy as np
 from img2prompt.encoders.clip_ensemble import split_parts
 from img2prompt.encoders.image_embed import embed_images
 from img2prompt.errors import UserError
-from img2prompt.index.format import PromptIndex
+from img2prompt.index.reader import PromptIndex
 from img2prompt.query.blend import blend, corpus_mean_prediction, mix_head
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import QuerySession
@@ -83,7 +83,7 @@ def head_predictions(index: PromptIndex, query_vectors: np.ndarray, ok: np.ndarr
     """The regression head's unit predictions for the `ok` rows (other rows: zeros) and where the query mean
     came from: the index's own keys of that kind, or, for an index without keys of the queries' kind (image
     queries, no `--pairs`), the mean of these queries — so each prediction then depends on the batch it came
-    in (the head is centred per modality; see build_index/regression.py)."""
+    in (the head is centred per modality; see index/ridge.py)."""
     RetrievalSettings(beta=1.0).check_for(index)  # the head must be there
     head = index.regression_head
     out = np.zeros((len(query_vectors), index.text_dim), dtype=np.float32)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from img2prompt.errors import UserError
-from img2prompt.index.format import PromptIndex, open_index
+from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.output_paths import Output, check_outputs
 from img2prompt.query.settings import RetrievalSettings
 

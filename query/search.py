@@ -15,7 +15,7 @@ import numpy as np
 from img2prompt.encoders.clip_ensemble import weighted_query
 from img2prompt.errors import UserError
 from img2prompt.index.backend import merge_top_k
-from img2prompt.index.format import PromptIndex
+from img2prompt.index.reader import PromptIndex
 
 
 log = logging.getLogger(__name__)

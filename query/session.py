@@ -13,7 +13,7 @@ from typing import Callable
 
 from img2prompt.encoders.clip_ensemble import ClipEnsemble, load_clip_ensemble
 from img2prompt.errors import UserError
-from img2prompt.index.format import PromptIndex, open_index
+from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.encoders.models import ClipModel, load_text_model, resolve_device
 from img2prompt.query.search import Retriever
 

@@ -58,7 +58,7 @@ def test_pil_images_and_paths_give_the_same_predictions(opened, sample_images):
 
 
 def test_models_and_backend_load_once_per_open(built_index, sample_images, tmp_path, monkeypatch):
-    import img2prompt.index.format as index_format
+    import img2prompt.index.reader as index_format
     import img2prompt.encoders.clip_ensemble as session_module  # where the index's CLIP models are loaded
 
     loads = {"clip": 0, "backend": 0}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from conftest import DATA
-from img2prompt.index.format import open_index
+from img2prompt.index.reader import open_index
 from img2prompt.query.submission import validate_submission
 
 

@@ -11,7 +11,7 @@ from conftest import KAGGLE_SAMPLE, read_data_prompts
 from img2prompt.encoders.text import (clip_embed_tokens, clip_text_embeddings, minilm_batch_order, minilm_embed_ids,
                                           minilm_embeddings)
 from img2prompt.build_index.pipeline import tokenized_shards, tokenizers_for
-from img2prompt.index.format import plan_shards
+from img2prompt.build_index.shards import plan_shards
 
 LONG = "a very long prompt " + ", ".join(f"detail number {i}" for i in range(60))
 
@@ -59,7 +59,7 @@ def test_tokenizing_workers_give_the_in_process_and_the_reference_vectors(clip, 
     import open_clip
 
     import img2prompt
-    from img2prompt.index.format import open_index
+    from img2prompt.index.reader import open_index
 
     assert type(clip.tokenizer).__name__ == "FastClipTokenizer"  # the Rust-backed tokenizer is in use
     built = {}

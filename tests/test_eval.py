@@ -11,7 +11,7 @@ import pytest
 from conftest import DATA, KAGGLE_SAMPLE, read_data_prompts
 from img2prompt.encoders.text import minilm_embeddings
 from img2prompt.errors import UserError
-from img2prompt.index.format import open_index
+from img2prompt.index.reader import open_index
 from img2prompt.query.evaluate import eval_options, competition_score, cosine_rows, run_eval
 
 

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 
 from conftest import read_data_prompts
 from img2prompt.encoders.text import clip_text_embeddings, minilm_embeddings
-from img2prompt.index.format import FORMAT_VERSION, open_index
+from img2prompt.index.layout import FORMAT_VERSION
+from img2prompt.index.reader import open_index
 from img2prompt.query.session import ModelOverrides, open_session
 
 
@@ -52,3 +53,45 @@ def test_prompt_as_text_query_finds_itself_first(built_index, tiny_clip_dir):
     assert found.ids[:, 0].tolist() == picks
     assert np.all(np.diff(found.scores, axis=1) <= 1e-6)  # best first
     np.testing.assert_allclose(found.scores[:, 0], 1.0, atol=2e-3)
+
+
+def test_prompt_rows_in_bounded_pieces_equal_one_gather(built_index, monkeypatch):
+    """Any number of ids (a submission asks k × images): gathered in pieces, each under the byte limit of
+    one Arrow take (Arrow cannot build a string array past 2 GiB), with the same result as one gather."""
+    from img2prompt.index import reader
+
+    index = open_index(built_index)
+    prompts = read_data_prompts(160)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-1, 160, size=300_000)  # ids repeated many times over, -1 = no neighbour
+    expected = [prompts[i] if i >= 0 else "" for i in ids]
+    assert index.prompt_rows(ids) == expected  # the default pieces
+    gathered = []
+    real_take = reader._take
+
+    def recording_take(column, piece):
+        gathered.append((len(piece), sum(len(prompts[i].encode()) for i in piece)))
+        return real_take(column, piece)
+
+    monkeypatch.setattr(reader, "_take", recording_take)
+    limit = 10_000  # bytes of text per take, standing in for Arrow's 2 GiB
+    assert index.prompt_rows(ids[:20_000], chunk_ids=5_000, chunk_bytes=limit) == expected[:20_000]
+    assert sum(count for count, _ in gathered) == 20_000 and len(gathered) > 20
+    assert max(count for count, _ in gathered) <= 5_000
+    assert all(size <= limit or count == 1 for count, size in gathered)
+    gathered.clear()
+    monkeypatch.setattr(reader, "TAKE_BYTES", limit)  # the module's limit is the default
+    assert index.prompt_rows(ids[:5_000]) == expected[:5_000]
+    assert all(size <= limit for _, size in gathered) and len(gathered) > 1
+    gathered.clear()
+    longest = max(range(160), key=lambda i: len(prompts[i]))
+    assert index.prompt_rows([longest, 0], chunk_bytes=1) == [prompts[longest], prompts[0]]  # one row a piece
+    assert [count for count, _ in gathered] == [1, 1]
+
+
+def test_prompt_rows_refuses_an_id_past_the_index(built_index):
+    import pytest
+
+    with pytest.raises(IndexError, match="prompt id 160 is past the index's 160 prompts"):
+        open_index(built_index).prompt_rows([0, 160])
+    assert open_index(built_index).prompt_rows([]) == []

@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from img2prompt.errors import UserError
-from img2prompt.index.format import FORMAT_VERSION, IndexWriter, ShardTask, open_index, save_shard, shard_path
+from img2prompt.index.layout import FORMAT_VERSION, shard_path
+from img2prompt.index.reader import open_index
+from img2prompt.index.writer import IndexWriter, ShardTask, save_shard
 
 
 def copy_index(built_index, tmp_path):
@@ -229,7 +231,7 @@ def test_resume_refuses_another_precision_and_cleans_stray_temp_files(tmp_path):
     writer = IndexWriter(tmp_path / "idx", key)
     commit(writer, 0, ["a", "b"])
     writer.close()
-    stray = tmp_path / "idx" / ".manifest.json.4242.deadbeef.tmp"  # a write killed before its rename
+    stray = tmp_path / "idx" / f".manifest.json.{dead_pid()}.deadbeef.tmp"  # a write killed before its rename
     stray.write_text("{")
     with pytest.raises(UserError, match=r"cannot resume, the build settings differ .*\(precision\)"):
         IndexWriter(tmp_path / "idx", {**key, "precision": "fp16-autocast"}, resume=True)
@@ -256,3 +258,112 @@ def test_a_refused_writer_does_not_keep_the_lock(tmp_path):
         error = kept  # held, as sys.last_traceback would hold it
     assert "pass --resume" in str(error)
     assert IndexWriter(tmp_path / "idx", {"models": "x"}, resume=True).rows_committed() == 2
+
+
+# ---------------------------------------------------------------------------------------------- our own leftovers
+
+def dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def crash_in_first_manifest_write(folder) -> None:
+    """A build killed while its very first manifest is being renamed into place (a real process, a real kill)."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from img2prompt import atomic; from img2prompt.index.writer import IndexWriter\n"
+            "atomic.os.replace = lambda *a: os._exit(9)\n"
+            "IndexWriter(sys.argv[1], {'models': 'x'})\n")
+    assert subprocess.run([sys.executable, "-c", code, str(folder)], timeout=120).returncode == 9
+
+
+@pytest.mark.parametrize("flags", [{}, {"resume": True}, {"overwrite": True}])
+def test_a_build_killed_in_its_first_manifest_write_is_an_empty_folder(tmp_path, flags):
+    folder = tmp_path / "idx"
+    crash_in_first_manifest_write(folder)
+    left = sorted(p.name for p in folder.iterdir())
+    assert left[0] == ".lock" and len(left) == 2 and left[1].startswith(".manifest.json.") and left[1].endswith(".tmp")
+    writer = IndexWriter(folder, {"models": "x"}, **flags)
+    assert writer.rows_committed() == 0 and writer.manifest["state"] == "building"
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "manifest.json"]  # the dead writer's temp file gone
+
+
+def test_temp_files_of_live_writers_are_kept_and_named(tmp_path, caplog):
+    import subprocess
+
+    writer = IndexWriter(tmp_path / "idx", {"models": "x"})
+    commit(writer, 0, ["a", "b"])
+    writer.close()
+    dead = tmp_path / "idx" / "shards" / f".00001.clip.npy.{dead_pid()}.0badcafe.tmp"
+    dead.write_bytes(b"half")
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        live = tmp_path / "idx" / "shards" / f".00002.clip.npy.{alive.pid}.0badcafe.tmp"
+        live.write_bytes(b"being written")
+        with caplog.at_level("WARNING"):
+            resumed = IndexWriter(tmp_path / "idx", {"models": "x"}, resume=True)
+        assert resumed.rows_committed() == 2 and not dead.exists() and live.exists()
+        assert f"belong to processes still running (pid {alive.pid})" in caplog.text
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_leftover_beside_a_complete_index_is_removed(built_index, tmp_path, caplog):
+    """Killed after the swap but before deleting the old index: .NAME.rebuild holds a complete index."""
+    root = copy_index(built_index, tmp_path)
+    retired = shutil.copytree(built_index, tmp_path / ".copy.rebuild")
+    with caplog.at_level("WARNING"), pytest.raises(UserError, match="already holds a complete index"):
+        IndexWriter(root, {"models": "x"})
+    assert not retired.exists() and "a complete index a killed rebuild left beside" in caplog.text
+    assert open_index(root).count == 160
+
+
+def test_an_unfinished_rebuild_beside_a_complete_index_still_resumes(built_index, tmp_path):
+    root = copy_index(built_index, tmp_path)
+    staged = IndexWriter(tmp_path / ".copy.rebuild", {"models": "x"})  # as a rebuild writes it
+    commit(staged, 0, ["a", "b"])
+    staged.close()
+    resumed = IndexWriter(root, {"models": "x"}, resume=True)
+    assert resumed.root == tmp_path / ".copy.rebuild" and resumed.rows_committed() == 2
+
+
+def test_an_orphaned_rebuild_is_removed(tmp_path, caplog):
+    """The index it was rebuilding is gone: nothing can resume the staging folder."""
+    staged = IndexWriter(tmp_path / ".idx.rebuild", {"models": "x"})
+    commit(staged, 0, ["a", "b"])
+    staged.close()
+    (tmp_path / "notes.rebuild").mkdir()  # not ours: untouched
+    with caplog.at_level("WARNING"):
+        IndexWriter(tmp_path / "idx", {"models": "x"}).close()
+    assert not (tmp_path / ".idx.rebuild").exists() and (tmp_path / "notes.rebuild").is_dir()
+    assert "a rebuild whose index is gone" in caplog.text
+
+
+def test_a_folder_that_only_looks_like_a_rebuild_is_kept(tmp_path):
+    (tmp_path / ".idx.rebuild").mkdir()
+    (tmp_path / ".idx.rebuild" / "notes.txt").write_text("mine")
+    IndexWriter(tmp_path / "idx", {"models": "x"}).close()
+    assert (tmp_path / ".idx.rebuild" / "notes.txt").read_text() == "mine"
+
+
+def test_retired_indexes_of_dead_swaps_are_removed(built_index, tmp_path, caplog):
+    """Where the swap is two renames, a kill between them and the delete leaves .NAME.old-PID."""
+    import subprocess
+
+    root = copy_index(built_index, tmp_path)
+    dead = shutil.copytree(built_index, tmp_path / f".copy.old-{dead_pid()}")
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        live = shutil.copytree(built_index, tmp_path / f".copy.old-{alive.pid}")
+        with caplog.at_level("WARNING"):
+            IndexWriter(root, {"models": "x"}, overwrite=True).close()
+        assert not dead.exists() and live.exists()
+        assert f"the build swapping it out (pid {alive.pid}) still runs" in caplog.text
+    finally:
+        alive.kill()
+        alive.wait()

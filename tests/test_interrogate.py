@@ -39,7 +39,7 @@ def copied(built_index, tmp_path_factory):
 
 def test_the_build_stores_the_vocabulary(copied, clip):
     from img2prompt.encoders.text import clip_text_embeddings
-    from img2prompt.index.format import open_index
+    from img2prompt.index.reader import open_index
 
     index = open_index(copied)
     phrases, vectors = index.phrases

@@ -351,7 +351,7 @@ def test_kit_contents(kit, built_index):
     metadata_json = json.loads((out / "dataset-metadata.json").read_text())
     assert metadata_json["id"].startswith("USERNAME/") and metadata_json["licenses"] and metadata_json["title"]
     assert (out / "clip" / "open_clip_config.json").is_file() and (out / "clip" / "open_clip_pytorch_model.bin").is_file()
-    from img2prompt.index.format import open_index
+    from img2prompt.index.reader import open_index
 
     assert open_index(out / "index", verify=True).count == info["index"]["count"]
     text = format_kit_report(report)

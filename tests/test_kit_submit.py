@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from img2prompt import kit_template
-from img2prompt.index.format import CLIP_VECTORS, MANIFEST, MINILM
+from img2prompt.index.layout import CLIP_VECTORS, MANIFEST, MINILM
 from img2prompt.kaggle_kit import KitOptions, build_kit
 from kit_helpers import stub_wheels
 
@@ -61,7 +61,7 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 def test_kit_json_lists_every_index_file_with_its_checksum(stub_kit):
-    from img2prompt.index.format import file_record
+    from img2prompt.index.layout import file_record
 
     records = json.loads((stub_kit / "kit.json").read_text())["index"]["files"]
     manifest = json.loads((stub_kit / "index" / MANIFEST).read_text())

@@ -11,7 +11,7 @@ import img2prompt
 from conftest import read_data_prompts
 from img2prompt.encoders.text import clip_text_embeddings
 from img2prompt.errors import UserError
-from img2prompt.index.format import open_index
+from img2prompt.index.reader import open_index
 
 
 @pytest.fixture(scope="module")

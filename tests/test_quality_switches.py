@@ -229,7 +229,7 @@ def test_pairs_of_one_prompt_cannot_calibrate_and_say_so(tmp_path, tiny_clip_dir
 
 def test_a_build_with_pairs_resumes_to_the_uninterrupted_result(tmp_path, tiny_clip_dir, pairs_file, monkeypatch):
     from img2prompt.build_index.shard_encoder import ShardEncoder
-    from img2prompt.index.format import open_index
+    from img2prompt.index.reader import open_index
 
     corpus = tmp_path / "prompts.txt"
     corpus.write_text("\n".join(read_data_prompts(10)) + "\n", encoding="utf-8")
@@ -263,7 +263,7 @@ def test_a_build_with_pairs_resumes_to_the_uninterrupted_result(tmp_path, tiny_c
 def test_image_keyed_tasks_are_not_clip_tokenized(clip, text_model):
     """Their keys are image vectors: CLIP tokens would be work thrown away (tokenizing bounds GPU builds)."""
     from img2prompt.build_index.pipeline import tokenized_shards, tokenizers_for
-    from img2prompt.index.format import ShardTask
+    from img2prompt.index.writer import ShardTask
 
     tasks = [ShardTask(0, 0, read_data_prompts(3)), ShardTask(1, 3, read_data_prompts(2), images=["a.png", "b.png"])]
     for workers in (0, 1):  # in-process, and in a spawned tokenizing worker

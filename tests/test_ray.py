@@ -19,8 +19,8 @@ ray = pytest.importorskip("ray", reason="the optional `ray` extra is not install
 from img2prompt.build_index.engine_ray import CRASH_ENV, _check_reachable, _cpu_share  # noqa: E402
 from img2prompt.build_index.runner import BuildOptions, run_build  # noqa: E402
 from img2prompt.errors import UserError  # noqa: E402
-from img2prompt.index.format import (CLIP_VECTORS, MANIFEST, MINILM, MINILM_MEAN, PROMPTS,  # noqa: E402
-                                     open_index)
+from img2prompt.index.layout import CLIP_VECTORS, MANIFEST, MINILM, MINILM_MEAN, PROMPTS  # noqa: E402
+from img2prompt.index.reader import open_index  # noqa: E402
 
 SHARD_SIZE, BATCH_SIZE = 16, 8  # the 160-prompt corpus → 10 shards
 COMPARED = (CLIP_VECTORS, MINILM, PROMPTS, MINILM_MEAN)

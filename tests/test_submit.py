@@ -9,7 +9,7 @@ import pytest
 
 from conftest import KAGGLE_SAMPLE
 from img2prompt.errors import UserError
-from img2prompt.index.format import open_index
+from img2prompt.index.reader import open_index
 from img2prompt.query.submission import validate_submission, write_submission
 
 

@@ -1,0 +1,89 @@
+"""The index folder's file names, dtype and checksums: the one place that knows what lies where.
+
+    INDEX_DIR/
+      manifest.json        format version, state, models (+ weight sha256), dims, count, files + checksums
+      prompts.parquet      id (int64), prompt (string), key (string: "text" or "image"); row i is prompt id i
+      minilm.f16           float16 [count, text_dim], L2-normalised scorer embeddings, row i ↔ prompt id i
+      clip.f16             float16 [count, clip_dim], L2-normalised CLIP embeddings: the searchable keys, CLIP
+                           *text* vectors of the corpus prompts, then CLIP *image* vectors of `build --pairs`
+                           images (rows in that order; the manifest's "key_ranges" say where each kind lies)
+                           (flat/torch search them directly; approximate kinds re-rank from them)
+      minilm_mean.npy      float32 [text_dim], mean of the MiniLM rows (the corpus-mean prediction)
+      clip.faiss           only for approximate kinds (hnsw, ivfpq): the FAISS index, inner product, ids = prompt ids
+      image_keys/          the image-keyed range's own backend files (same names), when it has an approximate kind
+      regression.npz       the ridge head CLIP → MiniLM (index/ridge.py), when the build fitted one
+      phrases.parquet      modifier vocabulary mined from the corpus (phrase, count); phrases.f16 its CLIP
+                           vectors (both optional: indexes built before they existed open without them)
+      shards/NNNNN.*       row-aligned shards while a build runs (deleted once the index is complete)
+      .lock                held (flock) by the build writing the folder; removed when the build completes
+
+Every file is written to a temp name (.NAME.PID.RANDOM.tmp, img2prompt/atomic.py), fsynced and renamed.
+A rebuild of a complete index is written beside it in .NAME.rebuild and swapped in when complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 3  # 2: flat indexes keep one copy of the vectors; 3: key ranges (image-keyed entries)
+READABLE_VERSIONS = (1, 2, 3)
+MANIFEST = "manifest.json"
+PROMPTS = "prompts.parquet"
+MINILM = "minilm.f16"
+CLIP_VECTORS = "clip.f16"
+MINILM_MEAN = "minilm_mean.npy"
+FAISS = "clip.faiss"
+SHARDS = "shards"
+LOCK = ".lock"  # held (flock) by the build writing the folder
+PHRASES = "phrases.parquet"  # the modifier vocabulary (phrase, count) for readable prompts
+PHRASE_VECTORS = "phrases.f16"  # float16 [phrases, clip_dim], L2-normalised CLIP text vectors of the phrases
+REGRESSION = "regression.npz"
+IMAGE_KEYS_FOLDER = "image_keys"  # the image range's backend files
+STATE_BUILDING = "building"
+STATE_COMPLETE = "complete"
+VECTOR_DTYPE = np.float16
+VECTOR_BYTES = np.dtype(VECTOR_DTYPE).itemsize
+INDEX_FILES = (PROMPTS, MINILM, CLIP_VECTORS, MINILM_MEAN)  # every kind has these; backends add their own
+OPTIONAL_FILES = (FAISS, REGRESSION, PHRASES, PHRASE_VECTORS)
+SHARD_SUFFIXES = {"prompts": ".parquet", "clip": ".clip.npy", "minilm": ".minilm.npy"}
+TEXT_KEYS, IMAGE_KEYS = "text", "image"
+KEY_KINDS = (TEXT_KEYS, IMAGE_KEYS)
+# atomic.py's temp names: .NAME.PID.RANDOM.tmp
+TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
+
+
+def shard_path(root: Path, number: int, kind: str) -> Path:
+    return Path(root) / SHARDS / f"{number:05d}{SHARD_SUFFIXES[kind]}"
+
+
+def staging_folder(final: Path) -> Path:
+    """Where a rebuild of the complete index at `final` is written before it is swapped in."""
+    return final.parent / f".{final.name}.rebuild"
+
+
+def retired_folder(final: Path, pid: int) -> Path:
+    """Where the old index waits to be deleted when the swap cannot be one atomic exchange."""
+    return final.parent / f".{final.name}.old-{pid}"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prompts_sha256(prompts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(prompt.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}

@@ -1,0 +1,223 @@
+"""The manifest: reading it, its schema, and the key ranges it describes.
+
+A complete manifest is checked field by field when an index opens (validate_complete): a damaged or
+hand-edited manifest is one line naming the field, never a KeyError or a wrong answer later. Formats 1–3
+all pass: format 1 names its backend "faiss" (not "search"); formats 1–2 have no key_ranges (one text
+range over every row).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from img2prompt.errors import UserError
+from img2prompt.index.layout import (INDEX_FILES, KEY_KINDS, MANIFEST, PHRASE_VECTORS, PHRASES, REGRESSION,
+                                     TEXT_KEYS)
+
+
+def read_manifest(root: Path) -> dict | None:
+    """The folder's manifest as a dict, None when there is none; unreadable JSON is a UserError."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise UserError(f"{path}: manifest is not readable ({exc.strerror or exc})") from exc
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: manifest holds a JSON {type(manifest).__name__}, not an object: the index is "
+                        "damaged, rebuild it")
+    return manifest
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """Rows [start, stop) of one key kind, with the search backend that covers them."""
+    keys: str  # TEXT_KEYS or IMAGE_KEYS
+    start: int
+    stop: int
+    plan: dict  # {"kind", "params", "recall_at_10", ...}
+    folder: str = ""  # where the backend's own files live, relative to the index folder
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+    def as_dict(self) -> dict:
+        return {"keys": self.keys, "rows": [self.start, self.stop], "folder": self.folder, "search": self.plan}
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> "KeyRange":
+        start, stop = entry["rows"]
+        return cls(entry["keys"], int(start), int(stop), entry["search"], entry.get("folder", ""))
+
+
+def search_plan(manifest: dict) -> dict:
+    """The first key range's backend section (format 1 called it "faiss")."""
+    return manifest.get("search") or manifest["faiss"]
+
+
+def key_ranges(manifest: dict) -> list[KeyRange]:
+    """The key kinds and where they lie; indexes before format 3 are one text range."""
+    if "key_ranges" in manifest:
+        return [KeyRange.from_dict(entry) for entry in manifest["key_ranges"]]
+    return [KeyRange(TEXT_KEYS, 0, int(manifest["count"]), search_plan(manifest))]
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_relative(name: Any) -> bool:
+    """A path inside the index folder: relative, no '..' (a manifest must never point the reader elsewhere)."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts
+
+
+class _Problems(list):
+    """The invalid fields found, each as 'field (what is wrong)'."""
+
+    def need(self, ok: bool, field: str, value: Any = None, why: str = "") -> bool:
+        if not ok:
+            shown = why or (repr(value) if not isinstance(value, (dict, list)) else type(value).__name__)
+            self.append(f"{field} {shown}" if shown else field)
+        return ok
+
+
+def _check_model(problems: _Problems, field: str, entry: Any) -> None:
+    if not isinstance(entry, dict) or not _is_int(entry.get("dim")) or entry["dim"] <= 0 \
+            or not isinstance(entry.get("sha256"), str) or not entry["sha256"]:
+        problems.append(field)
+        return
+    members = entry.get("members")
+    if members is None:
+        return
+    if not isinstance(members, list) or not members or not all(
+            isinstance(m, dict) and _is_int(m.get("dim")) and m["dim"] > 0 and isinstance(m.get("name"), str)
+            for m in members):
+        problems.append(f"{field}.members")
+    elif sum(m["dim"] for m in members) != entry["dim"]:
+        problems.append(f"{field}.members (dims add up to {sum(m['dim'] for m in members)}, not {entry['dim']})")
+
+
+def _check_plan(problems: _Problems, field: str, plan: Any) -> None:
+    from img2prompt.index.backend import BACKENDS
+
+    if not problems.need(isinstance(plan, dict) and "kind" in plan, field):
+        return
+    problems.need(isinstance(plan["kind"], str) and plan["kind"] in BACKENDS, f"{field}.kind", plan["kind"])
+    problems.need(isinstance(plan.get("params", {}), dict), f"{field}.params", plan.get("params"))
+
+
+def _check_files(problems: _Problems, files: Any) -> None:
+    if not isinstance(files, dict) or not all(
+            isinstance(record, dict) and _is_int(record.get("bytes")) for record in files.values()):
+        problems.append("files")
+        return
+    for name, record in files.items():
+        problems.need(_is_relative(name), "files", name, f"name {name!r} (not a path inside the index)")
+        problems.need(record["bytes"] >= 0, f"files.{name}.bytes", record["bytes"])
+        problems.need(isinstance(record.get("sha256"), str) and len(record["sha256"]) == 64,
+                      f"files.{name}.sha256", record.get("sha256"))
+    for name in INDEX_FILES:
+        problems.need(name in files, f"files.{name}", why="(not listed)")
+    if PHRASES in files:
+        problems.need(PHRASE_VECTORS in files, f"files.{PHRASE_VECTORS}", why=f"(not listed beside {PHRASES})")
+
+
+def _check_key_ranges(problems: _Problems, entries: Any, count: int) -> None:
+    if not problems.need(isinstance(entries, list) and len(entries) > 0, "key_ranges", entries):
+        return
+    expected_start, seen = 0, set()
+    for number, entry in enumerate(entries):
+        field = f"key_ranges[{number}]"
+        if not problems.need(isinstance(entry, dict), field, entry):
+            return
+        keys = entry.get("keys")
+        problems.need(keys in KEY_KINDS and keys not in seen, f"{field}.keys", keys,
+                      f"{keys!r} (repeated)" if keys in seen else "")
+        seen.add(keys)
+        problems.need(_is_relative(entry.get("folder")) or entry.get("folder", "") == "", f"{field}.folder",
+                      entry.get("folder"))
+        _check_plan(problems, f"{field}.search", entry.get("search"))
+        rows = entry.get("rows")
+        if not problems.need(isinstance(rows, list) and len(rows) == 2 and all(_is_int(r) for r in rows),
+                             f"{field}.rows", rows, repr(rows)):
+            return
+        start, stop = rows
+        if not problems.need(start == expected_start and start < stop <= count, f"{field}.rows", rows,
+                             f"{rows} (expected rows from {expected_start} to at most the {count} prompts)"):
+            return
+        expected_start = stop
+    problems.need(expected_start == count, "key_ranges", why=f"(cover rows 0–{expected_start}, the index has "
+                                                              f"{count} prompts)")
+
+
+def _check_calibration(problems: _Problems, calibration: Any) -> None:
+    if not problems.need(isinstance(calibration, dict), "calibration", calibration):
+        return
+    maps = calibration.get("maps", {})
+    if not problems.need(isinstance(maps, dict), "calibration.maps", maps):
+        return
+    for query_kind, by_key in maps.items():
+        field = f"calibration.maps.{query_kind}"
+        if not problems.need(query_kind in KEY_KINDS and isinstance(by_key, dict), field, by_key):
+            continue
+        for key_kind, entry in by_key.items():
+            if not problems.need(key_kind in KEY_KINDS and isinstance(entry, dict), f"{field}.{key_kind}", entry):
+                continue
+            for name in ("scale", "offset"):
+                problems.need(_is_number(entry.get(name)), f"{field}.{key_kind}.{name}", entry.get(name))
+
+
+def _check_regression(problems: _Problems, info: Any) -> None:
+    if not problems.need(isinstance(info, dict), "regression", info):
+        return
+    for name in ("key_dim", "target_dim"):
+        problems.need(_is_int(info.get(name)) and info[name] > 0, f"regression.{name}", info.get(name))
+    for name in ("lam", "ratio"):
+        problems.need(_is_number(info.get(name)), f"regression.{name}", info.get(name))
+    rows = info.get("rows")
+    problems.need(isinstance(rows, dict) and all(k in KEY_KINDS and _is_int(v) and v >= 0 for k, v in rows.items()),
+                  "regression.rows", rows)
+
+
+def validate_complete(path: Path, manifest: dict) -> None:
+    """Every field a reader relies on, with the right type and range: one UserError naming them."""
+    problems = _Problems()
+    count = manifest.get("count")
+    if not problems.need(_is_int(count) and count >= 0, "count", count):
+        count = None
+    models = manifest.get("models")
+    for kind in ("clip", "text"):
+        _check_model(problems, f"models.{kind}", models.get(kind) if isinstance(models, dict) else None)
+    files = manifest.get("files")
+    _check_files(problems, files)
+    files = files if isinstance(files, dict) else {}
+    section = "faiss" if "search" not in manifest and "faiss" in manifest else "search"  # format 1: "faiss"
+    _check_plan(problems, section, manifest.get(section))
+    if "key_ranges" in manifest and count is not None:
+        _check_key_ranges(problems, manifest["key_ranges"], count)
+    if "calibration" in manifest:
+        _check_calibration(problems, manifest["calibration"])
+    if REGRESSION in files:
+        _check_regression(problems, manifest.get("regression"))
+    if PHRASES in files:
+        phrases = manifest.get("phrases")
+        problems.need(isinstance(phrases, dict) and _is_int(phrases.get("count")) and phrases["count"] >= 0,
+                      "phrases.count", phrases.get("count") if isinstance(phrases, dict) else phrases)
+    if problems:
+        raise UserError(f"{path}: manifest is damaged (missing or invalid: {', '.join(problems)}): rebuild the index")

@@ -1,0 +1,284 @@
+"""Reading an index folder: open_index checks the manifest's schema, every file's size (and sha256 with
+verify=True) and the side files, then maps the vectors; PromptIndex serves prompts and vectors by id.
+
+Lookups by id work in bounded pieces (TAKE_IDS ids, TAKE_BYTES bytes of text at a time): Arrow cannot
+gather more than 2 GiB of strings into one array, and a submission asks for k × images ids.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from img2prompt.errors import UserError, short_reason
+from img2prompt.index import manifest as schema
+from img2prompt.index.layout import (CLIP_VECTORS, MANIFEST, MINILM, MINILM_MEAN, PHRASE_VECTORS, PHRASES, PROMPTS,
+                                     READABLE_VERSIONS, REGRESSION, SHARDS, STATE_COMPLETE, VECTOR_BYTES,
+                                     VECTOR_DTYPE, file_sha256)
+from img2prompt.index.manifest import KeyRange, read_manifest
+
+log = logging.getLogger(__name__)
+
+TAKE_IDS = 1 << 20  # ids gathered in one Arrow take
+TAKE_BYTES = 1 << 30  # text gathered in one take, well under Arrow's 2 GiB limit of one string array
+
+
+def _take(column: pa.ChunkedArray, ids: np.ndarray) -> list[str]:
+    """One bounded Arrow gather (the callers cut the ids so that it stays under TAKE_BYTES)."""
+    return column.take(pa.array(ids)).to_pylist()
+
+
+def _pieces(ids: np.ndarray, sizes: np.ndarray, max_ids: int, max_bytes: int) -> Iterator[np.ndarray]:
+    """Cut `ids` (in order) into runs of at most max_ids ids and max_bytes bytes of text (a single row longer
+    than max_bytes is a run of its own)."""
+    for start in range(0, len(ids), max_ids):
+        chunk = ids[start:start + max_ids]
+        total = np.cumsum(sizes[chunk], dtype=np.int64)
+        low, before = 0, 0
+        while low < len(chunk):
+            high = max(low + 1, int(np.searchsorted(total, before + max_bytes, side="right")))
+            yield chunk[low:high]
+            before = int(total[high - 1])
+            low = high
+
+
+def _damaged(path: Path, exc: BaseException) -> UserError:
+    return UserError(f"{path}: not readable ({short_reason(exc)}): the index is damaged, rebuild it")
+
+@dataclass
+class PromptIndex:
+    """A complete index opened for reading; vectors are memory-mapped, the rest loads on first use."""
+    root: Path
+    manifest: dict
+    _faiss: Any = field(default=None, repr=False)
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def clip_dim(self) -> int:
+        return int(self.manifest["models"]["clip"]["dim"])
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.manifest["models"]["text"]["dim"])
+
+    @property
+    def clip_identity(self) -> dict:
+        return self.manifest["models"]["clip"]
+
+    @property
+    def text_identity(self) -> dict:
+        return self.manifest["models"]["text"]
+
+    @cached_property
+    def minilm(self) -> np.memmap:
+        return np.memmap(self.root / MINILM, dtype=VECTOR_DTYPE, mode="r", shape=(self.count, self.text_dim))
+
+    @cached_property
+    def clip_vectors(self) -> np.memmap:
+        return np.memmap(self.root / CLIP_VECTORS, dtype=VECTOR_DTYPE, mode="r", shape=(self.count, self.clip_dim))
+
+    @cached_property
+    def minilm_mean(self) -> np.ndarray:
+        try:
+            mean = np.load(self.root / MINILM_MEAN, allow_pickle=False)
+        except Exception as exc:  # a damaged .npy header fails in numpy's parser, with any of several types
+            raise _damaged(self.root / MINILM_MEAN, exc) from exc
+        if not isinstance(mean, np.ndarray) or mean.shape != (self.text_dim,):
+            raise UserError(f"{self.root / MINILM_MEAN}: shape {getattr(mean, 'shape', None)}, expected ({self.text_dim},): the index "
+                            "is damaged, rebuild it")
+        return mean
+
+    def preload(self) -> None:
+        """Map the vectors and open the prompt file now: a reader keeps the files it opened even when a
+        rebuild swaps a new index into this folder meanwhile (a long-running server, say)."""
+        # a native Arrow file (not a Python file object: Arrow's reader threads must not call back into Python)
+        self._prompt_file = pa.memory_map(str(self.root / PROMPTS), "r")
+        for name in ("minilm", "clip_vectors", "minilm_mean", "phrases", "regression_head"):
+            getattr(self, name)
+
+    @cached_property
+    def _prompt_column(self) -> pa.ChunkedArray:
+        # Arrow strings: ~1 byte a character, not a Python object per prompt (10M prompts stay cheap).
+        source = getattr(self, "_prompt_file", None) or self.root / PROMPTS
+        try:
+            column = pq.read_table(source, columns=["prompt"]).column("prompt")
+        except (OSError, KeyError, pa.ArrowException) as exc:
+            raise _damaged(self.root / PROMPTS, exc) from exc
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise UserError(f"{self.root / PROMPTS}: the prompt column holds {column.type}, not text: the index is "
+                            "damaged, rebuild it")
+        if len(column) != self.count:
+            raise UserError(f"{self.root / PROMPTS}: {len(column)} prompts, manifest says {self.count}")
+        return column
+
+    @property
+    def prompts(self) -> list[str]:
+        """Every prompt as a Python list (small indexes, tests); prefer prompt_rows / iter_prompt_batches."""
+        return self._prompt_column.to_pylist()
+
+    @cached_property
+    def _prompt_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each prompt (4 bytes a row): what cuts a lookup into pieces Arrow can gather."""
+        return np.concatenate([pc.binary_length(chunk).to_numpy(zero_copy_only=False)
+                               for chunk in self._prompt_column.chunks] or [np.zeros(0, np.int32)])
+
+    def prompt_rows(self, ids, *, chunk_ids: int | None = None, chunk_bytes: int | None = None) -> list[str]:
+        """The prompts with these ids, any number of them (an id < 0, i.e. no neighbour, gives "").
+
+        Gathered TAKE_IDS ids / TAKE_BYTES bytes of text at a time (or `chunk_ids` / `chunk_bytes`)."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        if len(ids) and int(ids.max()) >= self.count:
+            raise IndexError(f"prompt id {int(ids.max())} is past the index's {self.count} prompts")
+        safe = np.where(ids < 0, 0, ids)
+        found: list[str] = []
+        for piece in _pieces(safe, self._prompt_bytes, chunk_ids or TAKE_IDS, chunk_bytes or TAKE_BYTES):
+            found.extend(_take(self._prompt_column, piece))
+        if (ids < 0).any():
+            for position in np.flatnonzero(ids < 0):
+                found[position] = ""
+        return found
+
+    def iter_prompt_batches(self, size: int = 100_000) -> Iterator[tuple[int, list[str]]]:
+        """(first id, prompts) in id order, a batch at a time."""
+        column = self._prompt_column
+        for start in range(0, len(column), size):
+            yield start, column.slice(start, size).to_pylist()
+
+    @cached_property
+    def phrases(self) -> tuple[list[str], np.ndarray] | None:
+        """(phrases, float16 CLIP vectors [n, clip_dim]) of the modifier vocabulary, or None for an index
+        built without one."""
+        if PHRASES not in self.manifest.get("files", {}):
+            return None
+        try:
+            phrases = pq.read_table(self.root / PHRASES, columns=["phrase"]).column("phrase").to_pylist()
+        except (OSError, KeyError, pa.ArrowException) as exc:
+            raise _damaged(self.root / PHRASES, exc) from exc
+        expected = self.manifest["phrases"]["count"]
+        if len(phrases) != expected or not all(isinstance(phrase, str) for phrase in phrases):
+            raise UserError(f"{self.root / PHRASES}: {len(phrases)} phrases, the manifest says {expected}: the index "
+                            "is damaged, rebuild it")
+        vectors = np.memmap(self.root / PHRASE_VECTORS, dtype=VECTOR_DTYPE, mode="r",
+                            shape=(len(phrases), self.clip_dim)) if phrases else np.zeros((0, self.clip_dim))
+        return phrases, vectors
+
+    @property
+    def search_plan(self) -> dict:
+        """{"kind", "params", "recall_at_10", ...} of the first key range's backend (format 1: "faiss")."""
+        return schema.search_plan(self.manifest)
+
+    @property
+    def key_ranges(self) -> list[KeyRange]:
+        """The key kinds and where they lie; indexes before format 3 are one text range."""
+        return schema.key_ranges(self.manifest)
+
+    def key_kinds(self, ids: np.ndarray) -> np.ndarray:
+        """The key kind ("text"/"image"; "" for -1) of each prompt id."""
+        ids = np.asarray(ids, dtype=np.int64)
+        kinds = np.full(ids.shape, "", dtype=object)
+        for key_range in self.key_ranges:
+            kinds[(ids >= key_range.start) & (ids < key_range.stop)] = key_range.keys
+        return kinds
+
+    @property
+    def calibration(self) -> dict:
+        """{query kind: {key kind: {"scale", "offset"}}}: maps each key kind's raw cosine onto the text keys'
+        scale before the ranges' hits meet in one top-k (absent: identity)."""
+        return self.manifest.get("calibration", {}).get("maps", {})
+
+    @cached_property
+    def regression_head(self):
+        """The ridge head CLIP → MiniLM (index/ridge.py), or None for an index built without one."""
+        if REGRESSION not in self.manifest.get("files", {}):
+            return None
+        from img2prompt.index.ridge import RidgeHead
+
+        try:
+            return RidgeHead.load(self.root / REGRESSION, self.manifest["regression"])
+        except Exception as exc:  # a damaged .npz fails in zipfile or numpy's parser, with any of several types
+            raise _damaged(self.root / REGRESSION, exc) from exc
+
+    def open_backend(self, device: str = "cpu", key_range: KeyRange | None = None):
+        """The search backend of one key range (default: the first) on `device`; its ids are relative to the
+        range's first row. A flat range on CUDA searches with torch."""
+        from img2prompt.index.backend import backend_class
+
+        key_range = key_range or self.key_ranges[0]
+        plan = key_range.plan
+        return backend_class(plan["kind"]).load(self.root / key_range.folder,
+                                                self.clip_vectors[key_range.start:key_range.stop],
+                                                plan.get("params", {}), device)
+
+
+def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
+    """Open a complete index; the manifest's schema and file sizes are always checked, sha256 checksums too
+    with verify=True, and the side files are read now (a damaged one is one line here, not a traceback later)."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"index folder not found: {root}")
+    if not root.is_dir():
+        raise UserError(f"{root} is not an index folder")
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise UserError(f"{root} is not an index: no {MANIFEST}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"{root / MANIFEST}: no format_version: not an img2prompt index")
+    if version not in READABLE_VERSIONS:
+        raise UserError(f"{root} has index format {version}; this img2prompt reads formats "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade img2prompt")
+    if manifest.get("state") != STATE_COMPLETE:
+        shards = manifest.get("shards")
+        raise UserError(f"{root} holds an unfinished build ({len(shards) if isinstance(shards, list) else 0} shards "
+                        "done): finish it with `img2prompt build ... --resume`")
+    schema.validate_complete(root / MANIFEST, manifest)
+    index = PromptIndex(root=root, manifest=manifest)
+    _check_files(index, verify)
+    if (root / SHARDS).is_dir():
+        log.warning("%s: shards/ is left over from a build killed while cleaning up; it is not part of the index "
+                    "and can be deleted", root)
+    try:
+        prompt_file = pq.ParquetFile(root / PROMPTS)
+        prompt_rows, prompt_schema = prompt_file.metadata.num_rows, prompt_file.schema_arrow
+    except (OSError, pa.ArrowException) as exc:
+        raise _damaged(root / PROMPTS, exc) from exc
+    kind = prompt_schema.field("prompt").type if "prompt" in prompt_schema.names else None
+    if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"{root / PROMPTS}: " + (f"the prompt column holds {kind}, not text" if kind else
+                                                 "no prompt column") + ": the index is damaged, rebuild it")
+    if prompt_rows != index.count:
+        raise UserError(f"{root / PROMPTS}: {prompt_rows} prompts, the manifest says {index.count}: rebuild the index")
+    index.preload()
+    return index
+
+
+def _check_files(index: PromptIndex, verify: bool) -> None:
+    """Every listed file exists with the recorded size (the vectors' sizes also follow from count × dim)."""
+    root, manifest = index.root, index.manifest
+    expected_bytes = {MINILM: index.count * index.text_dim * VECTOR_BYTES,
+                      CLIP_VECTORS: index.count * index.clip_dim * VECTOR_BYTES}
+    if PHRASES in manifest["files"]:
+        expected_bytes[PHRASE_VECTORS] = manifest["phrases"]["count"] * index.clip_dim * VECTOR_BYTES
+    for name, record in manifest["files"].items():
+        path = root / name
+        if not path.is_file():
+            raise UserError(f"{root}: index file {name} is missing")
+        size = path.stat().st_size
+        if size != record["bytes"] or size != expected_bytes.get(name, size):
+            expected = expected_bytes.get(name, record["bytes"])
+            raise UserError(f"{path}: {size} bytes, expected {expected}"
+                            + (f" ({index.count} rows)" if name in expected_bytes else "")
+                            + (f" (the manifest records {record['bytes']})" if record["bytes"] != expected else "")
+                            + ": the index is damaged, rebuild it")
+        if verify and file_sha256(path) != record["sha256"]:
+            raise UserError(f"{path}: sha256 differs from the manifest: the file is damaged, rebuild the index")

@@ -1,0 +1,321 @@
+"""Writing an index folder: shards (any process, any order), the manifest as commit point, consolidation
+into the final files, and completion (with the swap of a rebuild into place).
+
+A shard exists only once the manifest lists it (with each file's sha256), and the index loads only when
+the manifest says state == "complete": a crashed build never loads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from img2prompt.atomic import atomic_path, write_atomic, write_json_atomic
+from img2prompt.errors import UserError
+from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, IMAGE_KEYS_FOLDER, INDEX_FILES, LOCK,
+                                     MANIFEST, MINILM, MINILM_MEAN, OPTIONAL_FILES, PHRASE_VECTORS, PHRASES, PROMPTS,
+                                     SHARD_SUFFIXES, SHARDS, STATE_BUILDING, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE,
+                                     file_record, file_sha256, prompts_sha256, shard_path, staging_folder)
+from img2prompt.index.lock import clean_retired, clean_temp_files, lock_folder, only_own_leftovers, swap_into_place
+from img2prompt.index.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    write_atomic(path, lambda handle: np.save(handle, array, allow_pickle=False))
+
+
+def _save_prompts(path: Path, first_id: int, prompts: list[str]) -> None:
+    table = pa.table({"id": pa.array(np.arange(first_id, first_id + len(prompts), dtype=np.int64)),
+                      "prompt": pa.array(prompts, type=pa.string())})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+@dataclass
+class ShardTask:
+    """One unit of build work, fully described by the plan: rows [first_id, first_id + len(prompts))."""
+    number: int
+    first_id: int
+    prompts: list[str]
+    source_rows: list[int] | None = None  # each prompt's raw corpus row (locates precomputed vectors)
+    images: list[str] | None = None  # image-keyed entries (build --pairs): each prompt's image file
+
+    @property
+    def keys(self) -> str:
+        return IMAGE_KEYS if self.images is not None else TEXT_KEYS
+
+    @property
+    def prompts_sha256(self) -> str:
+        return prompts_sha256(self.prompts + (self.images or []))
+
+
+
+def save_shard(root: str | Path, task: ShardTask, clip: np.ndarray, minilm: np.ndarray,
+               clip_truncated: int = 0, kept: list[int] | None = None) -> dict:
+    """Write one shard's files atomically (any process, any order); returns the record to commit.
+
+    `kept`: the task's rows that were encoded (an image-keyed task drops the images it cannot decode);
+    None = all. The record carries each file's sha256, so a resume can tell a committed shard from a
+    damaged one.
+    """
+    prompts = task.prompts if kept is None else [task.prompts[row] for row in kept]
+    if not (len(prompts) == len(clip) == len(minilm)):
+        raise ValueError(f"shard rows disagree: {len(prompts)} prompts, {len(clip)} clip, {len(minilm)} minilm")
+    root = Path(root)
+    (root / SHARDS).mkdir(parents=True, exist_ok=True)
+    _save_prompts(shard_path(root, task.number, "prompts"), task.first_id, prompts)
+    _save_array(shard_path(root, task.number, "clip"), np.asarray(clip, dtype=VECTOR_DTYPE))
+    _save_array(shard_path(root, task.number, "minilm"), np.asarray(minilm, dtype=VECTOR_DTYPE))
+    files = {kind: file_record(shard_path(root, task.number, kind)) for kind in SHARD_SUFFIXES}
+    return {"number": task.number, "first_id": task.first_id, "count": len(prompts), "keys": task.keys,
+            "planned": len(task.prompts), "prompts_sha256": task.prompts_sha256, "clip_truncated": clip_truncated,
+            "files": files}
+
+
+class IndexWriter:
+    """Writes an index directory shard by shard; `resume=True` continues a crashed build.
+
+    `build` is the part of the manifest that must not change across a resume (models, precision, corpus
+    files, shard size, batch size, column): resuming with anything different is refused rather than
+    mixing two builds. Shards are committed by number in any order; the manifest is the commit point.
+    """
+
+    def __init__(self, root: str | Path, build: dict, *, resume: bool = False, overwrite: bool = False):
+        self.final = Path(root)
+        if self.final.exists() and not self.final.is_dir():
+            raise UserError(f"--out {self.final} is a file, not a folder")
+        had_lock_file = (self.final / LOCK).exists()
+        # Lock first, then look: a second build racing this one must see the lock, not our half-made files.
+        self._lock = lock_folder(self.final)
+        try:
+            existing = read_manifest(self.final)
+            # A folder holding only our lock and temp files is a build killed before its first manifest.
+            if existing is None and not only_own_leftovers(self.final):
+                self.close()
+                if not had_lock_file:
+                    (self.final / LOCK).unlink(missing_ok=True)  # leave the user's folder as it was
+                raise UserError(f"{self.final} exists, is not empty and is not an index: choose another --out"
+                                + (" (--overwrite only replaces an index, never other files)" if overwrite else ""))
+            clean_retired(self.final)
+            state = existing.get("state") if existing else None
+            staging = staging_folder(self.final)
+            staged = read_manifest(staging) if staging.is_dir() else None
+            if state == STATE_COMPLETE:
+                # Rebuild beside the complete index and swap at the very end: a failed or interrupted rebuild
+                # never costs the index it was meant to replace.
+                self.root = staging
+                if os.stat(self.final).st_dev != os.stat(self.final.parent).st_dev:
+                    raise UserError(f"--out {self.final} is a mount point: a rebuild is written beside it and "
+                                    "swapped in, which cannot cross filesystems; move the old index away first, or "
+                                    "build into a folder inside the mount")
+                if staged and staged.get("state") == STATE_COMPLETE:
+                    # the old index a swap retired (or a rebuild killed just before its swap): never resumable
+                    self._drop_staging(staging, "a complete index a killed rebuild left beside")
+                    staged = None
+                if not overwrite and not (resume and staged and staged.get("state") == STATE_BUILDING):
+                    raise UserError(f"{self.final} already holds a complete index: pass --overwrite to replace it")
+                existing, state = staged, staged.get("state") if staged else None
+                if not resume:
+                    state = None  # --overwrite: a fresh rebuild
+            else:
+                self.root = self.final
+                if staging.is_dir() and (staged is not None or only_own_leftovers(staging)):
+                    # a rebuild of an index that is no longer here: nothing can resume it
+                    self._drop_staging(staging, "the staging folder of a rebuild whose index is gone")
+            if state == STATE_BUILDING and not (resume or overwrite):
+                raise UserError(f"{self.final} holds an unfinished build ({len(existing.get('shards', []))} shards done): "
+                                "pass --resume to continue it or --overwrite to start over")
+            if resume and state == STATE_BUILDING:
+                if existing.get("build") != build:
+                    changed = sorted(key for key in set(build) | set(existing.get("build", {}))
+                                     if build.get(key) != existing.get("build", {}).get(key))
+                    raise UserError(f"{self.final}: cannot resume, the build settings differ from the interrupted "
+                                    f"build ({', '.join(changed)}); rerun with --overwrite to start over")
+                if existing.get("format_version") != FORMAT_VERSION:
+                    raise UserError(f"{self.final}: the unfinished build was started by another img2prompt version "
+                                    f"(format {existing.get('format_version')}); rerun with --overwrite")
+                self.manifest = existing
+                clean_temp_files(self.root, self.root / SHARDS, self.root / IMAGE_KEYS_FOLDER)
+            else:
+                self._clear()
+                self.manifest = {"format_version": FORMAT_VERSION, "state": STATE_BUILDING, "build": build,
+                                 "shards": [], "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                self._save_manifest()
+        except BaseException:
+            self.close()  # a refusal must not keep the lock (a notebook keeps the exception alive)
+            raise
+
+    def close(self) -> None:
+        """Release the folder lock (also released when the process ends, however it ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    @staticmethod
+    def _drop_staging(staging: Path, what: str) -> None:
+        log.warning("removing %s: %s", staging, what)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def _clear(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest = self.root / MANIFEST
+        if manifest.exists():
+            manifest.unlink()  # first, so a half-cleared folder never looks complete
+        for name in INDEX_FILES + OPTIONAL_FILES:
+            (self.root / name).unlink(missing_ok=True)
+        shutil.rmtree(self.root / SHARDS, ignore_errors=True)
+        shutil.rmtree(self.root / IMAGE_KEYS_FOLDER, ignore_errors=True)
+        clean_temp_files(self.root)
+
+    def _save_manifest(self) -> None:
+        write_json_atomic(self.root / MANIFEST, self.manifest)
+
+    @property
+    def records(self) -> dict[int, dict]:
+        return {record["number"]: record for record in self.manifest["shards"]}
+
+    def rows_committed(self) -> int:
+        return sum(record["count"] for record in self.manifest["shards"])
+
+    def is_committed(self, task: ShardTask) -> bool:
+        """Whether `task` has a committed record whose prompts and files are intact (checked by sha256).
+
+        A record that fails the check is dropped, so the shard is encoded again: a damaged or deleted
+        shard file never reaches the index.
+        """
+        record = self.records.get(task.number)
+        if record is None:
+            return False
+        if record["prompts_sha256"] != task.prompts_sha256 or record["first_id"] != task.first_id:
+            raise UserError(f"{self.root}: cannot resume, the corpus no longer gives the same prompts for "
+                            f"shard {task.number}; rerun with --overwrite to start over")
+        for kind, expected in record.get("files", {}).items():
+            path = shard_path(self.root, task.number, kind)
+            if not path.is_file() or path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+                log.warning("shard %d: %s is missing or damaged; encoding the shard again", task.number, path.name)
+                self.manifest["shards"] = [r for r in self.manifest["shards"] if r["number"] != task.number]
+                self._save_manifest()
+                return False
+        return "files" in record
+
+    def commit_shard(self, record: dict) -> None:
+        """Record a saved shard in the manifest (the commit point), replacing any record of that number."""
+        shards = [r for r in self.manifest["shards"] if r["number"] != record["number"]]
+        self.manifest["shards"] = sorted(shards + [record], key=lambda r: r["number"])
+        self._save_manifest()
+
+    def _ordered_records(self) -> list[dict]:
+        records = self.manifest["shards"]
+        if [r["number"] for r in records] != list(range(len(records))):
+            raise UserError(f"{self.root}: shards {[r['number'] for r in records]} are not contiguous: "
+                            "finish the build with --resume")
+        return records
+
+    def iter_shard_arrays(self, kind: str) -> Iterator[np.ndarray]:
+        for record in self._ordered_records():
+            yield np.load(shard_path(self.root, record["number"], kind), mmap_mode="r")
+
+    def consolidate(self) -> tuple[int, int, int]:
+        """Concatenate shards into prompts.parquet, minilm.f16, clip.f16 and minilm_mean.npy (streamed)."""
+        count = self.rows_committed()
+        if count == 0:
+            raise UserError("the corpus holds no usable prompt (nor --pairs a decodable image): nothing to index")
+        clip_dim = self._concat_vectors("clip", CLIP_VECTORS)
+        text_dim = self._concat_vectors("minilm", MINILM)
+        total = np.zeros(text_dim, dtype=np.float64)
+        for block in self.iter_shard_arrays("minilm"):
+            total += block.astype(np.float64).sum(axis=0)
+        _save_array(self.root / MINILM_MEAN, (total / count).astype(np.float32))
+        with atomic_path(self.root / PROMPTS) as tmp:
+            writer, first_id = None, 0
+            for record in self._ordered_records():
+                prompts = pq.read_table(shard_path(self.root, record["number"], "prompts")).column("prompt")
+                table = pa.table({"id": pa.array(np.arange(first_id, first_id + len(prompts), dtype=np.int64)),
+                                  "prompt": prompts,
+                                  "key": pa.array([record.get("keys", TEXT_KEYS)] * len(prompts), type=pa.string())})
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                first_id += len(prompts)
+            writer.close()
+        return count, clip_dim, text_dim
+
+    def key_rows(self) -> dict[str, tuple[int, int]]:
+        """{key kind: (first row, end row)} of the consolidated index: text keys first, then image keys."""
+        ranges, start = {}, 0
+        for record in self._ordered_records():
+            kind = record.get("keys", TEXT_KEYS)
+            first, _ = ranges.get(kind, (start, start))
+            if kind in ranges and ranges[kind][1] != start:
+                raise ValueError("key kinds are interleaved: image-keyed shards must come after the text ones")
+            ranges[kind] = (first, start + record["count"])
+            start += record["count"]
+        return {kind: rows for kind, rows in ranges.items() if rows[1] > rows[0]}
+
+    def _concat_vectors(self, kind: str, name: str) -> int:
+        dim = None
+        with atomic_path(self.root / name) as tmp:
+            with open(tmp, "wb") as handle:
+                for block in self.iter_shard_arrays(kind):
+                    dim = dim or block.shape[1]
+                    handle.write(np.ascontiguousarray(block, dtype=VECTOR_DTYPE).tobytes())
+        return int(dim)
+
+    def vectors(self, kind: str) -> np.memmap:
+        """The consolidated vectors (after consolidate()) as a read-only memmap."""
+        name = {"clip": CLIP_VECTORS, "minilm": MINILM}[kind]
+        dim = next(self.iter_shard_arrays(kind)).shape[1]
+        return np.memmap(self.root / name, dtype=VECTOR_DTYPE, mode="r", shape=(self.rows_committed(), dim))
+
+    def iter_prompt_batches(self, size: int = 100_000) -> Iterator[list[str]]:
+        """The consolidated prompts in id order, a batch at a time (after consolidate())."""
+        for batch in pq.ParquetFile(self.root / PROMPTS).iter_batches(columns=["prompt"], batch_size=size):
+            yield batch.column(0).to_pylist()
+
+    def prompt_rows(self, ids) -> list[str]:
+        """The consolidated prompts with these ids (streamed: memory does not grow with the corpus)."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        order = np.argsort(ids, kind="stable")
+        ordered = ids[order]
+        found: list[str | None] = [None] * len(ids)
+        first = 0
+        for batch in self.iter_prompt_batches():
+            low, high = np.searchsorted(ordered, [first, first + len(batch)])
+            for position in order[low:high]:
+                found[position] = batch[ids[position] - first]
+            first += len(batch)
+        return found
+
+    def save_phrases(self, phrases: list[str], counts: list[int], vectors: np.ndarray) -> tuple[str, ...]:
+        """Write the modifier vocabulary and its CLIP vectors; returns the file names for complete()."""
+        table = pa.table({"phrase": pa.array(phrases, type=pa.string()), "count": pa.array(counts, type=pa.int64())})
+        with atomic_path(self.root / PHRASES) as tmp:
+            pq.write_table(table, tmp)
+        data = np.ascontiguousarray(vectors, dtype=VECTOR_DTYPE).tobytes()
+        write_atomic(self.root / PHRASE_VECTORS, lambda handle: handle.write(data))
+        return PHRASES, PHRASE_VECTORS
+
+    def complete(self, info: dict, extra_files: tuple[str, ...] = ()) -> dict:
+        """Write the final manifest (the commit point of the whole build), then drop the shards.
+        `extra_files`: the search backend's and the phrase vocabulary's files, recorded like the rest."""
+        files = {name: file_record(self.root / name) for name in INDEX_FILES + tuple(extra_files)}
+        manifest = {"format_version": FORMAT_VERSION, "state": STATE_COMPLETE,
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info,
+                    "build": self.manifest["build"], "files": files}
+        write_json_atomic(self.root / MANIFEST, manifest)
+        shutil.rmtree(self.root / SHARDS, ignore_errors=True)
+        if self.root != self.final:
+            swap_into_place(self.root, self.final)
+            self.root = self.final
+        (self.final / LOCK).unlink(missing_ok=True)  # a finished index carries no lock file (we still hold it)
+        self.manifest = manifest
+        return manifest
