@@ -26,6 +26,7 @@ from img2prompt.build_index.precomputed import check_against_model, misaligned, 
 from img2prompt.index.ridge import RidgeAccumulator
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.errors import UserError
+from img2prompt.memory import max_workers
 from img2prompt.index.backend import backend_class
 from img2prompt.build_index.shards import plan_shards
 from img2prompt.index.layout import IMAGE_KEYS, IMAGE_KEYS_FOLDER, REGRESSION, TEXT_KEYS
@@ -145,15 +146,13 @@ def run_build(options: BuildOptions) -> BuildResult:
         writer.close()
 
 
-MAX_WORKERS = 64  # tokenizing processes: each holds both tokenizers (~250 MiB); more than cores only thrash
-
-
 def check_build_options(options: BuildOptions) -> None:
     """The numbers in the options, refused in one line before any file is read or model loaded."""
     if options.shard_size <= 0 or options.batch_size <= 0:
         raise UserError("--shard-size and --batch-size must be positive")
-    if options.workers is not None and not 0 <= options.workers <= MAX_WORKERS:
-        raise UserError(f"--workers must be between 0 and {MAX_WORKERS} (got {options.workers})")
+    # tokenizing processes hold both tokenizers each (~250 MiB): more than cores only cost memory
+    if options.workers is not None and not 0 <= options.workers <= max_workers():
+        raise UserError(f"--workers must be between 0 and {max_workers()}, the cores here (got {options.workers})")
     if options.max_chars <= 0:
         raise UserError(f"--max-chars must be at least 1 (got {options.max_chars})")
 

@@ -77,28 +77,3 @@ def write_atomic(target: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -
 def write_json_atomic(target: str | os.PathLike, payload: Any) -> None:
     data = (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8")
     write_atomic(target, lambda handle: handle.write(data))
-
-
-def check_output_paths(outputs: dict[str, Any], inputs: dict[str, Any] | None = None) -> None:
-    """Refuse unusable or colliding output files before any long work: {flag: path} of each (None = unused).
-
-    An output must name a file in an existing folder, and no two outputs — nor an output and an input —
-    may be the same file.
-    """
-    from img2prompt.errors import UserError
-
-    seen: dict[Path, str] = {}
-    for flag, path in outputs.items():
-        if path is None:
-            continue
-        resolved = Path(path).resolve()
-        if resolved.is_dir():
-            raise UserError(f"{flag} {path} is a folder: give a file path")
-        if not resolved.parent.is_dir():
-            raise UserError(f"{flag} {path}: the folder {Path(path).parent} does not exist")
-        if resolved in seen:
-            raise UserError(f"{flag} and {seen[resolved]} name the same file {path}: give each output its own path")
-        for input_flag, input_path in (inputs or {}).items():
-            if input_path is not None and Path(input_path).resolve() == resolved:
-                raise UserError(f"{flag} {path} would overwrite the {input_flag} input")
-        seen[resolved] = flag

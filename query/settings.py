@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 from img2prompt.errors import UserError
+from img2prompt.memory import max_workers
 
 # Provisional: chosen without real CLIP weights (none are available where this was written); tune them
 # on real weights with `img2prompt eval INDEX --labels ... --sweep` and pass the winners to submit.
@@ -82,8 +83,10 @@ class RetrievalSettings:
             set_(self, name, _number(name, getattr(self, name), float))
         if self.k < 1:
             raise SettingError("k", f"must be at least 1 (got {self.k})")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise SettingError("temperature", f"must be > 0 and finite (got {self.temperature})")
+        if not self.temperature > 0:
+            raise SettingError("temperature", f"must be > 0 (got {self.temperature})")
+        if not math.isfinite(self.temperature):
+            raise SettingError("temperature", f"must be finite (got {self.temperature})")
         if not 0.0 <= self.alpha <= 1.0:
             raise SettingError("alpha", f"must be between 0 and 1 (got {self.alpha})")
         if not 0.0 <= self.consensus < math.inf:
@@ -134,9 +137,6 @@ class RetrievalSettings:
         return self
 
 
-MAX_IMAGE_WORKERS = 64  # image decoding processes: more than cores only thrash (and each holds a model's preprocess)
-
-
 @dataclass(frozen=True)
 class ImageLoading:
     """How images are decoded and encoded (not part of what a prediction is): batch size, decoding workers,
@@ -148,5 +148,5 @@ class ImageLoading:
     def __post_init__(self) -> None:
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or self.batch_size < 1):
             raise SettingError("batch_size", f"must be at least 1 (got {self.batch_size})")
-        if self.workers is not None and not 0 <= self.workers <= MAX_IMAGE_WORKERS:
-            raise SettingError("workers", f"must be between 0 and {MAX_IMAGE_WORKERS} (got {self.workers})")
+        if self.workers is not None and not 0 <= self.workers <= max_workers():
+            raise SettingError("workers", f"must be between 0 and {max_workers()}, the cores here (got {self.workers})")

@@ -11,7 +11,7 @@ from img2prompt.query.settings import RetrievalSettings, SettingError, cli_flag,
 
 @pytest.mark.parametrize("values, message", [
     ({"k": 0}, "k must be at least 1 (got 0)"), ({"k": 2.5}, "k must be an integer"),
-    ({"temperature": 0.0}, "temperature must be > 0"), ({"temperature": float("inf")}, "temperature must be > 0"),
+    ({"temperature": 0.0}, "temperature must be > 0"), ({"temperature": float("inf")}, "temperature must be finite"),
     ({"alpha": 1.5}, "alpha must be between 0 and 1"), ({"consensus": -1.0}, "consensus must be 0 or more"),
     ({"consensus": float("inf")}, "consensus must be 0 or more, and finite"),
     ({"beta": 1.5}, "beta must be between 0 and 1"), ({"beta": float("nan")}, "beta must be between 0 and 1"),
