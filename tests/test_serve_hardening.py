@@ -3,6 +3,7 @@
 client errors (I), the page's routes (J). Servers bind 127.0.0.1; every loop is bounded in count and time."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import logging
@@ -264,7 +265,11 @@ def test_form_parts_are_bounded_and_parsed_off_the_event_loop(index, images, mon
     original = serve_module.parse_form
 
     def recording(*args, **kwargs):
-        threads.append(threading.current_thread().name)
+        try:
+            asyncio.get_running_loop()
+            threads.append("the event loop")
+        except RuntimeError:  # no loop running in this thread: a worker thread
+            threads.append("a worker thread")
         return original(*args, **kwargs)
 
     monkeypatch.setattr(serve_module, "parse_form", recording)
@@ -273,8 +278,7 @@ def test_form_parts_are_bounded_and_parsed_off_the_event_loop(index, images, mon
         response = small.post("/search", files=many)
         assert response.status_code == 413 and "over 8 parts" in response.json()["detail"]
         assert small.post("/search", files=[upload(images[0])], data={"k": "2"}).status_code == 200
-    assert threads and all(not name.startswith("MainThread") and "loop" not in name for name in threads)
-    assert threading.main_thread().name not in threads
+    assert threads == ["a worker thread"] * 2
 
 
 def test_a_long_text_is_cut_before_tokenizing(client, index, monkeypatch):
@@ -401,3 +405,44 @@ def test_favicon_and_predict_with_text(client):
     assert text.status_code == 415 and "use POST /search" in text.json()["detail"]
     page = client.get("/").text
     assert 'id="results-hint"' in page  # the empty Prompts panel says what to do
+
+
+def test_limit_flags_become_serve_limits():
+    import argparse
+
+    from img2prompt import cli_serve
+    from img2prompt.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="img2prompt")
+    cli_serve.add_parser(parser.add_subparsers(dest="command"))
+    defaults = cli_serve.limits_of(parser.parse_args(["serve", "idx"]))
+    assert defaults == ServeLimits() == serve_module.DEFAULT_LIMITS
+    chosen = cli_serve.limits_of(parser.parse_args(["serve", "idx", "--max-batch", "4", "--max-k", "50",
+                                                    "--max-json", "64K", "--request-timeout", "5",
+                                                    "--max-connections-per-client", "2", "--allowed-host", "a.lan"]))
+    assert (chosen.max_batch, chosen.max_k, chosen.max_json, chosen.request_timeout,
+            chosen.max_connections_per_client) == (4, 50, 64 * 2**10, 5.0, 2)
+    with pytest.raises(UserError, match="--max-batch must be positive"):
+        cli_serve.limits_of(parser.parse_args(["serve", "idx", "--max-batch", "0"]))
+    assert parser.parse_args(["serve", "idx", "--allowed-host", "a", "--allowed-host", "b"]).allowed_host == ["a", "b"]
+    with pytest.raises(ValueError, match="max_k must be positive"):
+        ServeLimits(max_k=0).check()
+
+
+def test_a_long_text_is_cut_in_the_shared_tokenizer(monkeypatch):
+    """CLI/API path: a 12 MB text reaches the BPE as a few thousand characters, with the tokens unchanged."""
+    from img2prompt.tokenization import FastClipTokenizer
+
+    fast = FastClipTokenizer()
+    long = "a castle on a hill, matte painting, " * 350_000  # 12.6 MB
+    want = fast(["a castle on a hill, matte painting, " * 60]).tolist()
+    seen = []
+    original = FastClipTokenizer._flat_ids
+
+    def recording(self, texts):
+        seen.extend(len(text) for text in texts)
+        return original(self, texts)
+
+    monkeypatch.setattr(FastClipTokenizer, "_flat_ids", recording)
+    assert fast([long]).tolist() == want
+    assert seen and max(seen) <= 77 * 32
