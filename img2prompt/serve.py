@@ -306,14 +306,6 @@ def check_uploads(files: list[tuple[str, bytes]], limits: ServeLimits) -> None:
                                      f"{limits.max_decoded_request / 2**20:,.0f} MiB, this server's limit")
 
 
-def decode_upload(data: bytes):
-    """Uploaded bytes → RGB PIL image, with exactly the checks `img2prompt search` applies to an image file;
-    raises ImageDecodeError with the reason."""
-    from img2prompt.query.images import load_image
-
-    return load_image(data)
-
-
 # -- the app state and its handlers ------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -356,10 +348,11 @@ def check_k(state: ServeState, value: Any, default: int) -> int:
         k = int(value) if value not in (None, "") else default
     except (TypeError, ValueError):
         raise HTTPException(422, f"k must be an integer (got {value!r})") from None
-    try:
-        state.index.session.retriever.check_k(k)
-    except UserError as exc:  # the API's message names the CLI flag; here it is a field
-        raise HTTPException(422, str(exc).replace("--k", "k")) from None
+    # the API checks k too, but its message names the CLI flag; here it is a field (index.count: public API)
+    if k < 1:
+        raise HTTPException(422, f"k must be at least 1 (got {k})")
+    if k > state.index.count:
+        raise HTTPException(422, f"k {k} is larger than the index ({state.index.count} prompts)")
     if k > state.limits.max_k:
         raise HTTPException(422, f"k {k} is over this server's limit of {state.limits.max_k}")
     return k
