@@ -280,6 +280,11 @@ class FastClipTokenizer:
             window *= 4
         return text
 
+    def cut(self, text: str) -> str:
+        """`text`, or a prefix with the same CLIP tokens (see `_cut`): what to tokenize when only the
+        context matters (e.g. whether a prompt is truncated)."""
+        return self._cut(text, self.context_length or 77) if len(text) > 77 * CUT_CHARS_PER_TOKEN else text
+
     def encode(self, text: str) -> list[int]:
         """open_clip's `encode`: the text's BPE ids, without start/end tokens or truncation."""
         return self._flat_ids([text])[0].tolist()

@@ -120,9 +120,10 @@ def _check_header(image: Image.Image, max_decoded: int) -> None:
     if max(width, height) > MAX_SIDE or max(width, height) > MAX_ASPECT * max(1, min(width, height)):
         raise ImageDecodeError(f"unusable shape {width}×{height} (a side over {MAX_SIDE:,} px or an "
                                f"aspect ratio over {MAX_ASPECT}:1)")
-    if decoded_bytes(width, height) > max_decoded:
-        raise ImageDecodeError(f"too large to decode ({width}×{height} pixels would take "
-                               f"{decoded_bytes(width, height) / 2**20:,.0f} MiB, limit {max_decoded / 2**20:,.0f} MiB)")
+    needed = decoded_bytes(width, height)
+    if needed > max_decoded:
+        raise ImageDecodeError(f"too large to decode ({width}×{height} pixels would take {needed / 2**20:,.0f} MiB, "
+                               f"limit {max_decoded / 2**20:,.0f} MiB)")
 
 
 def _open(opened) -> Image.Image:

@@ -13,7 +13,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
@@ -446,3 +445,5 @@ def test_a_long_text_is_cut_in_the_shared_tokenizer(monkeypatch):
     monkeypatch.setattr(FastClipTokenizer, "_flat_ids", recording)
     assert fast([long]).tolist() == want
     assert seen and max(seen) <= 77 * 32
+    assert fast.cut(long) == long[:len(fast.cut(long))] and len(fast.cut(long)) <= 77 * 32
+    assert fast.cut("a short prompt") == "a short prompt"
