@@ -151,8 +151,10 @@ def check_build_options(options: BuildOptions) -> None:
     if options.shard_size <= 0 or options.batch_size <= 0:
         raise UserError("--shard-size and --batch-size must be positive")
     # tokenizing processes hold both tokenizers each (~250 MiB): more than cores only cost memory
-    if options.workers is not None and not 0 <= options.workers <= max_workers():
-        raise UserError(f"--workers must be between 0 and {max_workers()}, the cores here (got {options.workers})")
+    if options.workers is not None and options.workers < 0:
+        raise UserError(f"--workers must be 0 or more (got {options.workers})")
+    if options.workers is not None and options.workers > max_workers():
+        raise UserError(f"--workers must be at most {max_workers()}, the cores here (got {options.workers})")
     if options.max_chars <= 0:
         raise UserError(f"--max-chars must be at least 1 (got {options.max_chars})")
 

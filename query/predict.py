@@ -20,7 +20,7 @@ from img2prompt.index.reader import PromptIndex
 from img2prompt.query.blend import blend, corpus_mean_prediction, mix_head
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import QuerySession
-from img2prompt.query.settings import ImageLoading, RetrievalSettings
+from img2prompt.query.settings import ImageLoading, RetrievalSettings, require_head
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def head_predictions(index: PromptIndex, query_vectors: np.ndarray, ok: np.ndarr
     came from: the index's own keys of that kind, or, for an index without keys of the queries' kind (image
     queries, no `--pairs`), the mean of these queries — so each prediction then depends on the batch it came
     in (the head is centred per modality; see index/ridge.py)."""
-    RetrievalSettings(beta=1.0).check_for(index)  # the head must be there
+    require_head(index)
     head = index.regression_head
     out = np.zeros((len(query_vectors), index.text_dim), dtype=np.float32)
     ok = np.asarray(ok, dtype=bool)

@@ -131,10 +131,16 @@ class RetrievalSettings:
                 raise SettingError("model_weights", f"{shown} gives {len(self.model_weights)} weights but the index "
                                                     f"holds {len(members)} CLIP models: give one per model, in the "
                                                     "order they were built")
-        if self.beta > 0 and index.regression_head is None:
-            raise SettingError("beta", f"needs the index's regression head, and {index.root} has none (built "
-                                       "with --no-regression-head, or by an older img2prompt): rebuild it")
+        if self.beta > 0:
+            require_head(index)
         return self
+
+
+def require_head(index) -> None:
+    """The regression head that a beta > 0 mixes in must be in the index."""
+    if index.regression_head is None:
+        raise SettingError("beta", f"needs the index's regression head, and {index.root} has none (built "
+                                   "with --no-regression-head, or by an older img2prompt): rebuild it")
 
 
 @dataclass(frozen=True)
@@ -148,5 +154,7 @@ class ImageLoading:
     def __post_init__(self) -> None:
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or self.batch_size < 1):
             raise SettingError("batch_size", f"must be at least 1 (got {self.batch_size})")
-        if self.workers is not None and not 0 <= self.workers <= max_workers():
-            raise SettingError("workers", f"must be between 0 and {max_workers()}, the cores here (got {self.workers})")
+        if self.workers is not None and self.workers < 0:
+            raise SettingError("workers", f"must be 0 or more (got {self.workers})")
+        if self.workers is not None and self.workers > max_workers():
+            raise SettingError("workers", f"must be at most {max_workers()}, the cores here (got {self.workers})")

@@ -82,7 +82,7 @@ def test_disk_full_is_one_line(values, capsys, monkeypatch):
     (["search", "{index}", "--image", "nope.png"], "image not found: nope.png"),
     (["submit", "{index}", "{images}", "--out", "/nonexistent-dir/s.csv"], "/nonexistent-dir"),
     (["submit", "{index}", "{images}", "--beta", "2"], "--beta must be between 0 and 1"),
-    (["submit", "{index}", "{images}", "--workers", "-1"], "--workers must be between 0"),
+    (["submit", "{index}", "{images}", "--workers", "-1"], "--workers must be 0 or more"),
     (["eval", "{index}", "--labels", "missing.csv"], "labels file not found: missing.csv")])
 def test_bad_arguments_are_refused_before_torch_or_a_model_loads(built_index, sample_images, argv, message):
     """Checked from the arguments, the manifest and the file system alone: torch is never imported."""

@@ -239,11 +239,11 @@ def test_a_build_with_pairs_resumes_to_the_uninterrupted_result(tmp_path, tiny_c
     reference = img2prompt.build([str(corpus)], tmp_path / "reference", **options).manifest
     encode, calls = ShardEncoder._encode_images, []
 
-    def fail_on_the_second_image_shard(self, shard, root):
+    def fail_on_the_second_image_shard(self, shard, root, progress=None):
         calls.append(shard.task.number)
         if len(calls) == 2:
             raise RuntimeError("killed")
-        return encode(self, shard, root)
+        return encode(self, shard, root, progress)
 
     monkeypatch.setattr(ShardEncoder, "_encode_images", fail_on_the_second_image_shard)
     with pytest.raises(RuntimeError, match="killed"):

@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -19,35 +18,9 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import img2prompt  # noqa: E402
 from img2prompt import serve as serve_module  # noqa: E402
+from serve_fixtures import client, create_app, images, index, upload  # noqa: E402,F401
 from img2prompt.serve_limits import ServeLimits  # noqa: E402
-
-
-def create_app(index, **options):
-    options.setdefault("allowed_hosts", ("testserver",))  # TestClient's Host
-    return serve_module.create_app(index, **options)
-
-
-@pytest.fixture(scope="module")
-def index(built_index):
-    with img2prompt.open_index(built_index, device="cpu") as opened:
-        yield opened
-
-
-@pytest.fixture(scope="module")
-def client(index):
-    with TestClient(create_app(index)) as test_client:
-        yield test_client
-
-
-@pytest.fixture(scope="module")
-def images(sample_images) -> list[Path]:
-    return sorted(sample_images.glob("*.png"))
-
-
-def upload(path: Path, name: str | None = None) -> tuple:
-    return ("image", (name or path.name, path.read_bytes(), "image/png"))
 
 
 def read_reply(connection: socket.socket, deadline_s: float = 10) -> bytes:

@@ -5,6 +5,7 @@ and refuses decompression bombs before decoding them (Pillow checks the header s
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -142,28 +143,10 @@ def _open(opened) -> Image.Image:
         raise
 
 
-def check_image(source: str | Path | bytes, max_decoded: int = MAX_DECODED_BYTES) -> tuple[int, int]:
-    """(width, height) of an image that `load_image` would accept as far as its header tells, without
-    decoding its pixels; raises ImageDecodeError with the reason (the server checks uploads with this)."""
-    in_memory = isinstance(source, (bytes, bytearray))
-    opened = io.BytesIO(source) if in_memory else Path(source)
-    try:
-        if (len(source) if in_memory else opened.stat().st_size) == 0:
-            raise ImageDecodeError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with _open(opened) as image:
-                _check_header(image, max_decoded)
-                return image.size
-    except ImageDecodeError:
-        raise
-    except _PILLOW_ERRORS as exc:
-        raise _decode_error(exc) from exc
-
-
-def load_image(source: str | Path | bytes, max_decoded: int = MAX_DECODED_BYTES) -> Image.Image:
-    """Decode one image (a file path, or the bytes of an upload) as RGB, EXIF orientation applied;
-    raises ImageDecodeError with the reason."""
+@contextlib.contextmanager
+def _header_checked(source: str | Path | bytes, max_decoded: int):
+    """The opened image (a path, or an upload's bytes) whose header passed every check, pixels not yet
+    decoded; any failure as an ImageDecodeError with the reason."""
     in_memory = isinstance(source, (bytes, bytearray))
     opened = io.BytesIO(source) if in_memory else Path(source)
     try:
@@ -174,13 +157,27 @@ def load_image(source: str | Path | bytes, max_decoded: int = MAX_DECODED_BYTES)
             warnings.simplefilter("ignore")
             with _open(opened) as image:
                 _check_header(image, max_decoded)
-                image.load()
-                image = ImageOps.exif_transpose(image) or image
-                return to_rgb(image)
+                yield image
     except ImageDecodeError:
         raise
     except _PILLOW_ERRORS as exc:
         raise _decode_error(exc) from exc
+
+
+def check_image(source: str | Path | bytes, max_decoded: int = MAX_DECODED_BYTES) -> tuple[int, int]:
+    """(width, height) of an image that `load_image` would accept as far as its header tells, without
+    decoding its pixels; raises ImageDecodeError with the reason (the server checks uploads with this)."""
+    with _header_checked(source, max_decoded) as image:
+        return image.size
+
+
+def load_image(source: str | Path | bytes, max_decoded: int = MAX_DECODED_BYTES) -> Image.Image:
+    """Decode one image (a file path, or the bytes of an upload) as RGB, EXIF orientation applied;
+    raises ImageDecodeError with the reason."""
+    with _header_checked(source, max_decoded) as image:  # a decoding error below comes out as ImageDecodeError
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        return to_rgb(image)
 
 
 _PILLOW_ERRORS = (Image.DecompressionBombError, OSError, SyntaxError, ValueError)  # Unidentified… is an OSError
