@@ -94,3 +94,10 @@ def run_cli(*args: str, cwd: Path | None = None):
     script = Path(sys.executable).parent / "img2prompt"  # the console script pip installed
     return subprocess.run([str(script), *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=600)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A Kaggle-kit test (a fresh venv, wheels from PyPI) is slow too: `-m "not slow"` leaves it out."""
+    for item in items:
+        if item.get_closest_marker("kit") is not None:
+            item.add_marker(pytest.mark.slow)

@@ -35,6 +35,7 @@ def test_predict_equals_the_cli_submission(built_index, sample_images, opened, t
     np.testing.assert_allclose(from_api, from_cli, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_search_equals_the_cli_json(built_index, opened):
     texts = read_data_prompts(12)[5:7]
     image = DATA / "images" / "sample01.png"
@@ -95,6 +96,7 @@ def test_submission_rows_follow_image_ids_not_positions(opened, sample_images, t
                                        atol=1e-7, err_msg=image_id)
 
 
+@pytest.mark.slow
 def test_approximate_index_through_build_and_submit_with_workers(tmp_path, tiny_clip_dir, corpus_file,
                                                                  sample_images, opened):
     """build --index hnsw → submit with DataLoader workers: the same predictions as the flat index."""
@@ -114,6 +116,7 @@ def test_errors_are_exceptions_not_exits(tmp_path):
         img2prompt.open_index(tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_an_open_index_keeps_its_files_when_a_rebuild_is_swapped_in(tmp_path, tiny_clip_dir):
     """A long-running reader (the server) opened the old index; --overwrite swaps a new one into the folder:
     the reader keeps answering from the files it opened, never a mix of old and new."""

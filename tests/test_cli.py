@@ -1,12 +1,15 @@
 """The console script end to end in subprocesses, as a user runs it."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import pandas as pd
 from conftest import DATA, run_cli
 
 
+@pytest.mark.slow
 def test_end_to_end_build_submit_search_eval(tmp_path, tiny_clip_dir):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join((DATA / "prompts.txt").read_text().splitlines()[:120]) + "\n")

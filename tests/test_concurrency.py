@@ -1,6 +1,8 @@
 """Concurrent runs as users start them: two submits to one file, two builds into one folder."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -19,6 +21,7 @@ def start(*args) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+@pytest.mark.slow
 def test_two_submits_to_one_file_leave_a_complete_valid_file(built_index, tmp_path):
     out = tmp_path / "submission.csv"
     runs = [start("submit", built_index, DATA / "images", "--out", out, "--k", str(k)) for k in (3, 5)]
@@ -28,6 +31,7 @@ def test_two_submits_to_one_file_leave_a_complete_valid_file(built_index, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]
 
 
+@pytest.mark.slow
 def test_two_builds_into_one_folder_never_mix(tmp_path, tiny_clip_dir):
     corpora = []
     for number, prompts in enumerate(((DATA / "prompts.txt").read_text().splitlines()[:300],

@@ -52,6 +52,7 @@ def test_minilm_reproduces_the_kaggle_sample_submission(text_model):
     np.testing.assert_allclose(ours.reshape(-1), sample["val"].to_numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tokenizing_workers_give_the_in_process_and_the_reference_vectors(clip, text_model, corpus_file, tmp_path):
     """Tokenization in spawned workers (ahead of the encoders) changes nothing: the index built with
     workers is byte-identical to the in-process one, and both equal open_clip's own tokenizer +

@@ -45,6 +45,7 @@ def kill_after(args: list[str], out: Path, shards: int) -> int:
     return shards_done(out)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, corpus_file, tiny_clip_dir):
     reference = tmp_path / "reference"
     assert run_cli(*build_args(corpus_file, reference, tiny_clip_dir)[1:]).returncode == 0
@@ -69,6 +70,7 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, corpus_file, t
     assert ours.manifest["corpus"] == theirs.manifest["corpus"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_corpus(tmp_path, corpus_file, tiny_clip_dir):
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(corpus_file.read_bytes())

@@ -102,6 +102,7 @@ def test_model_weights_refit_the_image_key_calibration(fused):
     np.testing.assert_allclose(found.scores[0], np.sort(expected)[::-1][:8], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_takes_one_value_per_model(fused_index, tiny_clip_dir, tmp_path):
     listed = run_cli("search", fused_index, "--text", "a castle", "--k", "3", "--model-weights", "1,0", "--json", "-q")
     assert listed.returncode == 0, listed.stderr

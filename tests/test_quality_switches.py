@@ -83,6 +83,7 @@ def test_search_merges_key_kinds_on_calibrated_scores(opened_pairs):
     assert text_fit != fit and np.isin(80, text_found.ids[0])
 
 
+@pytest.mark.slow
 def test_search_results_say_which_kind_each_hit_is(opened_pairs, pairs_index):
     result = opened_pairs.search_images([IMAGES[0]], k=86)[0]
     assert sorted(set(result.keys)) == ["image", "text"]
@@ -133,6 +134,7 @@ def test_head_without_image_keys_needs_a_batch_or_an_image_mean(built_index, sam
         np.testing.assert_allclose(got[ok], expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_no_head_is_a_one_line_error(tmp_path, tiny_clip_dir, corpus_file, sample_images):
     out = tmp_path / "idx"
     result = run_cli("build", corpus_file, "--out", out, "--clip-model", tiny_clip_dir, "--device", "cpu",
@@ -194,6 +196,7 @@ def test_pairs_alone_with_an_approximate_index_in_its_own_folder(tmp_path, tiny_
                              np.ones(3, bool), "text")
 
 
+@pytest.mark.slow
 def test_build_refuses_nothing_and_embeddings_with_pairs(tmp_path, tiny_clip_dir, pairs_file, corpus_file):
     empty = run_cli("build", "--out", tmp_path / "a", "--clip-model", tiny_clip_dir, "--device", "cpu")
     assert empty.returncode == 2 and "nothing to index" in empty.stderr

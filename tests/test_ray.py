@@ -25,6 +25,8 @@ from img2prompt.index.reader import open_index  # noqa: E402
 SHARD_SIZE, BATCH_SIZE = 16, 8  # the 160-prompt corpus → 10 shards
 COMPARED = (CLIP_VECTORS, MINILM, PROMPTS, MINILM_MEAN)
 
+pytestmark = pytest.mark.slow  # a local Ray cluster per test module: tens of seconds
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():

@@ -23,6 +23,8 @@ from conftest import KAGGLE_SAMPLE, REPO, run_cli
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 
+pytestmark = pytest.mark.slow  # a real browser and a served index
+
 K = 5
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

@@ -109,6 +109,7 @@ def test_identical_on_data_prompts(fast, slow):
     assert_same(fast, slow, read_data_prompts())
 
 
+@pytest.mark.slow
 def test_identical_on_all_shared_corpus_prompts(fast, slow):
     prompts = shared_prompts()
     assert len(prompts) > 60_000
@@ -234,6 +235,7 @@ def _tokenize_in_worker(tokenizer, prompts):
     return tokenizer(prompts)
 
 
+@pytest.mark.slow
 def test_identical_in_a_spawned_worker(fast, slow):
     import multiprocessing
 
