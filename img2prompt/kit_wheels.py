@@ -19,7 +19,6 @@ import tempfile
 import zipfile
 from collections import deque
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -28,6 +27,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from img2prompt.encoders.stack import installed_version
 from img2prompt.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -236,14 +236,6 @@ def pip_download(name: str, specifier: SpecifierSet, prefer: str | None, dest: P
                     f"{', '.join(target.platforms)}: {error.strip()[:300]}")
 
 
-def installed_version(name: str) -> str | None:
-    """The version of `name` installed here, or None."""
-    try:
-        return importlib_metadata.version(name)
-    except importlib_metadata.PackageNotFoundError:
-        return None
-
-
 def source_checkout() -> Path:
     """The source checkout img2prompt runs from (a folder with img2prompt's pyproject.toml)."""
     import img2prompt
@@ -288,11 +280,9 @@ def build_project_wheel(dest: Path) -> Path:
                 shutil.copy2(root / name, source / name)
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
                    "--wheel-dir", str(Path(scratch) / "dist"), str(source)]
-        try:  # build offline with this environment's setuptools when it is recent enough
-            if Version(importlib_metadata.version("setuptools")) >= Version("68"):
-                command.insert(4, "--no-build-isolation")
-        except importlib_metadata.PackageNotFoundError:
-            pass
+        setuptools = installed_version("setuptools")
+        if setuptools and Version(setuptools) >= Version("68"):  # build offline with this environment's own
+            command.insert(4, "--no-build-isolation")
         log.info("building the img2prompt wheel from %s", root)
         done = subprocess.run(command, capture_output=True, text=True)
         wheels = sorted((Path(scratch) / "dist").glob("img2prompt-*.whl"))

@@ -2,6 +2,7 @@
 Imported by tests/test_serve*.py (pytest takes fixtures from a module's namespace)."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,21 @@ def images(sample_images) -> list[Path]:
 
 def upload(path: Path, name: str | None = None) -> tuple:
     return ("image", (name or path.name, path.read_bytes(), "image/png"))
+
+
+class GatedIndex:
+    """The index, with text searches held until `gate` opens (so requests pile up in the queue); `entered`
+    is set once a search has started, and a text containing "boom" fails."""
+
+    def __init__(self, index) -> None:
+        self._index, self.gate, self.entered = index, threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self._index, name)
+
+    def search_texts(self, texts, k=10, **options):
+        self.entered.set()
+        assert self.gate.wait(60)
+        if any("boom" in text for text in texts):
+            raise RuntimeError("boom")
+        return self._index.search_texts(texts, k, **options)

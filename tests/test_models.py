@@ -179,6 +179,6 @@ def test_every_command_refuses_a_mismatched_pair_before_any_import(monkeypatch, 
     from img2prompt import cli
     from img2prompt.encoders import stack
 
-    monkeypatch.setattr(stack, "installed", lambda name: {"torch": "2.5.1", "torchvision": "0.21.0"}[name])
+    monkeypatch.setattr(stack, "installed_version", lambda name: {"torch": "2.5.1", "torchvision": "0.21.0"}[name])
     assert cli.main(["search", "nowhere", "--text", "x"]) == 2
     assert "needs torchvision 0.20" in capsys.readouterr().err

@@ -18,7 +18,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from serve_fixtures import client, create_app, images, index, upload  # noqa: E402,F401
+from serve_fixtures import GatedIndex, client, create_app, images, index, upload  # noqa: E402,F401
 
 
 def expected_search(index, path: Path, k: int) -> dict:
@@ -236,24 +236,6 @@ def test_32_parallel_requests_match_sequential(client, images):
                 assert [r["id"] for r in one["neighbours"]] == [r["id"] for r in other["neighbours"]]
 
 
-class _Gated:
-    """The index, with text searches held until `gate` opens (so requests pile up in the queue) and a text
-    containing "boom" failing."""
-
-    def __init__(self, index) -> None:
-        self._index, self.gate, self.entered = index, threading.Event(), threading.Event()
-
-    def __getattr__(self, name: str):
-        return getattr(self._index, name)
-
-    def search_texts(self, texts, k=10, **options):
-        self.entered.set()
-        assert self.gate.wait(60)
-        if any("boom" in text for text in texts):
-            raise RuntimeError("boom")
-        return self._index.search_texts(texts, k, **options)
-
-
 def _pile_up(client, worker, texts: list[str], queued: int) -> tuple[list, list[threading.Thread]]:
     """Send texts[0] (held by the gate in the worker), then the rest; return once `queued` are waiting."""
     answers: list = [None] * len(texts)
@@ -275,7 +257,7 @@ def _pile_up(client, worker, texts: list[str], queued: int) -> tuple[list, list[
 
 
 def test_full_queue_is_503_and_waiting_requests_each_run_alone(index):
-    gated = _Gated(index)
+    gated = GatedIndex(index)
     app = create_app(gated, queue_size=3)
     texts = ["a red fox", "a blue whale", "a green forest", "a yellow desert"]
     with TestClient(app) as test_client:
@@ -294,7 +276,7 @@ def test_full_queue_is_503_and_waiting_requests_each_run_alone(index):
 
 
 def test_a_failing_request_does_not_fail_its_batch(index):
-    gated = _Gated(index)
+    gated = GatedIndex(index)
     app = create_app(gated)
     texts = ["a red fox", "a blue whale", "boom", "a yellow desert"]
     with TestClient(app, raise_server_exceptions=False) as test_client:

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from img2prompt import serve as serve_module  # noqa: E402
-from serve_fixtures import client, create_app, images, index, upload  # noqa: E402,F401
+from serve_fixtures import GatedIndex, client, create_app, images, index, upload  # noqa: E402,F401
 from img2prompt.serve_limits import ServeLimits  # noqa: E402
 
 
@@ -87,23 +87,8 @@ def test_the_background_request_is_refused_cheaply(client, index):
     assert client.app.state.worker.stats["calls"] == calls
 
 
-class _Held:
-    """The index with every call held until `gate` opens."""
-
-    def __init__(self, index) -> None:
-        self._index, self.gate, self.entered = index, threading.Event(), threading.Event()
-
-    def __getattr__(self, name: str):
-        return getattr(self._index, name)
-
-    def search_texts(self, texts, k=10, **options):
-        self.entered.set()
-        assert self.gate.wait(60)
-        return self._index.search_texts(texts, k, **options)
-
-
 def test_request_time_budget_is_503_and_a_queued_job_is_dropped(index):
-    held = _Held(index)
+    held = GatedIndex(index)
     app = create_app(held, limits=ServeLimits(request_timeout=0.5))
     with TestClient(app) as test_client:
         answers = []

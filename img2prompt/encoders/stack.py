@@ -37,7 +37,8 @@ def torch_stack_problem(torch_version: str | None, torchvision_version: str | No
             "or install both again from one index")
 
 
-def installed(name: str) -> str | None:
+def installed_version(name: str) -> str | None:
+    """The version of `name` installed here, or None."""
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -46,6 +47,6 @@ def installed(name: str) -> str | None:
 
 def check_torch_stack() -> None:
     """Refuse, in one line, a torch/torchvision pair that cannot import open_clip."""
-    problem = torch_stack_problem(installed("torch"), installed("torchvision"))
+    problem = torch_stack_problem(installed_version("torch"), installed_version("torchvision"))
     if problem:
         raise UserError(problem)
