@@ -143,3 +143,27 @@ def test_two_replicas_submit_identical_csv(two_builds, sample_images, tmp_path):
             index.submission(sample_images, out, batch_size=1, progress=False)  # 4 batches over 2 replicas
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1] and outputs[0].startswith(b"imgId_eId,val")
+
+
+@pytest.mark.parametrize("command", ["build", "submit"])
+def test_cli_refuses_a_bad_device_list_in_one_line(command, tmp_path, corpus_file, built_index, sample_images,
+                                                   capsys):
+    from img2prompt.cli import main
+
+    args = {"build": ["build", str(corpus_file), "--out", str(tmp_path / "x"), "--clip-model", "never-loaded"],
+            "submit": ["submit", str(built_index), str(sample_images), "--out", str(tmp_path / "s.csv")]}[command]
+    assert main([*args, "--device", "cpu,gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown --device 'cpu,gpu' ('gpu')" in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_ray_engine_with_several_devices_is_refused():
+    from types import SimpleNamespace
+
+    from img2prompt.build_index.replicas import check_build_devices
+
+    check_build_devices(SimpleNamespace(device="cpu,cpu", engine="local"))
+    check_build_devices(SimpleNamespace(device="cpu", engine="ray"))
+    with pytest.raises(UserError, match="runs with the local engine"):
+        check_build_devices(SimpleNamespace(device="cpu,cpu", engine="ray"))
