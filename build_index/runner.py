@@ -36,7 +36,7 @@ from img2prompt.index.plan import plan_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
 from img2prompt.encoders.clip_ensemble import load_named_clips
 from img2prompt.encoders.models import load_text_model, resolve_device
-from img2prompt.build_index.replicas import load_build_replicas
+from img2prompt.build_index.replicas import check_build_devices, load_build_replicas
 from img2prompt.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ def run_build(options: BuildOptions) -> BuildResult:
     check_pair_files(pair_paths)
     timer = PhaseTimer()
     device = resolve_device(options.device)
+    check_build_devices(options)  # several devices run in this process: not with --engine ray
     log.info("device %s", device)
     with timer.phase("load_models"):
         clip = load_named_clips(options.clip_model, options.clip_pretrained, device)
