@@ -167,3 +167,25 @@ def test_ray_engine_with_several_devices_is_refused():
     check_build_devices(SimpleNamespace(device="cpu", engine="ray"))
     with pytest.raises(UserError, match="runs with the local engine"):
         check_build_devices(SimpleNamespace(device="cpu,cpu", engine="ray"))
+
+
+def test_two_replicas_build_identical_image_keyed_pairs(tmp_path, tiny_clip_dir):
+    """--pairs: image batches round robin over the replicas (one undecodable image among them)."""
+    import pandas as pd
+
+    import img2prompt
+    from conftest import DATA, read_data_prompts
+
+    images = sorted((DATA / "images").glob("*.png"))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows = [(str(path), prompt) for path, prompt in zip(images, read_data_prompts(6))]
+    rows.insert(3, (str(tmp_path / "broken.png"), "an undecodable image"))
+    pairs = tmp_path / "pairs.csv"
+    pd.DataFrame(rows, columns=["image", "prompt"]).to_csv(pairs, index=False)
+    built = []
+    for device in ("cpu", "cpu,cpu"):
+        out = tmp_path / device.replace(",", "_")
+        img2prompt.build([], out, clip_model=str(tiny_clip_dir), pairs=[str(pairs)], batch_size=2, device=device,
+                         progress=False)
+        built.append([(out / name).read_bytes() for name in ("clip.f16", "minilm.f16")])
+    assert built[0] == built[1] and len(built[0][0]) > 0
