@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from img2prompt.encoders.parallel import embed_tokens_parallel, minilm_ids_parallel
+from img2prompt.encoders.parallel import embed_tokens_parallel, minilm_ids_parallel, replicas_of
 from img2prompt.encoders.text import minilm_batch_order, minilm_embeddings
 from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE
 from img2prompt.build_index.pipeline import TokenizedShard, Tokenizers, tokenizers_for
@@ -78,7 +78,7 @@ class ShardEncoder:
             vectors, truncated = result.vectors, result.truncated
         else:
             tokens = torch.from_numpy(shard.clip_tokens)
-            vectors = embed_tokens_parallel(self.clip.replicas, tokens, self.batch_size, rows)
+            vectors = embed_tokens_parallel(replicas_of(self.clip), tokens, self.batch_size, rows)
             truncated = self.clip.count_truncated(task.prompts, tokens)
         seconds["encode_clip"] = time.perf_counter() - started
         started = time.perf_counter()

@@ -131,11 +131,14 @@ def _encode_batch(clip: ClipEnsemble, batch) -> tuple:
 def _encoded_batches(clip: ClipEnsemble, loader):
     """The loader's batches encoded in order: here, or round robin over the replicas of a multi-device
     --device (whole batches, so each vector is what one device gives)."""
-    if len(clip.replicas) == 1:
+    from img2prompt.encoders.parallel import replicas_of
+
+    replicas = replicas_of(clip)
+    if len(replicas) == 1:
         for batch in loader:
             yield _encode_batch(clip, batch)
         return
     from img2prompt.encoders.devices import ReplicaRunner
 
-    with ReplicaRunner(clip.replicas, [replica.device for replica in clip.replicas]) as runner:
+    with ReplicaRunner(replicas, [replica.device for replica in replicas]) as runner:
         yield from runner.map_batches(_encode_batch, loader)

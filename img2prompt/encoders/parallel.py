@@ -23,6 +23,11 @@ def load_replicas(spec: str, first: T, load: Callable[[torch.device], T]) -> lis
     return [first] + [load(device) for device in parse_devices(spec)[1:]]
 
 
+def replicas_of(clip) -> list:
+    """A CLIP ensemble's replicas (itself first); any other object (a test's stand-in): itself alone."""
+    return getattr(clip, "replicas", None) or [clip]
+
+
 def _gather(runs: list[np.ndarray], parts: list[np.ndarray], rows: int, dim: int) -> np.ndarray:
     out = np.empty((rows, dim), dtype=np.float32)
     for run, part in zip(runs, parts):
