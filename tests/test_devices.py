@@ -189,3 +189,17 @@ def test_two_replicas_build_identical_image_keyed_pairs(tmp_path, tiny_clip_dir)
                          progress=False)
         built.append([(out / name).read_bytes() for name in ("clip.f16", "minilm.f16")])
     assert built[0] == built[1] and len(built[0][0]) > 0
+
+
+@pytest.mark.slow
+def test_two_replicas_build_identical_ensemble_keys(tmp_path, tiny_clip_dir, other_clip_dir, corpus_file):
+    """An index of two CLIP models: each replica is the whole ensemble on its device."""
+    from img2prompt.build_index.runner import BuildOptions, run_build
+
+    keys = []
+    for device in ("cpu", "cpu,cpu"):
+        out = tmp_path / device.replace(",", "_")
+        run_build(BuildOptions(corpus=[str(corpus_file)], out=str(out), clip_model=[str(tiny_clip_dir),
+                               str(other_clip_dir)], batch_size=16, device=device, progress=False))
+        keys.append((out / "clip.f16").read_bytes())
+    assert keys[0] == keys[1] and len(keys[0]) > 0
