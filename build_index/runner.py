@@ -36,6 +36,7 @@ from img2prompt.index.plan import plan_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
 from img2prompt.encoders.clip_ensemble import load_named_clips
 from img2prompt.encoders.models import load_text_model, resolve_device
+from img2prompt.build_index.replicas import check_build_devices, load_build_replicas
 from img2prompt.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -119,10 +120,12 @@ def run_build(options: BuildOptions) -> BuildResult:
     check_pair_files(pair_paths)
     timer = PhaseTimer()
     device = resolve_device(options.device)
+    check_build_devices(options)  # several devices run in this process: not with --engine ray
     log.info("device %s", device)
     with timer.phase("load_models"):
         clip = load_named_clips(options.clip_model, options.clip_pretrained, device)
         text_model = load_text_model(options.text_model, device)
+        text_replicas = load_build_replicas(options, clip, text_model)  # --device cuda:0,cuda:1: one per GPU
     models = {"clip": clip.identity(), "text": text_model.identity()}
     total_rows = count_rows(paths + pair_paths)
     precomputed = None
@@ -136,7 +139,7 @@ def run_build(options: BuildOptions) -> BuildResult:
                  "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars,
                  **({"pairs": [file_fingerprint(path) for path in pair_paths]} if pair_paths else {})}
     writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
-    encoder = ShardEncoder(clip, text_model, options.batch_size, precomputed)
+    encoder = ShardEncoder(clip, text_model, options.batch_size, precomputed, text_replicas)
     spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
                        options.batch_size, options.embeddings, models)
     try:

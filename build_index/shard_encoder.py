@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from img2prompt.encoders.text import minilm_batch_order, minilm_embed_ids, minilm_embeddings
+from img2prompt.encoders.parallel import embed_tokens_parallel, minilm_ids_parallel, replicas_of
+from img2prompt.encoders.text import minilm_batch_order, minilm_embeddings
 from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE
 from img2prompt.build_index.pipeline import TokenizedShard, Tokenizers, tokenizers_for
 from img2prompt.build_index.precomputed import (AGREEMENT_SAMPLE, PrecomputedVectors, check_agreement,
@@ -52,8 +53,9 @@ class EncoderSpec:
 
 class ShardEncoder:
     def __init__(self, clip: ClipEnsemble, text_model: TextModel, batch_size: int,
-                 precomputed: PrecomputedVectors | None = None) -> None:
+                 precomputed: PrecomputedVectors | None = None, text_replicas: list[TextModel] | None = None) -> None:
         self.clip, self.text_model, self.batch_size, self.precomputed = clip, text_model, batch_size, precomputed
+        self.text_replicas = text_replicas or [text_model]  # MiniLM on each device of a multi-device --device
 
     @property
     def tokenizers(self) -> Tokenizers:
@@ -76,7 +78,7 @@ class ShardEncoder:
             vectors, truncated = result.vectors, result.truncated
         else:
             tokens = torch.from_numpy(shard.clip_tokens)
-            vectors = self.clip.embed_tokens(tokens, self.batch_size, progress=rows)
+            vectors = embed_tokens_parallel(replicas_of(self.clip), tokens, self.batch_size, rows)
             truncated = self.clip.count_truncated(task.prompts, tokens)
         seconds["encode_clip"] = time.perf_counter() - started
         started = time.perf_counter()
@@ -115,8 +117,8 @@ class ShardEncoder:
         prompts = [shard.task.prompts[row] for row in rows]
         if shard.minilm_ids is None:
             return minilm_embeddings(self.text_model, prompts, self.batch_size)
-        return minilm_embed_ids(self.text_model, [shard.minilm_ids[row] for row in rows],
-                                minilm_batch_order(prompts), self.batch_size, progress)
+        return minilm_ids_parallel(self.text_replicas, [shard.minilm_ids[row] for row in rows],
+                                   minilm_batch_order(prompts), self.batch_size, progress)
 
     def _precomputed_vectors(self, shard: TokenizedShard):
         """The task's given CLIP vectors, the first prompts checked against the model's own."""

@@ -39,4 +39,6 @@ def add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool) -> None
         group.add_argument("--clip-pretrained", action="append",
                            help="pretrained tag or checkpoint file for --clip-model (once per model)")
         group.add_argument("--text-model", help="check that this scorer is the one the index was built with")
-    group.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda (default: auto)")
+    group.add_argument("--device", default="auto",
+                       help="auto (cuda if present), cpu, cuda, cuda:N, or several GPUs: cuda:0,cuda:1 or cuda:all "
+                            "(data-parallel encoding, same vectors as one GPU; search uses the first) (default: auto)")

@@ -15,6 +15,7 @@ from img2prompt.encoders.clip_ensemble import ClipEnsemble, load_clip_ensemble
 from img2prompt.errors import UserError
 from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.encoders.models import ClipModel, load_text_model, resolve_device
+from img2prompt.encoders.parallel import load_replicas
 from img2prompt.query.search import Retriever
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,13 @@ class QuerySession:
                          encode_texts=lambda texts: self.clip.text_embeddings(texts).vectors)
 
 
+def _with_replicas(clip: ClipEnsemble, device: str, load: Callable) -> ClipEnsemble:
+    """--device cuda:0,cuda:1: a copy of the CLIP model(s) on each further device, for image encoding
+    (img2prompt/encoders/image_embed.py); search and text queries stay on the first device."""
+    clip.replicas = load_replicas(device, clip, load)
+    return clip
+
+
 def open_session(index_dir: str, overrides: ModelOverrides | None = None, device: str = "auto",
                  verify: bool = False, lazy: bool = False) -> QuerySession:
     """The index (its manifest checked) and, unless `lazy`, its CLIP model(s) loaded and identity-checked."""
@@ -134,7 +142,9 @@ def open_session(index_dir: str, overrides: ModelOverrides | None = None, device
     torch_device = resolve_device(device)
     if overrides.text_model:
         check_text_model(index, overrides.text_model, torch_device, verify)
-    session = QuerySession(index, torch_device, lambda: load_index_clip(index, overrides, torch_device, verify))
+    session = QuerySession(index, torch_device, lambda: _with_replicas(
+        load_index_clip(index, overrides, torch_device, verify), device,
+        lambda other: load_index_clip(index, overrides, other, verify)))
     if not lazy:
         session.clip
     return session

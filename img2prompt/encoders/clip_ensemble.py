@@ -90,6 +90,9 @@ class ClipEnsemble:
         self.shared_preprocess = len(set(configs)) == 1
         self.preprocess = self.members[0].preprocess if self.shared_preprocess \
             else EnsemblePreprocess([member.preprocess for member in self.members])
+        # This ensemble first, then its copies on the further devices of a multi-device --device
+        # (img2prompt/encoders/parallel.py); one device: just itself.
+        self.replicas: list[ClipEnsemble] = [self]
 
     @property
     def single(self) -> bool:

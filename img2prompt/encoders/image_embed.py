@@ -103,17 +103,42 @@ def embed_images(clip: ClipEnsemble, images: list, batch_size: int | None = None
                         multiprocessing_context="spawn" if workers and clip.device.type == "cuda" else None)
     vectors, ok, failed = [], [], {}
     decode_s = encode_s = 0.0
-    with torch.inference_mode(), autocast_for(clip.device):
-        for positions, pixels, failures, seconds in loader:
-            failed.update(failures)
-            decode_s += seconds
-            if pixels is not None:
-                started = time.perf_counter()
-                features = clip.encode_image(pixels)
-                vectors.append(features.float().cpu().numpy())
-                encode_s += time.perf_counter() - started
-                ok.extend(positions)
-            if progress:
-                progress(len(positions) + len(failures))
+    for (positions, pixels, failures, seconds), features, spent in _encoded_batches(clip, loader):
+        failed.update(failures)
+        decode_s += seconds
+        if features is not None:
+            vectors.append(features)
+            encode_s += spent
+            ok.extend(positions)
+        if progress:
+            progress(len(positions) + len(failures))
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, clip.dim), dtype=np.float32)
     return ImageEmbeddings(vectors=l2_normalise(matrix), ok=ok, failed=failed, decode_s=decode_s, encode_s=encode_s)
+
+
+def _encode_batch(clip: ClipEnsemble, batch) -> tuple:
+    """(the loader's batch, its float32 vectors or None, tower seconds); grad and autocast modes are
+    per thread, so they are entered here, in whichever thread runs the batch."""
+    pixels = batch[1]
+    if pixels is None:
+        return batch, None, 0.0
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast_for(clip.device):
+        features = clip.encode_image(pixels).float().cpu().numpy()
+    return batch, features, time.perf_counter() - started
+
+
+def _encoded_batches(clip: ClipEnsemble, loader):
+    """The loader's batches encoded in order: here, or round robin over the replicas of a multi-device
+    --device (whole batches, so each vector is what one device gives)."""
+    from img2prompt.encoders.parallel import replicas_of
+
+    replicas = replicas_of(clip)
+    if len(replicas) == 1:
+        for batch in loader:
+            yield _encode_batch(clip, batch)
+        return
+    from img2prompt.encoders.devices import ReplicaRunner
+
+    with ReplicaRunner(replicas, [replica.device for replica in replicas]) as runner:
+        yield from runner.map_batches(_encode_batch, loader)

@@ -37,6 +37,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
     """auto → cuda when present, else cpu. Asking for cuda without one is an error, never a silent fallback."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "," in spec or spec.startswith("cuda:"):  # several devices, or a numbered one: the first, validated
+        from img2prompt.encoders.devices import primary_device
+
+        return primary_device(spec)
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"--device {spec} was asked for, but torch sees no CUDA device on this machine")
