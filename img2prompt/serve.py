@@ -545,20 +545,21 @@ def _body_doc(fields: dict, json_schema: dict | None = None) -> dict:
 
 def _routes(app: FastAPI) -> None:
     weights = {"type": "string", "description": "an index of several CLIP models: W1,W2,..."}
+    min_score = {"type": "number", "description": "leave out hits scoring under it (the best one stays)"}
     defaults = _blend_defaults()
     app.add_api_route("/", home, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
     app.add_api_route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"], dependencies=PROTECTED,
                       summary="ready: index size, models, device, limits, queue")
     app.add_api_route("/search", search, methods=["POST"], dependencies=PROTECTED, openapi_extra=_body_doc(
-        {"k": {"type": "integer", "default": DEFAULT_SEARCH_K}, "model_weights": weights},
+        {"k": {"type": "integer", "default": DEFAULT_SEARCH_K}, "model_weights": weights, "min_score": min_score},
         TextQuery.model_json_schema()),
         summary="ranked prompts for uploaded image(s) or JSON {text, k}: the `img2prompt search --json` list")
     app.add_api_route("/predict", predict, methods=["POST"], dependencies=PROTECTED, openapi_extra=_body_doc(
         {"k": {"type": "integer", "default": defaults["k"]},
          **{name: {"type": "number", "default": defaults[name]}
             for name in ("temperature", "alpha", "consensus", "beta")},
-         "model_weights": weights}),
+         "model_weights": weights, "min_score": min_score}),
         summary="the predicted 384-d prompt embedding of each uploaded image, with the neighbours blended",
         description="Images only (multipart): the Python API predicts from images; for a text, POST /search "
                     "returns its ranked prompts.")
