@@ -8,8 +8,10 @@
 
 A backend is planned (`default_params`, `estimate_bytes`), built (writes its own files atomically), loaded
 and searched. Search settings travel with each call and are never stored on the shared object, so one
-loaded backend can serve concurrent searches; queries go through in bounded batches, so memory does not
-grow with the number of queries. Adding a kind = one new file + one line in BACKENDS.
+loaded backend can serve concurrent searches. One call answers all its queries in ONE pass over the stored
+vectors (corpus chunk outer, query batches inner, each query's running top-k kept), so 16k queries over a
+memory-mapped corpus read it once, not once per batch; memory = one chunk + one score block + the top-k state.
+Adding a kind = one new file + one line in BACKENDS.
 """
 from __future__ import annotations
 
@@ -86,21 +88,13 @@ class SearchBackend(ABC):
         """(scores float32 [n, k], ids int64 [n, k]) best first; `params` override the stored settings."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self.count)
-        settings = {**self.params, **(params or {})}
-        batch = self.batch_size(k, settings, queries.shape[1])
-        scores = np.empty((len(queries), k), dtype=np.float32)
-        ids = np.empty((len(queries), k), dtype=np.int64)
-        for start in range(0, len(queries), batch):
-            scores[start:start + batch], ids[start:start + batch] = self._search_batch(
-                queries[start:start + batch], k, settings)
-        return scores, ids
-
-    def batch_size(self, k: int, settings: dict, dim: int) -> int:
-        return QUERY_BATCH
+        if len(queries) == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return self._search(queries, k, {**self.params, **(params or {})})
 
     @abstractmethod
-    def _search_batch(self, queries: np.ndarray, k: int, settings: dict) -> tuple[np.ndarray, np.ndarray]:
-        """One bounded batch of float32 queries."""
+    def _search(self, queries: np.ndarray, k: int, settings: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Every float32 query of the call, in one pass over the stored vectors."""
 
     def close(self) -> None:
         """Release device memory or native resources."""
@@ -114,12 +108,15 @@ class RerankedBackend(SearchBackend):
     def rerank_depth(self, k: int, settings: dict) -> int:
         return min(self.count, k * int(settings.get("rerank", self.default_rerank)))
 
-    def batch_size(self, k: int, settings: dict, dim: int) -> int:
-        per_query = self.rerank_depth(k, settings) * dim * 4  # the gathered float32 candidate vectors
+    def candidate_batch(self, depth: int) -> int:
+        per_query = depth * 8  # the int64 candidate ids; their vectors are read later, in file order
         return max(1, min(QUERY_BATCH, RERANK_BATCH_BYTES // max(per_query, 1)))
 
-    def _search_batch(self, queries, k, settings):
-        candidate_ids = self._candidates(queries, self.rerank_depth(k, settings), settings)
+    def _search(self, queries, k, settings):
+        depth = self.rerank_depth(k, settings)
+        batch = self.candidate_batch(depth)
+        candidate_ids = np.concatenate([self._candidates(queries[start:start + batch], depth, settings)
+                                        for start in range(0, len(queries), batch)])
         return rerank_exact(queries, candidate_ids, self.vectors, k)
 
     @abstractmethod
@@ -127,17 +124,27 @@ class RerankedBackend(SearchBackend):
         """int64 [n, depth] candidate ids (-1 where the index found fewer)."""
 
 
-def rerank_exact(queries: np.ndarray, candidate_ids: np.ndarray, vectors: np.ndarray,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner products for the candidates, best k first; missing candidates (-1) rank last."""
-    safe = np.where(candidate_ids < 0, 0, candidate_ids)
-    order_in_file = np.argsort(safe.ravel(), kind="stable")  # sorted reads are kinder to a memmap
-    gathered = np.empty((safe.size, vectors.shape[1]), dtype=np.float32)
-    gathered[order_in_file] = vectors[safe.ravel()[order_in_file]]
-    exact = np.einsum("qd,qcd->qc", queries, gathered.reshape(*safe.shape, -1))
-    exact[candidate_ids < 0] = -np.inf
+def rerank_exact(queries: np.ndarray, candidate_ids: np.ndarray, vectors: np.ndarray, k: int,
+                 chunk_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products for the candidates, best k first; missing candidates (-1) rank last.
+
+    One pass over the needed rows in file order (a memory map is read forwards, each row once however many
+    queries want it), `chunk_bytes` of gathered vectors at a time: memory is bounded by the candidate lists,
+    never by the corpus."""
+    flat_ids = candidate_ids.ravel()
+    depth = candidate_ids.shape[1]
+    exact = np.full(flat_ids.size, -np.inf, dtype=np.float32)
+    wanted = np.flatnonzero(flat_ids >= 0)
+    wanted = wanted[np.argsort(flat_ids[wanted], kind="stable")]  # pair positions in file order of their row
+    per_chunk = max(1, (chunk_bytes or RERANK_BATCH_BYTES) // (vectors.shape[1] * 4 * 2))
+    for start in range(0, len(wanted), per_chunk):
+        positions = wanted[start:start + per_chunk]
+        rows, inverse = np.unique(flat_ids[positions], return_inverse=True)
+        gathered = np.asarray(vectors[rows], dtype=np.float32)[inverse]
+        exact[positions] = np.einsum("pd,pd->p", queries[positions // depth], gathered)
+    exact = exact.reshape(candidate_ids.shape)
     order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(exact, order, axis=1).astype(np.float32), np.take_along_axis(candidate_ids, order, axis=1)
+    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(candidate_ids, order, axis=1)
 
 
 def merge_top_k(best_scores: np.ndarray, best_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray,

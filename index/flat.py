@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from img2prompt.index.backend import SearchBackend, backend_class, merge_top_k
+from img2prompt.index.backend import QUERY_BATCH, SearchBackend, backend_class, merge_top_k
 
 SCAN_CHUNK = 65_536  # rows converted to float32 at a time: 192 MiB at 768-d
 
 
-def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
-                 chunk: int = SCAN_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k over (memory-mapped) vectors, streamed in chunks: the ground truth."""
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = SCAN_CHUNK,
+                 query_batch: int = QUERY_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k over (memory-mapped) vectors: the ground truth. One pass over the vectors for
+    any number of queries: each chunk is converted once and scored against every query batch in turn."""
     import faiss
 
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -26,8 +27,10 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int,
     best_ids = np.full((len(queries), k), -1, dtype=np.int64)
     for start in range(0, len(vectors), chunk):
         block = np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32)
-        scores, ids = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
-        best_scores, best_ids = merge_top_k(best_scores, best_ids, scores, ids + start, k)
+        for first in range(0, len(queries), query_batch):
+            rows = slice(first, first + query_batch)
+            scores, ids = faiss.knn(queries[rows], block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+            best_scores[rows], best_ids[rows] = merge_top_k(best_scores[rows], best_ids[rows], scores, ids + start, k)
     return best_scores, best_ids
 
 
@@ -44,5 +47,5 @@ class FlatBackend(SearchBackend):
             return backend_class("torch").load(root, vectors, params, device)
         return cls(vectors, params)
 
-    def _search_batch(self, queries, k, settings):
+    def _search(self, queries, k, settings):
         return exact_search(self.vectors, queries, k)
