@@ -69,6 +69,7 @@ class BuildOptions:
     engine_options: dict = field(default_factory=dict)  # the engine's own settings (e.g. a cluster address)
     pairs: list[str] | None = None  # (image, prompt) tables: image-keyed entries (build_index/pairs.py)
     regression: bool = True  # fit the ridge head CLIP → MiniLM (used only when a query asks for --beta > 0)
+    minilm_dtype: str = "fp16"  # "int8": MiniLM rows int8 + per-row scale (index/minilm_store.py, format 4)
 
 
 @dataclass
@@ -157,6 +158,8 @@ def check_build_options(options: BuildOptions) -> None:
         raise UserError(f"--workers must be at most {max_workers()}, the cores here (got {options.workers})")
     if options.max_chars <= 0:
         raise UserError(f"--max-chars must be at least 1 (got {options.max_chars})")
+    if options.minilm_dtype not in ("fp16", "int8"):
+        raise UserError(f"--minilm-dtype must be fp16 or int8 (got {options.minilm_dtype!r})")
 
 
 def plan_tasks(paths, pair_paths, corpus: CorpusReport, pairs: CorpusReport, options: BuildOptions,
@@ -191,7 +194,10 @@ class BuildJob:
                  ("calibration", self.calibrate)]  # calibration only acts with image-keyed entries
         if self.options.regression:
             steps.append(("regression", self.regression_head))
-        return steps + [("phrases", self.phrases)]
+        steps.append(("phrases", self.phrases))
+        if self.options.minilm_dtype == "int8":  # last: the steps before read minilm.f16
+            steps.append(("compact", self.compact_minilm))
+        return steps
 
     def run(self) -> BuildResult:
         for name, step in self.steps():
@@ -233,6 +239,10 @@ class BuildJob:
         with self.timer.phase("phrases"):
             self.extra["phrases"], phrase_files = build_phrases(self.writer, self.encoder.clip, self.options)
         self.files += phrase_files
+
+    def compact_minilm(self) -> None:
+        with self.timer.phase("compact"):
+            self.extra["minilm"] = self.writer.compact_minilm(seed=self.options.seed)
 
     def commit(self) -> BuildResult:
         """The manifest, written last: the index exists from this moment, whole."""

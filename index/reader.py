@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 
 from img2prompt.errors import UserError, short_reason
 from img2prompt.index import manifest as schema
-from img2prompt.index.layout import (CLIP_VECTORS, MANIFEST, MINILM, MINILM_MEAN, PHRASE_VECTORS, PHRASES, PROMPTS,
+from img2prompt.index.layout import (CLIP_VECTORS, MANIFEST, MINILM_MEAN, PHRASE_VECTORS, PHRASES, PROMPTS,
                                      READABLE_VERSIONS, REGRESSION, SHARDS, STATE_COMPLETE, VECTOR_BYTES,
                                      VECTOR_DTYPE, file_sha256)
 from img2prompt.index.manifest import KeyRange, read_manifest
+from img2prompt.index.minilm_store import minilm_dtype, minilm_file_bytes, minilm_rows
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ class PromptIndex:
         return self.manifest["models"]["text"]
 
     @cached_property
-    def minilm(self) -> np.memmap:
-        return np.memmap(self.root / MINILM, dtype=VECTOR_DTYPE, mode="r", shape=(self.count, self.text_dim))
+    def minilm(self):
+        """float16 memmap, or int8 rows dequantised on access (index/minilm_store.py: the one way in)."""
+        return minilm_rows(self.root, self.manifest, self.count, self.text_dim)
 
     @cached_property
     def clip_vectors(self) -> np.memmap:
@@ -265,7 +267,7 @@ def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
 def _check_files(index: PromptIndex, verify: bool) -> None:
     """Every listed file exists with the recorded size (the vectors' sizes also follow from count × dim)."""
     root, manifest = index.root, index.manifest
-    expected_bytes = {MINILM: index.count * index.text_dim * VECTOR_BYTES,
+    expected_bytes = {**minilm_file_bytes(minilm_dtype(manifest), index.count, index.text_dim),
                       CLIP_VECTORS: index.count * index.clip_dim * VECTOR_BYTES}
     if PHRASES in manifest["files"]:
         expected_bytes[PHRASE_VECTORS] = manifest["phrases"]["count"] * index.clip_dim * VECTOR_BYTES
