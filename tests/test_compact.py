@@ -130,3 +130,47 @@ def test_cli_build_int8_then_search_and_submit(tmp_path, tiny_clip_dir):
     submitted = run_cli("submit", index, DATA / "images", "--out", out, "--k", "4", "--json", "--verify")
     assert submitted.returncode == 0, submitted.stderr
     assert json.loads(submitted.stdout)["predicted"] == 6
+
+
+# ---------------------------------------------------------------------------------------------- key PCA
+
+def _clustered_keys(count: int, dim: int, seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((16, dim))
+    keys = rng.standard_normal((count, 16)) @ basis + 0.05 * rng.standard_normal((count, dim))
+    return (keys / np.linalg.norm(keys, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_pca_projection_equals_numpys_reference_and_keys_and_queries_project_alike():
+    from img2prompt.index.key_pca import fit_pca
+
+    keys = _clustered_keys(400, 64)
+    pca = fit_pca(keys, 8, sample=400)
+    centred = keys.astype(np.float64) - keys.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)  # numpy's reference PCA
+    assert np.allclose(np.abs(pca.components @ vt[:8].T), np.eye(8), atol=1e-4)
+    reference = centred @ pca.components.T.astype(np.float64)
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    assert np.allclose(pca.project(keys), reference, atol=1e-4)
+    assert np.allclose(np.linalg.norm(pca.project(keys[:5]), axis=1), 1.0, atol=1e-5)
+    assert np.allclose(pca.project(keys[7:8]), pca.project(keys)[7:8], atol=1e-6)  # a query projects like a key
+
+
+def test_pca_recall_and_dims_and_damaged_file(tmp_path):
+    from img2prompt.index.key_pca import check_key_dims, fit_pca, load_pca, reduced_recall, save_pca
+
+    keys = _clustered_keys(600, 64)
+    pca = fit_pca(keys[:500], 16)
+    assert reduced_recall(keys[:500], keys[500:], pca) > 0.8
+    for bad in (0, 64, 65):
+        with pytest.raises(UserError, match="--key-dims must be from 1 to 63"):
+            check_key_dims(bad, 64)
+    path = tmp_path / "key_pca.npz"
+    save_pca(path, pca)
+    loaded = load_pca(path, 64, 16)
+    assert np.array_equal(loaded.components, pca.components) and np.array_equal(loaded.mean, pca.mean)
+    with pytest.raises(UserError, match=r"key_pca.npz: PCA of shape .* expected \(32,\) and \(16, 32\)"):
+        load_pca(path, 32, 16)
+    path.write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="key_pca.npz: not readable"):
+        load_pca(path, 64, 16)

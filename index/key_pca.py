@@ -1,0 +1,92 @@
+"""A PCA of the CLIP keys (issue #21 part 2 (b), `build --key-dims D`): the pieces, not yet wired into build.
+
+Fitted over the *fused* keys (the ensemble's scaled concatenation, encoders/clip_ensemble.py), not per
+member: the search ranks by the fused inner product Σ_m cos_m / M, and the fused PCA keeps the directions
+that carry most of that score whichever member they come from; per-member PCA would have to split D between
+members by hand. `--model-weights` stays possible: weighted_query is applied to the full-width query first,
+then the weighted query is projected like any other.
+
+    key_pca.npz   mean float32 [key_dim], components float32 [D, key_dim] (orthonormal rows)
+    project(v) = normalise((v − mean) @ componentsᵀ)   — keys at build, queries at query time, the same call
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from img2prompt.atomic import write_atomic
+from img2prompt.errors import UserError
+
+KEY_PCA = "key_pca.npz"
+FIT_SAMPLE = 100_000  # keys the PCA is fitted on (seeded sample; the covariance is key_dim², not rows²)
+
+
+@dataclass(frozen=True)
+class KeyPCA:
+    mean: np.ndarray  # float32 [key_dim]
+    components: np.ndarray  # float32 [dims, key_dim]
+
+    @property
+    def dims(self) -> int:
+        return int(self.components.shape[0])
+
+    @property
+    def key_dim(self) -> int:
+        return int(self.components.shape[1])
+
+    def project(self, vectors: np.ndarray) -> np.ndarray:
+        """The one projection (keys and queries alike), re-normalised to unit length."""
+        projected = (np.asarray(vectors, np.float32) - self.mean) @ self.components.T
+        return projected / np.maximum(np.linalg.norm(projected, axis=1, keepdims=True), 1e-12)
+
+
+def check_key_dims(dims: int, key_dim: int) -> None:
+    """--key-dims refused in one line before any work."""
+    if not 1 <= dims < key_dim:
+        raise UserError(f"--key-dims must be from 1 to {key_dim - 1}, below the key dim {key_dim} (got {dims})")
+
+
+def fit_pca(keys: np.ndarray, dims: int, *, seed: int = 0, sample: int = FIT_SAMPLE) -> KeyPCA:
+    """PCA of a seeded sample of the keys (rows read in sorted order: a memmap is read front to back)."""
+    check_key_dims(dims, keys.shape[1])
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(keys), size=min(sample, len(keys)), replace=False))
+    data = np.asarray(keys[rows], np.float64)
+    mean = data.mean(axis=0)
+    centred = data - mean
+    covariance = centred.T @ centred / max(len(data) - 1, 1)
+    values, vectors = np.linalg.eigh(covariance)  # ascending
+    order = np.argsort(values)[::-1][:dims]
+    components = vectors[:, order].T
+    signs = np.sign(components[np.arange(dims), np.abs(components).argmax(axis=1)])  # deterministic signs
+    return KeyPCA(mean.astype(np.float32), (components * signs[:, None]).astype(np.float32))
+
+
+def save_pca(path: Path, pca: KeyPCA) -> None:
+    write_atomic(path, lambda handle: np.savez(handle, mean=pca.mean, components=pca.components))
+
+
+def load_pca(path: Path, key_dim: int, dims: int) -> KeyPCA:
+    """The stored PCA, checked: a damaged or mis-shaped file is one line naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mean, components = np.asarray(data["mean"]), np.asarray(data["components"])
+    except Exception as exc:  # numpy's zip/npy parsers fail with several types
+        raise UserError(f"{path}: not readable ({type(exc).__name__}): the index is damaged, rebuild it") from exc
+    if mean.shape != (key_dim,) or components.shape != (dims, key_dim) \
+            or not (np.isfinite(mean).all() and np.isfinite(components).all()):
+        raise UserError(f"{path}: PCA of shape mean {mean.shape}, components {components.shape}, expected "
+                        f"({key_dim},) and ({dims}, {key_dim}) with finite values: the index is damaged, rebuild it")
+    return KeyPCA(mean.astype(np.float32), components.astype(np.float32))
+
+
+def reduced_recall(keys: np.ndarray, queries: np.ndarray, pca: KeyPCA, k: int = 10) -> float:
+    """recall@k of exact search over projected keys against exact full-width search (held-out queries)."""
+    keys = np.asarray(keys, np.float32)
+    queries = np.asarray(queries, np.float32)
+    k = min(k, len(keys))
+    truth = np.argpartition(-(queries @ keys.T), k - 1, axis=1)[:, :k]
+    found = np.argpartition(-(pca.project(queries) @ pca.project(keys).T), k - 1, axis=1)[:, :k]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, found)]))
