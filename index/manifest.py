@@ -223,5 +223,10 @@ def validate_complete(path: Path, manifest: dict) -> None:
         phrases = manifest.get("phrases")
         problems.need(isinstance(phrases, dict) and _is_int(phrases.get("count")) and phrases["count"] >= 0,
                       "phrases.count", phrases.get("count") if isinstance(phrases, dict) else phrases)
+    if "key_pca" in manifest:  # --key-dims: 1 ≤ dims < the CLIP dim, its file listed
+        pca, clip_dim = manifest["key_pca"], (models or {}).get("clip", {}).get("dim") if isinstance(models, dict) else None
+        problems.need(isinstance(pca, dict) and _is_int(pca.get("dims")) and _is_int(clip_dim)
+                      and 1 <= pca["dims"] < clip_dim, "key_pca.dims", pca.get("dims") if isinstance(pca, dict) else pca)
+        problems.need("key_pca.npz" in files, "files.key_pca.npz", why="(not listed)")
     if problems:
         raise UserError(f"{path}: manifest is damaged (missing or invalid: {', '.join(problems)}): rebuild the index")

@@ -173,7 +173,7 @@ class IndexWriter:
         manifest = self.root / MANIFEST
         if manifest.exists():
             manifest.unlink()  # first, so a half-cleared folder never looks complete
-        for name in INDEX_FILES + OPTIONAL_FILES + (MINILM_I8, MINILM_SCALE):
+        for name in INDEX_FILES + OPTIONAL_FILES + (MINILM_I8, MINILM_SCALE, "key_pca.npz"):
             (self.root / name).unlink(missing_ok=True)
         shutil.rmtree(self.root / SHARDS, ignore_errors=True)
         shutil.rmtree(self.root / IMAGE_KEYS_FOLDER, ignore_errors=True)
@@ -275,7 +275,7 @@ class IndexWriter:
     def vectors(self, kind: str) -> np.memmap:
         """The consolidated vectors (after consolidate(), before compact_minilm()) as a read-only memmap."""
         name = {"clip": CLIP_VECTORS, "minilm": MINILM}[kind]
-        dim = next(self.iter_shard_arrays(kind)).shape[1]
+        dim = (self.root / name).stat().st_size // (self.rows_committed() * np.dtype(VECTOR_DTYPE).itemsize)  # --key-dims
         return np.memmap(self.root / name, dtype=VECTOR_DTYPE, mode="r", shape=(self.rows_committed(), dim))
 
     def compact_minilm(self, seed: int = 0) -> dict:

@@ -115,13 +115,15 @@ def test_a_bad_minilm_dtype_is_refused_before_any_work(tmp_path, corpus_file):
 
 
 @pytest.mark.slow
-def test_cli_build_int8_then_search_and_submit(tmp_path, tiny_clip_dir):
+def test_cli_build_pca_int8_then_search_and_submit(tmp_path, tiny_clip_dir):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join((DATA / "prompts.txt").read_text().splitlines()[:80]) + "\n")
     index = tmp_path / "index"
-    built = run_cli("build", corpus, "--out", index, "--clip-model", tiny_clip_dir, "--minilm-dtype", "int8")
+    built = run_cli("build", corpus, "--out", index, "--clip-model", tiny_clip_dir, "--minilm-dtype", "int8",
+                    "--key-dims", "24")
     assert built.returncode == 0, built.stderr
     assert "minilm: int8, prediction change vs fp16: mean |Δcos|" in built.stdout
+    assert "keys: PCA " in built.stdout and "→ 24 dims, recall@10 vs full width" in built.stdout
     query = corpus.read_text().splitlines()[5]
     searched = run_cli("search", index, "--text", query, "--k", "2", "--json")
     assert searched.returncode == 0, searched.stderr
@@ -174,3 +176,58 @@ def test_pca_recall_and_dims_and_damaged_file(tmp_path):
     path.write_bytes(b"not a zip")
     with pytest.raises(UserError, match="key_pca.npz: not readable"):
         load_pca(path, 64, 16)
+
+
+@pytest.fixture(scope="module")
+def pca_int8_index(tmp_path_factory, tiny_clip_dir, corpus_file):
+    from img2prompt.build_index.runner import BuildOptions, run_build
+
+    out = tmp_path_factory.mktemp("pca") / "idx"
+    run_build(BuildOptions(corpus=[str(corpus_file)], out=str(out), clip_model=str(tiny_clip_dir), shard_size=64,
+                           batch_size=32, device="cpu", progress=False, minilm_dtype="int8", key_dims=16))
+    return out
+
+
+def test_pca_index_stores_reduced_keys_its_pca_and_recall(pca_int8_index):
+    from img2prompt.index.key_pca import KEY_PCA
+
+    index = open_index(pca_int8_index, verify=True)
+    pca = index.manifest["key_pca"]
+    assert pca["dims"] == 16 and pca["key_dim"] == index.clip_dim and 0 <= pca["recall_at_10"] <= 1
+    assert KEY_PCA in index.manifest["files"] and index.clip_vectors.shape == (index.count, 16)
+    assert np.allclose(np.linalg.norm(np.asarray(index.clip_vectors[:10], np.float32), axis=1), 1, atol=1e-2)
+    assert index.key_pca.dims == 16
+
+
+def test_a_mis_shaped_pca_is_one_line_on_open(pca_int8_index, tmp_path):
+    import shutil
+
+    from img2prompt.index.key_pca import KEY_PCA
+
+    copy = tmp_path / "idx"
+    shutil.copytree(pca_int8_index, copy)
+    np.savez(copy / KEY_PCA, mean=np.zeros(3, np.float32), components=np.zeros((2, 3), np.float32))
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"][KEY_PCA]["bytes"] = (copy / KEY_PCA).stat().st_size
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="key_pca.npz: PCA of shape"):
+        open_index(copy)
+
+
+def test_key_dims_at_or_above_the_key_dim_is_refused_before_any_work(tmp_path, tiny_clip_dir, corpus_file):
+    from img2prompt.build_index.runner import BuildOptions, run_build
+
+    for dims in (0, 10_000):
+        with pytest.raises(UserError, match="--key-dims must be"):
+            run_build(BuildOptions(corpus=[str(corpus_file)], out=str(tmp_path / "x"), clip_model=str(tiny_clip_dir),
+                                   device="cpu", progress=False, key_dims=dims))
+        assert not (tmp_path / "x").exists()
+
+
+def test_search_on_a_pca_index_finds_the_prompt_itself(pca_int8_index):
+    from img2prompt.api import open_index as api_open
+
+    with api_open(pca_int8_index, device="cpu") as index:
+        prompts = index.prompts([3, 40])
+        results = index.search(texts=prompts, k=3)
+    assert [int(result.ids[0]) for result in results] == [3, 40]  # the query text's own key, through the PCA
