@@ -39,6 +39,8 @@ from img2prompt.encoders.models import load_text_model, resolve_device
 from img2prompt.build_index.replicas import check_build_devices, load_build_replicas
 from img2prompt.progress import progress_bar
 
+from img2prompt.index.key_pca import KEY_PCA, check_key_dims, reduce_keys
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 100_000
@@ -70,6 +72,8 @@ class BuildOptions:
     engine_options: dict = field(default_factory=dict)  # the engine's own settings (e.g. a cluster address)
     pairs: list[str] | None = None  # (image, prompt) tables: image-keyed entries (build_index/pairs.py)
     regression: bool = True  # fit the ridge head CLIP → MiniLM (used only when a query asks for --beta > 0)
+    minilm_dtype: str = "fp16"  # "int8": MiniLM rows int8 + per-row scale (index/minilm_store.py, format 4)
+    key_dims: int | None = None  # PCA of the CLIP keys to this many dims (index/key_pca.py); None: full width
 
 
 @dataclass
@@ -127,6 +131,8 @@ def run_build(options: BuildOptions) -> BuildResult:
         text_model = load_text_model(options.text_model, device)
         text_replicas = load_build_replicas(options, clip, text_model)  # --device cuda:0,cuda:1: one per GPU
     models = {"clip": clip.identity(), "text": text_model.identity()}
+    if options.key_dims is not None:
+        check_key_dims(options.key_dims, clip.dim)  # before any corpus row is encoded
     total_rows = count_rows(paths + pair_paths)
     precomputed = None
     if options.embeddings:
@@ -160,6 +166,14 @@ def check_build_options(options: BuildOptions) -> None:
         raise UserError(f"--workers must be at most {max_workers()}, the cores here (got {options.workers})")
     if options.max_chars <= 0:
         raise UserError(f"--max-chars must be at least 1 (got {options.max_chars})")
+    if options.key_dims is not None and options.key_dims < 1:
+        raise UserError(f"--key-dims must be at least 1 (got {options.key_dims})")
+    if options.key_dims is not None and (options.pairs or (not isinstance(options.clip_model, str)
+                                                            and len(options.clip_model) != 1)):
+        raise UserError("--key-dims works with one CLIP model and text keys only (not --pairs nor several models) "
+                        "for now")
+    if options.minilm_dtype not in ("fp16", "int8"):
+        raise UserError(f"--minilm-dtype must be fp16 or int8 (got {options.minilm_dtype!r})")
 
 
 def plan_tasks(paths, pair_paths, corpus: CorpusReport, pairs: CorpusReport, options: BuildOptions,
@@ -190,11 +204,17 @@ class BuildJob:
         self.memory: dict = {}
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
-        steps = [("encode", self.encode), ("consolidate", self.consolidate), ("search", self.search_backends),
+        steps = [("encode", self.encode), ("consolidate", self.consolidate)]
+        if self.options.key_dims is not None:  # before every step that reads the keys
+            steps.append(("key_pca", self.reduce_keys))
+        steps += [("search", self.search_backends),
                  ("calibration", self.calibrate)]  # calibration only acts with image-keyed entries
-        if self.options.regression:
+        if self.options.regression and self.options.key_dims is None:  # the head maps full-width keys
             steps.append(("regression", self.regression_head))
-        return steps + [("phrases", self.phrases)]
+        steps.append(("phrases", self.phrases))
+        if self.options.minilm_dtype == "int8":  # last: the steps before read minilm.f16
+            steps.append(("compact", self.compact_minilm))
+        return steps
 
     def run(self) -> BuildResult:
         for name, step in self.steps():
@@ -237,6 +257,14 @@ class BuildJob:
             self.extra["phrases"], phrase_files = build_phrases(self.writer, self.encoder.clip, self.options)
         self.files += phrase_files
 
+    def reduce_keys(self) -> None:
+        with self.timer.phase("key_pca"):
+            self.extra["key_pca"] = reduce_keys(self.writer, self.options.key_dims, self.options.seed)
+
+    def compact_minilm(self) -> None:
+        with self.timer.phase("compact"):
+            self.extra["minilm"] = self.writer.compact_minilm(seed=self.options.seed)
+
     def commit(self) -> BuildResult:
         """The manifest, written last: the index exists from this moment, whole."""
         self.memory["peak_rss_mib_at_end"] = peak_rss_mib()
@@ -257,7 +285,7 @@ class BuildJob:
             "rates": {"prompts_per_s": round(self.encoded_rows / encode_seconds, 1)
                       if self.encoded_rows and encode_seconds else None, "encoded_now": self.encoded_rows},
             "memory": self.memory,
-        }, self.files)
+        }, self.files + ((KEY_PCA,) if "key_pca" in self.extra else ()))
         log.debug("built %s: %d prompts", Path(options.out), self.count)  # the summary is the caller's to print
         return BuildResult(manifest=manifest, report=self.report, timings=timings)
 

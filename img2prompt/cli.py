@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "to the table) and prompt; the key is the CLIP image vector (repeatable; globs allowed)")
     group.add_argument("--no-regression-head", dest="regression", action="store_false",
                        help="do not fit the ridge head CLIP → MiniLM (it is only used by --beta > 0)")
+    group.add_argument("--minilm-dtype", default="fp16", choices=["fp16", "int8"],
+                       help="MiniLM storage: fp16 (default) or int8 with a per-row scale (half the bytes; index "
+                            "format 4, which older img2prompt refuses)")
+    group.add_argument("--key-dims", type=int, metavar="D",
+                       help="store the CLIP keys reduced to D dims by a PCA fitted at build (queries are projected "
+                            "the same way); its held-out recall@10 against full-width search is reported")
     group.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     group.add_argument("--overwrite", action="store_true", help="replace a complete index in --out")
     group.add_argument("--json", action="store_true", help="print the build summary as JSON")
@@ -256,12 +262,13 @@ def cmd_build(args) -> None:
         shard_size=args.shard_size, index=args.index, max_memory=args.max_memory, resume=args.resume,
         overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers,
         embeddings=args.embeddings, engine=args.engine, pairs=args.pairs, regression=args.regression,
-        engine_options={name.removeprefix("engine_"): value for name, value in vars(args).items()
+        minilm_dtype=args.minilm_dtype, key_dims=args.key_dims, engine_options={name.removeprefix("engine_"): value for name, value in vars(args).items()
                         if name.startswith("engine_")})
     manifest = result.manifest
     summary = {"index": args.out, "count": manifest["count"], "corpus": result.report,
                "search": {"kind": manifest["search"]["kind"], "recall_at_10": manifest["search"]["recall_at_10"]},
-               "timings_s": result.timings, "rates": manifest["rates"]}
+               "timings_s": result.timings, "rates": manifest["rates"],
+               **{name: manifest[name] for name in ("key_pca", "minilm") if name in manifest}}
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -271,6 +278,14 @@ def cmd_build(args) -> None:
           f"recall@10 {manifest['search']['recall_at_10']['recall']:.3f})")
     print(f"corpus: read {report['read']}, kept {report['kept']}, skipped: {skipped}; "
           f"cut to CLIP's context: {report['clip_truncated']}")
+    if "key_pca" in manifest:
+        pca = manifest["key_pca"]
+        print(f"keys: PCA {pca['key_dim']} → {pca['dims']} dims, recall@10 vs full width {pca['recall_at_10']:.3f} "
+              f"({pca['queries']} {'held-out ' if pca['held_out'] else ''}queries)")
+    if "minilm" in manifest:
+        change = manifest["minilm"]["prediction_change_vs_fp16"]
+        print(f"minilm: {manifest['minilm']['dtype']}, prediction change vs fp16: mean |Δcos| "
+              f"{change['mean_abs_delta_cos']:.5f} over {change['queries']} queries")
     rate = manifest["rates"]["prompts_per_s"]
     print("timings (s): " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in result.timings.items())
           + (f"; {rate} prompts/s" if rate else "; no prompt needed encoding (all shards were done)"))

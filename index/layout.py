@@ -8,6 +8,7 @@
                            *text* vectors of the corpus prompts, then CLIP *image* vectors of `build --pairs`
                            images (rows in that order; the manifest's "key_ranges" say where each kind lies)
                            (flat/torch search them directly; approximate kinds re-rank from them)
+      minilm.i8 + minilm_scale.f32  instead of minilm.f16 with `build --minilm-dtype int8` (format 4)
       minilm_mean.npy      float32 [text_dim], mean of the MiniLM rows (the corpus-mean prediction)
       clip.faiss           only for approximate kinds (hnsw, ivfpq): the FAISS index, inner product, ids = prompt ids
       image_keys/          the image-keyed range's own backend files (same names), when it has an approximate kind
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_VERSION = 3  # 2: flat indexes keep one copy of the vectors; 3: key ranges (image-keyed entries)
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)  # 4: int8 MiniLM storage (index/minilm_store.py); fp16 builds still write 3
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.parquet"
 MINILM = "minilm.f16"

@@ -16,6 +16,7 @@ from typing import Any
 from img2prompt.errors import UserError
 from img2prompt.index.layout import (INDEX_FILES, KEY_KINDS, MANIFEST, PHRASE_VECTORS, PHRASES, REGRESSION,
                                      TEXT_KEYS)
+from img2prompt.index.minilm_store import FP16, MINILM_DTYPES, MINILM_F16, minilm_dtype, minilm_file_names
 
 
 def read_manifest(root: Path) -> dict | None:
@@ -122,7 +123,7 @@ def _check_plan(problems: _Problems, field: str, plan: Any) -> None:
     problems.need(isinstance(plan.get("params", {}), dict), f"{field}.params", plan.get("params"))
 
 
-def _check_files(problems: _Problems, files: Any) -> None:
+def _check_files(problems: _Problems, files: Any, dtype: str = FP16) -> None:
     if not isinstance(files, dict) or not all(
             isinstance(record, dict) and _is_int(record.get("bytes")) for record in files.values()):
         problems.append("files")
@@ -132,7 +133,8 @@ def _check_files(problems: _Problems, files: Any) -> None:
         problems.need(record["bytes"] >= 0, f"files.{name}.bytes", record["bytes"])
         problems.need(isinstance(record.get("sha256"), str) and len(record["sha256"]) == 64,
                       f"files.{name}.sha256", record.get("sha256"))
-    for name in INDEX_FILES:
+    required = tuple(n for n in INDEX_FILES if n != MINILM_F16) + minilm_file_names(dtype)
+    for name in required:
         problems.need(name in files, f"files.{name}", why="(not listed)")
     if PHRASES in files:
         problems.need(PHRASE_VECTORS in files, f"files.{PHRASE_VECTORS}", why=f"(not listed beside {PHRASES})")
@@ -205,7 +207,9 @@ def validate_complete(path: Path, manifest: dict) -> None:
     for kind in ("clip", "text"):
         _check_model(problems, f"models.{kind}", models.get(kind) if isinstance(models, dict) else None)
     files = manifest.get("files")
-    _check_files(problems, files)
+    dtype = minilm_dtype(manifest) if isinstance(manifest.get("minilm", {}), dict) else None
+    problems.need(dtype in MINILM_DTYPES, "minilm.dtype", dtype)
+    _check_files(problems, files, dtype if dtype in MINILM_DTYPES else FP16)
     files = files if isinstance(files, dict) else {}
     section = "faiss" if "search" not in manifest and "faiss" in manifest else "search"  # format 1: "faiss"
     _check_plan(problems, section, manifest.get(section))
@@ -219,5 +223,10 @@ def validate_complete(path: Path, manifest: dict) -> None:
         phrases = manifest.get("phrases")
         problems.need(isinstance(phrases, dict) and _is_int(phrases.get("count")) and phrases["count"] >= 0,
                       "phrases.count", phrases.get("count") if isinstance(phrases, dict) else phrases)
+    if "key_pca" in manifest:  # --key-dims: 1 ≤ dims < the CLIP dim, its file listed
+        pca, clip_dim = manifest["key_pca"], (models or {}).get("clip", {}).get("dim") if isinstance(models, dict) else None
+        problems.need(isinstance(pca, dict) and _is_int(pca.get("dims")) and _is_int(clip_dim)
+                      and 1 <= pca["dims"] < clip_dim, "key_pca.dims", pca.get("dims") if isinstance(pca, dict) else pca)
+        problems.need("key_pca.npz" in files, "files.key_pca.npz", why="(not listed)")
     if problems:
         raise UserError(f"{path}: manifest is damaged (missing or invalid: {', '.join(problems)}): rebuild the index")

@@ -19,10 +19,12 @@ import pyarrow.parquet as pq
 
 from img2prompt.errors import UserError, short_reason
 from img2prompt.index import manifest as schema
-from img2prompt.index.layout import (CLIP_VECTORS, MANIFEST, MINILM, MINILM_MEAN, PHRASE_VECTORS, PHRASES, PROMPTS,
+from img2prompt.index.layout import (CLIP_VECTORS, MANIFEST, MINILM_MEAN, PHRASE_VECTORS, PHRASES, PROMPTS,
                                      READABLE_VERSIONS, REGRESSION, SHARDS, STATE_COMPLETE, VECTOR_BYTES,
                                      VECTOR_DTYPE, file_sha256)
 from img2prompt.index.manifest import KeyRange, read_manifest
+from img2prompt.index.key_pca import KEY_PCA, load_pca
+from img2prompt.index.minilm_store import minilm_dtype, minilm_file_bytes, minilm_rows
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +82,25 @@ class PromptIndex:
         return self.manifest["models"]["text"]
 
     @cached_property
-    def minilm(self) -> np.memmap:
-        return np.memmap(self.root / MINILM, dtype=VECTOR_DTYPE, mode="r", shape=(self.count, self.text_dim))
+    def minilm(self):
+        """float16 memmap, or int8 rows dequantised on access (index/minilm_store.py: the one way in)."""
+        return minilm_rows(self.root, self.manifest, self.count, self.text_dim)
 
     @cached_property
     def clip_vectors(self) -> np.memmap:
-        return np.memmap(self.root / CLIP_VECTORS, dtype=VECTOR_DTYPE, mode="r", shape=(self.count, self.clip_dim))
+        return np.memmap(self.root / CLIP_VECTORS, dtype=VECTOR_DTYPE, mode="r", shape=(self.count, self.key_dim))
+
+    @property
+    def key_dim(self) -> int:
+        """The stored keys' width: clip_dim, or the PCA's dims for an index built with --key-dims."""
+        return int((self.manifest.get("key_pca") or {}).get("dims", self.clip_dim))
+
+    @cached_property
+    def key_pca(self):
+        """The PCA queries go through before search (index/key_pca.py), or None for full-width keys."""
+        if "key_pca" not in self.manifest:
+            return None
+        return load_pca(self.root / KEY_PCA, self.clip_dim, self.key_dim)
 
     @cached_property
     def minilm_mean(self) -> np.ndarray:
@@ -103,7 +118,7 @@ class PromptIndex:
         rebuild swaps a new index into this folder meanwhile (a long-running server, say)."""
         # a native Arrow file (not a Python file object: Arrow's reader threads must not call back into Python)
         self._prompt_file = pa.memory_map(str(self.root / PROMPTS), "r")
-        for name in ("minilm", "clip_vectors", "minilm_mean", "phrases", "regression_head"):
+        for name in ("minilm", "clip_vectors", "minilm_mean", "phrases", "regression_head", "key_pca"):
             getattr(self, name)
 
     @cached_property
@@ -265,8 +280,8 @@ def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
 def _check_files(index: PromptIndex, verify: bool) -> None:
     """Every listed file exists with the recorded size (the vectors' sizes also follow from count × dim)."""
     root, manifest = index.root, index.manifest
-    expected_bytes = {MINILM: index.count * index.text_dim * VECTOR_BYTES,
-                      CLIP_VECTORS: index.count * index.clip_dim * VECTOR_BYTES}
+    expected_bytes = {**minilm_file_bytes(minilm_dtype(manifest), index.count, index.text_dim),
+                      CLIP_VECTORS: index.count * index.key_dim * VECTOR_BYTES}
     if PHRASES in manifest["files"]:
         expected_bytes[PHRASE_VECTORS] = manifest["phrases"]["count"] * index.clip_dim * VECTOR_BYTES
     for name, record in manifest["files"].items():

@@ -26,6 +26,8 @@ from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, I
                                      file_record, file_sha256, prompts_sha256, shard_path, staging_folder)
 from img2prompt.index.lock import clean_retired, clean_temp_files, lock_folder, only_own_leftovers, swap_into_place
 from img2prompt.index.manifest import read_manifest
+from img2prompt.index.minilm_store import (INT8, INT8_FORMAT_VERSION, MINILM_I8, MINILM_SCALE, minilm_dtype,
+                                           minilm_file_names, minilm_rows, prediction_change, write_int8)
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +173,7 @@ class IndexWriter:
         manifest = self.root / MANIFEST
         if manifest.exists():
             manifest.unlink()  # first, so a half-cleared folder never looks complete
-        for name in INDEX_FILES + OPTIONAL_FILES:
+        for name in INDEX_FILES + OPTIONAL_FILES + (MINILM_I8, MINILM_SCALE, "key_pca.npz"):
             (self.root / name).unlink(missing_ok=True)
         shutil.rmtree(self.root / SHARDS, ignore_errors=True)
         shutil.rmtree(self.root / IMAGE_KEYS_FOLDER, ignore_errors=True)
@@ -271,10 +273,22 @@ class IndexWriter:
         return int(dim)
 
     def vectors(self, kind: str) -> np.memmap:
-        """The consolidated vectors (after consolidate()) as a read-only memmap."""
+        """The consolidated vectors (after consolidate(), before compact_minilm()) as a read-only memmap."""
         name = {"clip": CLIP_VECTORS, "minilm": MINILM}[kind]
-        dim = next(self.iter_shard_arrays(kind)).shape[1]
+        dim = (self.root / name).stat().st_size // (self.rows_committed() * np.dtype(VECTOR_DTYPE).itemsize)  # --key-dims
         return np.memmap(self.root / name, dtype=VECTOR_DTYPE, mode="r", shape=(self.rows_committed(), dim))
+
+    def compact_minilm(self, seed: int = 0) -> dict:
+        """Replace the consolidated minilm.f16 by minilm.i8 + minilm_scale.f32 (index/minilm_store.py) and
+        return the manifest's "minilm" section with the measured cost; the float16 file goes only once both
+        int8 files are in place."""
+        full = self.vectors("minilm")
+        write_int8(self.root, (full[start:start + 65_536] for start in range(0, len(full), 65_536)))
+        compact = minilm_rows(self.root, {"minilm": {"dtype": INT8}}, *full.shape)
+        cost = prediction_change(self.vectors("clip"), full, compact, seed=seed)
+        del full, compact
+        (self.root / MINILM).unlink()
+        return {"dtype": INT8, "prediction_change_vs_fp16": cost}
 
     def iter_prompt_batches(self, size: int = 100_000) -> Iterator[list[str]]:
         """The consolidated prompts in id order, a batch at a time (after consolidate())."""
@@ -307,8 +321,11 @@ class IndexWriter:
     def complete(self, info: dict, extra_files: tuple[str, ...] = ()) -> dict:
         """Write the final manifest (the commit point of the whole build), then drop the shards.
         `extra_files`: the search backend's and the phrase vocabulary's files, recorded like the rest."""
-        files = {name: file_record(self.root / name) for name in INDEX_FILES + tuple(extra_files)}
-        manifest = {"format_version": FORMAT_VERSION, "state": STATE_COMPLETE,
+        dtype = minilm_dtype(info)  # int8 MiniLM: its own files and format 4 (older readers refuse it)
+        names = tuple(n for n in INDEX_FILES if n != MINILM) + minilm_file_names(dtype)
+        files = {name: file_record(self.root / name) for name in names + tuple(extra_files)}
+        version = INT8_FORMAT_VERSION if dtype == INT8 else FORMAT_VERSION
+        manifest = {"format_version": version, "state": STATE_COMPLETE,
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info,
                     "build": self.manifest["build"], "files": files}
         write_json_atomic(self.root / MANIFEST, manifest)

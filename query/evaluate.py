@@ -452,7 +452,7 @@ def recall_on_queries(session: QuerySession, retrieved: Retrieved) -> float | No
     ok = retrieved.neighbours.ids[:, 0] >= 0
     if not ok.any():
         return None
-    vectors = retrieved.query_vectors[ok]
+    vectors = session.retriever.to_keys(retrieved.query_vectors[ok])
     key_range, backend = session.retriever.ranges[0]  # the first key range's backend (text keys, when there are)
     k = min(10, key_range.count)
     _, truth = exact_search(session.index.clip_vectors[key_range.start:key_range.stop], vectors, k)

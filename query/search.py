@@ -74,6 +74,11 @@ class Retriever:
             self._refitted[key] = fitted["maps"]
         return self._refitted[key]
 
+    def to_keys(self, queries: np.ndarray) -> np.ndarray:
+        """Full-width query vectors in the keys' space: the index's PCA (--key-dims) applied, the one place."""
+        pca = self.index.key_pca
+        return queries if pca is None else pca.project(queries)
+
     def close(self) -> None:
         for _, backend in self.ranges:
             backend.close()
@@ -109,6 +114,7 @@ class Retriever:
         if weights is not None:
             queries = weighted_query(queries, [member["dim"] for member in self.index.clip_identity["members"]],
                                      weights).astype(np.float32)
+        queries = self.to_keys(queries)
         extra = max((len(ids) for ids in exclude), default=0) if exclude else 0
         fetch = min(self.index.count, k + extra)
         scores, ids = self._search_ranges(queries, fetch, query_kind, weights)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from img2prompt.errors import UserError
-from img2prompt.index.layout import FORMAT_VERSION, shard_path
+from img2prompt.index.layout import READABLE_VERSIONS, shard_path
 from img2prompt.index.reader import open_index
 from img2prompt.index.writer import IndexWriter, ShardTask, save_shard
 
@@ -65,9 +65,10 @@ def test_faiss_rows_must_agree(tmp_path):
 def test_newer_format_and_not_an_index(built_index, tmp_path):
     root = copy_index(built_index, tmp_path)
     manifest = json.loads((root / "manifest.json").read_text())
-    manifest["format_version"] = FORMAT_VERSION + 1
+    newer = max(READABLE_VERSIONS) + 1  # FORMAT_VERSION + 1 is readable: int8 MiniLM indexes are format 4
+    manifest["format_version"] = newer
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match=f"has index format {FORMAT_VERSION + 1}; this img2prompt reads formats 1, 2"):
+    with pytest.raises(UserError, match=f"has index format {newer}; this img2prompt reads formats 1, 2"):
         open_index(root)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="is not an index: no manifest.json"):
