@@ -284,6 +284,8 @@ def parse_form(body: bytes, content_type: str, max_fields: int = DEFAULT_LIMITS.
         name = disposition.get(b"name", b"").decode("utf-8", "replace")
         data = b"".join(part["data"])
         if b"filename" in disposition:
+            if name != "image":  # a misnamed field is the client's mistake, not an image to guess at
+                raise HTTPException(422, f"a file in the form field {name[:60]!r}: send images in a field named image")
             files.append((disposition[b"filename"].decode("utf-8", "replace") or name or "upload", data))
         else:
             fields[name] = data.decode("utf-8", "replace")

@@ -287,7 +287,7 @@ def _check_files(index: PromptIndex, verify: bool) -> None:
     for name, record in manifest["files"].items():
         path = root / name
         if not path.is_file():
-            raise UserError(f"{root}: index file {name} is missing")
+            raise UserError(f"{path}: index file {name} is missing: the index is damaged, rebuild it")
         size = path.stat().st_size
         if size != record["bytes"] or size != expected_bytes.get(name, size):
             expected = expected_bytes.get(name, record["bytes"])
