@@ -103,3 +103,22 @@ def near_dup_mask(vectors: np.ndarray, threshold: float, exact_until: int = EXAC
     masks = [filt.feed(vectors[start:start + batch]) for start in range(0, len(vectors), batch)]
     mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
     return mask, filt.stats
+
+
+def shard_keep_masks(writer, threshold: float) -> tuple[dict[int, np.ndarray], NearDupStats]:
+    """Stream the committed text-keyed MiniLM shards in corpus order through one filter: {shard: keep mask}.
+    Recomputed from the committed shards on every run, so a resumed build makes the identical decisions."""
+    from img2prompt.index.layout import TEXT_KEYS, shard_path
+
+    masks: dict[int, np.ndarray] = {}
+    filt = None
+    for record in writer._ordered_records():
+        if record.get("keys", TEXT_KEYS) != TEXT_KEYS:
+            continue  # image-keyed entries (--pairs) are not prompts to deduplicate
+        block = np.load(shard_path(writer.root, record["number"], "minilm"), mmap_mode="r")
+        filt = filt or NearDupFilter(threshold, block.shape[1])
+        try:
+            masks[record["number"]] = filt.feed(np.asarray(block, dtype=np.float32))
+        except UserError as exc:
+            raise UserError(f"shard {record['number']}: {exc}") from None
+    return masks, (filt.stats if filt else NearDupStats(float(threshold)))

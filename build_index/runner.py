@@ -69,6 +69,7 @@ class BuildOptions:
     engine_options: dict = field(default_factory=dict)  # the engine's own settings (e.g. a cluster address)
     pairs: list[str] | None = None  # (image, prompt) tables: image-keyed entries (build_index/pairs.py)
     regression: bool = True  # fit the ridge head CLIP → MiniLM (used only when a query asks for --beta > 0)
+    near_dup: float | None = None  # drop a prompt whose MiniLM cosine to a kept one is ≥ this (build_index/near_dup.py)
 
 
 @dataclass
@@ -157,6 +158,8 @@ def check_build_options(options: BuildOptions) -> None:
         raise UserError(f"--workers must be at most {max_workers()}, the cores here (got {options.workers})")
     if options.max_chars <= 0:
         raise UserError(f"--max-chars must be at least 1 (got {options.max_chars})")
+    if options.near_dup is not None and not 0 < options.near_dup <= 1:
+        raise UserError(f"--near-dup must be in (0, 1] (got {options.near_dup})")
 
 
 def plan_tasks(paths, pair_paths, corpus: CorpusReport, pairs: CorpusReport, options: BuildOptions,
@@ -187,7 +190,8 @@ class BuildJob:
         self.memory: dict = {}
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
-        steps = [("encode", self.encode), ("consolidate", self.consolidate), ("search", self.search_backends),
+        steps = [("encode", self.encode)] + ([("near_dup", self.near_dup)] if self.options.near_dup else [])
+        steps += [("consolidate", self.consolidate), ("search", self.search_backends),
                  ("calibration", self.calibrate)]  # calibration only acts with image-keyed entries
         if self.options.regression:
             steps.append(("regression", self.regression_head))
@@ -210,6 +214,14 @@ class BuildJob:
         if precomputed and corpus.read != precomputed.rows:
             raise misaligned(precomputed.rows, corpus.read)
         self.memory["peak_rss_mib_after_encode"] = peak_rss_mib()
+
+    def near_dup(self) -> None:
+        from img2prompt.build_index.near_dup import shard_keep_masks
+        with self.timer.phase("near_dup"):
+            self.writer.keep, stats = shard_keep_masks(self.writer, self.options.near_dup)
+        self.report["skipped"]["near_duplicate"] = stats.dropped
+        self.report["kept"] -= stats.dropped
+        self.extra["near_dup"] = stats.manifest()
 
     def consolidate(self) -> None:
         with self.timer.phase("consolidate"):

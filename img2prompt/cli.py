@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "to the table) and prompt; the key is the CLIP image vector (repeatable; globs allowed)")
     group.add_argument("--no-regression-head", dest="regression", action="store_false",
                        help="do not fit the ridge head CLIP → MiniLM (it is only used by --beta > 0)")
+    group.add_argument("--near-dup", type=float, metavar="T", default=None,
+                       help="drop a prompt whose MiniLM cosine to an already kept one is ≥ T, 0 < T ≤ 1 (first in "
+                            "corpus order wins; counted as skipped near_duplicate; default off)")
     group.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     group.add_argument("--overwrite", action="store_true", help="replace a complete index in --out")
     group.add_argument("--json", action="store_true", help="print the build summary as JSON")
@@ -256,6 +259,7 @@ def cmd_build(args) -> None:
         shard_size=args.shard_size, index=args.index, max_memory=args.max_memory, resume=args.resume,
         overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers,
         embeddings=args.embeddings, engine=args.engine, pairs=args.pairs, regression=args.regression,
+        near_dup=args.near_dup,
         engine_options={name.removeprefix("engine_"): value for name, value in vars(args).items()
                         if name.startswith("engine_")})
     manifest = result.manifest

@@ -54,3 +54,38 @@ def test_ivf_phase_agrees_with_brute_force():
     assert (approx == exact).mean() >= 0.995
     # deterministic: a second run (a resumed build) decides the same
     assert (near_dup_mask(rows, 0.9, exact_until=500, batch=300)[0] == approx).all()
+
+
+@pytest.mark.slow
+def test_build_with_near_dup_drops_planted_rows(tmp_path, tiny_clip_dir, text_model):
+    import json
+
+    from img2prompt.api import open_index
+    from img2prompt.build_index.runner import BuildOptions, run_build
+    from img2prompt.encoders.text import minilm_embeddings
+    from tests.conftest import read_data_prompts
+
+    prompts = read_data_prompts(40)
+    planted = [prompts[i] + ", hd" for i in (3, 10, 20)]
+    lines = prompts[:25] + planted + prompts[25:]
+    corpus = tmp_path / "prompts.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    reference, _ = near_dup_mask(minilm_embeddings(text_model, lines), 0.96)
+    assert not reference[25:28].any()  # the planted rows are near-duplicates at 0.96
+    out = tmp_path / "idx"
+    result = run_build(BuildOptions(corpus=[str(corpus)], out=str(out), clip_model=str(tiny_clip_dir),
+                                    shard_size=16, batch_size=16, device="cpu", progress=False, near_dup=0.96))
+    dropped = int((~reference).sum())
+    assert result.report["skipped"]["near_duplicate"] == dropped
+    assert result.report["kept"] == len(lines) - dropped
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == len(lines) - dropped
+    assert manifest["near_dup"]["threshold"] == 0.96 and manifest["near_dup"]["dropped"] == dropped
+    import pyarrow.parquet as pq
+    table = pq.read_table(out / "prompts.parquet")
+    kept = [p for p, k in zip(lines, reference) if k]
+    assert table.column("id").to_pylist() == list(range(len(kept)))  # ids stay dense
+    assert table.column("prompt").to_pylist() == kept
+    with open_index(out, device="cpu") as index:
+        [hit] = index.search(texts=[kept[30]], k=1)
+        assert hit.prompts == [kept[30]] and int(hit.ids[0]) == 30
