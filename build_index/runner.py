@@ -74,6 +74,7 @@ class BuildOptions:
     regression: bool = True  # fit the ridge head CLIP → MiniLM (used only when a query asks for --beta > 0)
     minilm_dtype: str = "fp16"  # "int8": MiniLM rows int8 + per-row scale (index/minilm_store.py, format 4)
     key_dims: int | None = None  # PCA of the CLIP keys to this many dims (index/key_pca.py); None: full width
+    near_dup: float | None = None  # drop a prompt whose MiniLM cosine to a kept one is ≥ this (build_index/near_dup.py)
 
 
 @dataclass
@@ -174,6 +175,8 @@ def check_build_options(options: BuildOptions) -> None:
                         "for now")
     if options.minilm_dtype not in ("fp16", "int8"):
         raise UserError(f"--minilm-dtype must be fp16 or int8 (got {options.minilm_dtype!r})")
+    if options.near_dup is not None and not 0 < options.near_dup <= 1:
+        raise UserError(f"--near-dup must be in (0, 1] (got {options.near_dup})")
 
 
 def plan_tasks(paths, pair_paths, corpus: CorpusReport, pairs: CorpusReport, options: BuildOptions,
@@ -204,7 +207,8 @@ class BuildJob:
         self.memory: dict = {}
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
-        steps = [("encode", self.encode), ("consolidate", self.consolidate)]
+        steps = [("encode", self.encode)] + ([("near_dup", self.near_dup)] if self.options.near_dup else [])
+        steps.append(("consolidate", self.consolidate))
         if self.options.key_dims is not None:  # before every step that reads the keys
             steps.append(("key_pca", self.reduce_keys))
         steps += [("search", self.search_backends),
@@ -233,6 +237,14 @@ class BuildJob:
         if precomputed and corpus.read != precomputed.rows:
             raise misaligned(precomputed.rows, corpus.read)
         self.memory["peak_rss_mib_after_encode"] = peak_rss_mib()
+
+    def near_dup(self) -> None:
+        from img2prompt.build_index.near_dup import shard_keep_masks
+        with self.timer.phase("near_dup"):
+            self.writer.keep, stats = shard_keep_masks(self.writer, self.options.near_dup)
+        self.report["skipped"]["near_duplicate"] = stats.dropped
+        self.report["kept"] -= stats.dropped
+        self.extra["near_dup"] = stats.manifest()
 
     def consolidate(self) -> None:
         with self.timer.phase("consolidate"):

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--key-dims", type=int, metavar="D",
                        help="store the CLIP keys reduced to D dims by a PCA fitted at build (queries are projected "
                             "the same way); its held-out recall@10 against full-width search is reported")
+    group.add_argument("--near-dup", type=float, metavar="T", default=None,
+                       help="drop a prompt whose MiniLM cosine to an already kept one is ≥ T, 0 < T ≤ 1 (first in "
+                            "corpus order wins; counted as skipped near_duplicate; default off)")
     group.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     group.add_argument("--overwrite", action="store_true", help="replace a complete index in --out")
     group.add_argument("--json", action="store_true", help="print the build summary as JSON")
@@ -262,7 +265,8 @@ def cmd_build(args) -> None:
         shard_size=args.shard_size, index=args.index, max_memory=args.max_memory, resume=args.resume,
         overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers,
         embeddings=args.embeddings, engine=args.engine, pairs=args.pairs, regression=args.regression,
-        minilm_dtype=args.minilm_dtype, key_dims=args.key_dims, engine_options={name.removeprefix("engine_"): value for name, value in vars(args).items()
+        minilm_dtype=args.minilm_dtype, key_dims=args.key_dims, near_dup=args.near_dup,
+        engine_options={name.removeprefix("engine_"): value for name, value in vars(args).items()
                         if name.startswith("engine_")})
     manifest = result.manifest
     summary = {"index": args.out, "count": manifest["count"], "corpus": result.report,

@@ -187,7 +187,15 @@ class IndexWriter:
         return {record["number"]: record for record in self.manifest["shards"]}
 
     def rows_committed(self) -> int:
-        return sum(record["count"] for record in self.manifest["shards"])
+        return sum(self._count(record) for record in self.manifest["shards"])
+
+    # build --near-dup: {shard number: keep mask}, set before consolidate(); rows outside a mask are dropped
+    # from every consolidated file alike (ids stay dense 0..n-1). Not persisted: a resumed build recomputes it.
+    keep: dict[int, np.ndarray] | None = None
+
+    def _count(self, record: dict) -> int:
+        mask = (self.keep or {}).get(record["number"])
+        return record["count"] if mask is None else int(mask.sum())
 
     def is_committed(self, task: ShardTask) -> bool:
         """Whether `task` has a committed record whose prompts and files are intact (checked by sha256).
@@ -225,7 +233,9 @@ class IndexWriter:
 
     def iter_shard_arrays(self, kind: str) -> Iterator[np.ndarray]:
         for record in self._ordered_records():
-            yield np.load(shard_path(self.root, record["number"], kind), mmap_mode="r")
+            block = np.load(shard_path(self.root, record["number"], kind), mmap_mode="r")
+            mask = (self.keep or {}).get(record["number"])
+            yield block if mask is None else block[mask]
 
     def consolidate(self) -> tuple[int, int, int]:
         """Concatenate shards into prompts.parquet, minilm.f16, clip.f16 and minilm_mean.npy (streamed)."""
@@ -242,6 +252,8 @@ class IndexWriter:
             writer, first_id = None, 0
             for record in self._ordered_records():
                 prompts = pq.read_table(shard_path(self.root, record["number"], "prompts")).column("prompt")
+                mask = (self.keep or {}).get(record["number"])
+                prompts = prompts if mask is None else prompts.filter(pa.array(mask))
                 table = pa.table({"id": pa.array(np.arange(first_id, first_id + len(prompts), dtype=np.int64)),
                                   "prompt": prompts,
                                   "key": pa.array([record.get("keys", TEXT_KEYS)] * len(prompts), type=pa.string())})
@@ -259,8 +271,8 @@ class IndexWriter:
             first, _ = ranges.get(kind, (start, start))
             if kind in ranges and ranges[kind][1] != start:
                 raise ValueError("key kinds are interleaved: image-keyed shards must come after the text ones")
-            ranges[kind] = (first, start + record["count"])
-            start += record["count"]
+            ranges[kind] = (first, start + self._count(record))
+            start += self._count(record)
         return {kind: rows for kind, rows in ranges.items() if rows[1] > rows[0]}
 
     def _concat_vectors(self, kind: str, name: str) -> int:
