@@ -125,3 +125,12 @@ def test_kill_at_each_commit_point_then_resume(tmp_path, halves, tiny_clip_dir, 
 def test_not_an_index_refused(tmp_path, halves, tiny_clip_dir):
     with pytest.raises(UserError, match="not a complete index"):
         _add(tmp_path / "nothing", [halves[1]], tiny_clip_dir)
+
+
+def test_cli_add_refuses_in_one_line(tmp_path, halves, tiny_clip_dir, capsys):
+    from img2prompt.cli import main
+
+    code = main(["add", str(tmp_path / "nothing"), str(halves[1]), "--clip-model", str(tiny_clip_dir), "-q"])
+    assert code != 0
+    err = capsys.readouterr().err.strip()
+    assert "not a complete index" in err and len(err.splitlines()) == 1
