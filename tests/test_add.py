@@ -134,3 +134,17 @@ def test_cli_add_refuses_in_one_line(tmp_path, halves, tiny_clip_dir, capsys):
     assert code != 0
     err = capsys.readouterr().err.strip()
     assert "not a complete index" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_add_to_hnsw_rebuilds_its_search_file(tmp_path, halves, tiny_clip_dir):
+    import img2prompt
+
+    first, second = halves
+    _build([first], tmp_path / "idx", tiny_clip_dir, index="hnsw")
+    result = _add(tmp_path / "idx", [second], tiny_clip_dir)
+    assert result.manifest["search"]["kind"] == "hnsw" and result.manifest["count"] == 120
+    assert "clip.faiss" in result.manifest["files"]
+    with img2prompt.open_index(tmp_path / "idx", device="cpu", clip_model=str(tiny_clip_dir), verify=True) as index:
+        (hit,) = index.search(texts=[read_data_prompts(120)[100]], k=1)
+    assert hit.ids.tolist() == [100]  # data prompt 100: ids continue after the first half's 60
