@@ -37,6 +37,19 @@ def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip
                                   clip_pretrained=clip_pretrained, text_model=text_model, **options))
 
 
+def add(index: str | Path, corpus: str | Sequence[str], *, clip_model: str | Sequence[str], **options: Any):
+    """Grow a complete index with new prompt files (deduplicated against it, encoded with its own models).
+
+    Extra keyword options are AddOptions fields (clip_pretrained, text_model, column, batch_size, device,
+    shard_size, max_chars, resume, progress). Returns a BuildResult; the manifest's "history" lists each add.
+    """
+    from img2prompt.build_index.add import AddOptions, run_add
+
+    corpus = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
+    return run_add(AddOptions(index=str(index), corpus=[str(path) for path in corpus], clip_model=clip_model,
+                              **options))
+
+
 def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None = None,
                clip_pretrained: str | None = None, text_model: str | None = None, verify: bool = False,
                lazy: bool = False):
@@ -105,5 +118,5 @@ def npy_ids_path(npy: str | Path) -> Path:
     return ids_path(npy)
 
 
-__all__ = ["build", "build_choices", "check_environment", "check_query", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError",
+__all__ = ["add", "build", "build_choices", "check_environment", "check_query", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError",
            "format_search", "format_eval_report", "npy_ids_path"]

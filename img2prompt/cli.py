@@ -149,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                 engine_group.add_argument(flag.flag, dest=f"engine_{flag.key}", type=flag.type, default=flag.default,
                                           metavar=flag.key.upper(), help=flag.help)
 
+    add = commands.add_parser("add", parents=[common], help="add new prompts to a complete index (same models)",
+                              description="Grow INDEX_DIR with the prompts of CORPUS files: deduplicated against "
+                                          "the index, encoded with the index's own models, swapped in when whole.")
+    add.add_argument("index", metavar="INDEX_DIR", help="a complete index folder")
+    add.add_argument("corpus", nargs="+", metavar="CORPUS", help="new prompt files (txt/csv/tsv/parquet)")
+    add.add_argument("--column", default="prompt", help="prompt column in csv/tsv/parquet (default: prompt)")
+    add_model_flags(add, for_build=True)
+    add.add_argument("--batch-size", type=int, default=256)
+    add.add_argument("--shard-size", type=int, default=100_000)
+    add.add_argument("--resume", action="store_true", help="finish an interrupted add")
     submit = commands.add_parser("submit", parents=[common], help="write a Kaggle submission.csv for a folder of images",
                                  epilog=EPILOG_SUBMIT, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Predict each image's prompt embedding (384-d) by similarity-"
@@ -254,6 +264,17 @@ def _loading(args) -> dict:
 
     ImageLoading(args.batch_size, args.workers)  # checked with the other settings, before any work
     return {"batch_size": args.batch_size, "workers": args.workers, "progress": not args.quiet}
+
+
+def cmd_add(args) -> None:
+    from img2prompt.api import add
+
+    result = add(args.index, args.corpus, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                 text_model=args.text_model, column=args.column, batch_size=args.batch_size, device=args.device,
+                 shard_size=args.shard_size, resume=args.resume, progress=not args.quiet)
+    entry = result.manifest["history"][-1]
+    print(f"index {args.index}: {result.manifest['count']} prompts (+{entry['count']}, "
+          f"{entry['duplicates_of_index']} already in the index)")
 
 
 def cmd_build(args) -> None:
@@ -386,7 +407,7 @@ def cmd_kaggle_kit(args) -> None:
     run(args)
 
 
-COMMANDS = {"build": cmd_build, "submit": cmd_submit, "search": cmd_search, "eval": cmd_eval,
+COMMANDS = {"add": cmd_add, "build": cmd_build, "submit": cmd_submit, "search": cmd_search, "eval": cmd_eval,
             "interrogate": cmd_interrogate,
             "kaggle-kit": cmd_kaggle_kit, "score": cmd_score, "serve": cmd_serve}
 
