@@ -30,9 +30,9 @@ from img2prompt.encoders.clip_ensemble import load_named_clips
 from img2prompt.encoders.models import load_text_model, resolve_device
 from img2prompt.encoders.prompts import dedup_key
 from img2prompt.errors import UserError
-from img2prompt.index.layout import (CLIP_VECTORS, MINILM, PROMPTS, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE,
-                                     file_sha256)
+from img2prompt.index.layout import CLIP_VECTORS, MINILM, PROMPTS, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE
 from img2prompt.index.manifest import read_manifest
+from img2prompt.index.minilm_store import FP16, minilm_dtype
 from img2prompt.index.writer import IndexWriter, ShardTask, save_shard
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ def check_add_options(options: AddOptions) -> dict:
         raise UserError(f"{root}: not a complete index (build it first with `img2prompt build`)")
     if any(entry.get("keys") != TEXT_KEYS for entry in manifest.get("key_ranges", [])):
         raise UserError(f"{root}: add to an index with image-keyed entries (--pairs) is not supported yet: rebuild")
+    if "key_pca" in manifest or minilm_dtype(manifest) != FP16:  # add copies full-width fp16 rows
+        raise UserError(f"{root}: add to an index built with --key-dims or --minilm-dtype int8 is not supported yet: "
+                        "rebuild it with the new prompts")
     return manifest
 
 

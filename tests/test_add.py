@@ -148,3 +148,13 @@ def test_add_to_hnsw_rebuilds_its_search_file(tmp_path, halves, tiny_clip_dir):
     with img2prompt.open_index(tmp_path / "idx", device="cpu", clip_model=str(tiny_clip_dir), verify=True) as index:
         (hit,) = index.search(texts=[read_data_prompts(120)[100]], k=1)
     assert hit.ids.tolist() == [100]  # data prompt 100: ids continue after the first half's 60
+
+
+@pytest.mark.parametrize("compaction", [{"minilm": {"dtype": "int8"}}, {"key_pca": {"dims": 8}}])
+def test_add_to_a_compacted_index_is_refused(tmp_path, halves, tiny_clip_dir, monkeypatch, compaction):
+    import img2prompt.build_index.add as add_module
+
+    manifest = {"state": "complete", "key_ranges": [{"keys": "text"}], **compaction}
+    monkeypatch.setattr(add_module, "read_manifest", lambda root: manifest)
+    with pytest.raises(UserError, match="--key-dims or --minilm-dtype int8 is not supported yet"):
+        _add(tmp_path, [halves[1]], tiny_clip_dir)
