@@ -1,0 +1,97 @@
+"""The fsspec storage seam (issue #23): URLs for corpus files read streaming, identity for resume keys."""
+from __future__ import annotations
+
+import builtins
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from img2prompt import storage
+from img2prompt.build_index.corpus import (CorpusReport, count_rows, expand_corpus_paths, file_fingerprint,
+                                           iter_prompts)
+from img2prompt.errors import UserError
+
+fsspec = pytest.importorskip("fsspec")
+
+
+@pytest.fixture
+def mem() -> str:
+    """A fresh memory:// folder for one test."""
+    return f"memory://remote-test-{uuid.uuid4().hex}"
+
+
+def put(url: str, data: bytes) -> None:
+    with fsspec.open(url, "wb") as handle:
+        handle.write(data)
+
+
+def test_is_url_tells_urls_from_local_names():
+    assert storage.is_url("s3://bucket/key") and storage.is_url("memory://x") and storage.is_url("hf://datasets/a/b")
+    assert not storage.is_url("prompts.txt") and not storage.is_url("C://windows") and not storage.is_url("/a/b")
+
+
+def test_text_corpus_from_memory_url_same_dedup_and_skips_as_local(mem, tmp_path):
+    data = b"\xef\xbb\xbfa red fox\r\nA  RED fox\n\nbad \xff byte\nblue sky\n"
+    put(f"{mem}/p.txt", data)
+    (tmp_path / "p.txt").write_bytes(data)
+    remote, local = CorpusReport(), CorpusReport()
+    paths = expand_corpus_paths([f"{mem}/p.txt"])
+    assert [str(p) for p in paths] == [f"{mem}/p.txt"]
+    got = list(iter_prompts(paths, report=remote))
+    assert got == list(iter_prompts(expand_corpus_paths([str(tmp_path / "p.txt")]), report=local))
+    assert got == ["a red fox", "blue sky"]
+    assert (remote.read, remote.kept, dict(remote.skipped)) == (local.read, local.kept, dict(local.skipped))
+    assert count_rows(paths) == 5
+
+
+def test_parquet_and_csv_corpus_from_url_and_glob(mem):
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"prompt": [f"prompt {i}" for i in range(50)]}), buffer, row_group_size=7)
+    put(f"{mem}/a.parquet", buffer.getvalue().to_pybytes())
+    put(f"{mem}/b.csv", b"prompt,other\nfrom csv,1\nprompt 3,2\n")
+    paths = expand_corpus_paths([f"{mem}/*"])
+    assert [p.name for p in paths] == ["a.parquet", "b.csv"]
+    report = CorpusReport()
+    got = list(iter_prompts(paths, report=report))
+    assert got[:2] == ["prompt 0", "prompt 1"] and got[-1] == "from csv" and len(got) == 51
+    assert report.skipped["duplicate"] == 1 and count_rows(paths[:1]) == 50
+
+
+def test_missing_url_and_unsupported_suffix_are_one_line_errors(mem):
+    with pytest.raises(UserError, match="corpus file not found: memory://"):
+        expand_corpus_paths([f"{mem}/nope.txt"])
+    put(f"{mem}/x.json", b"{}")
+    with pytest.raises(UserError, match="unsupported corpus format '.json'"):
+        expand_corpus_paths([f"{mem}/x.json"])
+
+
+def test_identity_changes_with_content_and_resume_check_refuses(mem):
+    url = f"{mem}/p.txt"
+    put(url, b"one\n")
+    recorded = file_fingerprint(storage.UrlPath(url))
+    assert recorded["url"] == url and recorded["size"] == "4"
+    storage.check_identity(recorded)  # unchanged: accepted
+    put(url, b"one\ntwo\n")
+    assert file_fingerprint(storage.UrlPath(url)) != recorded  # the build key differs → resume refused
+    with pytest.raises(UserError, match="changed since the build began"):
+        storage.check_identity(recorded)
+
+
+def test_url_without_fsspec_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_fsspec(name, *args, **kwargs):
+        if name == "fsspec" or name.startswith("fsspec."):
+            raise ImportError("No module named 'fsspec'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fsspec)
+    with pytest.raises(UserError, match=r'pip install "img2prompt\[remote\]"'):
+        storage.open_read("s3://bucket/p.txt")
+
+
+def test_unknown_protocol_is_one_line_error():
+    with pytest.raises(UserError, match="no usable fsspec backend for nosuchproto://"):
+        storage.open_read("nosuchproto://x/p.txt")
