@@ -92,7 +92,8 @@ def expand_url(pattern: str) -> list[str]:
     scheme = pattern.split("://", 1)[0]
     if any(char in inner for char in "*?["):
         matches = sorted(fs.glob(inner))
-        return [match if is_url(match) else f"{scheme}://{match.lstrip('/') if scheme != 'memory' else match}"
+        # memory:// paths come back as "/x" (written "memory://x"); file:// ones as "/abs" (file:///abs)
+        return [match if is_url(match) else f"{scheme}://{match.lstrip('/') if scheme == 'memory' else match}"
                 for match in matches]
     return [pattern]
 
@@ -146,3 +147,46 @@ def as_path(text: str):
     from pathlib import Path
 
     return UrlPath(text) if is_url(text) else Path(text)
+
+
+CACHE_ENV = "IMG2PROMPT_CACHE_DIR"
+
+
+def cache_root():
+    import os
+    from pathlib import Path
+
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "img2prompt")
+    return Path(root) / "remote"
+
+
+def local_copy(url: str, block: int = 1 << 22):
+    """A local file with the URL's content, for readers that need one: np.load(mmap_mode="r") and the index's
+    memmapped shards map a file descriptor, which an object store cannot give. Cached under a folder named
+    by a hash of the URL and its identity, so a changed remote object gets a new copy (and a new build key);
+    the copy lands atomically (a killed download leaves no half file) and a size mismatch is refused."""
+    import hashlib
+    import json
+
+    from img2prompt.atomic import write_atomic
+
+    found = identity(url)
+    digest = hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:24]
+    target = cache_root() / digest / (url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "file")
+    size = int(found["size"]) if found.get("size", "").isdigit() else None
+    if target.is_file() and (size is None or target.stat().st_size == size):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def copy(handle) -> None:
+        with open_read(url) as source:
+            while chunk := source.read(block):
+                handle.write(chunk)
+
+    write_atomic(target, copy)
+    if size is not None and target.stat().st_size != size:
+        target.unlink(missing_ok=True)
+        raise UserError(f"{url}: downloaded {target.stat().st_size if target.exists() else 0} bytes, "
+                        f"the store lists {size}: try again")
+    return target

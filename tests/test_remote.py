@@ -95,3 +95,60 @@ def test_url_without_fsspec_names_the_extra(monkeypatch):
 def test_unknown_protocol_is_one_line_error():
     with pytest.raises(UserError, match="no usable fsspec backend for nosuchproto://"):
         storage.open_read("nosuchproto://x/p.txt")
+
+
+def test_embeddings_url_copied_to_cache_once(mem, tmp_path, monkeypatch):
+    import numpy as np
+
+    from img2prompt.build_index.precomputed import open_precomputed
+
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    vectors = np.arange(1, 13, dtype=np.float32).reshape(3, 4)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, vectors)
+    put(f"{mem}/v.npy", buffer.getvalue())
+    opened = open_precomputed([f"{mem}/*.npy"])
+    assert opened.rows == 3 and opened.dim == 4 and np.array_equal(opened.take([2, 0]), vectors[[2, 0]])
+    first = opened.files[0]
+    assert first.is_relative_to(tmp_path / "cache")
+    assert open_precomputed([f"{mem}/v.npy"]).files[0] == first  # unchanged object: the cached copy
+    np.save(buffer := io.BytesIO(), np.concatenate([vectors, vectors]))
+    put(f"{mem}/v.npy", buffer.getvalue())  # changed object (new size): a new copy, a new build key
+    changed = open_precomputed([f"{mem}/v.npy"])
+    assert changed.rows == 6 and changed.files[0] != first
+    with pytest.raises(UserError, match="not found"):
+        open_precomputed([f"{mem}/gone.npy"])
+
+
+@pytest.mark.slow
+def test_build_from_memory_corpus_then_changed_file_refuses_resume(mem, tmp_path, tiny_clip_dir, corpus_file,
+                                                                   monkeypatch):
+    from img2prompt.build_index import runner
+    from img2prompt.build_index.runner import BuildOptions, run_build
+
+    url = f"{mem}/prompts.txt"
+    put(url, corpus_file.read_bytes())
+    out = tmp_path / "idx"
+
+    def options(**extra) -> BuildOptions:
+        return BuildOptions(**{"corpus": [url], "out": str(out), **extra}, clip_model=str(tiny_clip_dir),
+                            shard_size=64, batch_size=32, device="cpu", progress=False)
+
+    result = run_build(options())
+    assert (out / "manifest.json").is_file() and result is not None
+    assert pq.ParquetFile(out / "prompts.parquet").metadata.num_rows == 160  # same dedup as a local file
+    interrupted = tmp_path / "interrupted"
+
+    def killed(self):
+        raise KeyboardInterrupt  # a build stopped after its build key was recorded
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner.BuildJob, "run", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_build(options(out=str(interrupted)))
+    put(url, b"something else entirely\n" + corpus_file.read_bytes())
+    with pytest.raises(UserError, match=r"cannot resume, the build settings differ .*\(corpus\)"):
+        run_build(options(out=str(interrupted), resume=True))
