@@ -152,3 +152,36 @@ def test_build_from_memory_corpus_then_changed_file_refuses_resume(mem, tmp_path
     put(url, b"something else entirely\n" + corpus_file.read_bytes())
     with pytest.raises(UserError, match=r"cannot resume, the build settings differ .*\(corpus\)"):
         run_build(options(out=str(interrupted), resume=True))
+
+
+def test_published_index_opens_from_url_and_searches_like_local(mem, built_index, sample_images, tmp_path,
+                                                                monkeypatch):
+    import numpy as np
+
+    import img2prompt
+    from img2prompt.remote_index import fetch, publish
+
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"{mem}/idx"
+    publish(built_index, url)
+    images = sorted(sample_images.iterdir())
+    with img2prompt.open_index(url, device="cpu") as remote, img2prompt.open_index(built_index, device="cpu") as local:
+        assert remote.count == local.count
+        np.testing.assert_array_equal(remote.predict(images), local.predict(images))
+    cached = fetch(url)
+    assert cached.is_relative_to(tmp_path / "cache") and fetch(url) == cached  # reused while valid
+    (cached / "prompts.parquet").write_bytes(b"damaged")  # a damaged cached copy is fetched again
+    assert fetch(url) == cached and (cached / "prompts.parquet").read_bytes() == (built_index / "prompts.parquet").read_bytes()
+
+
+def test_upload_without_manifest_is_not_an_index(mem, built_index, tmp_path, monkeypatch):
+    from img2prompt.remote_index import fetch
+
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"{mem}/partial"
+    put(f"{url}/prompts.parquet", (built_index / "prompts.parquet").read_bytes())  # killed before the manifest
+    with pytest.raises(UserError, match="not an index \\(no manifest.json"):
+        fetch(url)
+    put(f"{url}/manifest.json", (built_index / "manifest.json").read_bytes())  # manifest, files missing
+    with pytest.raises(UserError, match="listed in manifest.json but missing from the store"):
+        fetch(url)
