@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 import uuid
 
 import pyarrow as pa
@@ -149,6 +150,11 @@ def test_build_from_memory_corpus_then_changed_file_refuses_resume(mem, tmp_path
         patch.setattr(runner.BuildJob, "run", killed)
         with pytest.raises(KeyboardInterrupt):
             run_build(options(out=str(interrupted)))
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    run_build(options(out=f"{mem}/built"))  # --out URL: staged locally, uploaded, manifest last
+    listed = json.loads(fsspec.open(f"{mem}/built/manifest.json").open().read())
+    fs = fsspec.filesystem("memory")
+    assert all(fs.info(f"{mem}/built/{name}")["size"] == entry["bytes"] for name, entry in listed["files"].items())
     put(url, b"something else entirely\n" + corpus_file.read_bytes())
     with pytest.raises(UserError, match=r"cannot resume, the build settings differ .*\(corpus\)"):
         run_build(options(out=str(interrupted), resume=True))
