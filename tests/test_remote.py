@@ -191,3 +191,37 @@ def test_upload_without_manifest_is_not_an_index(mem, built_index, tmp_path, mon
     put(f"{url}/manifest.json", (built_index / "manifest.json").read_bytes())  # manifest, files missing
     with pytest.raises(UserError, match="listed in manifest.json but missing from the store"):
         fetch(url)
+
+
+def test_parquet_corpus_over_http_from_a_loopback_server(tmp_path):
+    """An https-style URL (plain http:// on 127.0.0.1): the footer, then row groups, by range requests."""
+    pytest.importorskip("aiohttp")
+    import functools
+    import http.server
+    import threading
+
+    pq.write_table(pa.table({"prompt": [f"http prompt {i}" for i in range(30)] + ["http prompt 0"]}),
+                   tmp_path / "c.parquet", row_group_size=8)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/c.parquet"
+        report = CorpusReport()
+        got = list(iter_prompts(expand_corpus_paths([url]), report=report))
+        assert got == [f"http prompt {i}" for i in range(30)] and report.skipped["duplicate"] == 1
+        assert file_fingerprint(storage.UrlPath(url))["url"] == url
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_hf_dataset_url_is_a_url_with_the_hf_backend():
+    assert storage.is_url("hf://datasets/owner/name/data/train.parquet")
+    assert storage.suffix("hf://datasets/owner/name/data/train.parquet") == ".parquet"
+    pytest.importorskip("huggingface_hub")
+    fs, inner = storage.filesystem("hf://datasets/owner/name/data/train.parquet")  # parsing only, no request
+    assert fs.protocol[0] == "hf" or "hf" in fs.protocol
+    assert inner.startswith("datasets/owner/name")
