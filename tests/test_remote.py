@@ -225,3 +225,57 @@ def test_hf_dataset_url_is_a_url_with_the_hf_backend():
     fs, inner = storage.filesystem("hf://datasets/owner/name/data/train.parquet")  # parsing only, no request
     assert fs.protocol[0] == "hf" or "hf" in fs.protocol
     assert inner.startswith("datasets/owner/name")
+
+
+@pytest.mark.slow
+def test_s3_on_moto_publish_killed_midway_then_complete(built_index, tmp_path, monkeypatch):
+    """A real S3 API (moto's server on loopback): an upload killed before the manifest is no index; a full
+    publish opens; the corpus reader streams from s3:// too."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import socket
+
+    import boto3
+    import fsspec.config
+
+    from img2prompt.remote_index import fetch, publish
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                           "AWS_DEFAULT_REGION": "us-east-1", "IMG2PROMPT_CACHE_DIR": str(tmp_path / "cache")}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bucket")
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        real_put, calls = type(fs).put_file, []
+
+        def dying_put(self, local, remote, *args, **kwargs):
+            calls.append(remote)
+            if len(calls) == 3:
+                raise KeyboardInterrupt  # killed during the upload
+            return real_put(self, local, remote, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(type(fs), "put_file", dying_put)
+            with pytest.raises(KeyboardInterrupt):
+                publish(built_index, "s3://bucket/idx")
+        fsspec.filesystem("s3").invalidate_cache()
+        with pytest.raises(UserError, match="not an index"):
+            fetch("s3://bucket/idx")
+        publish(built_index, "s3://bucket/idx")
+        fsspec.filesystem("s3").invalidate_cache()
+        cached = fetch("s3://bucket/idx")
+        assert (cached / "prompts.parquet").read_bytes() == (built_index / "prompts.parquet").read_bytes()
+        with fsspec.open("s3://bucket/p.txt", "wb") as handle:
+            handle.write(b"a fox\nA FOX\nblue sky\n")
+        fsspec.filesystem("s3").invalidate_cache()
+        assert list(iter_prompts(expand_corpus_paths(["s3://bucket/*.txt"]))) == ["a fox", "blue sky"]
+        assert "ETag" in file_fingerprint(storage.UrlPath("s3://bucket/p.txt"))
+    finally:
+        server.stop()
