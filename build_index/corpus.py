@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 
 from img2prompt.encoders.prompts import dedup_key, normalise_prompt
+from img2prompt import storage
 from img2prompt.errors import UserError, short_reason
 
 TEXT_SUFFIXES = (".txt",)
@@ -57,11 +58,14 @@ def expand_corpus_paths(patterns: Iterable[str], what: str = "corpus",
     """Files and globs (each sorted) → existing paths in order; `what` names them in errors ("--pairs")."""
     paths: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if storage.is_url(pattern):  # fsspec URL (or URL glob): read through the storage seam
+            matches = storage.expand_url(pattern)
+        else:
+            matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise UserError(f"{what} pattern matched no file: {pattern}")
         for match in matches:
-            path = Path(match)
+            path = storage.as_path(match)
             if not path.is_file():
                 raise UserError(f"{what} file not found: {match}")
             if path.suffix.lower() not in suffixes:
@@ -72,6 +76,8 @@ def expand_corpus_paths(patterns: Iterable[str], what: str = "corpus",
 
 
 def file_fingerprint(path: Path) -> dict:
+    if isinstance(path, storage.UrlPath):  # the URL plus its ETag/version/size: a changed object → new key
+        return storage.identity(path.url)
     stat = path.stat()
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
@@ -81,7 +87,7 @@ RawRow = tuple[str | None, str | None]  # (text, None) or (None, skip reason)
 
 def _check_text_encoding(path: Path) -> None:
     """UTF-16/32 files decode as NUL-riddled garbage, CR-only files as one giant line: say so instead."""
-    with open(path, "rb") as handle:
+    with storage.open_read(str(path)) as handle:
         head = handle.read(1 << 16)
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) >= 4 and head[1::2].count(0) > len(head) // 4):
         raise UserError(f"{path}: looks like UTF-16 or UTF-32 text; save it as UTF-8 (one prompt a line)")
@@ -94,7 +100,7 @@ def _check_text_encoding(path: Path) -> None:
 def _raw_text_rows(path: Path) -> Iterator[RawRow]:
     """Lines of a text file, BOM and CRLF handled; a line that is not valid UTF-8 is a skip."""
     _check_text_encoding(path)
-    with open(path, "rb") as handle:
+    with storage.open_read(str(path)) as handle:
         for number, raw in enumerate(handle):
             if number == 0 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -137,7 +143,10 @@ def _raw_table_rows(path: Path, column: str, hint: str = " (choose one with --co
         import pyarrow.parquet as pq
 
         try:
-            parquet = pq.ParquetFile(path)
+            # an fsspec file object is seekable: pyarrow reads the footer, then one row group at a time
+            parquet = pq.ParquetFile(storage.open_read(path.url) if isinstance(path, storage.UrlPath) else path)
+        except UserError:
+            raise
         except Exception as exc:
             raise UserError(f"{path}: not a readable parquet file ({exc})") from exc
         _check_column(path, column, parquet.schema_arrow.names, hint)
@@ -161,11 +170,11 @@ def _raw_table_rows(path: Path, column: str, hint: str = " (choose one with --co
     # and quote processing would swallow the rows after it.
     quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
     try:
-        header = pd.read_csv(path, sep=separator, nrows=0, encoding="utf-8-sig", encoding_errors="replace",
+        header = pd.read_csv(str(path), sep=separator, nrows=0, encoding="utf-8-sig", encoding_errors="replace",
                              quoting=quoting)
         _check_column(path, column, [str(name) for name in header.columns], hint)
         # surrogateescape keeps undecodable bytes visible so the row can be skipped and counted.
-        reader = pd.read_csv(path, sep=separator, usecols=[column], dtype=object, keep_default_na=False,
+        reader = pd.read_csv(str(path), sep=separator, usecols=[column], dtype=object, keep_default_na=False,
                              na_values=[], encoding="utf-8-sig", encoding_errors="surrogateescape",
                              chunksize=READ_CHUNK_ROWS, quoting=quoting)
         for chunk in reader:
@@ -244,12 +253,13 @@ def count_rows(paths: list[Path], block: int = 1 << 22) -> int:
     for path in paths:
         if path.suffix.lower() == ".parquet":
             try:
-                total += pq.ParquetFile(path).metadata.num_rows
+                source = storage.open_read(path.url) if isinstance(path, storage.UrlPath) else path
+                total += pq.ParquetFile(source).metadata.num_rows
             except Exception:  # unreadable: the reader names the file with its own error
                 continue
             continue
         lines, last = 0, b"\n"
-        with open(path, "rb") as handle:
+        with storage.open_read(str(path)) as handle:
             while chunk := handle.read(block):
                 lines += chunk.count(b"\n")
                 last = chunk[-1:]

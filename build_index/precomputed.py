@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from img2prompt import storage
 from img2prompt.errors import UserError
 
 NORM_TOLERANCE = 1e-2  # float16 storage keeps norms within ~1e-3
@@ -68,8 +69,11 @@ def misaligned(vector_rows: int, corpus_rows: int | None = None) -> UserError:
 def open_precomputed(patterns: list[str]) -> PrecomputedVectors:
     files: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        path_matches = [Path(match) for match in matches]
+        if storage.is_url(pattern):  # memmaps need local files: each .npy is copied into the cache first
+            path_matches = [storage.local_copy(url) for url in storage.expand_url(pattern)]
+        else:
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            path_matches = [Path(match) for match in matches]
         if len(path_matches) == 1 and path_matches[0].is_dir():
             path_matches = sorted(path_matches[0].glob("*.npy"))
         if not path_matches:

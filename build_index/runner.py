@@ -25,6 +25,7 @@ from img2prompt.build_index.phrases import MIN_COUNT, mine_phrases
 from img2prompt.build_index.precomputed import check_against_model, misaligned, open_precomputed
 from img2prompt.index.ridge import RidgeAccumulator
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
+from img2prompt import storage
 from img2prompt.errors import UserError
 from img2prompt.memory import max_workers
 from img2prompt.index.backend import backend_class
@@ -113,6 +114,10 @@ def precision_of(device) -> str:
 
 def run_build(options: BuildOptions) -> BuildResult:
     """Check everything the arguments and the files can refuse, load the models, then run the BuildJob."""
+    if storage.is_url(options.out):  # build in a local staging folder, then upload, manifest last
+        from img2prompt.build_index.remote_out import build_to_url
+
+        return build_to_url(options, run_build)
     check_build_options(options)
     engine = engine_class(options.engine).from_options(options)  # an engine's missing extra fails here, early
     paths = expand_corpus_paths(options.corpus) if options.corpus else []

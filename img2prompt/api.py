@@ -61,7 +61,12 @@ def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None
     refused in well under a second).
     """
     from img2prompt.query.engine import Img2PromptIndex
+    from img2prompt.storage import is_url
 
+    if is_url(path):  # an index on an object store: read from its validated local cache copy
+        from img2prompt.remote_index import fetch
+
+        path = fetch(path)
     return Img2PromptIndex.open(path, device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,
                                 text_model=text_model, verify=verify, lazy=lazy)
 
