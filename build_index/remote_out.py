@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 
 from img2prompt import storage
+from img2prompt.errors import UserError
+from img2prompt.index.layout import MANIFEST
 from img2prompt.remote_index import publish
 
 
@@ -13,10 +15,18 @@ def staging_folder(url: str):
     return storage.cache_root() / "staging" / hashlib.sha256(url.encode()).hexdigest()[:24]
 
 
+def remote_holds_index(url: str) -> bool:
+    fs, root = storage.filesystem(url)
+    return fs.exists(root.rstrip("/") + "/" + MANIFEST)
+
+
 def build_to_url(options, run_build):
     """run_build on a local staging folder named by the URL, then upload it."""
+    if not (options.overwrite or options.resume) and remote_holds_index(options.out):
+        raise UserError(f"{options.out} already holds an index: pass --overwrite to replace it")
     folder = staging_folder(options.out)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    result = run_build(dataclasses.replace(options, out=str(folder / "index")))
+    # the staging folder is this tool's own cache: a fresh (not --resume) build replaces what a failed run left
+    result = run_build(dataclasses.replace(options, out=str(folder / "index"), overwrite=not options.resume))
     publish(folder / "index", options.out)
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from img2prompt import storage
@@ -28,6 +29,7 @@ def publish(folder: Path, url: str) -> None:
     """Upload every file the local manifest lists, then the manifest itself (the commit point)."""
     manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
     fs, root = storage.filesystem(url)
+    fs.makedirs(root, exist_ok=True)  # a local or file:// target needs its folder; object stores: a no-op
     for name in manifest.get("files", {}):
         fs.put_file(str(Path(folder) / name), _join(root, name))
     fs.put_file(str(Path(folder) / MANIFEST), _join(root, MANIFEST))
@@ -59,6 +61,10 @@ def fetch(url: str) -> Path:
         raise UserError(f"{_join(url, MANIFEST)}: not valid JSON ({exc})") from exc
     digest = hashlib.sha256(url.encode() + b"\0" + raw).hexdigest()[:24]
     local = storage.cache_root() / "index" / digest
+    if digest in _checked and (local / MANIFEST).is_file() and all(
+            (local / name).is_file() and (local / name).stat().st_size == listed.get("bytes")
+            for name, listed in manifest.get("files", {}).items()):
+        return local  # hashed in this process already (the CLI's preflight, then open): sizes suffice now
     local.mkdir(parents=True, exist_ok=True)
     for name, listed in manifest.get("files", {}).items():
         target = local / name
@@ -72,9 +78,19 @@ def fetch(url: str) -> Path:
         if size != listed.get("bytes"):
             raise UserError(f"{url}: {name} holds {size} bytes, {MANIFEST} lists {listed.get('bytes')}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, lambda handle, remote=remote: handle.write(fs.cat_file(remote)))
+        write_atomic(target, lambda handle, remote=remote: _copy_from(fs, remote, handle))
         if not _valid(target, listed):
             target.unlink(missing_ok=True)
             raise UserError(f"{url}: {name} does not match the size/sha256 in {MANIFEST}")
     write_json_atomic(local / MANIFEST, manifest)  # last: the cached folder is an index only once complete
+    _checked.add(digest)
     return local
+
+
+_checked: set[str] = set()  # cache folders whose every file was checked against the manifest in this process
+
+
+def _copy_from(fs, remote: str, handle) -> None:
+    """Stream one remote file into `handle` (an index file can be tens of GB: never read it whole)."""
+    with fs.open(remote, "rb") as source:
+        shutil.copyfileobj(source, handle, 1 << 22)

@@ -9,13 +9,18 @@ from pathlib import Path
 from typing import Sequence
 
 from img2prompt.errors import UserError
+from img2prompt.storage import is_url
 from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.output_paths import Output, check_outputs
 from img2prompt.query.settings import RetrievalSettings
 
 
 def read_index(path: str | Path) -> PromptIndex:
-    """The index's manifest and files, checked; no model, no torch."""
+    """The index's manifest and files, checked; no model, no torch. A URL is read from its checked local cache."""
+    if is_url(path):
+        from img2prompt.remote_index import fetch
+
+        path = fetch(str(path))
     return open_index(path)
 
 

@@ -279,3 +279,19 @@ def test_s3_on_moto_publish_killed_midway_then_complete(built_index, tmp_path, m
         assert "ETag" in file_fingerprint(storage.UrlPath("s3://bucket/p.txt"))
     finally:
         server.stop()
+
+
+def test_cli_search_on_a_url_and_build_refuses_an_existing_remote_index(mem, built_index, tmp_path, monkeypatch,
+                                                                         capsys):
+    from img2prompt.build_index.remote_out import build_to_url
+    from img2prompt.build_index.runner import BuildOptions
+    from img2prompt.cli import main
+    from img2prompt.remote_index import publish
+
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"{mem}/served"
+    publish(built_index, url)
+    assert main(["search", url, "--text", "a castle on a hill", "--k", "2", "--device", "cpu", "-q"]) == 0
+    assert "#" in capsys.readouterr().out  # ranked prompts, through preflight and open on the URL
+    with pytest.raises(UserError, match="already holds an index: pass --overwrite"):
+        build_to_url(BuildOptions(corpus=["unused.txt"], out=url, clip_model="unused"), run_build=None)
