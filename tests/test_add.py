@@ -158,3 +158,21 @@ def test_add_to_a_compacted_index_is_refused(tmp_path, halves, tiny_clip_dir, mo
     monkeypatch.setattr(add_module, "read_manifest", lambda root: manifest)
     with pytest.raises(UserError, match="--key-dims or --minilm-dtype int8 is not supported yet"):
         _add(tmp_path, [halves[1]], tiny_clip_dir)
+
+
+def test_a_second_add_while_one_runs_is_refused_and_the_index_is_untouched(tmp_path, built_index, halves,
+                                                                           tiny_clip_dir):
+    import shutil
+
+    from img2prompt.index.lock import lock_folder
+
+    index = tmp_path / "idx"
+    shutil.copytree(built_index, index)
+    before = (index / "manifest.json").read_bytes()
+    held = lock_folder(index)  # as a first add (or build) holds it while it runs
+    try:
+        with pytest.raises(UserError, match="is being written by another img2prompt build"):
+            _add(index, [halves[1]], tiny_clip_dir)
+    finally:
+        held.close()
+    assert (index / "manifest.json").read_bytes() == before
