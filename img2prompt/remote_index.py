@@ -78,7 +78,11 @@ def fetch(url: str) -> Path:
         if size != listed.get("bytes"):
             raise UserError(f"{url}: {name} holds {size} bytes, {MANIFEST} lists {listed.get('bytes')}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, lambda handle, remote=remote: _copy_from(fs, remote, handle))
+        try:
+            write_atomic(target, lambda handle, remote=remote: _copy_from(fs, remote, handle))
+        except Exception as exc:  # a dropped connection or short body, whatever the fsspec backend raises
+            raise UserError(f"{url}: downloading {name} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                            "run again to retry (the files already fetched are kept)") from exc
         if not _valid(target, listed):
             target.unlink(missing_ok=True)
             raise UserError(f"{url}: {name} does not match the size/sha256 in {MANIFEST}")

@@ -295,3 +295,42 @@ def test_cli_search_on_a_url_and_build_refuses_an_existing_remote_index(mem, bui
     assert "#" in capsys.readouterr().out  # ranked prompts, through preflight and open on the URL
     with pytest.raises(UserError, match="already holds an index: pass --overwrite"):
         build_to_url(BuildOptions(corpus=["unused.txt"], out=url, clip_model="unused"), run_build=None)
+
+
+def test_a_connection_dropped_mid_file_is_one_line_and_caches_nothing_half(built_index, tmp_path, monkeypatch):
+    """An HTTP server that sends the full Content-Length of clip.f16 but only half its bytes, then hangs up."""
+    pytest.importorskip("aiohttp")
+    import functools
+    import http.server
+    import threading
+
+    from img2prompt.remote_index import fetch
+
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+
+    class Dropping(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if not self.path.endswith("clip.f16"):
+                return super().do_GET()
+            data = (built_index / "clip.f16").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.close_connection = True
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Dropping, directory=str(built_index)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(UserError) as caught:
+            fetch(url)
+        assert "clip.f16" in str(caught.value) and "\n" not in str(caught.value)
+        cached = list((tmp_path / "cache").rglob("clip.f16")) + list((tmp_path / "cache").rglob("manifest.json"))
+        assert cached == []  # neither a half file nor a manifest that would make the cache look like an index
+    finally:
+        server.shutdown()
+        server.server_close()
