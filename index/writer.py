@@ -336,7 +336,8 @@ class IndexWriter:
         dtype = minilm_dtype(info)  # int8 MiniLM: its own files and format 4 (older readers refuse it)
         names = tuple(n for n in INDEX_FILES if n != MINILM) + minilm_file_names(dtype)
         files = {name: file_record(self.root / name) for name in names + tuple(extra_files)}
-        version = INT8_FORMAT_VERSION if dtype == INT8 else FORMAT_VERSION
+        # format 4 for every compacted index (int8 MiniLM or PCA keys): a reader before 4 refuses it by version
+        version = INT8_FORMAT_VERSION if dtype == INT8 or "key_pca" in info else FORMAT_VERSION
         manifest = {"format_version": version, "state": STATE_COMPLETE,
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info,
                     "build": self.manifest["build"], "files": files}

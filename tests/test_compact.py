@@ -232,3 +232,15 @@ def test_search_on_a_pca_index_finds_the_prompt_itself(pca_int8_index):
         prompts = index.prompts([3, 40])
         results = index.search(texts=prompts, k=3)
     assert [int(result.ids[0]) for result in results] == [3, 40]  # the query text's own key, through the PCA
+
+
+@pytest.mark.slow
+def test_a_pca_index_with_fp16_minilm_is_format_4_so_older_readers_refuse_it(tmp_path, tiny_clip_dir):
+    from img2prompt.build_index.runner import BuildOptions, run_build
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join((DATA / "prompts.txt").read_text().splitlines()[:40]) + "\n")
+    result = run_build(BuildOptions(corpus=[str(corpus)], out=str(tmp_path / "index"), clip_model=str(tiny_clip_dir),
+                                    key_dims=24, device="cpu", progress=False))
+    assert result.manifest["format_version"] == INT8_FORMAT_VERSION > FORMAT_VERSION
+    assert "minilm" not in result.manifest and result.manifest["key_pca"]["dims"] == 24
