@@ -10,6 +10,8 @@ swapped in. The old index stays whole and readable until that swap: a kill loses
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from dataclasses import dataclass
@@ -44,7 +46,8 @@ SKIP_IN_INDEX = "duplicate_of_index"  # a new prompt the index already holds
 class AddOptions:
     index: str
     corpus: list[str]
-    clip_model: str | list[str]  # where the index's CLIP weights are here; identity must match the manifest
+    clip_model: str | list[str] | None = None  # where the index's CLIP weights are here (None: as the manifest
+    # names them); the identity must match the manifest
     clip_pretrained: str | list[str | None] | None = None
     text_model: str | None = None
     column: str = "prompt"
@@ -79,6 +82,14 @@ def check_models(root: Path, manifest: dict, models: dict) -> None:
         if have != want:
             raise UserError(f"{root}: the index was built with {kind} model {describe(want)}, but "
                             f"{describe(have)} was given: add needs the index's own models")
+
+
+def manifest_clip_models(manifest: dict) -> dict:
+    """clip_model / clip_pretrained as the index's manifest names them (one entry per ensemble member)."""
+    built = manifest["models"]["clip"]
+    members = built.get("members") or [built]
+    return {"clip_model": [member["name"] for member in members],
+            "clip_pretrained": [member.get("pretrained") for member in members]}
 
 
 def describe(identity) -> str:
@@ -154,6 +165,8 @@ class AddJob(BuildJob):
 def run_add(options: AddOptions) -> BuildResult:
     """Check, load the index's models (identity-checked), then grow the index; returns the new manifest."""
     old_manifest = check_add_options(options)
+    if options.clip_model is None:
+        options = dataclasses.replace(options, **manifest_clip_models(old_manifest))
     root = Path(options.index)
     paths = expand_corpus_paths(options.corpus)
     check_corpus_files(paths, options.column)

@@ -37,10 +37,12 @@ def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip
                                   clip_pretrained=clip_pretrained, text_model=text_model, **options))
 
 
-def add(index: str | Path, corpus: str | Sequence[str], *, clip_model: str | Sequence[str], **options: Any):
+def add(index: str | Path, corpus: str | Sequence[str], *, clip_model: str | Sequence[str] | None = None,
+        **options: Any):
     """Grow a complete index with new prompt files (deduplicated against it, encoded with its own models).
 
-    Extra keyword options are AddOptions fields (clip_pretrained, text_model, column, batch_size, device,
+    clip_model: where the index's CLIP weights are here (default: as its manifest names them). Extra keyword
+    options are AddOptions fields (clip_pretrained, text_model, column, batch_size, device,
     shard_size, max_chars, resume, progress). Returns a BuildResult; the manifest's "history" lists each add.
     """
     from img2prompt.build_index.add import AddOptions, run_add

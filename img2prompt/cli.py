@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("index", metavar="INDEX_DIR", help="a complete index folder")
     add.add_argument("corpus", nargs="+", metavar="CORPUS", help="new prompt files (txt/csv/tsv/parquet)")
     add.add_argument("--column", default="prompt", help="prompt column in csv/tsv/parquet (default: prompt)")
-    add_model_flags(add, for_build=True)
+    add_model_flags(add, for_build=True, clip_required=False)
     add.add_argument("--batch-size", type=int, default=256)
     add.add_argument("--shard-size", type=int, default=100_000)
     add.add_argument("--resume", action="store_true", help="finish an interrupted add")

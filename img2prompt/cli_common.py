@@ -18,14 +18,16 @@ def parse_bytes(text: str) -> int:
     return size
 
 
-def add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool) -> None:
-    """--clip-model / --clip-pretrained / --text-model / --device (and --verify for the query commands)."""
+def add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool, clip_required: bool = True) -> None:
+    """--clip-model / --clip-pretrained / --text-model / --device (and --verify for the query commands).
+    clip_required=False (add): the default is the model the index's manifest names."""
     group = parser.add_argument_group("models")
     if for_build:
-        group.add_argument("--clip-model", required=True, action="append",
+        group.add_argument("--clip-model", required=clip_required, action="append",
                            help="open_clip architecture (e.g. ViT-L-14), local-dir:/folder (open_clip_config.json "
                                 "+ weights) or hf-hub:org/repo; a plain folder path is taken as local-dir. Repeat it "
-                                "for one index holding several models' keys (scored by their mean cosine)")
+                                "for one index holding several models' keys (scored by their mean cosine)"
+                                + ("" if clip_required else " (default: as the index's manifest names it)"))
         group.add_argument("--clip-pretrained", action="append",
                            help="open_clip pretrained tag (e.g. openai) or a local checkpoint file, for an "
                                 "architecture name; with several --clip-model, once per model ('' for a folder)")
