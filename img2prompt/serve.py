@@ -44,6 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from img2prompt.errors import UserError, short_reason
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS
 from img2prompt.serve_limits import ServeLimits
+from img2prompt.serve_reload import add_reload_route
 
 log = logging.getLogger(__name__)
 
@@ -572,9 +573,7 @@ def _routes(app: FastAPI) -> None:
     app.add_api_route("/interrogate", interrogate, methods=["POST"], dependencies=PROTECTED,
                       openapi_extra=_body_doc({"modifiers": {"type": "integer", "default": DEFAULT_MODIFIERS}}),
                       summary="a readable prompt per uploaded image: the best neighbour's prompt + ranked modifiers")
-    from img2prompt.serve_reload import add_reload_route  # its own module; imported late (it imports this one)
-
-    add_reload_route(app)
+    add_reload_route(app, PROTECTED)  # POST /admin/reload (serve_reload.py)
 
 
 @contextlib.asynccontextmanager

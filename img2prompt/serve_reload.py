@@ -18,17 +18,17 @@ the old opened index until this endpoint re-opens it with the options the server
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Sequence
 
 from fastapi import FastAPI, HTTPException, Request
 
 from img2prompt.errors import short_reason
-from img2prompt.serve import PROTECTED, ServeState, _state
 
 _LOCK_KEY = "reload_lock"
 
 
-def swap_index(state: ServeState, index) -> int:
-    """Make `index` the one new requests use; returns the previous index's count."""
+def swap_index(state: Any, index) -> int:
+    """Make `index` the one new requests use (state: serve.ServeState); returns the previous index's count."""
     previous = state.index.count
     state.index = state.worker.index = index  # no await between: handlers never see half a swap
     state.max_k = min(index.count, state.limits.max_k)
@@ -36,7 +36,7 @@ def swap_index(state: ServeState, index) -> int:
 
 
 async def reload_index(request: Request) -> dict:
-    state = _state(request)
+    state = request.app.state.serve  # serve.ServeState (not imported: serve imports this module)
     if state.api_key is None and not state.loopback:
         raise HTTPException(403, "/admin/reload needs an API key on a server bound to a non-loopback address "
                                  "(start it with --api-key)")
@@ -56,9 +56,10 @@ async def reload_index(request: Request) -> dict:
     return {"count": count, "previous": previous}
 
 
-def add_reload_route(app: FastAPI) -> None:
+def add_reload_route(app: FastAPI, dependencies: Sequence) -> None:
+    """Register the route; `dependencies`: serve's key check (PROTECTED)."""
     setattr(app.state, _LOCK_KEY, asyncio.Lock())
-    app.add_api_route("/admin/reload", reload_index, methods=["POST"], dependencies=PROTECTED,
+    app.add_api_route("/admin/reload", reload_index, methods=["POST"], dependencies=list(dependencies),
                       summary="re-open the index from its path (after `img2prompt add`) and serve the new one",
                       description="Answers {count, previous}. 409 when the index fails to open (the old one "
                                   "keeps serving) or a reload is running; without an API key, only on loopback.")

@@ -52,6 +52,7 @@ def text_search(client: TestClient, **headers):
     return client.post("/search", json={"text": "a castle on a hill", "k": 3}, headers=headers)
 
 
+@pytest.mark.slow  # builds a second index
 def test_reload_serves_the_new_index(served, small_index):
     with img2prompt.open_index(served, device="cpu") as old:
         big = old.count
@@ -104,6 +105,7 @@ def test_damaged_index_keeps_the_old_one(served, damage):
             assert text_search(client).json() == before
 
 
+@pytest.mark.slow  # builds a second index
 def test_request_in_flight_finishes_on_the_old_index(served, small_index):
     with img2prompt.open_index(served, device="cpu") as opened:
         gated = GatedIndex(opened)
@@ -113,10 +115,19 @@ def test_request_in_flight_finishes_on_the_old_index(served, small_index):
             thread = threading.Thread(target=lambda: answers.update(old=text_search(client)))
             thread.start()
             assert gated.entered.wait(60)  # the search is running on the old index, held at the gate
+            queued = threading.Thread(target=lambda: answers.update(queued=text_search(client)))
+            queued.start()  # a second request, queued behind the first before the reload
+            for _ in range(6000):
+                if client.app.state.worker.pending == 1:
+                    break
+                threading.Event().wait(0.01)
+            assert client.app.state.worker.pending == 1
             replace_folder(served, small_index)
             reloaded = client.post("/admin/reload")
             assert reloaded.status_code == 200 and reloaded.json()["previous"] == opened.count
             gated.gate.set()
             thread.join(60)
+            queued.join(60)
             assert answers["old"].status_code == 200 and answers["old"].json() == expected_old
+            assert answers["queued"].status_code == 200 and answers["queued"].json() == expected_old
             assert count_of(client) == reloaded.json()["count"] < opened.count
