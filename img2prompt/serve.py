@@ -44,6 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from img2prompt.errors import UserError, short_reason
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS
 from img2prompt.serve_limits import ServeLimits
+from img2prompt.serve_reload import add_reload_route
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class _Job:
     items: list  # image bytes or texts
     options: dict
     future: Future
+    index: Any = None  # the index when it was queued: a job in flight finishes on it across a reload
 
 
 class ModelWorker:
@@ -114,7 +116,7 @@ class ModelWorker:
         """Queue a job; raises QueueFull at once when the queue is full."""
         if self._thread is None:
             raise RuntimeError("the model worker is not running (use the app inside its lifespan)")
-        job = _Job(kind, list(items), options, Future())
+        job = _Job(kind, list(items), options, Future(), self.index)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -127,23 +129,24 @@ class ModelWorker:
             if not job.future.set_running_or_notify_cancel():  # its client gave up (time budget) while queued
                 continue
             try:
-                job.future.set_result(self._call(job.kind, job.items, job.options))
+                job.future.set_result(self._call(job.kind, job.items, job.options, job.index))
             except Exception as exc:
                 job.future.set_exception(exc)
 
-    def _call(self, kind: str, items: list, options: dict) -> list:
+    def _call(self, kind: str, items: list, options: dict, index: Any = None) -> list:
         """One public-API call for one request: a list of results aligned with `items`."""
         self.stats["calls"] += 1
+        index = index if index is not None else self.index
         hits = {"model_weights": options.get("model_weights"), "min_score": options.get("min_score")}
         if kind == "texts":
-            return self.index.search_texts(items, options["k"], **hits)
+            return index.search_texts(items, options["k"], **hits)
         if kind == "images":  # no decoding processes per call
-            return self.index.search_images(items, options["k"], workers=0, **hits)
+            return index.search_images(items, options["k"], workers=0, **hits)
         if kind == "predict":
-            vectors, neighbours = self.index.predict_with_neighbours(items, workers=0, **options)
+            vectors, neighbours = index.predict_with_neighbours(items, workers=0, **options)
             return list(zip(vectors, neighbours))
         if kind == "interrogate":
-            return self.index.interrogate(items, options["modifiers"], workers=0)
+            return index.interrogate(items, options["modifiers"], workers=0)
         raise ValueError(f"unknown job kind {kind!r}")
 
 
@@ -320,6 +323,8 @@ class ServeState:
     api_key: bytes | None
     page: str
     max_k: int
+    reopen: Any = None  # () -> a freshly opened index (POST /admin/reload); None: reload is refused
+    loopback: bool = True  # bound to a loopback address: /admin/reload works without an API key
 
 
 def _state(request: Request) -> ServeState:
@@ -568,6 +573,7 @@ def _routes(app: FastAPI) -> None:
     app.add_api_route("/interrogate", interrogate, methods=["POST"], dependencies=PROTECTED,
                       openapi_extra=_body_doc({"modifiers": {"type": "integer", "default": DEFAULT_MODIFIERS}}),
                       summary="a readable prompt per uploaded image: the best neighbour's prompt + ranked modifiers")
+    add_reload_route(app, PROTECTED)  # POST /admin/reload (serve_reload.py)
 
 
 @contextlib.asynccontextmanager
@@ -582,11 +588,12 @@ async def _lifespan(app: FastAPI):
 
 def create_app(index, *, api_key: str | None = None, limits: ServeLimits | None = None,
                host: str | None = "127.0.0.1", allowed_hosts: Sequence[str] = (),
-               max_upload: int | None = None, queue_size: int | None = None) -> FastAPI:
+               max_upload: int | None = None, queue_size: int | None = None, reopen=None) -> FastAPI:
     """A FastAPI app over an opened `Img2PromptIndex` (not closed here: the caller owns it).
 
     host: the address the server is bound to (allowed as Host, with 127.0.0.1/localhost/::1 and
     `allowed_hosts`; "*" allows any). max_upload / queue_size override those fields of `limits`.
+    reopen: a callable opening the index afresh, for POST /admin/reload (serve_reload.py).
     The model worker runs during the app's lifespan (uvicorn, or `with TestClient(app)`).
     """
     from img2prompt import __version__
@@ -603,7 +610,8 @@ def create_app(index, *, api_key: str | None = None, limits: ServeLimits | None 
     app.state.serve = ServeState(index=index, limits=limits, worker=ModelWorker(index, limits.queue_size),
                                  api_key=api_key.encode() if api_key else None,
                                  page=_page(),  # read once: a missing page fails at start-up, not on a visit
-                                 max_k=min(index.count, limits.max_k))
+                                 max_k=min(index.count, limits.max_k), reopen=reopen,
+                                 loopback=host is not None and host_name(host) in LOOPBACK_NAMES)
     app.state.worker = app.state.serve.worker
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(QueueFull, queue_full)
@@ -752,9 +760,11 @@ def serve(index_path: str, *, host: str = "127.0.0.1", port: int = 8000, device:
     try:
         if not api_key and host not in LOOPBACK_NAMES:
             log.warning("serving on %s without --api-key: anyone who can reach this address can query it", host)
-        with open_index(index_path, device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,
-                        text_model=text_model, verify=verify) as index:
-            app = create_app(index, api_key=api_key, limits=limits, host=host, allowed_hosts=allowed_hosts)
+        opening = dict(device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,
+                       text_model=text_model, verify=verify)
+        with open_index(index_path, **opening) as index:
+            app = create_app(index, api_key=api_key, limits=limits, host=host, allowed_hosts=allowed_hosts,
+                             reopen=lambda: open_index(index_path, **opening))  # POST /admin/reload
             url = url_of(sock)  # printed, not logged: where to point the browser is this command's output
             print(f"serving {index.count:,} prompts on {index.device} at {url}/ (API docs: {url}/docs); Ctrl+C stops",
                   flush=True)
