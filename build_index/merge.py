@@ -55,8 +55,11 @@ def check_merge_inputs(options: MergeOptions) -> list[dict]:
     for index in options.indexes:
         if Path(index).resolve() == out:
             raise UserError(f"{index}: --out must not be one of the merged indexes (write a new folder)")
-    manifests = [check_add_options(AddOptions(index=index, corpus=[], clip_model="", shard_size=options.shard_size))
-                 for index in options.indexes]
+    try:  # add's checks (complete, text keys only, fp16 full-width rows), worded for merge
+        manifests = [check_add_options(AddOptions(index=index, corpus=[], clip_model="",
+                                                  shard_size=options.shard_size)) for index in options.indexes]
+    except UserError as error:
+        raise UserError(str(error).replace("add to an index", "merge of an index")) from None
     first = manifests[0]["models"]
     for index, manifest in zip(options.indexes[1:], manifests[1:]):
         for kind in ("clip", "text"):
