@@ -52,6 +52,17 @@ def add(index: str | Path, corpus: str | Sequence[str], *, clip_model: str | Seq
                               **options))
 
 
+def merge(indexes: Sequence[str | Path], out: str | Path, *, clip_model: str | Sequence[str], **options: Any):
+    """Merge complete indexes built with the same models into `out` (rows copied, prompts deduplicated across
+    them, first index wins). Extra keyword options are MergeOptions fields (clip_pretrained, text_model, device,
+    shard_size, overwrite, resume, progress). Returns a BuildResult; report["merged"] counts each input's duplicates.
+    """
+    from img2prompt.build_index.merge import MergeOptions, run_merge
+
+    return run_merge(MergeOptions(indexes=[str(index) for index in indexes], out=str(out), clip_model=clip_model,
+                                  **options))
+
+
 def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None = None,
                clip_pretrained: str | None = None, text_model: str | None = None, verify: bool = False,
                lazy: bool = False):
@@ -125,5 +136,5 @@ def npy_ids_path(npy: str | Path) -> Path:
     return ids_path(npy)
 
 
-__all__ = ["add", "build", "build_choices", "check_environment", "check_query", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError",
+__all__ = ["add", "build", "merge", "build_choices", "check_environment", "check_query", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError",
            "format_search", "format_eval_report", "npy_ids_path"]

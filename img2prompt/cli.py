@@ -159,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--batch-size", type=int, default=256)
     add.add_argument("--shard-size", type=int, default=100_000)
     add.add_argument("--resume", action="store_true", help="finish an interrupted add")
+    merge = commands.add_parser("merge", parents=[common], help="merge complete indexes (same models) into one",
+                                description="Copy the rows of INDEX_DIR... (no re-encoding) into --out, prompts "
+                                            "deduplicated across them (first index wins), search rebuilt.")
+    merge.add_argument("indexes", nargs="+", metavar="INDEX_DIR", help="complete index folders, in priority order")
+    merge.add_argument("--out", required=True, metavar="INDEX_DIR", help="new index folder to write")
+    add_model_flags(merge, for_build=True)
+    merge.add_argument("--shard-size", type=int, default=100_000)
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    merge.add_argument("--resume", action="store_true", help="finish an interrupted merge")
     submit = commands.add_parser("submit", parents=[common], help="write a Kaggle submission.csv for a folder of images",
                                  epilog=EPILOG_SUBMIT, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Predict each image's prompt embedding (384-d) by similarity-"
@@ -275,6 +284,16 @@ def cmd_add(args) -> None:
     entry = result.manifest["history"][-1]
     print(f"index {args.index}: {result.manifest['count']} prompts (+{entry['count']}, "
           f"{entry['duplicates_of_index']} already in the index)")
+
+
+def cmd_merge(args) -> None:
+    from img2prompt.api import merge
+
+    result = merge(args.indexes, args.out, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                   text_model=args.text_model, device=args.device, shard_size=args.shard_size,
+                   overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    duplicates = ", ".join(f"{entry['index']} {entry['duplicates']}" for entry in result.report["merged"])
+    print(f"index {args.out}: {result.manifest['count']} prompts (duplicates dropped: {duplicates})")
 
 
 def cmd_build(args) -> None:
@@ -407,7 +426,7 @@ def cmd_kaggle_kit(args) -> None:
     run(args)
 
 
-COMMANDS = {"add": cmd_add, "build": cmd_build, "submit": cmd_submit, "search": cmd_search, "eval": cmd_eval,
+COMMANDS = {"add": cmd_add, "build": cmd_build, "merge": cmd_merge, "submit": cmd_submit, "search": cmd_search, "eval": cmd_eval,
             "interrogate": cmd_interrogate,
             "kaggle-kit": cmd_kaggle_kit, "score": cmd_score, "serve": cmd_serve}
 

@@ -1,0 +1,176 @@
+"""`img2prompt merge A B ... --out C`: several complete indexes (same models) into one, as a build stage.
+
+Why it is add's machinery: every input's rows are already encoded, so merge copies them in as shards --
+deduplicated across inputs by build's dedup key, first index wins -- with ids renumbered from 0 in input
+order, then runs build's own steps after consolidate (search structure of the first index's kind, head,
+phrases). Nothing is re-encoded; the CLIP model is loaded only for the phrase vocabulary and is checked
+against the manifests first. The output is written through IndexWriter (staging folder, manifest last).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from img2prompt.build_index.add import check_add_options, check_models, describe
+from img2prompt.build_index.add import AddOptions
+from img2prompt.build_index.corpus import CorpusReport
+from img2prompt.build_index.engine import engine_class
+from img2prompt.build_index.runner import BuildJob, BuildOptions, BuildResult, PhaseTimer, encode_shards, peak_rss_mib
+from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
+from img2prompt.encoders.clip_ensemble import load_named_clips
+from img2prompt.encoders.models import load_text_model, resolve_device
+from img2prompt.encoders.prompts import dedup_key
+from img2prompt.errors import UserError
+from img2prompt.index.layout import CLIP_VECTORS, MINILM, PROMPTS, VECTOR_DTYPE
+from img2prompt.index.writer import IndexWriter, ShardTask, save_shard
+
+SKIP_IN_EARLIER = "duplicate_of_earlier_index"  # a row an earlier input already holds
+
+
+@dataclass
+class MergeOptions:
+    indexes: list[str]
+    out: str
+    clip_model: str | list[str]  # where the inputs' CLIP weights are here (phrases); identity must match
+    clip_pretrained: str | list[str | None] | None = None
+    text_model: str | None = None
+    device: str = "auto"
+    shard_size: int = 100_000
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+
+def check_merge_inputs(options: MergeOptions) -> list[dict]:
+    """Refuse in one line, before any work: too few inputs, out among them, an incomplete or unsupported
+    input (add's own checks), inputs built with different models. Returns the manifests in order."""
+    if len(options.indexes) < 2:
+        raise UserError("merge needs at least two indexes")
+    out = Path(options.out).resolve()
+    for index in options.indexes:
+        if Path(index).resolve() == out:
+            raise UserError(f"{index}: --out must not be one of the merged indexes (write a new folder)")
+    try:  # add's checks (complete, text keys only, fp16 full-width rows), worded for merge
+        manifests = [check_add_options(AddOptions(index=index, corpus=[], clip_model="",
+                                                  shard_size=options.shard_size)) for index in options.indexes]
+    except UserError as error:
+        raise UserError(str(error).replace("add to an index", "merge of an index")) from None
+    first = manifests[0]["models"]
+    for index, manifest in zip(options.indexes[1:], manifests[1:]):
+        for kind in ("clip", "text"):
+            if manifest["models"][kind] != first[kind]:
+                raise UserError(f"{index}: built with {kind} model {describe(manifest['models'][kind])}, but "
+                                f"{options.indexes[0]} with {describe(first[kind])}: merge needs the same models")
+    return manifests
+
+
+def iter_rows(root: Path, count: int, batch: int) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """An index's prompts in batches with their vectors (memory-mapped slices)."""
+    item = np.dtype(VECTOR_DTYPE).itemsize
+    clip = np.memmap(root / CLIP_VECTORS, dtype=VECTOR_DTYPE, mode="r",
+                     shape=(count, (root / CLIP_VECTORS).stat().st_size // (count * item)))
+    minilm = np.memmap(root / MINILM, dtype=VECTOR_DTYPE, mode="r",
+                       shape=(count, (root / MINILM).stat().st_size // (count * item)))
+    start = 0
+    for chunk in pq.ParquetFile(root / PROMPTS).iter_batches(columns=["prompt"], batch_size=batch):
+        prompts = chunk.column(0).to_pylist()
+        yield prompts, clip[start:start + len(prompts)], minilm[start:start + len(prompts)]
+        start += len(prompts)
+
+
+class MergeJob(BuildJob):
+    """A BuildJob whose encode step copies the inputs' rows (deduplicated) in as shards; nothing is encoded."""
+
+    def __init__(self, *args, roots: list[Path], manifests: list[dict], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.roots, self.manifests = roots, manifests
+
+    def steps(self):
+        steps = super().steps()
+        if "regression" not in self.manifests[0]:
+            steps = [step for step in steps if step[0] != "regression"]
+        return steps
+
+    def encode(self) -> None:
+        corpus = CorpusReport(files=[str(root) for root in self.roots])
+        per_input: list[dict] = []
+
+        def tasks() -> Iterator[ShardTask]:
+            seen: set[int] = set()
+            size = self.options.shard_size
+            prompts: list[str] = []
+            clips: list[np.ndarray] = []
+            minilms: list[np.ndarray] = []
+            number = first_id = 0
+
+            def flush(rows: int) -> ShardTask:
+                nonlocal prompts, clips, minilms, number, first_id
+                clip, minilm = np.concatenate(clips), np.concatenate(minilms)
+                task = ShardTask(number=number, first_id=first_id, prompts=prompts[:rows])
+                if not self.writer.is_committed(task):
+                    self.writer.commit_shard(save_shard(self.writer.root, task, clip[:rows], minilm[:rows]))
+                prompts, clips, minilms = prompts[rows:], [clip[rows:]], [minilm[rows:]]
+                number, first_id = number + 1, first_id + rows
+                return task
+
+            for root, manifest in zip(self.roots, self.manifests):
+                entry = {"index": str(root), "count": int(manifest["count"]), "duplicates": 0}
+                for batch, clip, minilm in iter_rows(root, int(manifest["count"]), size):
+                    keep = [row for row, prompt in enumerate(batch)
+                            if corpus.keep_once(dedup_key(prompt), seen, SKIP_IN_EARLIER)]
+                    corpus.read += len(batch)
+                    entry["duplicates"] += len(batch) - len(keep)
+                    prompts += [batch[row] for row in keep]
+                    clips.append(np.asarray(clip)[keep])
+                    minilms.append(np.asarray(minilm)[keep])
+                    while len(prompts) >= size:
+                        yield flush(size)
+                per_input.append(entry)
+            if prompts:
+                yield flush(len(prompts))
+
+        self.report, self.encoded_rows = encode_shards(self.writer, self.engine, self.encoder, self.spec, tasks(),
+                                                       corpus, self.options, self.timer)
+        self.report["merged"] = per_input
+        self.extra["merged_from"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "indexes": per_input}
+        self.memory["peak_rss_mib_after_encode"] = peak_rss_mib()
+
+
+def run_merge(options: MergeOptions) -> BuildResult:
+    """Check every input, load the models (identity-checked against the inputs), then merge into options.out."""
+    if options.shard_size <= 0:
+        raise UserError("--shard-size must be positive")
+    manifests = check_merge_inputs(options)
+    roots = [Path(index) for index in options.indexes]
+    device = resolve_device(options.device)
+    timer = PhaseTimer()
+    with timer.phase("load_models"):
+        clip = load_named_clips(options.clip_model, options.clip_pretrained, device)
+        text_model = load_text_model(options.text_model, device)
+    models = {"clip": clip.identity(), "text": text_model.identity()}
+    check_models(roots[0], manifests[0], models)
+    first = manifests[0]
+    build = BuildOptions(corpus=[], out=options.out, clip_model=options.clip_model,
+                         clip_pretrained=options.clip_pretrained, text_model=options.text_model,
+                         device=options.device, shard_size=options.shard_size,
+                         index=first.get("search", {}).get("kind", "auto"),
+                         max_memory=first.get("build_options", {}).get("max_memory"), resume=options.resume,
+                         overwrite=options.overwrite, progress=options.progress,
+                         seed=first.get("build_options", {}).get("seed", 0), regression="regression" in first)
+    # The resume key: the very inputs (their prompts' checksums) in order, the models, the shard size.
+    build_key = {"merge_of": [manifest["files"][PROMPTS]["sha256"] for manifest in manifests], "models": models,
+                 "shard_size": options.shard_size}
+    engine = engine_class("local").from_options(build)
+    writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
+    encoder = ShardEncoder(clip, text_model, 1, None)
+    spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device), 1, None, models)
+    try:
+        return MergeJob(writer, engine, encoder, spec, [], [], models, device, 0, build, timer,
+                        roots=roots, manifests=manifests).run()
+    finally:
+        writer.close()
