@@ -8,6 +8,7 @@ against the manifests first. The output is written through IndexWriter (staging 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from img2prompt.build_index.add import check_add_options, check_models, describe
-from img2prompt.build_index.add import AddOptions
+from img2prompt.build_index.add import AddOptions, check_add_options, check_models, describe, manifest_clip_models
 from img2prompt.build_index.corpus import CorpusReport
 from img2prompt.build_index.engine import engine_class
 from img2prompt.build_index.runner import BuildJob, BuildOptions, BuildResult, PhaseTimer, encode_shards, peak_rss_mib
@@ -36,7 +36,8 @@ SKIP_IN_EARLIER = "duplicate_of_earlier_index"  # a row an earlier input already
 class MergeOptions:
     indexes: list[str]
     out: str
-    clip_model: str | list[str]  # where the inputs' CLIP weights are here (phrases); identity must match
+    clip_model: str | list[str] | None = None  # where the inputs' CLIP weights are here (phrases; None: as the
+    # first input's manifest names them); the identity must match
     clip_pretrained: str | list[str | None] | None = None
     text_model: str | None = None
     device: str = "auto"
@@ -146,6 +147,8 @@ def run_merge(options: MergeOptions) -> BuildResult:
     if options.shard_size <= 0:
         raise UserError("--shard-size must be positive")
     manifests = check_merge_inputs(options)
+    if options.clip_model is None:
+        options = dataclasses.replace(options, **manifest_clip_models(manifests[0]))
     roots = [Path(index) for index in options.indexes]
     device = resolve_device(options.device)
     timer = PhaseTimer()

@@ -52,7 +52,8 @@ def add(index: str | Path, corpus: str | Sequence[str], *, clip_model: str | Seq
                               **options))
 
 
-def merge(indexes: Sequence[str | Path], out: str | Path, *, clip_model: str | Sequence[str], **options: Any):
+def merge(indexes: Sequence[str | Path], out: str | Path, *, clip_model: str | Sequence[str] | None = None,
+          **options: Any):
     """Merge complete indexes built with the same models into `out` (rows copied, prompts deduplicated across
     them, first index wins). Extra keyword options are MergeOptions fields (clip_pretrained, text_model, device,
     shard_size, overwrite, resume, progress). Returns a BuildResult; report["merged"] counts each input's duplicates.

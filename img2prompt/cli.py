@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "deduplicated across them (first index wins), search rebuilt.")
     merge.add_argument("indexes", nargs="+", metavar="INDEX_DIR", help="complete index folders, in priority order")
     merge.add_argument("--out", required=True, metavar="INDEX_DIR", help="new index folder to write")
-    add_model_flags(merge, for_build=True)
+    add_model_flags(merge, for_build=True, clip_required=False)
     merge.add_argument("--shard-size", type=int, default=100_000)
     merge.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     merge.add_argument("--resume", action="store_true", help="finish an interrupted merge")
