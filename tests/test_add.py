@@ -177,3 +177,20 @@ def test_a_second_add_while_one_runs_is_refused_and_the_index_is_untouched(tmp_p
     finally:
         held.close()
     assert (index / "manifest.json").read_bytes() == before
+
+
+def test_an_index_open_while_add_swaps_keeps_answering_then_reopens_grown(tmp_path, halves, tiny_clip_dir):
+    """What a running `serve` sees: its opened (memory-mapped) index answers as before through the swap; a
+    reopen (POST /admin/reload) sees the grown one."""
+    import img2prompt
+
+    first, second = halves
+    _build([first], tmp_path / "idx", tiny_clip_dir, index="flat")
+    with img2prompt.open_index(tmp_path / "idx", device="cpu") as opened:
+        before = opened.search_texts(["a castle on a hill"], k=5)[0]
+        _add(tmp_path / "idx", [second], None)
+        during = opened.search_texts(["a castle on a hill"], k=5)[0]
+        assert list(during.ids) == list(before.ids) and list(during.prompts) == list(before.prompts)
+        assert opened.count == 60
+    with img2prompt.open_index(tmp_path / "idx", device="cpu") as grown:
+        assert grown.count == 120
