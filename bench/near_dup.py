@@ -1,8 +1,9 @@
 """Near-duplicate removal on the real corpora: how many prompts fall at T = 0.95 / 0.9 / 0.8, and how well the
-streaming filter (brute force, then IVF-Flat over kept vectors) agrees with an exact brute-force reference.
+streaming NearDupFilter (brute force, then IVF-Flat over kept vectors) agrees with an independent exact reference.
 
-MiniLM-embeds the 64k prompts of ../shared/corpora once and caches the vectors under /tmp (never in the repo).
-Usage: python bench/near_dup.py [--cache /tmp/neardup/minilm-64k.npy] [--exact-until 50000]
+Prompts are normalised and deduplicated the way build does (img2prompt.encoders.prompts), then MiniLM-embedded
+once and cached under /tmp (never in the repo); --vectors reuses a cache made elsewhere (rows in corpus order).
+Usage: python bench/near_dup.py [--vectors /tmp/ndfig/minilm-64k.npy] [--limit N] [--forced-exact-until 5000]
 """
 from __future__ import annotations
 
@@ -14,21 +15,31 @@ import numpy as np
 
 CORPORA = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpora"
 FILES = ("sd-prompts-dedup-43k.txt", "openprompts-dedup-21k.txt")
+THRESHOLDS = (0.95, 0.9, 0.8)
 
 
 def load_prompts() -> list[str]:
+    """Corpus order, normalised, exact duplicates (case/whitespace-insensitive) dropped — as build does."""
+    from img2prompt.encoders.prompts import dedup_key, normalise_prompt
     prompts: list[str] = []
+    seen: set[int] = set()
     for name in FILES:
-        lines = (CORPORA / name).read_text(encoding="utf-8").splitlines()
-        prompts.extend(line.strip() for line in lines if line.strip())
+        for line in (CORPORA / name).read_text(encoding="utf-8").splitlines():
+            prompt = normalise_prompt(line)
+            key = dedup_key(prompt) if prompt else None
+            if prompt and key not in seen:
+                seen.add(key)
+                prompts.append(prompt)
     return prompts
 
 
 def embed(prompts: list[str], cache: Path) -> np.ndarray:
     if cache.exists():
         return np.load(cache)
+    import torch
     from img2prompt.encoders.models import load_text_model
     from img2prompt.encoders.text import minilm_embeddings
+    torch.set_num_threads(2)
     model = load_text_model()
     start = time.perf_counter()
     vectors = minilm_embeddings(model, prompts).astype(np.float32)
@@ -38,29 +49,53 @@ def embed(prompts: list[str], cache: Path) -> np.ndarray:
     return vectors
 
 
+def reference_masks(vectors: np.ndarray, thresholds: tuple[float, ...], chunk: int = 512) -> dict[float, np.ndarray]:
+    """Exact greedy reference, independent of NearDupFilter: row i is kept iff its cosine to every EARLIER KEPT
+    row is < T (first kept wins). One chunked matmul against all earlier rows serves every threshold."""
+    keep = {t: np.ones(len(vectors), dtype=bool) for t in thresholds}
+    for start in range(0, len(vectors), chunk):
+        stop = min(start + chunk, len(vectors))
+        sims = vectors[start:stop] @ vectors[:stop].T
+        for t in thresholds:
+            hits = sims >= t
+            mask = keep[t]
+            for i in range(start, stop):
+                row = hits[i - start, :i]
+                if row.any() and (row & mask[:i]).any():
+                    mask[i] = False
+    return keep
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/neardup/minilm-64k.npy"))
-    parser.add_argument("--exact-until", type=int, default=50_000)
+    parser.add_argument("--vectors", "--cache", dest="vectors", type=Path, default=Path("/tmp/ndfig/minilm-64k.npy"))
+    parser.add_argument("--limit", type=int, default=0, help="only the first N rows (0 = all)")
+    parser.add_argument("--forced-exact-until", type=int, default=5_000)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
     parser.add_argument("--embed-only", action="store_true")
     args = parser.parse_args()
-    prompts = load_prompts()
-    vectors = embed(prompts, args.cache)
+    vectors = embed(load_prompts(), args.vectors) if not args.vectors.exists() else np.load(args.vectors)
     if args.embed_only:
         return
-    from build_index.near_dup import near_dup_mask
-    print(f"{len(prompts)} prompts, dim {vectors.shape[1]}")
-    print("| T | dropped (exact) | dropped (streaming) | decisions agreeing | streaming s | exact s |")
-    print("|---|---|---|---|---|---|")
-    for threshold in (0.95, 0.9, 0.8):
-        start = time.perf_counter()
-        exact, _ = near_dup_mask(vectors, threshold, exact_until=len(vectors) + 1)
-        exact_s = time.perf_counter() - start
-        start = time.perf_counter()
-        mask, stats = near_dup_mask(vectors, threshold, exact_until=args.exact_until)
-        stream_s = time.perf_counter() - start
-        agree = float((mask == exact).mean())
-        print(f"| {threshold} | {int((~exact).sum())} | {stats.dropped} | {agree:.5f} | {stream_s:.1f} | {exact_s:.1f} |")
+    if args.limit:
+        vectors = vectors[:args.limit]
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    from img2prompt.build_index.near_dup import EXACT_UNTIL, near_dup_mask
+    print(f"{len(vectors)} rows, dim {vectors.shape[1]}")
+    start = time.perf_counter()
+    ref = reference_masks(vectors, tuple(args.thresholds))
+    ref_s = time.perf_counter() - start
+    print(f"reference (every T in one pass): {ref_s:.1f} s")
+    print("| T | dropped (reference) | filter run | dropped (filter) | decisions agreeing | filter s | method |")
+    print("|---|---|---|---|---|---|---|")
+    for t in args.thresholds:
+        for label, until in (("default", EXACT_UNTIL), ("IVF early", args.forced_exact_until)):
+            start = time.perf_counter()
+            mask, stats = near_dup_mask(vectors, t, exact_until=until)
+            secs = time.perf_counter() - start
+            agree = float((mask == ref[t]).mean())
+            print(f"| {t} | {int((~ref[t]).sum())} | {label} (exact until {until}) | {stats.dropped} | "
+                  f"{agree:.5f} | {secs:.1f} | {stats.method} |", flush=True)
 
 
 if __name__ == "__main__":
