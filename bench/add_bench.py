@@ -40,8 +40,9 @@ def main() -> None:
         (tmp / "rest.txt").write_text("\n".join(prompts[cut:]) + "\n", encoding="utf-8")
 
         def build(corpus: str, out: str):
-            return run_build(BuildOptions(corpus=[str(tmp / corpus)], out=str(tmp / out), clip_model=args.clip_model,
-                                          device="cpu", index=args.index, progress=False))
+            return timed(lambda: run_build(BuildOptions(corpus=[str(tmp / corpus)], out=str(tmp / out),
+                                                        clip_model=args.clip_model, device="cpu", index=args.index,
+                                                        progress=False)))
 
         full_s, full = build("all.txt", "full")
         base_s, _ = build("first.txt", "grown")

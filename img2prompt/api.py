@@ -23,8 +23,9 @@ def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip
 
     Returns a BuildResult (manifest, corpus report, timings). Extra keyword options are BuildOptions fields
     (column, batch_size, device, shard_size, index, max_memory, resume, overwrite, max_chars, workers, progress,
-    pairs: (image, prompt) tables for image-keyed entries, regression: fit the ridge head, engine). clip_model
-    (and clip_pretrained) may be lists: one index holding several CLIP models' keys.
+    pairs: (image, prompt) tables for image-keyed entries, regression: fit the ridge head, engine, near_dup: T,
+    key_dims: D, minilm_dtype: "int8"). clip_model (and clip_pretrained) may be lists: one index holding several
+    CLIP models' keys. `out` (and corpus files) may be URLs (the `remote` extra).
     """
     from img2prompt.build_index.runner import BuildOptions, run_build
 
