@@ -84,6 +84,16 @@ def check_models(root: Path, manifest: dict, models: dict) -> None:
                             f"{describe(have)} was given: add needs the index's own models")
 
 
+def load_index_models(options, root: Path, manifest: dict, device, timer: PhaseTimer) -> tuple:
+    """(clip, text_model, identities) an add or a merge encodes with, checked against the index's `manifest`."""
+    with timer.phase("load_models"):
+        clip = load_named_clips(options.clip_model, options.clip_pretrained, device)
+        text_model = load_text_model(options.text_model, device)
+    models = {"clip": clip.identity(), "text": text_model.identity()}
+    check_models(root, manifest, models)
+    return clip, text_model, models
+
+
 def manifest_clip_models(manifest: dict) -> dict:
     """clip_model / clip_pretrained as the index's manifest names them (one entry per ensemble member)."""
     built = manifest["models"]["clip"]
@@ -172,11 +182,7 @@ def run_add(options: AddOptions) -> BuildResult:
     check_corpus_files(paths, options.column)
     device = resolve_device(options.device)
     timer = PhaseTimer()
-    with timer.phase("load_models"):
-        clip = load_named_clips(options.clip_model, options.clip_pretrained, device)
-        text_model = load_text_model(options.text_model, device)
-    models = {"clip": clip.identity(), "text": text_model.identity()}
-    check_models(root, old_manifest, models)
+    clip, text_model, models = load_index_models(options, root, old_manifest, device, timer)
     plan = old_manifest.get("search", {})
     build = BuildOptions(corpus=[str(path) for path in paths], out=str(root), clip_model=options.clip_model,
                          clip_pretrained=options.clip_pretrained, text_model=options.text_model,

@@ -17,13 +17,13 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from img2prompt.build_index.add import AddOptions, check_add_options, check_models, describe, manifest_clip_models
+from img2prompt.build_index.add import (AddOptions, check_add_options, describe, load_index_models,
+                                        manifest_clip_models)
 from img2prompt.build_index.corpus import CorpusReport
 from img2prompt.build_index.engine import engine_class
 from img2prompt.build_index.runner import BuildJob, BuildOptions, BuildResult, PhaseTimer, encode_shards, peak_rss_mib
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
-from img2prompt.encoders.clip_ensemble import load_named_clips
-from img2prompt.encoders.models import load_text_model, resolve_device
+from img2prompt.encoders.models import resolve_device
 from img2prompt.encoders.prompts import dedup_key
 from img2prompt.errors import UserError
 from img2prompt.index.layout import CLIP_VECTORS, MINILM, PROMPTS, VECTOR_DTYPE
@@ -152,11 +152,7 @@ def run_merge(options: MergeOptions) -> BuildResult:
     roots = [Path(index) for index in options.indexes]
     device = resolve_device(options.device)
     timer = PhaseTimer()
-    with timer.phase("load_models"):
-        clip = load_named_clips(options.clip_model, options.clip_pretrained, device)
-        text_model = load_text_model(options.text_model, device)
-    models = {"clip": clip.identity(), "text": text_model.identity()}
-    check_models(roots[0], manifests[0], models)
+    clip, text_model, models = load_index_models(options, roots[0], manifests[0], device, timer)
     first = manifests[0]
     build = BuildOptions(corpus=[], out=options.out, clip_model=options.clip_model,
                          clip_pretrained=options.clip_pretrained, text_model=options.text_model,
