@@ -1,5 +1,5 @@
 """`build --out <URL>`: build into a local staging folder (kept between runs, so --resume works there), then
-publish it to the store with the manifest uploaded last (see img2prompt.remote_index for the commit rule)."""
+publish it to the store with the manifest uploaded last (see img2prompt.index.remote for the commit rule)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,7 @@ import hashlib
 from img2prompt import storage
 from img2prompt.errors import UserError
 from img2prompt.index.layout import MANIFEST
-from img2prompt.remote_index import publish
+from img2prompt.index.remote import publish
 
 
 def staging_folder(url: str):

@@ -79,7 +79,7 @@ def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None
     from img2prompt.storage import is_url
 
     if is_url(path):  # an index on an object store: read from its validated local cache copy
-        from img2prompt.remote_index import fetch
+        from img2prompt.index.remote import fetch
 
         path = fetch(path)
     return Img2PromptIndex.open(path, device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,

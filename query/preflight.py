@@ -18,7 +18,7 @@ from img2prompt.query.settings import RetrievalSettings
 def read_index(path: str | Path) -> PromptIndex:
     """The index's manifest and files, checked; no model, no torch. A URL is read from its checked local cache."""
     if is_url(path):
-        from img2prompt.remote_index import fetch
+        from img2prompt.index.remote import fetch
 
         path = fetch(str(path))
     return open_index(path)

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"img2prompt": ROOT / "img2prompt", "img2prompt.index": ROOT / "index",
            "img2prompt.build_index": ROOT / "build_index", "img2prompt.query": ROOT / "query"}
 BOTTOM = {"img2prompt.errors", "img2prompt.atomic", "img2prompt.progress", "img2prompt.memory",
-          "img2prompt.output_paths", "img2prompt.storage", "img2prompt.remote_index"}
+          "img2prompt.output_paths", "img2prompt.storage"}
 # Higher number = higher layer; a module may import only its own layer or lower ones (stages: not each other).
 LAYERS = [("img2prompt.encoders", 1), ("img2prompt.index", 2), ("img2prompt.build_index", 3),
           ("img2prompt.query", 3), ("img2prompt.api", 4)]

@@ -165,7 +165,7 @@ def test_published_index_opens_from_url_and_searches_like_local(mem, built_index
     import numpy as np
 
     import img2prompt
-    from img2prompt.remote_index import fetch, publish
+    from img2prompt.index.remote import fetch, publish
 
     monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
     url = f"{mem}/idx"
@@ -181,7 +181,7 @@ def test_published_index_opens_from_url_and_searches_like_local(mem, built_index
 
 
 def test_upload_without_manifest_is_not_an_index(mem, built_index, tmp_path, monkeypatch):
-    from img2prompt.remote_index import fetch
+    from img2prompt.index.remote import fetch
 
     monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
     url = f"{mem}/partial"
@@ -238,7 +238,7 @@ def test_s3_on_moto_publish_killed_midway_then_complete(built_index, tmp_path, m
     import boto3
     import fsspec.config
 
-    from img2prompt.remote_index import fetch, publish
+    from img2prompt.index.remote import fetch, publish
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -286,7 +286,7 @@ def test_cli_search_on_a_url_and_build_refuses_an_existing_remote_index(mem, bui
     from img2prompt.build_index.remote_out import build_to_url
     from img2prompt.build_index.runner import BuildOptions
     from img2prompt.cli import main
-    from img2prompt.remote_index import publish
+    from img2prompt.index.remote import publish
 
     monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
     url = f"{mem}/served"
@@ -304,7 +304,7 @@ def test_a_connection_dropped_mid_file_is_one_line_and_caches_nothing_half(built
     import http.server
     import threading
 
-    from img2prompt.remote_index import fetch
+    from img2prompt.index.remote import fetch
 
     monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
 

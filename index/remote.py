@@ -17,8 +17,8 @@ from pathlib import Path
 from img2prompt import storage
 from img2prompt.atomic import write_atomic, write_json_atomic
 from img2prompt.errors import UserError
+from img2prompt.index.layout import MANIFEST, file_sha256
 
-MANIFEST = "manifest.json"
 
 
 def _join(url: str, name: str) -> str:
@@ -35,17 +35,9 @@ def publish(folder: Path, url: str) -> None:
     fs.put_file(str(Path(folder) / MANIFEST), _join(root, MANIFEST))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _valid(path: Path, listed: dict) -> bool:
     return path.is_file() and path.stat().st_size == listed.get("bytes") and (
-        "sha256" not in listed or _sha256(path) == listed["sha256"])
+        "sha256" not in listed or file_sha256(path) == listed["sha256"])
 
 
 def fetch(url: str) -> Path:
