@@ -1,17 +1,24 @@
-"""`img2prompt add`: grow a complete index with new prompts, as a build stage.
+"""`img2prompt add`: grow a complete index with new prompts; the cost follows the new rows, not the index.
 
-Why a rebuild beside the index: a complete index is consolidated (its shards are gone) and its search
-structure, head, calibration and phrases all summarise every row. So add writes the grown index in the
-writer's staging folder (.NAME.rebuild): the old rows are copied in as the first shards (ids unchanged), the
-new prompts -- normalised, deduplicated against the index and each other -- are encoded with the index's OWN
-models as the shards after them (ids continue), then the usual build steps run and the finished folder is
-swapped in. The old index stays whole and readable until that swap: a kill loses nothing committed, and
-`resume=True` finishes an interrupted add to the identical result (the shards are the resume key).
+The new prompts -- normalised, deduplicated against the index and each other -- are encoded with the
+index's OWN models (identity-checked) into shards in the writer's staging folder (.NAME.rebuild). Then
+index/append.py links the index's row files in (hard links: no copy) and writes the new rows as the next
+segment (ids continue), and the derived files are updated from what the index keeps:
+
+    search     flat/torch: nothing to build; HNSW / IVF-PQ: the new keys added to the trained structure
+               (SearchBackend.grow), recall@10 measured again on held-out queries, a warning below the build's
+               target; `retrain=True` rebuilds (and for IVF-PQ retrains) the structure over every row
+    head       the ridge head refitted from its sufficient statistics (regression_stats.npz) + the new rows
+    phrases    the vocabulary's counts merged with the new prompts' (build_index/phrases.py)
+    mean       the MiniLM mean updated by count
+
+The finished folder is swapped in (old or new, never a mix; readers holding the old index keep it). A kill
+loses nothing committed: `resume=True` re-uses the encoded shards and finishes to the identical result.
+Not yet: an index with image-keyed entries (--pairs).
 """
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import time
 from dataclasses import dataclass
@@ -24,22 +31,30 @@ import pyarrow.parquet as pq
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, check_corpus_files, count_rows,
                                            expand_corpus_paths, file_fingerprint, iter_prompts)
 from img2prompt.build_index.engine import engine_class
-from img2prompt.build_index.runner import (BuildJob, BuildOptions, BuildResult, PhaseTimer, encode_shards,
-                                           peak_rss_mib, precision_of)
+from img2prompt.build_index.phrases import MIN_COUNT, merge_phrases
+from img2prompt.build_index.runner import (BuildJob, BuildOptions, BuildResult, PhaseTimer, build_search_backend,
+                                           encode_shards, peak_rss_mib, precision_of)
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.build_index.shards import plan_shards
 from img2prompt.encoders.clip_ensemble import load_named_clips
 from img2prompt.encoders.models import load_text_model, resolve_device
 from img2prompt.encoders.prompts import dedup_key
 from img2prompt.errors import UserError
-from img2prompt.index.layout import CLIP_VECTORS, MINILM, PROMPTS, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE
-from img2prompt.index.manifest import read_manifest
-from img2prompt.index.minilm_store import FP16, minilm_dtype
-from img2prompt.index.writer import IndexWriter, ShardTask, save_shard
+from img2prompt.index.append import AppendedRows, append_segment
+from img2prompt.index.backend import backend_class
+from img2prompt.index.layout import (PHRASES, PROMPTS, REGRESSION, REGRESSION_STATS, STATE_COMPLETE,
+                                     TEXT_KEYS)
+from img2prompt.index.manifest import KeyRange, content_sha256, read_manifest
+from img2prompt.index.reader import PromptIndex, open_index
+from img2prompt.index.recall import RECALL_TARGET, measure_recall
+from img2prompt.index.ridge import RidgeAccumulator
+from img2prompt.index.writer import IndexWriter
+from img2prompt.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 SKIP_IN_INDEX = "duplicate_of_index"  # a new prompt the index already holds
+CHUNK = 65_536  # rows read at a time when the head is refitted
 
 
 @dataclass
@@ -57,22 +72,24 @@ class AddOptions:
     max_chars: int = DEFAULT_MAX_CHARS
     resume: bool = False
     progress: bool = True
+    retrain: bool = False  # rebuild the search structure over every row instead of adding to it
+
+
+def check_index(root: Path, verb: str = "add to") -> dict:
+    """A complete index this kind of growth supports, or one line saying why not; returns its manifest."""
+    manifest = read_manifest(root) if root.is_dir() else None
+    if not manifest or manifest.get("state") != STATE_COMPLETE:
+        raise UserError(f"{root}: not a complete index (build it first with `img2prompt build`)")
+    if any(entry.get("keys") != TEXT_KEYS for entry in manifest.get("key_ranges", [])):
+        raise UserError(f"{root}: {verb} an index with image-keyed entries (--pairs) is not supported yet: rebuild")
+    return manifest
 
 
 def check_add_options(options: AddOptions) -> dict:
     """Refuse in one line what the arguments and the index can refuse; returns the index's manifest."""
     if options.shard_size <= 0 or options.batch_size <= 0:
         raise UserError("--shard-size and --batch-size must be positive")
-    root = Path(options.index)
-    manifest = read_manifest(root) if root.is_dir() else None
-    if not manifest or manifest.get("state") != STATE_COMPLETE:
-        raise UserError(f"{root}: not a complete index (build it first with `img2prompt build`)")
-    if any(entry.get("keys") != TEXT_KEYS for entry in manifest.get("key_ranges", [])):
-        raise UserError(f"{root}: add to an index with image-keyed entries (--pairs) is not supported yet: rebuild")
-    if "key_pca" in manifest or minilm_dtype(manifest) != FP16:  # add copies full-width fp16 rows
-        raise UserError(f"{root}: add to an index built with --key-dims or --minilm-dtype int8 is not supported yet: "
-                        "rebuild it with the new prompts")
-    return manifest
+    return check_index(Path(options.index))
 
 
 def check_models(root: Path, manifest: dict, models: dict) -> None:
@@ -109,50 +126,51 @@ def describe(identity) -> str:
     return str(identity)
 
 
-def iter_old_tasks(root: Path, count: int, shard_size: int) -> Iterator[tuple[ShardTask, np.ndarray, np.ndarray]]:
-    """The index's rows cut into shard tasks (with their vectors, memory-mapped): the first shards of the add."""
-    clip_dim = (root / CLIP_VECTORS).stat().st_size // (count * np.dtype(VECTOR_DTYPE).itemsize)
-    text_dim = (root / MINILM).stat().st_size // (count * np.dtype(VECTOR_DTYPE).itemsize)
-    clip = np.memmap(root / CLIP_VECTORS, dtype=VECTOR_DTYPE, mode="r", shape=(count, clip_dim))
-    minilm = np.memmap(root / MINILM, dtype=VECTOR_DTYPE, mode="r", shape=(count, text_dim))
-    number, start = 0, 0
-    for batch in pq.ParquetFile(root / PROMPTS).iter_batches(columns=["prompt"], batch_size=shard_size):
-        prompts = batch.column(0).to_pylist()
-        stop = start + len(prompts)
-        yield ShardTask(number=number, first_id=start, prompts=prompts), clip[start:stop], minilm[start:stop]
-        number, start = number + 1, stop
+def iter_index_prompts(index: PromptIndex, size: int = 100_000) -> Iterator[list[str]]:
+    """The index's prompts in id order, streamed a batch at a time from each segment's file."""
+    for part in index.segments:
+        for batch in pq.ParquetFile(index.root / part.name(PROMPTS)).iter_batches(columns=["prompt"],
+                                                                                  batch_size=size):
+            yield batch.column(0).to_pylist()
 
 
 class AddJob(BuildJob):
-    """A BuildJob whose encode step first copies the index's rows in, then encodes only the new prompts."""
+    """A BuildJob over the new prompts only, whose later steps extend the index's files instead of rebuilding."""
 
-    def __init__(self, *args, old_root: Path, old_manifest: dict, **kwargs) -> None:
+    def __init__(self, *args, old: PromptIndex, retrain: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.old_root, self.old_manifest = old_root, old_manifest
+        self.old, self.retrain = old, retrain
+        self.appended: AppendedRows | None = None
+        self.search_plan: dict = {}
 
     def steps(self):
-        steps = super().steps()
-        if "regression" not in self.old_manifest:
-            steps = [step for step in steps if step[0] != "regression"]
+        steps = [("encode", self.encode), ("append", self.append), ("search", self.grow_search)]
+        if REGRESSION in self.old.manifest["files"]:
+            steps.append(("regression", self.refit_head))
+        if PHRASES in self.old.manifest["files"]:
+            steps.append(("phrases", self.merge_phrases))
         return steps
 
-    def encode(self) -> None:
-        count = int(self.old_manifest["count"])
-        seen: set[int] = set()
-        corpus = CorpusReport()
+    def run(self) -> BuildResult:
+        """The steps, unless the corpus holds nothing new (and no retrain was asked): then the index is left
+        exactly as it was."""
+        steps = self.steps()
+        steps[0][1]()
+        if self.report["added"] == 0 and not self.retrain:
+            self.writer.abandon()
+            log.info("%s: nothing new to add (%d prompts already in the index)", self.old.root,
+                     self.report["skipped"].get(SKIP_IN_INDEX, 0))
+            timings = {name: round(seconds, 3) for name, seconds in self.timer.seconds.items()}
+            return BuildResult(manifest=self.old.manifest, report=self.report, timings=timings)
+        for _, step in steps[1:]:
+            step()
+        return self.commit()
 
-        def old_then_new() -> Iterator[ShardTask]:
-            # The index's rows first, committed as they are copied (a resume finds them committed and checked),
-            # then the new prompts numbered after them; encode_shards skips every committed shard.
-            old_shards = 0
-            for task, clip, minilm in iter_old_tasks(self.old_root, count, self.options.shard_size):
-                seen.update(dedup_key(prompt) for prompt in task.prompts)
-                if not self.writer.is_committed(task):
-                    self.writer.commit_shard(save_shard(self.writer.root, task, np.asarray(clip),
-                                                        np.asarray(minilm)))
-                old_shards = task.number + 1
-                yield task
-            yield from plan_shards(new_prompts(), self.options.shard_size, first_number=old_shards)
+    def encode(self) -> None:
+        seen: set[int] = set()
+        for batch in iter_index_prompts(self.old):
+            seen.update(dedup_key(prompt) for prompt in batch)
+        corpus = CorpusReport()
 
         def new_prompts() -> Iterator[str]:
             for prompt in iter_prompts(self.paths, self.options.column, corpus, self.options.max_chars):
@@ -163,13 +181,119 @@ class AddJob(BuildJob):
                     yield prompt
 
         self.report, self.encoded_rows = encode_shards(self.writer, self.engine, self.encoder, self.spec,
-                                                       old_then_new(), corpus, self.options, self.timer)
-        self.report["added"] = self.writer.rows_committed() - count
-        self.extra["history"] = list(self.old_manifest.get("history", [])) + [{
+                                                       plan_shards(new_prompts(), self.options.shard_size),
+                                                       corpus, self.options, self.timer, total_rows=self.total_rows)
+        self.report["added"] = self.writer.rows_committed()
+        self.extra["history"] = list(self.old.manifest.get("history", [])) + [{
             "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "count": self.report["added"],
             "duplicates_of_index": corpus.skipped.get(SKIP_IN_INDEX, 0),
-            "files": [str(path) for path in self.paths], "count_before": count}]
+            "files": [str(path) for path in self.paths], "count_before": self.old.count,
+            **({"retrained": True} if self.retrain else {})}]
         self.memory["peak_rss_mib_after_encode"] = peak_rss_mib()
+
+    def append(self) -> None:
+        with self.timer.phase("append"):
+            self.appended = append_segment(self.writer, self.old)
+        self.count = self.appended.grown.count
+        self.files += self.appended.new_files
+
+    def grow_search(self) -> None:
+        """Add the new keys to the index's search structure (or rebuild it with retrain) and measure recall."""
+        (key_range,) = self.old.key_ranges  # text keys only (check_index)
+        grown = self.appended.grown
+        folder = self.writer.root / key_range.folder
+        plan = dict(key_range.plan)
+        kind = backend_class(plan["kind"])
+        if self.retrain and kind.files():
+            plan, names = build_search_backend(grown.clip_vectors, folder, self.options, self.timer)
+        else:
+            with self.timer.phase("build_index"):
+                old_backend = self.old.open_backend("cpu")
+                shown = self.options.progress and bool(kind.files())
+                with progress_bar(enabled=shown, total=grown.count - self.old.count, unit="vec",
+                                  desc=f"add to {plan['kind']}") as bar:
+                    backend = old_backend.grow(grown.clip_vectors, folder, progress=bar.update)
+            names = kind.files()
+            if names:
+                plan = {**plan, "recall_at_10": self._remeasure(backend, plan)}
+            plan["params"] = dict(backend.params)
+            backend.close()
+        self.search_plan = plan
+        self.key_ranges = [KeyRange(TEXT_KEYS, 0, grown.count, plan, key_range.folder)]
+        self.files += tuple(f"{key_range.folder}/{name}" if key_range.folder else name for name in names)
+
+    def _remeasure(self, backend, plan: dict) -> dict:
+        with self.timer.phase("recall"):
+            recall = measure_recall(backend, queries=self.options.recall_queries, seed=self.options.seed,
+                                    target=RECALL_TARGET)
+        before = (plan.get("recall_at_10") or {}).get("recall")
+        if recall["recall"] < RECALL_TARGET:
+            log.warning("recall@%d of the grown %s index is %.3f (< %.2f%s): add again with --retrain to rebuild "
+                        "the structure over every row", recall["k"], plan["kind"], recall["recall"], RECALL_TARGET,
+                        f"; it was {before:.3f} when built" if before is not None else "")
+        return {**recall, "before_add": before}
+
+    def refit_head(self) -> None:
+        """The ridge head from its saved sums plus the new rows (an index built before the sums were kept:
+        every row once)."""
+        grown, first = self.appended.grown, self.appended.first_id
+        clip, minilm = grown.clip_vectors, grown.minilm
+        stats = self.old.root / REGRESSION_STATS
+        with self.timer.phase("regression"):
+            if REGRESSION_STATS in self.old.manifest["files"]:
+                accumulator = RidgeAccumulator.load_state(stats, clip, minilm)
+            else:
+                log.info("%s predates kept regression statistics: refitting the head over every row once",
+                         self.old.root)
+                accumulator, first = fresh_accumulator(clip.shape[1], minilm.shape[1], self.old.count), 0
+            for start in range(first, grown.count, CHUNK):
+                stop = min(start + CHUNK, grown.count)
+                accumulator.add(clip[start:stop], minilm[start:stop], first_row=start, modality=TEXT_KEYS)
+            head = accumulator.fit()
+            head.save(self.writer.root / REGRESSION)
+            accumulator.save_state(self.writer.root / REGRESSION_STATS)
+        self.extra["regression"] = head.info()
+        self.files += (REGRESSION, REGRESSION_STATS)
+
+    def merge_phrases(self) -> None:
+        """The vocabulary's counts plus the new prompts'; only phrases it did not hold are encoded."""
+        root, first = self.old.root, self.appended.first_id
+        with self.timer.phase("phrases"):
+            table = pq.read_table(root / PHRASES, columns=["phrase", "count"])
+            old_phrases, old_counts = table.column("phrase").to_pylist(), table.column("count").to_pylist()
+            old_vectors = self.old.phrases[1]
+            new_prompts = self.appended.grown.prompt_rows(np.arange(first, self.appended.grown.count))
+            min_count = (self.old.manifest.get("phrases") or {}).get("min_count", MIN_COUNT)
+            merged = merge_phrases(zip(old_phrases, old_counts), new_prompts, min_count=min_count)
+            position = {phrase: row for row, phrase in enumerate(old_phrases)}
+            phrases = [phrase for phrase, _ in merged]
+            unseen = [phrase for phrase in phrases if phrase not in position]
+            encoded = self.encoder.clip.text_embeddings(unseen, self.options.batch_size).vectors if unseen else None
+            fresh = {phrase: row for row, phrase in enumerate(unseen)}
+            vectors = np.stack([old_vectors[position[p]] if p in position else encoded[fresh[p]] for p in phrases]) \
+                if phrases else np.zeros((0, self.old.clip_dim), np.float16)
+            self.files += self.writer.save_phrases(phrases, [count for _, count in merged], vectors)
+        self.extra["phrases"] = {"count": len(phrases), "min_count": min_count, "merged": True}
+
+    def commit(self) -> BuildResult:
+        carried = {key: value for key, value in self.old.manifest.items()
+                   if key in ("metric", "models", "calibration", "key_pca", "minilm", "near_dup", "build_options")}
+        timings = {name: round(seconds, 3) for name, seconds in self.timer.seconds.items()}
+        self.memory["peak_rss_mib_at_end"] = peak_rss_mib()
+        manifest = self.writer.complete({
+            **carried, "count": self.count, "search": self.search_plan,
+            "key_ranges": [key_range.as_dict() for key_range in self.key_ranges],
+            "segments": self.appended.segments, **self.extra,
+            "corpus": self.old.manifest.get("corpus", {}), "timings_s": timings,
+            "rates": {"encoded_now": self.encoded_rows}, "memory": self.memory,
+        }, self.files, linked=self.appended.linked)
+        return BuildResult(manifest=manifest, report=self.report, timings=timings)
+
+
+def fresh_accumulator(key_dim: int, target_dim: int, count: int) -> RidgeAccumulator:
+    from img2prompt.build_index.runner import HELDOUT_ROWS
+
+    return RidgeAccumulator(key_dim, target_dim, stride=max(20, -(-count // HELDOUT_ROWS)), max_heldout=HELDOUT_ROWS)
 
 
 def run_add(options: AddOptions) -> BuildResult:
@@ -180,6 +304,7 @@ def run_add(options: AddOptions) -> BuildResult:
     root = Path(options.index)
     paths = expand_corpus_paths(options.corpus)
     check_corpus_files(paths, options.column)
+    old = open_index(root)
     device = resolve_device(options.device)
     timer = PhaseTimer()
     clip, text_model, models = load_index_models(options, root, old_manifest, device, timer)
@@ -192,8 +317,8 @@ def run_add(options: AddOptions) -> BuildResult:
                          resume=options.resume, max_chars=options.max_chars, progress=options.progress,
                          seed=old_manifest.get("build_options", {}).get("seed", 0),
                          regression="regression" in old_manifest)
-    # The resume key: the very index being grown (its prompts' checksum), the new files, the encode settings.
-    build_key = {"add_to": old_manifest["files"][PROMPTS]["sha256"], "models": models,
+    # The resume key: the very index being grown (its files' checksums), the new files, the encode settings.
+    build_key = {"add_to": content_sha256(old_manifest), "models": models, "retrain": options.retrain,
                  "precision": precision_of(device), "batch_size": options.batch_size,
                  "corpus": [file_fingerprint(path) for path in paths], "column": options.column,
                  "shard_size": options.shard_size, "max_chars": options.max_chars}
@@ -203,7 +328,8 @@ def run_add(options: AddOptions) -> BuildResult:
     spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
                        options.batch_size, None, models)
     try:
-        return AddJob(writer, engine, encoder, spec, paths, [], models, device, count_rows(paths), build, timer,
-                      old_root=root, old_manifest=old_manifest).run()
+        job = AddJob(writer, engine, encoder, spec, paths, [], models, device, count_rows(paths), build, timer,
+                     old=old, retrain=options.retrain)
+        return job.run()
     finally:
         writer.close()

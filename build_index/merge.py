@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from img2prompt.build_index.add import (AddOptions, check_add_options, describe, load_index_models,
-                                        manifest_clip_models)
+from img2prompt.build_index.add import check_index, describe, iter_index_prompts, load_index_models, manifest_clip_models
 from img2prompt.build_index.corpus import CorpusReport
 from img2prompt.build_index.engine import engine_class
 from img2prompt.build_index.runner import BuildJob, BuildOptions, BuildResult, PhaseTimer, encode_shards, peak_rss_mib
@@ -26,7 +24,9 @@ from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.encoders.models import resolve_device
 from img2prompt.encoders.prompts import dedup_key
 from img2prompt.errors import UserError
-from img2prompt.index.layout import CLIP_VECTORS, MINILM, PROMPTS, VECTOR_DTYPE
+from img2prompt.index.manifest import content_sha256
+from img2prompt.index.minilm_store import FP16, minilm_dtype
+from img2prompt.index.reader import open_index
 from img2prompt.index.writer import IndexWriter, ShardTask, save_shard
 
 SKIP_IN_EARLIER = "duplicate_of_earlier_index"  # a row an earlier input already holds
@@ -56,11 +56,11 @@ def check_merge_inputs(options: MergeOptions) -> list[dict]:
     for index in options.indexes:
         if Path(index).resolve() == out:
             raise UserError(f"{index}: --out must not be one of the merged indexes (write a new folder)")
-    try:  # add's checks (complete, text keys only, fp16 full-width rows), worded for merge
-        manifests = [check_add_options(AddOptions(index=index, corpus=[], clip_model="",
-                                                  shard_size=options.shard_size)) for index in options.indexes]
-    except UserError as error:
-        raise UserError(str(error).replace("add to an index", "merge of an index")) from None
+    manifests = [check_index(Path(index), "merge of") for index in options.indexes]
+    for index, manifest in zip(options.indexes, manifests):
+        if "key_pca" in manifest or minilm_dtype(manifest) != FP16:  # merge copies full-width fp16 rows
+            raise UserError(f"{index}: merge of an index built with --key-dims or --minilm-dtype int8 is not "
+                            "supported yet: build one index from the corpora")
     first = manifests[0]["models"]
     for index, manifest in zip(options.indexes[1:], manifests[1:]):
         for kind in ("clip", "text"):
@@ -70,17 +70,12 @@ def check_merge_inputs(options: MergeOptions) -> list[dict]:
     return manifests
 
 
-def iter_rows(root: Path, count: int, batch: int) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
-    """An index's prompts in batches with their vectors (memory-mapped slices)."""
-    item = np.dtype(VECTOR_DTYPE).itemsize
-    clip = np.memmap(root / CLIP_VECTORS, dtype=VECTOR_DTYPE, mode="r",
-                     shape=(count, (root / CLIP_VECTORS).stat().st_size // (count * item)))
-    minilm = np.memmap(root / MINILM, dtype=VECTOR_DTYPE, mode="r",
-                       shape=(count, (root / MINILM).stat().st_size // (count * item)))
+def iter_rows(root: Path, batch: int) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """An index's prompts in batches with their vectors (memory-mapped slices, across its segments)."""
+    index = open_index(root)
     start = 0
-    for chunk in pq.ParquetFile(root / PROMPTS).iter_batches(columns=["prompt"], batch_size=batch):
-        prompts = chunk.column(0).to_pylist()
-        yield prompts, clip[start:start + len(prompts)], minilm[start:start + len(prompts)]
+    for prompts in iter_index_prompts(index, batch):
+        yield prompts, index.clip_vectors[start:start + len(prompts)], index.minilm[start:start + len(prompts)]
         start += len(prompts)
 
 
@@ -121,7 +116,7 @@ class MergeJob(BuildJob):
 
             for root, manifest in zip(self.roots, self.manifests):
                 entry = {"index": str(root), "count": int(manifest["count"]), "duplicates": 0}
-                for batch, clip, minilm in iter_rows(root, int(manifest["count"]), size):
+                for batch, clip, minilm in iter_rows(root, size):
                     keep = [row for row, prompt in enumerate(batch)
                             if corpus.keep_once(dedup_key(prompt), seen, SKIP_IN_EARLIER)]
                     corpus.read += len(batch)
@@ -162,7 +157,7 @@ def run_merge(options: MergeOptions) -> BuildResult:
                          overwrite=options.overwrite, progress=options.progress,
                          seed=first.get("build_options", {}).get("seed", 0), regression="regression" in first)
     # The resume key: the very inputs (their prompts' checksums) in order, the models, the shard size.
-    build_key = {"merge_of": [manifest["files"][PROMPTS]["sha256"] for manifest in manifests], "models": models,
+    build_key = {"merge_of": [content_sha256(manifest) for manifest in manifests], "models": models,
                  "shard_size": options.shard_size}
     engine = engine_class("local").from_options(build)
     writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)

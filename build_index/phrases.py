@@ -40,6 +40,21 @@ def mine_phrases(prompts: Iterable[str], min_count: int = MIN_COUNT,
         counts.update(prompt_modifiers(prompt))
         if len(counts) > MAX_TRACKED:
             counts = Counter({phrase: n for phrase, n in counts.items() if n > 1})
+    return _most_used(counts, min_count, max_phrases)
+
+
+def _most_used(counts: Counter[str], min_count: int, max_phrases: int) -> list[tuple[str, int]]:
     frequent = [(phrase, n) for phrase, n in counts.items() if n >= min_count]
     frequent.sort(key=lambda item: (-item[1], item[0]))
     return frequent[:max_phrases]
+
+
+def merge_phrases(vocabulary: Iterable[tuple[str, int]], new_prompts: Iterable[str], min_count: int = MIN_COUNT,
+                  max_phrases: int = MAX_PHRASES) -> list[tuple[str, int]]:
+    """`add`: an index's vocabulary (phrase, count) with the new prompts' phrases counted in, thresholded
+    again. A phrase the index's corpus used fewer than min_count times was never stored, so its count here
+    starts from the new prompts: it enters once the new prompts alone use it often enough, or later adds
+    push it over (a lower bound, never an overcount)."""
+    counts: Counter[str] = Counter(dict(vocabulary))
+    counts.update(Counter(phrase for prompt in new_prompts for phrase in prompt_modifiers(prompt)))
+    return _most_used(counts, min_count, max_phrases)

@@ -30,7 +30,7 @@ from img2prompt.errors import UserError
 from img2prompt.memory import max_workers
 from img2prompt.index.backend import backend_class
 from img2prompt.build_index.shards import plan_shards
-from img2prompt.index.layout import IMAGE_KEYS, IMAGE_KEYS_FOLDER, REGRESSION, TEXT_KEYS
+from img2prompt.index.layout import IMAGE_KEYS, IMAGE_KEYS_FOLDER, REGRESSION, REGRESSION_STATS, TEXT_KEYS
 from img2prompt.index.manifest import KeyRange
 from img2prompt.index.writer import IndexWriter, ShardTask
 from img2prompt.index.plan import plan_index
@@ -267,7 +267,7 @@ class BuildJob:
     def regression_head(self) -> None:
         with self.timer.phase("regression"):
             self.extra["regression"] = fit_regression_head(self.writer, self.key_ranges, self.options)
-        self.files += (REGRESSION,)
+        self.files += (REGRESSION, REGRESSION_STATS)
 
     def phrases(self) -> None:
         with self.timer.phase("phrases"):
@@ -437,4 +437,5 @@ def fit_regression_head(writer: IndexWriter, key_ranges: list[KeyRange], options
             accumulator.add(clip[start:stop], minilm[start:stop], first_row=start, modality=key_range.keys)
     head = accumulator.fit()
     head.save(writer.root / REGRESSION)
+    accumulator.save_state(writer.root / REGRESSION_STATS)
     return head.info()

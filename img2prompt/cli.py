@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--batch-size", type=int, default=256)
     add.add_argument("--shard-size", type=int, default=100_000)
     add.add_argument("--resume", action="store_true", help="finish an interrupted add")
+    add.add_argument("--retrain", action="store_true",
+                     help="rebuild the search structure (hnsw, ivfpq: retrain) over every row instead of adding the "
+                          "new keys to it; use it when add warns that recall dropped below the build's target")
     merge = commands.add_parser("merge", parents=[common], help="merge complete indexes (same models) into one",
                                 description="Copy the rows of INDEX_DIR... (no re-encoding) into --out, prompts "
                                             "deduplicated across them (first index wins), search rebuilt.")
@@ -280,10 +283,9 @@ def cmd_add(args) -> None:
 
     result = add(args.index, args.corpus, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                  text_model=args.text_model, column=args.column, batch_size=args.batch_size, device=args.device,
-                 shard_size=args.shard_size, resume=args.resume, progress=not args.quiet)
-    entry = result.manifest["history"][-1]
-    print(f"index {args.index}: {result.manifest['count']} prompts (+{entry['count']}, "
-          f"{entry['duplicates_of_index']} already in the index)")
+                 shard_size=args.shard_size, resume=args.resume, retrain=args.retrain, progress=not args.quiet)
+    print(f"index {args.index}: {result.manifest['count']} prompts (+{result.report['added']}, "
+          f"{result.report['skipped'].get('duplicate_of_index', 0)} already in the index)")
 
 
 def cmd_merge(args) -> None:

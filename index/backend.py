@@ -83,6 +83,14 @@ class SearchBackend(ABC):
     def load(cls, root: Path, vectors: np.ndarray, params: dict, device: str = "cpu") -> "SearchBackend":
         return cls(vectors, params)
 
+    def grow(self, vectors: np.ndarray, root: Path, progress: Callable[[int], None] | None = None) -> "SearchBackend":
+        """This backend over `vectors` -- its own rows, then the rows an add appended -- with the kind's files
+        written into `root` atomically. Exact kinds only take the longer array; FAISS kinds add the new rows to
+        their trained structure (this backend must be a private copy: its structure is extended)."""
+        if progress:
+            progress(len(vectors) - self.count)
+        return type(self)(vectors, self.params)
+
     # searching -------------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 [n, k], ids int64 [n, k]) best first; `params` override the stored settings."""

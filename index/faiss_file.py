@@ -8,6 +8,7 @@ import numpy as np
 
 from img2prompt.atomic import atomic_path
 from img2prompt.errors import UserError, short_reason
+from img2prompt.index.layout import FAISS
 
 ADD_CHUNK = 65_536
 
@@ -38,3 +39,13 @@ def add_in_chunks(index, vectors: np.ndarray, progress: Callable[[int], None] | 
         index.add(chunk)
         if progress:
             progress(len(chunk))
+
+
+class GrowsFaissIndex:
+    """grow() for the FAISS kinds (a mixin before SearchBackend): the new rows go through the trained
+    structure (HNSW links them in, IVF-PQ assigns them to the trained lists with the trained codebooks)."""
+
+    def grow(self, vectors: np.ndarray, root: Path, progress: Callable[[int], None] | None = None):
+        add_in_chunks(self.index, vectors[self.count:], progress)
+        write_faiss(self.index, Path(root) / FAISS)
+        return type(self)(vectors, self.params, self.index)

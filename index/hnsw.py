@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from img2prompt.index.backend import RerankedBackend
-from img2prompt.index.faiss_file import add_in_chunks, read_faiss, write_faiss
+from img2prompt.index.faiss_file import GrowsFaissIndex, add_in_chunks, read_faiss, write_faiss
 from img2prompt.index.layout import FAISS
 
 HNSW_M = 32
@@ -14,7 +14,7 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 
 
-class HnswBackend(RerankedBackend):
+class HnswBackend(GrowsFaissIndex, RerankedBackend):
     kind = "hnsw"
     tune_steps = [{"ef_search": ef} for ef in (128, 256, 512, 1024, 2048, 4096)]
 

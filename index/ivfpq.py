@@ -14,7 +14,7 @@ import numpy as np
 
 from img2prompt.errors import UserError
 from img2prompt.index.backend import RerankedBackend, ivf_list_count
-from img2prompt.index.faiss_file import add_in_chunks, read_faiss, write_faiss
+from img2prompt.index.faiss_file import GrowsFaissIndex, add_in_chunks, read_faiss, write_faiss
 from img2prompt.index.layout import FAISS
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ PQ_CHOICES = (96, 64, 48, 32, 24, 16, 12, 8, 4)  # sub-quantisers, most accurate
 GPU_MAX_K = 2048
 
 
-class IvfPqBackend(RerankedBackend):
+class IvfPqBackend(GrowsFaissIndex, RerankedBackend):
     kind = "ivfpq"
     min_count = 10_000  # fewer points cannot train a useful quantiser
     # For IVF-PQ the re-rank depth matters as much as nprobe: PQ distances blur near neighbours.

@@ -15,6 +15,10 @@
       regression.npz       the ridge head CLIP → MiniLM (index/ridge.py), when the build fitted one
       phrases.parquet      modifier vocabulary mined from the corpus (phrase, count); phrases.f16 its CLIP
                            vectors (both optional: indexes built before they existed open without them)
+      segments/NNNNN/      rows appended by `add` (prompts.parquet, clip.f16, minilm.* as above; format 5): the
+                           manifest's "segments" say where; ids continue after the base files' rows
+      regression_stats.npz the ridge head's sufficient statistics (XᵀX, XᵀY, sums, held-out ids): an add
+                           refits the head from them and the new rows only
       shards/NNNNN.*       row-aligned shards while a build runs (deleted once the index is complete)
       .lock                held (flock) by the build writing the folder; removed when the build completes
 
@@ -30,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_VERSION = 3  # 2: flat indexes keep one copy of the vectors; 3: key ranges (image-keyed entries)
-READABLE_VERSIONS = (1, 2, 3, 4)  # 4: int8 MiniLM storage (index/minilm_store.py); fp16 builds still write 3
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # 4: int8 MiniLM storage (index/minilm_store.py); fp16 builds still write 3
+# 5: rows in segments (index/segments.py): an index grown by `add`
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.parquet"
 MINILM = "minilm.f16"
@@ -42,13 +47,14 @@ LOCK = ".lock"  # held (flock) by the build writing the folder
 PHRASES = "phrases.parquet"  # the modifier vocabulary (phrase, count) for readable prompts
 PHRASE_VECTORS = "phrases.f16"  # float16 [phrases, clip_dim], L2-normalised CLIP text vectors of the phrases
 REGRESSION = "regression.npz"
+REGRESSION_STATS = "regression_stats.npz"  # the head's sufficient statistics (index/ridge.py), for add
 IMAGE_KEYS_FOLDER = "image_keys"  # the image range's backend files
 STATE_BUILDING = "building"
 STATE_COMPLETE = "complete"
 VECTOR_DTYPE = np.float16
 VECTOR_BYTES = np.dtype(VECTOR_DTYPE).itemsize
 INDEX_FILES = (PROMPTS, MINILM, CLIP_VECTORS, MINILM_MEAN)  # every kind has these; backends add their own
-OPTIONAL_FILES = (FAISS, REGRESSION, PHRASES, PHRASE_VECTORS)
+OPTIONAL_FILES = (FAISS, REGRESSION, REGRESSION_STATS, PHRASES, PHRASE_VECTORS)
 SHARD_SUFFIXES = {"prompts": ".parquet", "clip": ".clip.npy", "minilm": ".minilm.npy"}
 TEXT_KEYS, IMAGE_KEYS = "text", "image"
 KEY_KINDS = (TEXT_KEYS, IMAGE_KEYS)

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from img2prompt.errors import UserError
-from img2prompt.index.layout import (INDEX_FILES, KEY_KINDS, MANIFEST, PHRASE_VECTORS, PHRASES, REGRESSION,
+from img2prompt.index.layout import (CLIP_VECTORS, INDEX_FILES, PROMPTS, KEY_KINDS, MANIFEST, PHRASE_VECTORS, PHRASES, REGRESSION,
                                      TEXT_KEYS)
 from img2prompt.index.minilm_store import FP16, MINILM_DTYPES, MINILM_F16, minilm_dtype, minilm_file_names
 
@@ -56,6 +56,13 @@ class KeyRange:
     def from_dict(cls, entry: dict) -> "KeyRange":
         start, stop = entry["rows"]
         return cls(entry["keys"], int(start), int(stop), entry["search"], entry.get("folder", ""))
+
+
+def content_sha256(manifest: dict) -> str:
+    """What identifies a complete index's content: its file records (each file's bytes and sha256)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
 
 
 def search_plan(manifest: dict) -> dict:
@@ -168,6 +175,28 @@ def _check_key_ranges(problems: _Problems, entries: Any, count: int) -> None:
                                                               f"{count} prompts)")
 
 
+def _check_segments(problems: _Problems, entries: Any, count: int, files: dict, dtype: str | None) -> None:
+    """format 5: appended segments, numbered up, contiguous after the base rows, their files listed."""
+    from img2prompt.index.segments import segment_folder
+
+    if not problems.need(isinstance(entries, list) and len(entries) > 0, "segments", entries):
+        return
+    stop, number = None, 0
+    for position, entry in enumerate(entries):
+        field = f"segments[{position}]"
+        if not problems.need(isinstance(entry, dict) and all(_is_int(entry.get(k)) for k in ("number", "first_id", "count")),
+                             field, entry):
+            return
+        problems.need(entry["number"] > number and entry["count"] > 0 and entry["first_id"] > 0
+                      and (stop is None or entry["first_id"] == stop), field, entry)
+        number, stop = entry["number"], entry["first_id"] + entry["count"]
+        names = (PROMPTS, CLIP_VECTORS) + minilm_file_names(dtype if dtype in MINILM_DTYPES else FP16)
+        for name in names:
+            problems.need(f"{segment_folder(entry['number'])}/{name}" in files,
+                          f"files.{segment_folder(entry['number'])}/{name}", why="(not listed)")
+    problems.need(stop == count, "segments", why=f"(end at row {stop}, the index has {count} prompts)")
+
+
 def _check_calibration(problems: _Problems, calibration: Any) -> None:
     if not problems.need(isinstance(calibration, dict), "calibration", calibration):
         return
@@ -215,6 +244,8 @@ def validate_complete(path: Path, manifest: dict) -> None:
     _check_plan(problems, section, manifest.get(section))
     if "key_ranges" in manifest and count is not None:
         _check_key_ranges(problems, manifest["key_ranges"], count)
+    if "segments" in manifest and count is not None:
+        _check_segments(problems, manifest["segments"], count, files if isinstance(files, dict) else {}, dtype)
     if "calibration" in manifest:
         _check_calibration(problems, manifest["calibration"])
     if REGRESSION in files:

@@ -25,6 +25,7 @@ from img2prompt.index.layout import (CLIP_VECTORS, MANIFEST, MINILM_MEAN, PHRASE
 from img2prompt.index.manifest import KeyRange, read_manifest
 from img2prompt.index.key_pca import KEY_PCA, load_pca
 from img2prompt.index.minilm_store import minilm_dtype, minilm_file_bytes, minilm_rows
+from img2prompt.index.segments import Segment, concat_rows, segments_of
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,22 @@ class PromptIndex:
     def text_identity(self) -> dict:
         return self.manifest["models"]["text"]
 
+    @property
+    def segments(self) -> list[Segment]:
+        """Where the rows lie: the build's base files, then each add's segment folder (index/segments.py)."""
+        return segments_of(self.manifest)
+
     @cached_property
     def minilm(self):
-        """float16 memmap, or int8 rows dequantised on access (index/minilm_store.py: the one way in)."""
-        return minilm_rows(self.root, self.manifest, self.count, self.text_dim)
+        """float16 memmap, or int8 rows dequantised on access (index/minilm_store.py: the one way in), across
+        the segments."""
+        return concat_rows([minilm_rows(self.root / part.folder, self.manifest, part.count, self.text_dim)
+                            for part in self.segments])
 
     @cached_property
     def clip_vectors(self) -> np.memmap:
-        return np.memmap(self.root / CLIP_VECTORS, dtype=VECTOR_DTYPE, mode="r", shape=(self.count, self.key_dim))
+        return concat_rows([np.memmap(self.root / part.name(CLIP_VECTORS), dtype=VECTOR_DTYPE, mode="r",
+                                      shape=(part.count, self.key_dim)) for part in self.segments])
 
     @property
     def key_dim(self) -> int:
@@ -117,24 +126,31 @@ class PromptIndex:
         """Map the vectors and open the prompt file now: a reader keeps the files it opened even when a
         rebuild swaps a new index into this folder meanwhile (a long-running server, say)."""
         # a native Arrow file (not a Python file object: Arrow's reader threads must not call back into Python)
-        self._prompt_file = pa.memory_map(str(self.root / PROMPTS), "r")
+        self._prompt_files = [pa.memory_map(str(self.root / part.name(PROMPTS)), "r") for part in self.segments]
         for name in ("minilm", "clip_vectors", "minilm_mean", "phrases", "regression_head", "key_pca"):
             getattr(self, name)
 
     @cached_property
     def _prompt_column(self) -> pa.ChunkedArray:
         # Arrow strings: ~1 byte a character, not a Python object per prompt (10M prompts stay cheap).
-        source = getattr(self, "_prompt_file", None) or self.root / PROMPTS
-        try:
-            column = pq.read_table(source, columns=["prompt"]).column("prompt")
-        except (OSError, KeyError, pa.ArrowException) as exc:
-            raise _damaged(self.root / PROMPTS, exc) from exc
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise UserError(f"{self.root / PROMPTS}: the prompt column holds {column.type}, not text: the index is "
-                            "damaged, rebuild it")
-        if len(column) != self.count:
-            raise UserError(f"{self.root / PROMPTS}: {len(column)} prompts, manifest says {self.count}")
-        return column
+        sources = getattr(self, "_prompt_files", None) or [self.root / part.name(PROMPTS) for part in self.segments]
+        chunks = []
+        for part, source in zip(self.segments, sources):
+            path = self.root / part.name(PROMPTS)
+            try:
+                column = pq.read_table(source, columns=["prompt"]).column("prompt")
+            except (OSError, KeyError, pa.ArrowException) as exc:
+                raise _damaged(path, exc) from exc
+            if not _is_text(column.type):
+                raise UserError(f"{path}: the prompt column holds {column.type}, not text: the index is "
+                                "damaged, rebuild it")
+            if len(column) != part.count:
+                raise UserError(f"{path}: {len(column)} prompts, manifest says {part.count}")
+            chunks.append(column)
+        if len(chunks) == 1:
+            return chunks[0]
+        kind = pa.string() if all(column.type == pa.string() for column in chunks) else pa.large_string()
+        return pa.chunked_array([chunk for column in chunks for chunk in column.cast(kind).chunks], type=kind)
 
     @property
     def prompts(self) -> list[str]:
@@ -262,26 +278,39 @@ def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
     if (root / SHARDS).is_dir():
         log.warning("%s: shards/ is left over from a build killed while cleaning up; it is not part of the index "
                     "and can be deleted", root)
-    try:
-        prompt_file = pq.ParquetFile(root / PROMPTS)
-        prompt_rows, prompt_schema = prompt_file.metadata.num_rows, prompt_file.schema_arrow
-    except (OSError, pa.ArrowException) as exc:
-        raise _damaged(root / PROMPTS, exc) from exc
-    kind = prompt_schema.field("prompt").type if "prompt" in prompt_schema.names else None
-    if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise UserError(f"{root / PROMPTS}: " + (f"the prompt column holds {kind}, not text" if kind else
-                                                 "no prompt column") + ": the index is damaged, rebuild it")
-    if prompt_rows != index.count:
-        raise UserError(f"{root / PROMPTS}: {prompt_rows} prompts, the manifest says {index.count}: rebuild the index")
+    for part in index.segments:
+        _check_prompt_file(root / part.name(PROMPTS), part.count)
     index.preload()
     return index
+
+
+def _is_text(kind) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _check_prompt_file(path: Path, count: int) -> None:
+    try:
+        prompt_file = pq.ParquetFile(path)
+        prompt_rows, prompt_schema = prompt_file.metadata.num_rows, prompt_file.schema_arrow
+    except (OSError, pa.ArrowException) as exc:
+        raise _damaged(path, exc) from exc
+    kind = prompt_schema.field("prompt").type if "prompt" in prompt_schema.names else None
+    if kind is None or not _is_text(kind):
+        raise UserError(f"{path}: " + (f"the prompt column holds {kind}, not text" if kind else
+                                       "no prompt column") + ": the index is damaged, rebuild it")
+    if prompt_rows != count:
+        raise UserError(f"{path}: {prompt_rows} prompts, the manifest says {count}: rebuild the index")
 
 
 def _check_files(index: PromptIndex, verify: bool) -> None:
     """Every listed file exists with the recorded size (the vectors' sizes also follow from count × dim)."""
     root, manifest = index.root, index.manifest
-    expected_bytes = {**minilm_file_bytes(minilm_dtype(manifest), index.count, index.text_dim),
-                      CLIP_VECTORS: index.count * index.key_dim * VECTOR_BYTES}
+    expected_bytes, rows = {}, {}
+    for part in index.segments:
+        sizes = {**minilm_file_bytes(minilm_dtype(manifest), part.count, index.text_dim),
+                 CLIP_VECTORS: part.count * index.key_dim * VECTOR_BYTES}
+        expected_bytes.update({part.name(name): size for name, size in sizes.items()})
+        rows.update({part.name(name): part.count for name in sizes})
     if PHRASES in manifest["files"]:
         expected_bytes[PHRASE_VECTORS] = manifest["phrases"]["count"] * index.clip_dim * VECTOR_BYTES
     for name, record in manifest["files"].items():
@@ -292,7 +321,7 @@ def _check_files(index: PromptIndex, verify: bool) -> None:
         if size != record["bytes"] or size != expected_bytes.get(name, size):
             expected = expected_bytes.get(name, record["bytes"])
             raise UserError(f"{path}: {size} bytes, expected {expected}"
-                            + (f" ({index.count} rows)" if name in expected_bytes else "")
+                            + (f" ({rows[name]} rows)" if name in rows else "")
                             + (f" (the manifest records {record['bytes']})" if record["bytes"] != expected else "")
                             + ": the index is damaged, rebuild it")
         if verify and file_sha256(path) != record["sha256"]:

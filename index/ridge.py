@@ -81,6 +81,7 @@ class RidgeAccumulator:
         self.key_dim, self.target_dim, self.stride, self.max_heldout = key_dim, target_dim, stride, max_heldout
         self._train = {m: _Moments(key_dim, target_dim) for m in MODALITIES}
         self._held: list[tuple[str, np.ndarray, np.ndarray]] = []
+        self._held_ids: list[np.ndarray] = []  # the held rows' ids (what the saved state keeps of them)
         self._held_rows = 0
 
     def add(self, keys: np.ndarray, targets: np.ndarray, first_row: int, modality: str = "text") -> None:
@@ -95,8 +96,40 @@ class RidgeAccumulator:
         held[np.flatnonzero(held)[self.max_heldout - self._held_rows:]] = False  # past the cap: train on them
         if held.any():
             self._held.append((modality, keys[held], targets[held]))  # boolean indexing copies (even a memmap)
+            self._held_ids.append(first_row + np.flatnonzero(held))
             self._held_rows += int(held.sum())
         self._train[modality].add(keys[~held], targets[~held])
+
+    # the sufficient statistics, kept beside the head so that an add refits from them and its new rows only
+    def save_state(self, path: str | Path) -> None:
+        """The float64 sums per modality and the held-out rows' ids (their vectors stay in the index)."""
+        arrays = {"stride": np.int64(self.stride), "max_heldout": np.int64(self.max_heldout),
+                  "dims": np.asarray([self.key_dim, self.target_dim], np.int64)}
+        for m, moments in self._train.items():
+            arrays.update({f"{m}_n": np.int64(moments.n), f"{m}_sx": moments.sx, f"{m}_sy": moments.sy,
+                           f"{m}_sxx": moments.sxx, f"{m}_sxy": moments.sxy})
+        for m in MODALITIES:
+            ids = [ids for (modality, _, _), ids in zip(self._held, self._held_ids) if modality == m]
+            arrays[f"{m}_held_ids"] = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        write_atomic(path, lambda handle: np.savez(handle, **arrays))
+
+    @classmethod
+    def load_state(cls, path: str | Path, keys, targets) -> RidgeAccumulator:
+        """The accumulator `save_state` wrote; the held-out rows are read back by id from `keys` / `targets`
+        (the index's CLIP and MiniLM rows)."""
+        with np.load(path, allow_pickle=False) as data:
+            key_dim, target_dim = (int(d) for d in data["dims"])
+            state = cls(key_dim, target_dim, stride=int(data["stride"]), max_heldout=int(data["max_heldout"]))
+            for m, moments in state._train.items():
+                moments.n = int(data[f"{m}_n"])
+                moments.sx, moments.sy = data[f"{m}_sx"], data[f"{m}_sy"]
+                moments.sxx, moments.sxy = data[f"{m}_sxx"], data[f"{m}_sxy"]
+                ids = data[f"{m}_held_ids"]
+                if len(ids):
+                    state._held.append((m, np.asarray(keys[ids]), np.asarray(targets[ids])))
+                    state._held_ids.append(ids)
+                    state._held_rows += len(ids)
+        return state
 
     def _all_rows(self) -> dict[str, _Moments]:  # training sums + the held-out rows
         full = {m: _Moments(self.key_dim, self.target_dim) for m in MODALITIES}

@@ -26,6 +26,7 @@ from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, I
                                      file_record, file_sha256, prompts_sha256, shard_path, staging_folder)
 from img2prompt.index.lock import clean_retired, clean_temp_files, lock_folder, only_own_leftovers, swap_into_place
 from img2prompt.index.manifest import read_manifest
+from img2prompt.index.segments import SEGMENT_FORMAT_VERSION, SEGMENTS
 from img2prompt.index.minilm_store import (INT8, INT8_FORMAT_VERSION, MINILM_I8, MINILM_SCALE, minilm_dtype,
                                            minilm_file_names, minilm_rows, prediction_change, write_int8)
 
@@ -175,8 +176,8 @@ class IndexWriter:
             manifest.unlink()  # first, so a half-cleared folder never looks complete
         for name in INDEX_FILES + OPTIONAL_FILES + (MINILM_I8, MINILM_SCALE, "key_pca.npz"):
             (self.root / name).unlink(missing_ok=True)
-        shutil.rmtree(self.root / SHARDS, ignore_errors=True)
-        shutil.rmtree(self.root / IMAGE_KEYS_FOLDER, ignore_errors=True)
+        for folder in (SHARDS, IMAGE_KEYS_FOLDER, SEGMENTS):
+            shutil.rmtree(self.root / folder, ignore_errors=True)
         clean_temp_files(self.root)
 
     def _save_manifest(self) -> None:
@@ -237,19 +238,24 @@ class IndexWriter:
             mask = (self.keep or {}).get(record["number"])
             yield block if mask is None else block[mask]
 
-    def consolidate(self) -> tuple[int, int, int]:
-        """Concatenate shards into prompts.parquet, minilm.f16, clip.f16 and minilm_mean.npy (streamed)."""
+    def consolidate(self, into: str = "", first_id: int = 0) -> tuple[int, int, int]:
+        """Concatenate shards into prompts.parquet, minilm.f16, clip.f16 (streamed) in the folder `into` (the
+        index folder, or an add's segment folder, ids from `first_id`); the index folder also gets
+        minilm_mean.npy."""
         count = self.rows_committed()
         if count == 0:
             raise UserError("the corpus holds no usable prompt (nor --pairs a decodable image): nothing to index")
-        clip_dim = self._concat_vectors("clip", CLIP_VECTORS)
-        text_dim = self._concat_vectors("minilm", MINILM)
-        total = np.zeros(text_dim, dtype=np.float64)
-        for block in self.iter_shard_arrays("minilm"):
-            total += block.astype(np.float64).sum(axis=0)
-        _save_array(self.root / MINILM_MEAN, (total / count).astype(np.float32))
-        with atomic_path(self.root / PROMPTS) as tmp:
-            writer, first_id = None, 0
+        folder = self.root / into
+        folder.mkdir(parents=True, exist_ok=True)
+        clip_dim = self._concat_vectors("clip", folder / CLIP_VECTORS)
+        text_dim = self._concat_vectors("minilm", folder / MINILM)
+        if not into:
+            total = np.zeros(text_dim, dtype=np.float64)
+            for block in self.iter_shard_arrays("minilm"):
+                total += block.astype(np.float64).sum(axis=0)
+            _save_array(self.root / MINILM_MEAN, (total / count).astype(np.float32))
+        with atomic_path(folder / PROMPTS) as tmp:
+            writer = None
             for record in self._ordered_records():
                 prompts = pq.read_table(shard_path(self.root, record["number"], "prompts")).column("prompt")
                 mask = (self.keep or {}).get(record["number"])
@@ -275,9 +281,9 @@ class IndexWriter:
             start += self._count(record)
         return {kind: rows for kind, rows in ranges.items() if rows[1] > rows[0]}
 
-    def _concat_vectors(self, kind: str, name: str) -> int:
+    def _concat_vectors(self, kind: str, path: Path) -> int:
         dim = None
-        with atomic_path(self.root / name) as tmp:
+        with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
                 for block in self.iter_shard_arrays(kind):
                     dim = dim or block.shape[1]
@@ -330,14 +336,25 @@ class IndexWriter:
         write_atomic(self.root / PHRASE_VECTORS, lambda handle: handle.write(data))
         return PHRASES, PHRASE_VECTORS
 
-    def complete(self, info: dict, extra_files: tuple[str, ...] = ()) -> dict:
+    def abandon(self) -> None:
+        """Give up a rebuild that turned out to change nothing: its staging folder goes, the index stays."""
+        if self.root != self.final:
+            self._drop_staging(self.root, "nothing to change")
+        (self.final / LOCK).unlink(missing_ok=True)
+
+    def complete(self, info: dict, extra_files: tuple[str, ...] = (), linked: dict | None = None) -> dict:
         """Write the final manifest (the commit point of the whole build), then drop the shards.
-        `extra_files`: the search backend's and the phrase vocabulary's files, recorded like the rest."""
+        `extra_files`: the search backend's and the phrase vocabulary's files, recorded like the rest;
+        `linked`: {name: record} of files an add linked in unchanged from the index it grows (not re-hashed)."""
         dtype = minilm_dtype(info)  # int8 MiniLM: its own files and format 4 (older readers refuse it)
+        linked = linked or {}
         names = tuple(n for n in INDEX_FILES if n != MINILM) + minilm_file_names(dtype)
-        files = {name: file_record(self.root / name) for name in names + tuple(extra_files)}
-        # format 4 for every compacted index (int8 MiniLM or PCA keys): a reader before 4 refuses it by version
+        files = {name: linked.get(name) or file_record(self.root / name)
+                 for name in dict.fromkeys(names + tuple(extra_files) + tuple(linked))}
+        # format 4 for every compacted index (int8 MiniLM or PCA keys): a reader before 4 refuses it by version;
+        # format 5 for rows in segments (an add): a reader before 5 would see only the base rows
         version = INT8_FORMAT_VERSION if dtype == INT8 or "key_pca" in info else FORMAT_VERSION
+        version = SEGMENT_FORMAT_VERSION if info.get("segments") else version
         manifest = {"format_version": version, "state": STATE_COMPLETE,
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info,
                     "build": self.manifest["build"], "files": files}

@@ -13,6 +13,7 @@ import pytest
 from img2prompt.build_index.add import AddOptions, run_add
 from img2prompt.build_index.runner import BuildOptions, run_build
 from img2prompt.errors import UserError
+from img2prompt.index.reader import open_index
 from tests.conftest import read_data_prompts
 
 
@@ -33,11 +34,10 @@ def _add(index, corpus, clip_dir, **extra):
 
 
 def _rows(index):
-    table = pq.read_table(index / "prompts.parquet")
-    count = table.num_rows
-    clip = np.fromfile(index / "clip.f16", dtype=np.float16).reshape(count, -1)
-    minilm = np.fromfile(index / "minilm.f16", dtype=np.float16).reshape(count, -1)
-    return table.column("id").to_pylist(), table.column("prompt").to_pylist(), clip, minilm
+    """(ids as stored, prompts, CLIP rows, MiniLM rows) across the index's segments (a grown index has several)."""
+    opened = open_index(index)
+    ids = [i for part in opened.segments for i in pq.read_table(index / part.name("prompts.parquet")).column("id").to_pylist()]
+    return ids, opened.prompts, np.asarray(opened.clip_vectors), np.asarray(opened.minilm)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_kill_at_each_commit_point_then_resume(tmp_path, halves, tiny_clip_dir, 
 
     def dying(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3 or step != "commit_shard":
+        if calls["n"] == 2 or step != "commit_shard":  # the add encodes two shards of new prompts
             raise KeyboardInterrupt("killed")
         return original(self, *args, **kwargs)
 
@@ -151,14 +151,29 @@ def test_add_to_hnsw_rebuilds_its_search_file(tmp_path, halves, tiny_clip_dir):
     assert hit.ids.tolist() == [100]  # data prompt 100: ids continue after the first half's 60
 
 
-@pytest.mark.parametrize("compaction", [{"minilm": {"dtype": "int8"}}, {"key_pca": {"dims": 8}}])
-def test_add_to_a_compacted_index_is_refused(tmp_path, halves, tiny_clip_dir, monkeypatch, compaction):
-    import img2prompt.build_index.add as add_module
+def test_add_to_an_int8_index_equals_building_it_all_in_int8(tmp_path, halves, tiny_clip_dir):
+    """int8 MiniLM rows are quantised per row: the appended segment stores exactly what a full build stores."""
+    first, second = halves
+    _build([first, second], tmp_path / "all", tiny_clip_dir, index="flat", minilm_dtype="int8")
+    _build([first], tmp_path / "grown", tiny_clip_dir, index="flat", minilm_dtype="int8")
+    _add(tmp_path / "grown", [second], None)
+    grown, full = _rows(tmp_path / "grown"), _rows(tmp_path / "all")
+    assert grown[0] == full[0] and grown[1] == full[1]
+    assert np.array_equal(grown[2], full[2]) and np.array_equal(grown[3], full[3])
+    manifest = json.loads((tmp_path / "grown" / "manifest.json").read_text())
+    assert manifest["minilm"]["dtype"] == "int8" and "segments/00001/minilm.i8" in manifest["files"]
 
-    manifest = {"state": "complete", "key_ranges": [{"keys": "text"}], **compaction}
-    monkeypatch.setattr(add_module, "read_manifest", lambda root: manifest)
-    with pytest.raises(UserError, match="--key-dims or --minilm-dtype int8 is not supported yet"):
-        _add(tmp_path, [halves[1]], tiny_clip_dir)
+
+def test_add_to_a_pca_index_projects_the_new_keys_through_its_pca(tmp_path, halves, tiny_clip_dir):
+    first, second = halves
+    _build([first, second], tmp_path / "all", tiny_clip_dir, index="flat")  # full-width keys of every prompt
+    _build([first], tmp_path / "grown", tiny_clip_dir, index="flat", key_dims=8)
+    _add(tmp_path / "grown", [second], None)
+    grown, full = open_index(tmp_path / "grown"), open_index(tmp_path / "all")
+    assert grown.prompts == full.prompts and grown.key_dim == 8
+    new = slice(60, grown.count)
+    expected = grown.key_pca.project(np.asarray(full.clip_vectors[new], np.float32))
+    assert np.allclose(np.asarray(grown.clip_vectors[new], np.float32), expected, atol=2e-3)
 
 
 def test_a_second_add_while_one_runs_is_refused_and_the_index_is_untouched(tmp_path, built_index, halves,
