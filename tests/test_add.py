@@ -61,6 +61,12 @@ def test_build_half_add_half_equals_build_all(tmp_path, halves, tiny_clip_dir):
     query = clip_all[7].astype(np.float32)
     assert np.array_equal(np.argsort(-(clip_all.astype(np.float32) @ query), kind="stable")[:10],
                           np.argsort(-(clip.astype(np.float32) @ query), kind="stable")[:10])
+    full, grown = open_index(tmp_path / "all"), open_index(tmp_path / "grown")
+    queries = np.asarray(clip_all[[3, 61, 119]], np.float32)  # through the backend, across the segments
+    scores_all, found_all = full.open_backend("cpu").search(queries, 10)
+    scores, found = grown.open_backend("cpu").search(queries, 10)
+    assert np.array_equal(found, found_all) and np.array_equal(scores, scores_all)
+    assert np.allclose(grown.minilm_mean, full.minilm_mean, atol=1e-6)
     manifest = json.loads((tmp_path / "grown" / "manifest.json").read_text())
     assert manifest["count"] == 120
     (entry,) = manifest["history"]
