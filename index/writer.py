@@ -148,7 +148,8 @@ class IndexWriter:
                     raise UserError(f"{self.final}: the unfinished build was started by another img2prompt version "
                                     f"(format {existing.get('format_version')}); rerun with --overwrite")
                 self.manifest = existing
-                clean_temp_files(self.root, self.root / SHARDS, self.root / IMAGE_KEYS_FOLDER)
+                clean_temp_files(self.root, self.root / SHARDS, self.root / IMAGE_KEYS_FOLDER,
+                                 *sorted((self.root / SEGMENTS).glob("*")))
             else:
                 self._clear()
                 self.manifest = {"format_version": FORMAT_VERSION, "state": STATE_BUILDING, "build": build,
