@@ -7,14 +7,20 @@ segment (ids continue), and the derived files are updated from what the index ke
 
     search     flat/torch: nothing to build; HNSW / IVF-PQ: the new keys added to the trained structure
                (SearchBackend.grow), recall@10 measured again on held-out queries, a warning below the build's
-               target; `retrain=True` rebuilds (and for IVF-PQ retrains) the structure over every row
+               target; `retrain=True` rebuilds (and for IVF-PQ retrains) the structure over every row.
+               An index with image keys (--pairs) keeps its ranges and gets one range per key kind for the
+               new rows (their backend planned for their own count, in the segment's folder): its text rows
+               are no longer contiguous. The image-key calibration is fitted when the first image keys arrive
+               and otherwise kept (it was fitted on the index's first ranges, which an add does not change)
     head       the ridge head refitted from its sufficient statistics (regression_stats.npz) + the new rows
     phrases    the vocabulary's counts merged with the new prompts' (build_index/phrases.py)
     mean       the MiniLM mean updated by count
 
+New (image, prompt) pairs (`pairs=`) are image-keyed rows after the new text rows, as in a build; their
+images are not deduplicated against the index (it keeps no image paths), only within the new tables.
+
 The finished folder is swapped in (old or new, never a mix; readers holding the old index keep it). A kill
 loses nothing committed: `resume=True` re-uses the encoded shards and finishes to the identical result.
-Not yet: an index with image-keyed entries (--pairs).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import pyarrow.parquet as pq
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, check_corpus_files, count_rows,
                                            expand_corpus_paths, file_fingerprint, iter_prompts)
 from img2prompt.build_index.engine import engine_class
+from img2prompt.build_index.pairs import check_pair_files, expand_pair_paths, iter_pairs
 from img2prompt.build_index.phrases import MIN_COUNT, merge_phrases
 from img2prompt.build_index.runner import (BuildJob, BuildOptions, BuildResult, PhaseTimer, build_search_backend,
                                            encode_shards, peak_rss_mib, precision_of)
@@ -40,15 +47,16 @@ from img2prompt.encoders.clip_ensemble import load_named_clips
 from img2prompt.encoders.models import load_text_model, resolve_device
 from img2prompt.encoders.prompts import dedup_key
 from img2prompt.errors import UserError
-from img2prompt.index.append import AppendedRows, append_segment
+from img2prompt.index.append import AppendedRows, append_segment, link_file
 from img2prompt.index.backend import backend_class
-from img2prompt.index.layout import (PHRASES, PROMPTS, REGRESSION, REGRESSION_STATS, STATE_COMPLETE,
-                                     TEXT_KEYS)
+from img2prompt.index.calibration import fit_calibration
+from img2prompt.index.layout import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, PHRASES, PROMPTS, REGRESSION, REGRESSION_STATS,
+                                     STATE_COMPLETE, TEXT_KEYS)
 from img2prompt.index.manifest import KeyRange, content_sha256, read_manifest
 from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
 from img2prompt.index.ridge import RidgeAccumulator
-from img2prompt.index.writer import IndexWriter
+from img2prompt.index.writer import IndexWriter, ShardTask
 from img2prompt.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -73,14 +81,15 @@ class AddOptions:
     resume: bool = False
     progress: bool = True
     retrain: bool = False  # rebuild the search structure over every row instead of adding to it
+    pairs: list[str] | None = None  # (image, prompt) tables: new image-keyed entries (build_index/pairs.py)
 
 
-def check_index(root: Path, verb: str = "add to") -> dict:
+def check_index(root: Path, verb: str = "add to", image_keys: bool = True) -> dict:
     """A complete index this kind of growth supports, or one line saying why not; returns its manifest."""
     manifest = read_manifest(root) if root.is_dir() else None
     if not manifest or manifest.get("state") != STATE_COMPLETE:
         raise UserError(f"{root}: not a complete index (build it first with `img2prompt build`)")
-    if any(entry.get("keys") != TEXT_KEYS for entry in manifest.get("key_ranges", [])):
+    if not image_keys and any(entry.get("keys") != TEXT_KEYS for entry in manifest.get("key_ranges", [])):
         raise UserError(f"{root}: {verb} an index with image-keyed entries (--pairs) is not supported yet: rebuild")
     return manifest
 
@@ -144,7 +153,8 @@ class AddJob(BuildJob):
         self.search_plan: dict = {}
 
     def steps(self):
-        steps = [("encode", self.encode), ("append", self.append), ("search", self.grow_search)]
+        steps = [("encode", self.encode), ("append", self.append), ("search", self.grow_search),
+                 ("calibration", self.calibrate)]
         if REGRESSION in self.old.manifest["files"]:
             steps.append(("regression", self.refit_head))
         if PHRASES in self.old.manifest["files"]:
@@ -180,14 +190,23 @@ class AddJob(BuildJob):
                 else:
                     yield prompt
 
-        self.report, self.encoded_rows = encode_shards(self.writer, self.engine, self.encoder, self.spec,
-                                                       plan_shards(new_prompts(), self.options.shard_size),
-                                                       corpus, self.options, self.timer, total_rows=self.total_rows)
+        def tasks() -> Iterator[ShardTask]:  # text keys first, then image keys (as a build plans them)
+            after = 0
+            for task in plan_shards(new_prompts(), self.options.shard_size):
+                after = task.number + 1
+                yield task
+            yield from plan_shards(iter_pairs(self.pair_paths, pairs, self.options.max_chars),
+                                   self.options.shard_size, first_number=after)
+
+        pairs = CorpusReport()
+        self.report, self.encoded_rows = encode_shards(self.writer, self.engine, self.encoder, self.spec, tasks(),
+                                                       corpus, self.options, self.timer, total_rows=self.total_rows,
+                                                       pairs=pairs)
         self.report["added"] = self.writer.rows_committed()
         self.extra["history"] = list(self.old.manifest.get("history", [])) + [{
             "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "count": self.report["added"],
             "duplicates_of_index": corpus.skipped.get(SKIP_IN_INDEX, 0),
-            "files": [str(path) for path in self.paths], "count_before": self.old.count,
+            "files": [str(path) for path in self.paths + self.pair_paths], "count_before": self.old.count,
             **({"retrained": True} if self.retrain else {})}]
         self.memory["peak_rss_mib_after_encode"] = peak_rss_mib()
 
@@ -198,29 +217,71 @@ class AddJob(BuildJob):
         self.files += self.appended.new_files
 
     def grow_search(self) -> None:
-        """Add the new keys to the index's search structure (or rebuild it with retrain) and measure recall."""
-        (key_range,) = self.old.key_ranges  # text keys only (check_index)
+        """Extend the search: a text-only index grows its one range (or rebuilds it with retrain) by the new
+        text rows; image-keyed rows, and every new row of an index that already has image keys, become ranges
+        of their own with a backend planned for their size."""
+        grown, first = self.appended.grown, self.appended.first_id
+        old_ranges = self.old.key_ranges
+        new_rows = [(kind, first + start, first + stop) for kind, (start, stop) in self.writer.key_rows().items()] \
+            if self.report["added"] else []
+        if len(old_ranges) == 1 and old_ranges[0].keys == TEXT_KEYS:
+            text_stop = max([stop for kind, _, stop in new_rows if kind == TEXT_KEYS], default=self.old.count)
+            self.key_ranges = [self._grow_range(old_ranges[0], text_stop)]
+            new_rows = [row for row in new_rows if row[0] != TEXT_KEYS]
+        else:  # the index's ranges stay as they are: their backend files are linked in with the rows
+            self.key_ranges = list(old_ranges)
+            for key_range in old_ranges:
+                for name in backend_class(key_range.plan["kind"]).files():
+                    name = f"{key_range.folder}/{name}" if key_range.folder else name
+                    link_file(self.old.root / name, self.writer.root / name)
+                    self.appended.linked[name] = self.old.manifest["files"][name]
+        folder = self.appended.new_files[0].rsplit("/", 1)[0] if self.appended.new_files else ""
+        for kind, start, stop in new_rows:
+            sub = folder if kind == TEXT_KEYS else f"{folder}/{IMAGE_KEYS_FOLDER}"
+            (self.writer.root / sub).mkdir(parents=True, exist_ok=True)
+            plan, names = build_search_backend(grown.clip_vectors[start:stop], self.writer.root / sub,
+                                               self.options, self.timer, kind)
+            self.key_ranges.append(KeyRange(kind, start, stop, plan, sub))
+            self.files += tuple(f"{sub}/{name}" for name in names)
+        self.search_plan = self.key_ranges[0].plan
+
+    def _grow_range(self, key_range: KeyRange, stop: int) -> KeyRange:
+        """The index's one text range extended to `stop` (its structure grown, or rebuilt with retrain)."""
         grown = self.appended.grown
+        vectors = grown.clip_vectors[key_range.start:stop]
         folder = self.writer.root / key_range.folder
         plan = dict(key_range.plan)
         kind = backend_class(plan["kind"])
         if self.retrain and kind.files():
-            plan, names = build_search_backend(grown.clip_vectors, folder, self.options, self.timer)
+            plan, names = build_search_backend(vectors, folder, self.options, self.timer)
         else:
             with self.timer.phase("build_index"):
-                old_backend = self.old.open_backend("cpu")
+                old_backend = self.old.open_backend("cpu", key_range)
                 shown = self.options.progress and bool(kind.files())
-                with progress_bar(enabled=shown, total=grown.count - self.old.count, unit="vec",
+                with progress_bar(enabled=shown, total=len(vectors) - key_range.count, unit="vec",
                                   desc=f"add to {plan['kind']}") as bar:
-                    backend = old_backend.grow(grown.clip_vectors, folder, progress=bar.update)
+                    backend = old_backend.grow(vectors, folder, progress=bar.update)
             names = kind.files()
             if names:
                 plan = {**plan, "recall_at_10": self._remeasure(backend, plan)}
             plan["params"] = dict(backend.params)
             backend.close()
-        self.search_plan = plan
-        self.key_ranges = [KeyRange(TEXT_KEYS, 0, grown.count, plan, key_range.folder)]
         self.files += tuple(f"{key_range.folder}/{name}" if key_range.folder else name for name in names)
+        return KeyRange(key_range.keys, key_range.start, stop, plan, key_range.folder)
+
+    def calibrate(self) -> None:
+        """The first image keys an index receives need the score map a build fits for them."""
+        if "calibration" in self.old.manifest or not any(r.keys == IMAGE_KEYS for r in self.key_ranges):
+            return
+        grown = self.appended.grown
+        rows = {}
+        for key_range in self.key_ranges:
+            rows.setdefault(key_range.keys, (key_range.start, key_range.stop))
+        with self.timer.phase("calibration"):
+            self.extra["calibration"] = fit_calibration(
+                grown.clip_vectors, grown.minilm, rows[TEXT_KEYS], rows[IMAGE_KEYS], prompts_of=grown.prompt_rows,
+                seed=self.options.seed,
+                encode_texts=lambda texts: self.encoder.clip.text_embeddings(texts, self.options.batch_size).vectors)
 
     def _remeasure(self, backend, plan: dict) -> dict:
         with self.timer.phase("recall"):
@@ -246,9 +307,10 @@ class AddJob(BuildJob):
                 log.info("%s predates kept regression statistics: refitting the head over every row once",
                          self.old.root)
                 accumulator, first = fresh_accumulator(clip.shape[1], minilm.shape[1], self.old.count), 0
-            for start in range(first, grown.count, CHUNK):
-                stop = min(start + CHUNK, grown.count)
-                accumulator.add(clip[start:stop], minilm[start:stop], first_row=start, modality=TEXT_KEYS)
+            for key_range in self.key_ranges:  # the rows from `first` on, each with its key kind
+                for start in range(max(first, key_range.start), key_range.stop, CHUNK):
+                    stop = min(start + CHUNK, key_range.stop)
+                    accumulator.add(clip[start:stop], minilm[start:stop], first_row=start, modality=key_range.keys)
             head = accumulator.fit()
             head.save(self.writer.root / REGRESSION)
             accumulator.save_state(self.writer.root / REGRESSION_STATS)
@@ -302,8 +364,12 @@ def run_add(options: AddOptions) -> BuildResult:
     if options.clip_model is None:
         options = dataclasses.replace(options, **manifest_clip_models(old_manifest))
     root = Path(options.index)
-    paths = expand_corpus_paths(options.corpus)
+    paths = expand_corpus_paths(options.corpus) if options.corpus else []
+    pair_paths = expand_pair_paths(options.pairs) if options.pairs else []
+    if not paths and not pair_paths and not options.retrain:
+        raise UserError("nothing to add: give corpus files, --pairs files, or both")
     check_corpus_files(paths, options.column)
+    check_pair_files(pair_paths)
     old = open_index(root)
     device = resolve_device(options.device)
     timer = PhaseTimer()
@@ -321,14 +387,16 @@ def run_add(options: AddOptions) -> BuildResult:
     build_key = {"add_to": content_sha256(old_manifest), "models": models, "retrain": options.retrain,
                  "precision": precision_of(device), "batch_size": options.batch_size,
                  "corpus": [file_fingerprint(path) for path in paths], "column": options.column,
-                 "shard_size": options.shard_size, "max_chars": options.max_chars}
+                 "shard_size": options.shard_size, "max_chars": options.max_chars,
+                 **({"pairs": [file_fingerprint(path) for path in pair_paths]} if pair_paths else {})}
     engine = engine_class("local").from_options(build)
     writer = IndexWriter(root, build_key, resume=options.resume, overwrite=True)
     encoder = ShardEncoder(clip, text_model, options.batch_size, None)
     spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
                        options.batch_size, None, models)
     try:
-        job = AddJob(writer, engine, encoder, spec, paths, [], models, device, count_rows(paths), build, timer,
+        job = AddJob(writer, engine, encoder, spec, paths, pair_paths, models, device, count_rows(paths + pair_paths),
+                     build, timer,
                      old=old, retrain=options.retrain)
         return job.run()
     finally:

@@ -56,7 +56,7 @@ def check_merge_inputs(options: MergeOptions) -> list[dict]:
     for index in options.indexes:
         if Path(index).resolve() == out:
             raise UserError(f"{index}: --out must not be one of the merged indexes (write a new folder)")
-    manifests = [check_index(Path(index), "merge of") for index in options.indexes]
+    manifests = [check_index(Path(index), "merge of", image_keys=False) for index in options.indexes]
     for index, manifest in zip(options.indexes, manifests):
         if "key_pca" in manifest or minilm_dtype(manifest) != FP16:  # merge copies full-width fp16 rows
             raise UserError(f"{index}: merge of an index built with --key-dims or --minilm-dtype int8 is not "

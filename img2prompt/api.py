@@ -29,12 +29,9 @@ def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip
     """
     from img2prompt.build_index.runner import BuildOptions, run_build
 
-    corpus = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
-    if isinstance(options.get("pairs"), (str, Path)):
-        options["pairs"] = [options["pairs"]]
     if options.get("pairs"):
-        options["pairs"] = [str(path) for path in options["pairs"]]
-    return run_build(BuildOptions(corpus=[str(path) for path in corpus], out=str(out), clip_model=clip_model,
+        options["pairs"] = _paths(options["pairs"])
+    return run_build(BuildOptions(corpus=_paths(corpus), out=str(out), clip_model=clip_model,
                                   clip_pretrained=clip_pretrained, text_model=text_model, **options))
 
 
@@ -43,14 +40,20 @@ def add(index: str | Path, corpus: str | Sequence[str], *, clip_model: str | Seq
     """Grow a complete index with new prompt files (deduplicated against it, encoded with its own models).
 
     clip_model: where the index's CLIP weights are here (default: as its manifest names them). Extra keyword
-    options are AddOptions fields (clip_pretrained, text_model, column, batch_size, device,
-    shard_size, max_chars, resume, progress). Returns a BuildResult; the manifest's "history" lists each add.
+    options are AddOptions fields (clip_pretrained, text_model, column, batch_size, device, shard_size,
+    max_chars, resume, progress, retrain, pairs). Returns a BuildResult (report["added"]: rows added; 0 leaves
+    the index untouched); the manifest's "history" lists each add.
     """
     from img2prompt.build_index.add import AddOptions, run_add
 
-    corpus = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
-    return run_add(AddOptions(index=str(index), corpus=[str(path) for path in corpus], clip_model=clip_model,
-                              **options))
+    if options.get("pairs"):
+        options["pairs"] = _paths(options["pairs"])
+    return run_add(AddOptions(index=str(index), corpus=_paths(corpus), clip_model=clip_model, **options))
+
+
+def _paths(paths: str | Path | Sequence[str | Path]) -> list[str]:
+    """One path or several, as the list of strings the option dataclasses hold."""
+    return [str(paths)] if isinstance(paths, (str, Path)) else [str(path) for path in paths]
 
 
 def merge(indexes: Sequence[str | Path], out: str | Path, *, clip_model: str | Sequence[str] | None = None,

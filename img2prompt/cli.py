@@ -153,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Grow INDEX_DIR with the prompts of CORPUS files: deduplicated against "
                                           "the index, encoded with the index's own models, swapped in when whole.")
     add.add_argument("index", metavar="INDEX_DIR", help="a complete index folder")
-    add.add_argument("corpus", nargs="+", metavar="CORPUS", help="new prompt files (txt/csv/tsv/parquet)")
+    add.add_argument("corpus", nargs="*", metavar="CORPUS", help="new prompt files (txt/csv/tsv/parquet)")
+    add.add_argument("--pairs", nargs="+", metavar="TABLE",
+                     help="new (image, prompt) tables (csv/tsv/parquet with columns image, prompt): image-keyed "
+                          "entries, as `build --pairs`")
     add.add_argument("--column", default="prompt", help="prompt column in csv/tsv/parquet (default: prompt)")
     add_model_flags(add, for_build=True, clip_required=False)
     add.add_argument("--batch-size", type=int, default=256)
@@ -283,7 +286,8 @@ def cmd_add(args) -> None:
 
     result = add(args.index, args.corpus, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                  text_model=args.text_model, column=args.column, batch_size=args.batch_size, device=args.device,
-                 shard_size=args.shard_size, resume=args.resume, retrain=args.retrain, progress=not args.quiet)
+                 shard_size=args.shard_size, resume=args.resume, retrain=args.retrain, pairs=args.pairs,
+                 progress=not args.quiet)
     print(f"index {args.index}: {result.manifest['count']} prompts (+{result.report['added']}, "
           f"{result.report['skipped'].get('duplicate_of_index', 0)} already in the index)")
 

@@ -150,15 +150,14 @@ def _check_files(problems: _Problems, files: Any, dtype: str = FP16) -> None:
 def _check_key_ranges(problems: _Problems, entries: Any, count: int) -> None:
     if not problems.need(isinstance(entries, list) and len(entries) > 0, "key_ranges", entries):
         return
-    expected_start, seen = 0, set()
+    # a kind may come back in a later range: an index with image keys grown by add has ranges per add
+    expected_start = 0
     for number, entry in enumerate(entries):
         field = f"key_ranges[{number}]"
         if not problems.need(isinstance(entry, dict), field, entry):
             return
         keys = entry.get("keys")
-        problems.need(keys in KEY_KINDS and keys not in seen, f"{field}.keys", keys,
-                      f"{keys!r} (repeated)" if keys in seen else "")
-        seen.add(keys)
+        problems.need(keys in KEY_KINDS, f"{field}.keys", keys)
         problems.need(_is_relative(entry.get("folder")) or entry.get("folder", "") == "", f"{field}.folder",
                       entry.get("folder"))
         _check_plan(problems, f"{field}.search", entry.get("search"))

@@ -568,7 +568,9 @@ def format_switches(switches: dict) -> str:
 def switches_report(index, options: EvalOptions, grid: list[RetrievalSettings] | None, head_source: str | None,
                     model_weights: list[float] | None = None) -> dict:
     """Which quality switches were in play: what the index holds, what this run used, what it swept."""
-    rows = {key_range.keys: key_range.count for key_range in index.key_ranges}
+    rows: dict[str, int] = {}
+    for key_range in index.key_ranges:  # a grown index may hold several ranges of a kind
+        rows[key_range.keys] = rows.get(key_range.keys, 0) + key_range.count
     fits = index.manifest.get("calibration", {}).get("fits", {})
     swept = (lambda name: sorted({getattr(row, name) for row in grid})) if grid else (lambda name: None)
     chosen = options.settings

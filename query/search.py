@@ -64,7 +64,9 @@ class Retriever:
             if self.encode_texts is None:
                 raise UserError("--model-weights on an index with image-keyed entries needs the CLIP model to "
                                 "calibrate the key kinds for those weights")
-            rows = {key_range.keys: (key_range.start, key_range.stop) for key_range, _ in self.ranges}
+            rows = {}  # the first range of each kind: where the build fitted the map
+            for key_range, _ in self.ranges:
+                rows.setdefault(key_range.keys, (key_range.start, key_range.stop))
             dims = [member["dim"] for member in self.index.clip_identity["members"]]
             fitted = fit_calibration(self.index.clip_vectors, self.index.minilm, rows["text"], rows["image"],
                                      self.index.prompt_rows, self.encode_texts,

@@ -161,10 +161,20 @@ def test_key_ranges_shape(copy, value, field):
     refused(copy, field)
 
 
-def test_repeated_key_kind(copy):
-    edit(copy, lambda m: m.update(key_ranges=[{**m["key_ranges"][0], "rows": [0, 80]},
-                                              {**m["key_ranges"][0], "rows": [80, 160]}]))
-    refused(copy, "key_ranges[1].keys 'text' (repeated)")
+def test_a_kind_may_come_back_in_a_later_range(copy):
+    """An index with image keys grown by add: text, image, then the add's text rows."""
+    def change(manifest):
+        first = manifest["key_ranges"][0]
+        manifest["key_ranges"] = [{**first, "rows": [0, 80]}, {**first, "keys": "image", "rows": [80, 100]},
+                                  {**first, "rows": [100, 160]}]
+
+    edit(copy, change)
+    assert [r.keys for r in open_index(copy).key_ranges] == ["text", "image", "text"]
+
+
+def test_an_unknown_key_kind(copy):
+    edit(copy, lambda m: m.update(key_ranges=[{**m["key_ranges"][0], "keys": "audio"}]))
+    refused(copy, "key_ranges[0].keys 'audio'")
 
 
 # ---------------------------------------------------------------------------------------------- maps
