@@ -239,8 +239,11 @@ class AddJob(BuildJob):
         for kind, start, stop in new_rows:
             sub = folder if kind == TEXT_KEYS else f"{folder}/{IMAGE_KEYS_FOLDER}"
             (self.writer.root / sub).mkdir(parents=True, exist_ok=True)
+            asked = self.options.index  # the index's kind, unless the new rows are too few to train it
+            options = self.options if asked == "auto" or stop - start >= backend_class(asked).min_count else \
+                dataclasses.replace(self.options, index="auto")
             plan, names = build_search_backend(grown.clip_vectors[start:stop], self.writer.root / sub,
-                                               self.options, self.timer, kind)
+                                               options, self.timer, kind)
             self.key_ranges.append(KeyRange(kind, start, stop, plan, sub))
             self.files += tuple(f"{sub}/{name}" for name in names)
         self.search_plan = self.key_ranges[0].plan

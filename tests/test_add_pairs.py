@@ -94,3 +94,18 @@ def test_add_needs_something_to_add(tmp_path, corpora, tiny_clip_dir):
     _build(tmp_path / "idx", tiny_clip_dir, folder / "old.txt")
     with pytest.raises(UserError, match="nothing to add"):
         _add(tmp_path / "idx")
+
+
+def test_new_ranges_too_small_for_the_index_kind_are_planned_by_size(tmp_path, corpora, tiny_clip_dir, monkeypatch):
+    from img2prompt.index.hnsw import HnswBackend
+
+    folder, first, later = corpora
+    img2prompt.build([str(folder / "old.txt")], tmp_path / "idx", clip_model=str(tiny_clip_dir), pairs=[str(first)],
+                     index="hnsw", shard_size=32, batch_size=16, device="cpu", progress=False)
+    monkeypatch.setattr(HnswBackend, "min_count", 1_000)  # as IVF-PQ's 10,000: 20 new text rows cannot train it
+    _add(tmp_path / "idx", [folder / "new.txt"], [later])
+    index = open_index(tmp_path / "idx", verify=True)
+    assert [(r.keys, r.plan["kind"]) for r in index.key_ranges] == [
+        ("text", "hnsw"), ("image", "hnsw"), ("text", "flat"), ("image", "flat")]
+    # the build's ranges keep their structures, linked in unchanged
+    assert {"clip.faiss", "image_keys/clip.faiss"} <= set(index.manifest["files"])
