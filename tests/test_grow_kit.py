@@ -59,6 +59,7 @@ def test_the_kit_carries_every_file_the_grown_manifest_lists(grown, kit):
     assert set(records["files"]) == listed and records["count"] == FIRST + ADDED
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_the_kit_submission_equals_submit_on_the_grown_index(grown, kit, tiny_clip_dir, tmp_path, monkeypatch):
     images, sample = KAGGLE_SAMPLE / "images", KAGGLE_SAMPLE / "sample_submission.csv"
     direct = tmp_path / "direct.csv"
