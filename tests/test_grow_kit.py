@@ -19,7 +19,8 @@ from img2prompt.kaggle_kit import KitOptions, build_kit
 from kit_helpers import stub_wheels
 from test_kit_submit import run_submit_in_process
 
-pytestmark = pytest.mark.skipif(not (KAGGLE_SAMPLE / "images").is_dir(), reason="../shared/kaggle-sample is not present")
+pytestmark = pytest.mark.skipif(not (KAGGLE_SAMPLE / "images").is_dir(),
+                                reason="../shared/kaggle-sample is not present")
 
 FIRST, ADDED = 60, 40  # data prompts 0..59 built, 60..99 added
 
