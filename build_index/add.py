@@ -82,6 +82,7 @@ class AddOptions:
     progress: bool = True
     retrain: bool = False  # rebuild the search structure over every row instead of adding to it
     pairs: list[str] | None = None  # (image, prompt) tables: new image-keyed entries (build_index/pairs.py)
+    near_dup: float | None = None  # also drop a new prompt whose MiniLM cosine to a kept or indexed one is ≥ this
 
 
 def check_index(root: Path, verb: str = "add to", image_keys: bool = True) -> dict:
@@ -98,6 +99,8 @@ def check_add_options(options: AddOptions) -> dict:
     """Refuse in one line what the arguments and the index can refuse; returns the index's manifest."""
     if options.shard_size <= 0 or options.batch_size <= 0:
         raise UserError("--shard-size and --batch-size must be positive")
+    if options.near_dup is not None and not 0 < options.near_dup <= 1:
+        raise UserError(f"--near-dup must be in (0, 1] (got {options.near_dup})")
     return check_index(Path(options.index))
 
 
@@ -166,6 +169,8 @@ class AddJob(BuildJob):
         exactly as it was."""
         steps = self.steps()
         steps[0][1]()
+        if self.options.near_dup:
+            self.near_dup()
         if self.report["added"] == 0 and not self.retrain:
             self.writer.abandon()
             log.info("%s: nothing new to add (%d prompts already in the index)", self.old.root,
@@ -209,6 +214,34 @@ class AddJob(BuildJob):
             "files": [str(path) for path in self.paths + self.pair_paths], "count_before": self.old.count,
             **({"retrained": True} if self.retrain else {})}]
         self.memory["peak_rss_mib_after_encode"] = peak_rss_mib()
+
+    def near_dup(self) -> None:
+        """build --near-dup among the new prompts (first kept wins), then against the index's text rows: a kept
+        new prompt whose MiniLM cosine to one of them is ≥ T is dropped too. The index's side is an exact
+        search, one pass over its MiniLM rows for all new prompts (CPU FAISS: costs index rows × new rows)."""
+        from img2prompt.build_index.near_dup import shard_keep_masks
+        from img2prompt.index.flat import exact_search
+        from img2prompt.index.layout import shard_path
+
+        threshold = self.options.near_dup
+        with self.timer.phase("near_dup"):
+            masks, stats = shard_keep_masks(self.writer, threshold)
+            text_rows = [r for r in self.old.key_ranges if r.keys == TEXT_KEYS]
+            for number, mask in masks.items():
+                block = np.load(shard_path(self.writer.root, number, "minilm"), mmap_mode="r")
+                kept = np.flatnonzero(mask)
+                best = np.full(len(kept), -np.inf, np.float32)
+                queries = np.asarray(block[kept], np.float32)
+                for key_range in text_rows:
+                    scores, _ = exact_search(self.old.minilm[key_range.start:key_range.stop], queries, 1)
+                    best = np.maximum(best, scores[:, 0])
+                mask[kept[best >= threshold]] = False
+                stats.dropped += int((best >= threshold).sum())
+            self.writer.keep = masks
+        self.report["skipped"]["near_duplicate"] = stats.dropped
+        self.report["kept"] -= stats.dropped
+        self.report["added"] = self.writer.rows_committed()
+        self.extra["history"][-1].update(count=self.report["added"], near_dup=stats.manifest())
 
     def append(self) -> None:
         with self.timer.phase("append"):
@@ -385,12 +418,12 @@ def run_add(options: AddOptions) -> BuildResult:
                          max_memory=old_manifest.get("build_options", {}).get("max_memory"),
                          resume=options.resume, max_chars=options.max_chars, progress=options.progress,
                          seed=old_manifest.get("build_options", {}).get("seed", 0),
-                         regression="regression" in old_manifest)
+                         regression="regression" in old_manifest, near_dup=options.near_dup)
     # The resume key: the very index being grown (its files' checksums), the new files, the encode settings.
     build_key = {"add_to": content_sha256(old_manifest), "models": models, "retrain": options.retrain,
                  "precision": precision_of(device), "batch_size": options.batch_size,
                  "corpus": [file_fingerprint(path) for path in paths], "column": options.column,
-                 "shard_size": options.shard_size, "max_chars": options.max_chars,
+                 "shard_size": options.shard_size, "max_chars": options.max_chars, "near_dup": options.near_dup,
                  **({"pairs": [file_fingerprint(path) for path in pair_paths]} if pair_paths else {})}
     engine = engine_class("local").from_options(build)
     writer = IndexWriter(root, build_key, resume=options.resume, overwrite=True)

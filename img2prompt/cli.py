@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--batch-size", type=int, default=256)
     add.add_argument("--shard-size", type=int, default=100_000)
     add.add_argument("--resume", action="store_true", help="finish an interrupted add")
+    add.add_argument("--near-dup", type=float, metavar="T",
+                     help="also drop a new prompt whose MiniLM cosine to a kept new prompt or to one of the index's "
+                          "is >= T (as build --near-dup; the index side is one exact pass over its MiniLM rows)")
     add.add_argument("--retrain", action="store_true",
                      help="rebuild the search structure (hnsw, ivfpq: retrain) over every row instead of adding the "
                           "new keys to it; use it when add warns that recall dropped below the build's target")
@@ -287,6 +290,7 @@ def cmd_add(args) -> None:
     result = add(args.index, args.corpus, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                  text_model=args.text_model, column=args.column, batch_size=args.batch_size, device=args.device,
                  shard_size=args.shard_size, resume=args.resume, retrain=args.retrain, pairs=args.pairs,
+                 near_dup=args.near_dup,
                  progress=not args.quiet)
     print(f"index {args.index}: {result.manifest['count']} prompts (+{result.report['added']}, "
           f"{result.report['skipped'].get('duplicate_of_index', 0)} already in the index)")

@@ -187,3 +187,20 @@ def test_a_recall_drop_warns_and_retrain_rebuilds_the_structure(tmp_path, halves
     hit = open_index(tmp_path / "idx").open_backend("cpu").search(
         np.asarray(open_index(tmp_path / "idx").clip_vectors[[100]], np.float32), 1)[1]
     assert hit.tolist() == [[100]]
+
+
+def test_add_near_dup_drops_new_prompts_near_the_index_or_each_other(tmp_path, halves, tiny_clip_dir, text_model):
+    first, _ = halves
+    _build([first], tmp_path / "idx", tiny_clip_dir, index="flat")
+    indexed = read_data_prompts(60)[3]
+    fresh = "a quiet harbour at dawn with fishing boats, watercolor"
+    new = [indexed + ", highly detailed", fresh, fresh + ", highly detailed", "a robot playing chess in a park"]
+    vectors = text_model.model.encode([indexed] + new, normalize_embeddings=True)
+    threshold = float(min(vectors[0] @ vectors[1], vectors[2] @ vectors[3])) - 1e-3
+    assert max(float(vectors[4] @ vectors[j]) for j in range(4)) < threshold  # the robot is nobody's near-dup
+    (tmp_path / "new.txt").write_text("\n".join(new) + "\n", encoding="utf-8")
+    result = _add(tmp_path / "idx", [tmp_path / "new.txt"], near_dup=threshold)
+    assert result.report["added"] == 2 and result.report["skipped"]["near_duplicate"] == 2
+    grown = open_index(tmp_path / "idx")
+    assert grown.prompt_rows([60, 61]) == [fresh, "a robot playing chess in a park"]
+    assert grown.manifest["history"][-1]["near_dup"]["dropped"] == 2
