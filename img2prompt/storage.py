@@ -213,7 +213,11 @@ def put_file(local, url: str) -> None:
     """Upload one local file to `url` (one PUT on an object store: the object is complete or absent).
     Raises what the backend raises; callers name the URL in their own one-line error."""
     fs, inner = filesystem(url)
-    fs.put_file(str(local), inner)
+    try:
+        fs.put_file(str(local), inner)
+    except FileNotFoundError:  # a file:// store without the folder yet (an object store has no folders)
+        fs.makedirs(fs._strip_protocol(parent(url)), exist_ok=True)
+        fs.put_file(str(local), inner)
 
 
 def get_file(url: str, target, block: int = 1 << 22) -> None:
