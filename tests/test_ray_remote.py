@@ -217,3 +217,36 @@ def test_memory_out_with_ray_is_refused_before_the_build(tmp_path, corpus_file, 
     monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(UserError, match="memory:// lives inside one process"):
         run_build(ray_options(corpus_file, "memory://ray-out/idx", tiny_clip_dir))
+
+
+def test_an_upload_dropped_mid_build_is_retried_and_named(s3_cluster, driver, corpus_file, tiny_clip_dir,
+                                                          local_index, monkeypatch, caplog):
+    """The workers' connection is cut as the driver receives shard 0 (a later shard's upload fails: at most
+    two are in flight, so at least one uploads after the cut) and restored when the failure is logged."""
+    url, proxy = "s3://bucket/flaky", s3_cluster["proxy"]
+    real_receive = shard_store.ShardStore.receive
+
+    def cut_after_first(self, record, root):
+        if record["number"] == 0:
+            proxy.cut()
+        return real_receive(self, record, root)
+
+    class RestoreOnFailure(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "failed on worker" in record.getMessage():
+                proxy.restore()
+
+    restorer = RestoreOnFailure(logging.WARNING)
+    logging.getLogger("img2prompt.build_index.engine_ray").addHandler(restorer)
+    monkeypatch.setattr(shard_store.ShardStore, "receive", cut_after_first)
+    try:
+        with caplog.at_level(logging.WARNING, logger="img2prompt.build_index.engine_ray"):
+            run_build(ray_options(corpus_file, url, tiny_clip_dir, workers=1))
+    finally:
+        logging.getLogger("img2prompt.build_index.engine_ray").removeHandler(restorer)
+        proxy.restore()
+    failures = [record.getMessage() for record in caplog.records if "failed on worker" in record.getMessage()]
+    assert len(failures) == 1, failures
+    assert "try 1 of 3: ShardStoreError: s3://bucket/flaky/.shards/000" in failures[0]
+    assert "upload from the Ray worker on " in failures[0] and "\n" not in failures[0]
+    assert_identical(fetch(url), local_index)
