@@ -83,8 +83,11 @@ class ShardStore:
         start, in one line naming the URL, rather than after encoding a shard."""
         probe = self._object(f".probe-{uuid.uuid4().hex}")
         try:
+            with tempfile.NamedTemporaryFile() as local:
+                local.write(host.encode())
+                local.flush()
+                storage.put_file(local.name, probe)  # the upload path the shards take (a file:// folder made)
             fs, inner = storage.filesystem(probe)
-            fs.pipe_file(inner, host.encode())
             fs.rm_file(inner)
         except UserError:
             raise

@@ -72,6 +72,12 @@ def test_an_upload_that_fails_names_the_object(tmp_path, monkeypatch):
         sent_shard(store)
 
 
+def test_the_worker_probe_writes_and_leaves_nothing(tmp_path):
+    store = ShardStore(shard_store_url(f"file://{tmp_path}/fresh"))
+    store.check_worker("node-1")  # the prefix does not exist yet: made, probed, probe deleted
+    assert list((tmp_path / "fresh" / ".shards").iterdir()) == []
+
+
 def test_the_shared_folder_refuses_a_node_that_does_not_see_it(tmp_path):
     with pytest.raises(UserError, match="does not see the index folder"):
         SharedFolder(str(tmp_path / "nowhere")).check_worker("node-7")
