@@ -43,8 +43,9 @@ def main() -> None:
     endpoint = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="ray-store-bench-"))
     # every process (this driver, the Ray workers it starts) reads the endpoint from its environment
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                       "FSSPEC_S3": json.dumps({"endpoint_url": endpoint}), "IMG2PROMPT_CACHE_DIR": str(work / "cache")})
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3": json.dumps({"endpoint_url": endpoint}),
+                       "IMG2PROMPT_CACHE_DIR": str(work / "cache")})
     import boto3
     import ray
 

@@ -3,7 +3,8 @@
 A pairs file is a CSV/TSV/parquet table with an `image` column (a path, absolute or relative to the pairs
 file's folder, or a URL) and a `prompt` column: e.g. DiffusionDB's metadata, or images generated for corpus
 prompts. The table may itself be a URL (s3://, https://, hf://, ...): its relative paths then name objects
-beside it on the store, and the images are read through fsspec when the shard is encoded.
+beside it on the store (an absolute path: from the store's root, in the same bucket or host), and the images
+are read through fsspec when the shard is encoded.
 The entry's key is the CLIP *image* vector of the image, its value the prompt's MiniLM vector. Prompts are
 normalised like corpus prompts but not deduplicated (several images of one prompt are several keys); a
 row naming an image already listed (the same file once `..` and symlinks are resolved; for a URL, the same URL

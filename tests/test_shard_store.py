@@ -54,7 +54,8 @@ def test_a_damaged_or_missing_object_is_refused_and_leaves_no_file(tmp_path):
         store.receive(record, root)
     assert not shard_path(root, 4, "minilm").exists()
     victim.unlink()
-    with pytest.raises(UserError, match=r"00004.minilm.npy: fetching shard 4 from the store failed .*--resume$") as error:
+    with pytest.raises(UserError, match=r"00004.minilm.npy: fetching shard 4 from the store failed .*--resume$") \
+            as error:
         store.receive(record, root)
     assert "\n" not in str(error.value)
 
