@@ -250,3 +250,27 @@ def test_an_upload_dropped_mid_build_is_retried_and_named(s3_cluster, driver, co
     assert "try 1 of 3: ShardStoreError: s3://bucket/flaky/.shards/000" in failures[0]
     assert "upload from the Ray worker on " in failures[0] and "\n" not in failures[0]
     assert_identical(fetch(url), local_index)
+
+
+def test_a_ray_build_from_a_pairs_table_on_s3_reads_the_images_on_the_workers(driver, tmp_path, tiny_clip_dir):
+    """No disk shared at all: the table and its images on S3, read by the workers; the index published to S3
+    equals a local build of a local copy, with the same skip counts (a missing object is unreadable_image)."""
+    import fsspec
+
+    from img2prompt.build_index.runner import BuildOptions
+    from test_remote_pairs import IMAGES, assert_same_index, build, local_tree, write_tree
+
+    reference = tmp_path / "reference"
+    build(str(local_tree(tmp_path / "tree")), reference, tiny_clip_dir)
+
+    def put(name: str, data: bytes) -> None:
+        with fsspec.open(f"s3://bucket/pairs/{name}", "wb") as handle:
+            handle.write(data)
+
+    put("elsewhere/2.png", IMAGES[2].read_bytes())  # named in the table by its absolute URL
+    write_tree(put, "s3://bucket/pairs/elsewhere/2.png")
+    fsspec.filesystem("s3").invalidate_cache()
+    url = "s3://bucket/pairs-index"
+    run_build(BuildOptions(corpus=[], pairs=["s3://bucket/pairs/pairs.csv"], out=url, clip_model=str(tiny_clip_dir),
+                           shard_size=64, batch_size=8, device="cpu", progress=False, engine="ray", workers=1))
+    assert_same_index(fetch(url), reference)
