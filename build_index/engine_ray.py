@@ -271,6 +271,10 @@ class RayEngine(BuildEngine):
         store = ShardStore(options.shard_store) if getattr(options, "shard_store", None) else None
         if store is not None:
             store.check_driver()
+        for table in options.pairs or []:  # the workers read the images: a process-local store has none for them
+            if str(table).startswith("memory://"):
+                raise UserError(f"--pairs {table}: memory:// lives inside one process, so the Ray workers cannot "
+                                "read its images: use an object store (s3://, gs://, ...) or local files")
         return cls(address, options.workers, gpus, store=store)
 
     # ------------------------------------------------------------------------------------------ cluster

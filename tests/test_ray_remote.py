@@ -217,6 +217,9 @@ def test_memory_out_with_ray_is_refused_before_the_build(tmp_path, corpus_file, 
     monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(UserError, match="memory:// lives inside one process"):
         run_build(ray_options(corpus_file, "memory://ray-out/idx", tiny_clip_dir))
+    with pytest.raises(UserError, match="--pairs memory://t/pairs.csv: memory:// lives inside one process"):
+        run_build(ray_options(corpus_file, str(tmp_path / "idx"), tiny_clip_dir, pairs=["memory://t/pairs.csv"]))
+    assert not (tmp_path / "idx").exists()
 
 
 def test_an_upload_dropped_mid_build_is_retried_and_named(s3_cluster, driver, corpus_file, tiny_clip_dir,
