@@ -24,6 +24,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 import boto3  # noqa: E402
+import requests  # noqa: E402
 import fsspec.config  # noqa: E402
 
 from img2prompt.build_index import shard_store  # noqa: E402
@@ -104,11 +105,13 @@ def s3_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
     try:
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="bucket")
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="ray-remote")
         yield {"endpoint": f"http://127.0.0.1:{port}", "proxy": proxy, "address": ray.get_runtime_context().gcs_address}
     finally:
         ray.shutdown()
         proxy.server.close()
+        # moto's state is per process, not per server: leave no bucket for the next module's S3 server
+        requests.post(f"http://127.0.0.1:{port}/moto-api/reset", timeout=30)
         server.stop()
         for key, value in saved.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
@@ -130,7 +133,7 @@ def local_index(tmp_path_factory, corpus_file, tiny_clip_dir) -> Path:
 
 
 def keys(client, prefix: str) -> list[str]:
-    return [entry["Key"] for entry in client.list_objects_v2(Bucket="bucket", Prefix=prefix).get("Contents", [])]
+    return [entry["Key"] for entry in client.list_objects_v2(Bucket="ray-remote", Prefix=prefix).get("Contents", [])]
 
 
 def ray_options(corpus_file, url: str, clip_dir, **extra):
@@ -141,7 +144,7 @@ def test_a_ray_build_to_s3_equals_a_local_build(driver, tmp_path, corpus_file, t
                                                 monkeypatch, caplog):
     """Every shard reaches the driver as objects on the store, none through its staging folder (checked as
     each record arrives), and a worker killed halfway through writing shard 3 is retried."""
-    url = "s3://bucket/idx"
+    url = "s3://ray-remote/idx"
     staging = staging_folder(url) / "index"
     arrived, real_receive = [], shard_store.ShardStore.receive
 
@@ -169,7 +172,7 @@ def test_a_ray_build_to_s3_equals_a_local_build(driver, tmp_path, corpus_file, t
 def test_a_killed_driver_resumes_to_the_same_index(s3_cluster, driver, tmp_path, corpus_file, tiny_clip_dir,
                                                    local_index):
     """SIGKILL the CLI driver once a shard is committed in its staging folder; --resume on the store finishes."""
-    url = "s3://bucket/killed"
+    url = "s3://ray-remote/killed"
     staging = staging_folder(url) / "index"
     args = [str(Path(sys.executable).parent / "img2prompt"), "-q", "build", str(corpus_file), "--out", url,
             "--clip-model", str(tiny_clip_dir), "--shard-size", str(SHARD_SIZE), "--batch-size", str(BATCH_SIZE),
@@ -200,7 +203,7 @@ def test_a_killed_driver_resumes_to_the_same_index(s3_cluster, driver, tmp_path,
 
 def test_a_worker_that_loses_the_store_stops_the_build_in_one_line(s3_cluster, driver, corpus_file,
                                                                    tiny_clip_dir):
-    url = "s3://bucket/dropped"
+    url = "s3://ray-remote/dropped"
     s3_cluster["proxy"].cut()
     try:
         with pytest.raises(UserError) as error:
@@ -208,7 +211,7 @@ def test_a_worker_that_loses_the_store_stops_the_build_in_one_line(s3_cluster, d
     finally:
         s3_cluster["proxy"].restore()
     message = str(error.value)
-    assert "\n" not in message and message.startswith("s3://bucket/dropped/.shards: the Ray worker on ")
+    assert "\n" not in message and message.startswith("s3://ray-remote/dropped/.shards: the Ray worker on ")
     assert "cannot write there" in message
     assert keys(driver, "dropped/manifest.json") == []
 
@@ -226,7 +229,7 @@ def test_an_upload_dropped_mid_build_is_retried_and_named(s3_cluster, driver, co
                                                           local_index, monkeypatch, caplog):
     """The workers' connection is cut as the driver receives shard 0 (a later shard's upload fails: at most
     two are in flight, so at least one uploads after the cut) and restored when the failure is logged."""
-    url, proxy = "s3://bucket/flaky", s3_cluster["proxy"]
+    url, proxy = "s3://ray-remote/flaky", s3_cluster["proxy"]
     real_receive = shard_store.ShardStore.receive
 
     def cut_after_first(self, record, root):
@@ -250,7 +253,7 @@ def test_an_upload_dropped_mid_build_is_retried_and_named(s3_cluster, driver, co
         proxy.restore()
     failures = [record.getMessage() for record in caplog.records if "failed on worker" in record.getMessage()]
     assert len(failures) == 1, failures
-    assert "try 1 of 3: ShardStoreError: s3://bucket/flaky/.shards/000" in failures[0]
+    assert "try 1 of 3: ShardStoreError: s3://ray-remote/flaky/.shards/000" in failures[0]
     assert "upload from the Ray worker on " in failures[0] and "\n" not in failures[0]
     assert_identical(fetch(url), local_index)
 
@@ -267,13 +270,13 @@ def test_a_ray_build_from_a_pairs_table_on_s3_reads_the_images_on_the_workers(dr
     build(str(local_tree(tmp_path / "tree")), reference, tiny_clip_dir)
 
     def put(name: str, data: bytes) -> None:
-        with fsspec.open(f"s3://bucket/pairs/{name}", "wb") as handle:
+        with fsspec.open(f"s3://ray-remote/pairs/{name}", "wb") as handle:
             handle.write(data)
 
     put("elsewhere/2.png", IMAGES[2].read_bytes())  # named in the table by its absolute URL
-    write_tree(put, "s3://bucket/pairs/elsewhere/2.png")
+    write_tree(put, "s3://ray-remote/pairs/elsewhere/2.png")
     fsspec.filesystem("s3").invalidate_cache()
-    url = "s3://bucket/pairs-index"
-    run_build(BuildOptions(corpus=[], pairs=["s3://bucket/pairs/pairs.csv"], out=url, clip_model=str(tiny_clip_dir),
+    url = "s3://ray-remote/pairs-index"
+    run_build(BuildOptions(corpus=[], pairs=["s3://ray-remote/pairs/pairs.csv"], out=url, clip_model=str(tiny_clip_dir),
                            shard_size=64, batch_size=8, device="cpu", progress=False, engine="ray", workers=1))
     assert_same_index(fetch(url), reference)
