@@ -76,6 +76,7 @@ class BuildOptions:
     minilm_dtype: str = "fp16"  # "int8": MiniLM rows int8 + per-row scale (index/minilm_store.py, format 4)
     key_dims: int | None = None  # PCA of the CLIP keys to this many dims (index/key_pca.py); None: full width
     near_dup: float | None = None  # drop a prompt whose MiniLM cosine to a kept one is ≥ this (build_index/near_dup.py)
+    shard_store: str | None = None  # set by `--out URL`: where remote workers send shards (build_index/shard_store.py)
 
 
 @dataclass

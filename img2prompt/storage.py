@@ -190,3 +190,66 @@ def local_copy(url: str, block: int = 1 << 22):
         raise UserError(f"{url}: downloaded {target.stat().st_size if target.exists() else 0} bytes, "
                         f"the store lists {size}: try again")
     return target
+
+
+def join(url: str, name: str) -> str:
+    """`name` (a relative path, or one starting with "/": from the store's root) under the folder `url`, with
+    `..` and `.` folded, so one object has one spelling: memory://a/b + ../c.png → memory://a/c.png."""
+    import posixpath
+
+    scheme, rest = url.split("://", 1)
+    rest = rest.split("?", 1)[0]  # a signed URL's query belongs to the table, not to the files beside it
+    host, _, folder = ("", "", rest) if scheme in ("memory", "file") else rest.partition("/")  # no host there
+    joined = posixpath.normpath(posixpath.join("/" + folder.lstrip("/"), name))
+    return f"{scheme}://{host}{joined.lstrip('/') if scheme == 'memory' else joined}"
+
+
+def parent(url: str) -> str:
+    """The folder holding a file URL (query string dropped)."""
+    return url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[0]
+
+
+def put_file(local, url: str) -> None:
+    """Upload one local file to `url` (one PUT on an object store: the object is complete or absent).
+    Raises what the backend raises; callers name the URL in their own one-line error."""
+    fs, inner = filesystem(url)
+    try:
+        fs.put_file(str(local), inner)
+    except FileNotFoundError:  # a file:// store without the folder yet (an object store has no folders)
+        fs.makedirs(fs._strip_protocol(parent(url)), exist_ok=True)
+        fs.put_file(str(local), inner)
+
+
+def get_file(url: str, target, block: int = 1 << 22) -> None:
+    """Download `url` into the local file `target`, streamed and atomically (a dropped connection leaves no
+    half file). Raises FileNotFoundError or what the backend raises."""
+    from img2prompt.atomic import write_atomic
+
+    fs, inner = filesystem(url)
+    fs.invalidate_cache(inner)  # a listing cached earlier in this process must not hide a new object
+
+    def copy(handle) -> None:
+        with fs.open(inner, "rb") as source:
+            while chunk := source.read(block):
+                handle.write(chunk)
+
+    write_atomic(target, copy)
+
+
+def remove_tree(url: str) -> None:
+    """Delete everything under the prefix `url` (nothing there: nothing to do)."""
+    fs, inner = filesystem(url)
+    fs.invalidate_cache(inner)
+    if fs.exists(inner):
+        fs.rm(inner, recursive=True)
+
+
+def read_bytes(url: str, limit: int) -> bytes:
+    """At most `limit` bytes of the object (a larger object raises ValueError, before it is read whole).
+    Raises FileNotFoundError for a missing object and what the backend raises otherwise."""
+    fs, inner = filesystem(url)
+    with fs.open(inner, "rb") as source:
+        data = source.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit:,} bytes")
+    return data

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from img2prompt import storage
 from img2prompt.errors import UserError, short_reason
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -145,8 +146,10 @@ def _open(opened) -> Image.Image:
 
 @contextlib.contextmanager
 def _header_checked(source: str | Path | bytes, max_decoded: int):
-    """The opened image (a path, or an upload's bytes) whose header passed every check, pixels not yet
+    """The opened image (a path, a URL, or an upload's bytes) whose header passed every check, pixels not yet
     decoded; any failure as an ImageDecodeError with the reason."""
+    if storage.is_url(source):
+        source = _read_url(source, max_decoded)
     in_memory = isinstance(source, (bytes, bytearray))
     opened = io.BytesIO(source) if in_memory else Path(source)
     try:
@@ -162,6 +165,21 @@ def _header_checked(source: str | Path | bytes, max_decoded: int):
         raise
     except _PILLOW_ERRORS as exc:
         raise _decode_error(exc) from exc
+
+
+def _read_url(url: str, max_decoded: int) -> bytes:
+    """A remote image's bytes (through the storage seam); a missing or unreachable object is a named reason.
+    A file larger than what its pixels may decode to is refused unread: no usable image compresses to more."""
+    try:
+        return storage.read_bytes(url, max_decoded)
+    except UserError:
+        raise  # no fsspec backend for the scheme: the user's setup, not this image
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except ValueError as exc:
+        raise ImageDecodeError(f"too large to read ({exc})") from None
+    except Exception as exc:  # whatever the backend raises for a dropped connection, a refused request, ...
+        raise ImageDecodeError(f"cannot read ({type(exc).__name__}: {short_reason(exc, 120)})") from None
 
 
 def check_image(source: str | Path | bytes, max_decoded: int = MAX_DECODED_BYTES) -> tuple[int, int]:
