@@ -32,3 +32,15 @@ def stub_wheels(monkeypatch, *, fail: Exception | None = None) -> None:
 
     monkeypatch.setattr(kaggle_kit, "build_project_wheel", own_wheel)
     monkeypatch.setattr(kaggle_kit, "pip_download", no_fetch)
+
+
+def build_stub_kit(index: Path, out: Path) -> Path:
+    """A kit of `index` at `out`, its wheels stubbed (no pip download), outside any test's monkeypatch."""
+    import pytest
+
+    from img2prompt.kaggle_kit import KitOptions, build_kit
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stub_wheels(monkeypatch)
+        build_kit(KitOptions(index=str(index), out=str(out)))
+    return out

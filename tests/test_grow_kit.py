@@ -15,8 +15,7 @@ import pytest
 import img2prompt
 from conftest import KAGGLE_SAMPLE, read_data_prompts, run_cli
 from img2prompt.index.layout import MANIFEST, file_record
-from img2prompt.kaggle_kit import KitOptions, build_kit
-from kit_helpers import stub_wheels
+from kit_helpers import build_stub_kit
 from test_kit_submit import run_submit_in_process
 
 pytestmark = pytest.mark.skipif(not (KAGGLE_SAMPLE / "images").is_dir(),
@@ -42,11 +41,7 @@ def grown(tmp_path_factory, tiny_clip_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def kit(grown, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("grown-kit-out") / "kit"
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        stub_wheels(monkeypatch)
-        build_kit(KitOptions(index=str(grown), out=str(out)))
-    return out
+    return build_stub_kit(grown, tmp_path_factory.mktemp("grown-kit-out") / "kit")
 
 
 def test_the_kit_carries_every_file_the_grown_manifest_lists(grown, kit):

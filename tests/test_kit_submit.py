@@ -21,17 +21,12 @@ import pytest
 
 from img2prompt import kit_template
 from img2prompt.index.layout import CLIP_VECTORS, MANIFEST, MINILM
-from img2prompt.kaggle_kit import KitOptions, build_kit
-from kit_helpers import stub_wheels
+from kit_helpers import build_stub_kit
 
 
 @pytest.fixture(scope="module")
 def stub_kit(built_index, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stub-kit") / "kit"
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        stub_wheels(monkeypatch)
-        build_kit(KitOptions(index=str(built_index), out=str(out)))
-    return out
+    return build_stub_kit(built_index, tmp_path_factory.mktemp("stub-kit") / "kit")
 
 
 @pytest.fixture

@@ -144,22 +144,27 @@ def test_a_killed_driver_resumes_to_the_same_index(ray_cluster, tmp_path, corpus
             "--clip-model", str(tiny_clip_dir), "--shard-size", str(SHARD_SIZE), "--batch-size", str(BATCH_SIZE),
             "--device", "cpu", "--engine", "ray", "--ray-address", ray_cluster, "--workers", "1"]
     env = {key: value for key, value in os.environ.items() if key != CRASH_ENV}
-    log_file = tmp_path / "driver.log"
+    committed = kill_after_first_shard(args, env, out, tmp_path / "driver.log")
+    with pytest.raises(UserError, match="unfinished build"):
+        open_index(out)
+    result = run_build(options(corpus_file, out, tiny_clip_dir, resume=True))
+    assert result.manifest["rates"]["encoded_now"] == 160 - committed * SHARD_SIZE
+    assert_identical(out, local_index)
+
+
+def kill_after_first_shard(args: list[str], env: dict, staging, log_file) -> int:
+    """Run the build command `args`, SIGKILL it once `staging` has a committed shard; returns how many it has."""
     with open(log_file, "wb") as stderr:
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
         deadline = time.time() + 300
         while time.time() < deadline and process.poll() is None:
-            if shards_done(out) >= 1:
+            if shards_done(staging) >= 1:
                 os.kill(process.pid, signal.SIGKILL)
                 break
             time.sleep(0.005)
         process.wait()
     assert process.returncode == -signal.SIGKILL, \
         f"the build ended before it was killed: {log_file.read_text(errors='replace')[-2000:]}"
-    committed = shards_done(out)
+    committed = shards_done(staging)
     assert 1 <= committed < 10
-    with pytest.raises(UserError, match="unfinished build"):
-        open_index(out)
-    result = run_build(options(corpus_file, out, tiny_clip_dir, resume=True))
-    assert result.manifest["rates"]["encoded_now"] == 160 - committed * SHARD_SIZE
-    assert_identical(out, local_index)
+    return committed

@@ -9,12 +9,9 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +31,7 @@ from img2prompt.build_index.runner import run_build  # noqa: E402
 from img2prompt.errors import UserError  # noqa: E402
 from img2prompt.index.layout import SHARD_SUFFIXES, shard_path  # noqa: E402
 from img2prompt.index.remote import fetch  # noqa: E402
-from test_ray import BATCH_SIZE, SHARD_SIZE, assert_identical, options, shards_done  # noqa: E402
+from test_ray import BATCH_SIZE, SHARD_SIZE, assert_identical, kill_after_first_shard, options  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a Ray cluster and an S3 server per module: a minute or two
 
@@ -179,20 +176,7 @@ def test_a_killed_driver_resumes_to_the_same_index(s3_cluster, driver, tmp_path,
             "--device", "cpu", "--engine", "ray", "--ray-address", s3_cluster["address"], "--workers", "1"]
     env = {key: value for key, value in os.environ.items() if key != CRASH_ENV}
     env["FSSPEC_S3"] = json.dumps({"endpoint_url": s3_cluster["endpoint"]})
-    log_file = tmp_path / "driver.log"
-    with open(log_file, "wb") as stderr:
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
-        deadline = time.time() + 300
-        while time.time() < deadline and process.poll() is None:
-            if shards_done(staging) >= 1:
-                os.kill(process.pid, signal.SIGKILL)
-                break
-            time.sleep(0.005)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, \
-        f"the build ended before it was killed: {log_file.read_text(errors='replace')[-2000:]}"
-    committed = shards_done(staging)
-    assert 1 <= committed < 10
+    committed = kill_after_first_shard(args, env, staging, tmp_path / "driver.log")
     with pytest.raises(UserError, match="not an index"):
         fetch(url)  # nothing published: no manifest on the store
     result = run_build(ray_options(corpus_file, url, tiny_clip_dir, resume=True))
