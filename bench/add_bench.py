@@ -35,7 +35,8 @@ def main() -> None:
     parser.add_argument("--clip-model", required=True, help="e.g. out/tiny-clip (python -m img2prompt.stand_in)")
     parser.add_argument("--index", default="flat")
     parser.add_argument("--stand-in-text", action="store_true",
-                        help="a 1-layer random text model instead of the real MiniLM (speed only: vectors mean nothing)")
+                        help="a 1-layer random text model instead of the real MiniLM (speed only: its vectors "
+                             "mean nothing)")
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
     prompts = synthetic_prompts(args.prompts)

@@ -16,7 +16,8 @@ from typing import Iterator
 
 import numpy as np
 
-from img2prompt.build_index.add import check_index, describe, iter_index_prompts, load_index_models, manifest_clip_models
+from img2prompt.build_index.add import (check_index, describe, iter_index_prompts, load_index_models,
+                                        manifest_clip_models)
 from img2prompt.build_index.corpus import CorpusReport
 from img2prompt.build_index.engine import engine_class
 from img2prompt.build_index.runner import BuildJob, BuildOptions, BuildResult, PhaseTimer, encode_shards, peak_rss_mib

@@ -96,7 +96,8 @@ def append_segment(writer: IndexWriter, old: PromptIndex) -> AppendedRows:
         total += np.asarray(new_minilm[start:start + _BLOCK], np.float64).sum(axis=0)
     _save_array(root / MINILM_MEAN, (total / grown.count).astype(np.float32))
     fsync_dir(new_root)
-    new_files = tuple(f"{folder}/{name}" for name in (PROMPTS, CLIP_VECTORS) + minilm_file_names(minilm_dtype(manifest)))
+    names = (PROMPTS, CLIP_VECTORS) + minilm_file_names(minilm_dtype(manifest))
+    new_files = tuple(f"{folder}/{name}" for name in names)
     return AppendedRows(grown, segments, linked, new_files, old.count)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from img2prompt.errors import UserError
-from img2prompt.index.layout import (CLIP_VECTORS, INDEX_FILES, PROMPTS, KEY_KINDS, MANIFEST, PHRASE_VECTORS, PHRASES, REGRESSION,
-                                     TEXT_KEYS)
+from img2prompt.index.layout import (CLIP_VECTORS, INDEX_FILES, KEY_KINDS, MANIFEST, PHRASE_VECTORS, PHRASES,
+                                     PROMPTS, REGRESSION, TEXT_KEYS)
 from img2prompt.index.minilm_store import FP16, MINILM_DTYPES, MINILM_F16, minilm_dtype, minilm_file_names
 
 
@@ -183,8 +183,8 @@ def _check_segments(problems: _Problems, entries: Any, count: int, files: dict, 
     stop, number = None, 0
     for position, entry in enumerate(entries):
         field = f"segments[{position}]"
-        if not problems.need(isinstance(entry, dict) and all(_is_int(entry.get(k)) for k in ("number", "first_id", "count")),
-                             field, entry):
+        fields = ("number", "first_id", "count")
+        if not problems.need(isinstance(entry, dict) and all(_is_int(entry.get(k)) for k in fields), field, entry):
             return
         problems.need(entry["number"] > number and entry["count"] > 0 and entry["first_id"] > 0
                       and (stop is None or entry["first_id"] == stop), field, entry)
