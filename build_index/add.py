@@ -40,7 +40,7 @@ from img2prompt.build_index.engine import engine_class
 from img2prompt.build_index.pairs import check_pair_files, expand_pair_paths, iter_pairs
 from img2prompt.build_index.phrases import MIN_COUNT, merge_phrases
 from img2prompt.build_index.runner import (BuildJob, BuildOptions, BuildResult, PhaseTimer, build_search_backend,
-                                           encode_shards, peak_rss_mib, precision_of)
+                                           encode_shards, peak_rss_mib, precision_of, ridge_accumulator)
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.build_index.shards import plan_shards
 from img2prompt.encoders.clip_ensemble import load_named_clips
@@ -342,7 +342,7 @@ class AddJob(BuildJob):
             else:
                 log.info("%s predates kept regression statistics: refitting the head over every row once",
                          self.old.root)
-                accumulator, first = fresh_accumulator(clip.shape[1], minilm.shape[1], self.old.count), 0
+                accumulator, first = ridge_accumulator(clip.shape[1], minilm.shape[1], grown.count), 0
             for key_range in self.key_ranges:  # the rows from `first` on, each with its key kind
                 for start in range(max(first, key_range.start), key_range.stop, CHUNK):
                     stop = min(start + CHUNK, key_range.stop)
@@ -386,12 +386,6 @@ class AddJob(BuildJob):
             "rates": {"encoded_now": self.encoded_rows}, "memory": self.memory,
         }, self.files, linked=self.appended.linked)
         return BuildResult(manifest=manifest, report=self.report, timings=timings)
-
-
-def fresh_accumulator(key_dim: int, target_dim: int, count: int) -> RidgeAccumulator:
-    from img2prompt.build_index.runner import HELDOUT_ROWS
-
-    return RidgeAccumulator(key_dim, target_dim, stride=max(20, -(-count // HELDOUT_ROWS)), max_heldout=HELDOUT_ROWS)
 
 
 def run_add(options: AddOptions) -> BuildResult:

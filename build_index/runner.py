@@ -426,12 +426,15 @@ REGRESSION_CHUNK = 65_536  # rows read from the memory maps at a time
 HELDOUT_ROWS = 10_000  # about this many rows choose the ridge penalty
 
 
+def ridge_accumulator(key_dim: int, target_dim: int, count: int) -> RidgeAccumulator:
+    """The head's accumulator for an index of `count` rows: about HELDOUT_ROWS of them held out (every stride-th)."""
+    return RidgeAccumulator(key_dim, target_dim, stride=max(20, -(-count // HELDOUT_ROWS)), max_heldout=HELDOUT_ROWS)
+
+
 def fit_regression_head(writer: IndexWriter, key_ranges: list[KeyRange], options: BuildOptions) -> dict:
     """Fit the ridge head on every key (streamed), save it, and return its manifest entry."""
     clip, minilm = writer.vectors("clip"), writer.vectors("minilm")
-    count = len(clip)
-    accumulator = RidgeAccumulator(clip.shape[1], minilm.shape[1], stride=max(20, -(-count // HELDOUT_ROWS)),
-                                   max_heldout=HELDOUT_ROWS)
+    accumulator = ridge_accumulator(clip.shape[1], minilm.shape[1], len(clip))
     for key_range in key_ranges:
         for start in range(key_range.start, key_range.stop, REGRESSION_CHUNK):
             stop = min(start + REGRESSION_CHUNK, key_range.stop)
