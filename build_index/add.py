@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, check_corpus_files, count_rows,
                                            expand_corpus_paths, file_fingerprint, iter_prompts)
@@ -50,7 +49,7 @@ from img2prompt.errors import UserError
 from img2prompt.index.append import AppendedRows, append_segment, link_file
 from img2prompt.index.backend import backend_class
 from img2prompt.index.calibration import fit_calibration
-from img2prompt.index.layout import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, PHRASES, PROMPTS, REGRESSION, REGRESSION_STATS,
+from img2prompt.index.layout import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, PHRASES, REGRESSION, REGRESSION_STATS,
                                      STATE_COMPLETE, TEXT_KEYS)
 from img2prompt.index.manifest import KeyRange, content_sha256, read_manifest
 from img2prompt.index.reader import PromptIndex, open_index
@@ -138,14 +137,6 @@ def describe(identity) -> str:
     return str(identity)
 
 
-def iter_index_prompts(index: PromptIndex, size: int = 100_000) -> Iterator[list[str]]:
-    """The index's prompts in id order, streamed a batch at a time from each segment's file."""
-    for part in index.segments:
-        for batch in pq.ParquetFile(index.root / part.name(PROMPTS)).iter_batches(columns=["prompt"],
-                                                                                  batch_size=size):
-            yield batch.column(0).to_pylist()
-
-
 class AddJob(BuildJob):
     """A BuildJob over the new prompts only, whose later steps extend the index's files instead of rebuilding."""
 
@@ -183,7 +174,7 @@ class AddJob(BuildJob):
 
     def encode(self) -> None:
         seen: set[int] = set()
-        for batch in iter_index_prompts(self.old):
+        for batch in self.old.stream_prompt_batches():
             seen.update(dedup_key(prompt) for prompt in batch)
         corpus = CorpusReport()
 
@@ -355,11 +346,10 @@ class AddJob(BuildJob):
 
     def merge_phrases(self) -> None:
         """The vocabulary's counts plus the new prompts'; only phrases it did not hold are encoded."""
-        root, first = self.old.root, self.appended.first_id
+        first = self.appended.first_id
         with self.timer.phase("phrases"):
-            table = pq.read_table(root / PHRASES, columns=["phrase", "count"])
-            old_phrases, old_counts = table.column("phrase").to_pylist(), table.column("count").to_pylist()
-            old_vectors = self.old.phrases[1]
+            old_phrases, old_vectors = self.old.phrases
+            old_counts = self.old.phrase_counts()
             new_prompts = self.appended.grown.prompt_rows(np.arange(first, self.appended.grown.count))
             min_count = (self.old.manifest.get("phrases") or {}).get("min_count", MIN_COUNT)
             merged = merge_phrases(zip(old_phrases, old_counts), new_prompts, min_count=min_count)

@@ -16,8 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from img2prompt.build_index.add import (check_index, describe, iter_index_prompts, load_index_models,
-                                        manifest_clip_models)
+from img2prompt.build_index.add import check_index, describe, load_index_models, manifest_clip_models
 from img2prompt.build_index.corpus import CorpusReport
 from img2prompt.build_index.engine import engine_class
 from img2prompt.build_index.runner import BuildJob, BuildOptions, BuildResult, PhaseTimer, encode_shards, peak_rss_mib
@@ -75,7 +74,7 @@ def iter_rows(root: Path, batch: int) -> Iterator[tuple[list[str], np.ndarray, n
     """An index's prompts in batches with their vectors (memory-mapped slices, across its segments)."""
     index = open_index(root)
     start = 0
-    for prompts in iter_index_prompts(index, batch):
+    for prompts in index.stream_prompt_batches(batch):
         yield prompts, index.clip_vectors[start:start + len(prompts)], index.minilm[start:start + len(prompts)]
         start += len(prompts)
 

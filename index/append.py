@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from img2prompt.atomic import atomic_path, fsync_dir
-from img2prompt.index.key_pca import KEY_PCA
+from img2prompt.index.key_pca import KEY_PCA, write_projected
 from img2prompt.index.layout import CLIP_VECTORS, MINILM, MINILM_MEAN, PROMPTS, VECTOR_DTYPE
 from img2prompt.index.minilm_store import INT8, minilm_dtype, minilm_file_names, write_int8
 from img2prompt.index.reader import PromptIndex
@@ -104,8 +104,5 @@ def append_segment(writer: IndexWriter, old: PromptIndex) -> AppendedRows:
 def _project_keys(folder: Path, pca, count: int, clip_dim: int) -> None:
     """An index built with --key-dims stores projected keys: the new full-width keys go through its PCA."""
     full = np.memmap(folder / CLIP_VECTORS, dtype=VECTOR_DTYPE, mode="r", shape=(count, clip_dim))
-    with atomic_path(folder / CLIP_VECTORS) as tmp:
-        with open(tmp, "wb") as handle:
-            for start in range(0, count, _BLOCK):
-                handle.write(pca.project(full[start:start + _BLOCK]).astype(VECTOR_DTYPE).tobytes())
+    write_projected(folder / CLIP_VECTORS, pca, full)
     del full

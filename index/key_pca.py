@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from img2prompt.atomic import write_atomic
+from img2prompt.atomic import atomic_path, write_atomic
+from img2prompt.index.layout import VECTOR_DTYPE
 from img2prompt.errors import UserError
 
 KEY_PCA = "key_pca.npz"
@@ -103,13 +104,21 @@ def reduced_recall(keys: np.ndarray, queries: np.ndarray, pca: KeyPCA, k: int = 
     return recall_at_k(found, truth)
 
 
+def write_projected(target: Path, pca: KeyPCA, keys: np.ndarray, block: int = 65_536) -> None:
+    """`keys` (a memmap, possibly of `target` itself: it is replaced by rename, never overwritten) projected
+    through the PCA into `target` as float16, streamed, atomically."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as handle:
+            for start in range(0, len(keys), block):
+                handle.write(pca.project(keys[start:start + block]).astype(VECTOR_DTYPE).tobytes())
+
+
 def reduce_keys(writer, dims: int, seed: int = 0, queries: int = 500) -> dict:
     """Build step (after consolidate, before the search backends): fit the PCA on a seeded sample of clip.f16,
     measure held-out recall@10 (rows outside the fit sample when there are, searched exactly over the reduced
     vs the full keys), then rewrite clip.f16 projected to `dims` (streamed, atomic) and save key_pca.npz.
     Returns the manifest's "key_pca" section."""
-    from img2prompt.atomic import atomic_path
-    from img2prompt.index.layout import CLIP_VECTORS, VECTOR_DTYPE
+    from img2prompt.index.layout import CLIP_VECTORS
 
     keys = writer.vectors("clip")
     count = len(keys)
@@ -119,10 +128,7 @@ def reduce_keys(writer, dims: int, seed: int = 0, queries: int = 500) -> dict:
     outside = np.setdiff1d(np.arange(count), fit_rows)
     pool = outside if len(outside) else np.arange(count)
     query_rows = np.sort(rng.choice(pool, size=min(queries, len(pool)), replace=False))
-    with atomic_path(writer.root / CLIP_VECTORS) as tmp:
-        with open(tmp, "wb") as handle:
-            for start in range(0, count, 65_536):
-                handle.write(pca.project(keys[start:start + 65_536]).astype(VECTOR_DTYPE).tobytes())
+    write_projected(writer.root / CLIP_VECTORS, pca, keys)
     # `keys` still maps the full-width file (replaced by rename, not overwritten): measured as stored, fp16
     recall = reduced_recall(keys, np.asarray(keys[query_rows], np.float32), pca, reduced=writer.vectors("clip"))
     save_pca(writer.root / KEY_PCA, pca)

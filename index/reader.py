@@ -179,11 +179,26 @@ class PromptIndex:
                 found[position] = ""
         return found
 
+    def stream_prompt_batches(self, size: int = 100_000) -> Iterator[list[str]]:
+        """The prompts in id order read from each segment's file a batch at a time, never the whole column
+        (add's dedup set, merge): for a folder no rebuild is swapping meanwhile."""
+        for part in self.segments:
+            path = self.root / part.name(PROMPTS)
+            for batch in pq.ParquetFile(path).iter_batches(columns=["prompt"], batch_size=size):
+                yield batch.column(0).to_pylist()
+
     def iter_prompt_batches(self, size: int = 100_000) -> Iterator[tuple[int, list[str]]]:
         """(first id, prompts) in id order, a batch at a time."""
         column = self._prompt_column
         for start in range(0, len(column), size):
             yield start, column.slice(start, size).to_pylist()
+
+    def phrase_counts(self) -> list[int]:
+        """How many corpus prompts use each vocabulary phrase (phrases.parquet's count column, in its order)."""
+        try:
+            return pq.read_table(self.root / PHRASES, columns=["count"]).column("count").to_pylist()
+        except (OSError, KeyError, pa.ArrowException) as exc:
+            raise _damaged(self.root / PHRASES, exc) from exc
 
     @cached_property
     def phrases(self) -> tuple[list[str], np.ndarray] | None:
