@@ -144,7 +144,6 @@ class AddJob(BuildJob):
         super().__init__(*args, **kwargs)
         self.old, self.retrain = old, retrain
         self.appended: AppendedRows | None = None
-        self.search_plan: dict = {}
 
     def steps(self):
         steps = [("encode", self.encode), ("append", self.append), ("search", self.grow_search),
@@ -166,8 +165,7 @@ class AddJob(BuildJob):
             self.writer.abandon()
             log.info("%s: nothing new to add (%d prompts already in the index)", self.old.root,
                      self.report["skipped"].get(SKIP_IN_INDEX, 0))
-            timings = {name: round(seconds, 3) for name, seconds in self.timer.seconds.items()}
-            return BuildResult(manifest=self.old.manifest, report=self.report, timings=timings)
+            return BuildResult(manifest=self.old.manifest, report=self.report, timings=self.timer.rounded())
         for _, step in steps[1:]:
             step()
         return self.commit()
@@ -270,7 +268,6 @@ class AddJob(BuildJob):
                                                options, self.timer, kind)
             self.key_ranges.append(KeyRange(kind, start, stop, plan, sub))
             self.files += tuple(f"{sub}/{name}" for name in names)
-        self.search_plan = self.key_ranges[0].plan
 
     def _grow_range(self, key_range: KeyRange, stop: int) -> KeyRange:
         """The index's one text range extended to `stop` (its structure grown, or rebuilt with retrain)."""
@@ -366,10 +363,10 @@ class AddJob(BuildJob):
     def commit(self) -> BuildResult:
         carried = {key: value for key, value in self.old.manifest.items()
                    if key in ("metric", "models", "calibration", "key_pca", "minilm", "near_dup", "build_options")}
-        timings = {name: round(seconds, 3) for name, seconds in self.timer.seconds.items()}
+        timings = self.timer.rounded()
         self.memory["peak_rss_mib_at_end"] = peak_rss_mib()
         manifest = self.writer.complete({
-            **carried, "count": self.count, "search": self.search_plan,
+            **carried, "count": self.count, "search": self.key_ranges[0].plan,
             "key_ranges": [key_range.as_dict() for key_range in self.key_ranges],
             "segments": self.appended.segments, **self.extra,
             "corpus": self.old.manifest.get("corpus", {}), "timings_s": timings,

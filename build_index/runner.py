@@ -102,6 +102,10 @@ class PhaseTimer:
 
         return _Phase()
 
+    def rounded(self) -> dict[str, float]:
+        """Seconds per phase, to the millisecond (the manifest's timings_s)."""
+        return {name: round(seconds, 3) for name, seconds in self.seconds.items()}
+
 
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
@@ -286,7 +290,7 @@ class BuildJob:
     def commit(self) -> BuildResult:
         """The manifest, written last: the index exists from this moment, whole."""
         self.memory["peak_rss_mib_at_end"] = peak_rss_mib()
-        timings = {name: round(seconds, 3) for name, seconds in self.timer.seconds.items()}
+        timings = self.timer.rounded()
         encode_seconds = timings.get("encode_clip", 0) + timings.get("encode_minilm", 0)
         options = self.options
         manifest = self.writer.complete({
