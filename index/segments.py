@@ -67,9 +67,10 @@ class ConcatRows:
         ids = np.asarray(key)
         if ids.dtype == bool:
             ids = np.flatnonzero(ids)
-        if ids.ndim == 0:
-            part = self._part_of(np.asarray([int(ids)]))[0]
-            return self.parts[part][int(ids) + (len(self) if ids < 0 else 0) - int(self.starts[part])]
+        if ids.ndim == 0:  # one row: negative counts from the end, as numpy's
+            row = int(ids) + (len(self) if ids < 0 else 0)
+            part = int(self._part_of(np.asarray([row]))[0])
+            return self.parts[part][row - int(self.starts[part])]
         flat = ids.astype(np.int64).ravel()
         flat = np.where(flat < 0, flat + len(self), flat)
         if len(flat) and (flat.min() < 0 or flat.max() >= len(self)):

@@ -54,6 +54,7 @@ def test_concat_rows_reads_like_one_array():
     ids = np.array([[9, 0], [5, -1]])
     assert np.array_equal(rows[ids], whole[ids])
     assert np.array_equal(rows[7], whole[7]) and np.array_equal(rows[-1], whole[-1])
+    assert np.array_equal(rows[-10], whole[0]) and np.array_equal(rows[-5], whole[5])
     assert np.array_equal(rows[np.zeros(0, np.int64)], whole[:0])
     assert np.array_equal(rows[2:8][:, 1:], whole[2:8][:, 1:])
     with pytest.raises(IndexError):
