@@ -215,17 +215,25 @@ class AddJob(BuildJob):
         threshold = self.options.near_dup
         with self.timer.phase("near_dup"):
             masks, stats = shard_keep_masks(self.writer, threshold)
-            text_rows = [r for r in self.old.key_ranges if r.keys == TEXT_KEYS]
-            for number, mask in masks.items():
+            kept = {number: np.flatnonzero(mask) for number, mask in masks.items()}
+
+            def kept_vectors(number: int) -> np.ndarray:
                 block = np.load(shard_path(self.writer.root, number, "minilm"), mmap_mode="r")
-                kept = np.flatnonzero(mask)
-                best = np.full(len(kept), -np.inf, np.float32)
-                queries = np.asarray(block[kept], np.float32)
-                for key_range in text_rows:
+                return np.asarray(block[kept[number]], np.float32)
+
+            queries = np.concatenate([kept_vectors(number) for number in kept]
+                                     or [np.zeros((0, self.old.text_dim), np.float32)])
+            best = np.full(len(queries), -np.inf, np.float32)
+            for key_range in (r for r in self.old.key_ranges if r.keys == TEXT_KEYS):  # every query in one pass
+                if len(queries):
                     scores, _ = exact_search(self.old.minilm[key_range.start:key_range.stop], queries, 1)
                     best = np.maximum(best, scores[:, 0])
-                mask[kept[best >= threshold]] = False
-                stats.dropped += int((best >= threshold).sum())
+            start = 0
+            for number, rows in kept.items():
+                near = best[start:start + len(rows)] >= threshold
+                masks[number][rows[near]] = False
+                stats.dropped += int(near.sum())
+                start += len(rows)
             self.writer.keep = masks
         self.report["skipped"]["near_duplicate"] = stats.dropped
         self.report["kept"] -= stats.dropped

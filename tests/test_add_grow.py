@@ -29,8 +29,8 @@ def _build(corpus, out, clip_dir, **extra):
 
 
 def _add(index, corpus, **extra):
-    return run_add(AddOptions(index=str(index), corpus=[str(path) for path in corpus], shard_size=30,
-                              batch_size=30, device="cpu", progress=False, **extra))
+    return run_add(AddOptions(index=str(index), corpus=[str(path) for path in corpus],
+                              **{"shard_size": 30, "batch_size": 30, "device": "cpu", "progress": False, **extra}))
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,8 @@ def test_add_near_dup_drops_new_prompts_near_the_index_or_each_other(tmp_path, h
     threshold = float(min(vectors[0] @ vectors[1], vectors[2] @ vectors[3])) - 1e-3
     assert max(float(vectors[4] @ vectors[j]) for j in range(4)) < threshold  # the robot is nobody's near-dup
     (tmp_path / "new.txt").write_text("\n".join(new) + "\n", encoding="utf-8")
-    result = _add(tmp_path / "idx", [tmp_path / "new.txt"], near_dup=threshold)
+    # two new prompts a shard: the index-side check runs once for both shards and is split back per shard
+    result = _add(tmp_path / "idx", [tmp_path / "new.txt"], near_dup=threshold, shard_size=2)
     assert result.report["added"] == 2 and result.report["skipped"]["near_duplicate"] == 2
     grown = open_index(tmp_path / "idx")
     assert grown.prompt_rows([60, 61]) == [fresh, "a robot playing chess in a park"]
