@@ -91,9 +91,8 @@ def append_segment(writer: IndexWriter, old: PromptIndex) -> AppendedRows:
     grown_manifest = {**manifest, "count": old.count + count, "segments": segments}
     grown = PromptIndex(root=root, manifest=grown_manifest)
     total = old.minilm_mean.astype(np.float64) * old.count
-    new_minilm = grown.minilm[old.count:]
-    for start in range(0, count, _BLOCK):
-        total += np.asarray(new_minilm[start:start + _BLOCK], np.float64).sum(axis=0)
+    for block in writer.iter_shard_arrays("minilm"):  # the fp16 rows, as a build sums them (before any int8)
+        total += block.astype(np.float64).sum(axis=0)
     _save_array(root / MINILM_MEAN, (total / grown.count).astype(np.float32))
     fsync_dir(new_root)
     names = (PROMPTS, CLIP_VECTORS) + minilm_file_names(minilm_dtype(manifest))
