@@ -54,7 +54,7 @@ from img2prompt.index.layout import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, PHRASES, REG
 from img2prompt.index.manifest import KeyRange, content_sha256, read_manifest
 from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
-from img2prompt.index.ridge import RidgeAccumulator
+from img2prompt.index.ridge import RidgeAccumulator, read_state
 from img2prompt.index.writer import IndexWriter, ShardTask
 from img2prompt.progress import progress_bar
 
@@ -396,6 +396,8 @@ def run_add(options: AddOptions) -> BuildResult:
     check_corpus_files(paths, options.column)
     check_pair_files(pair_paths)
     old = open_index(root)
+    if REGRESSION_STATS in old_manifest["files"]:  # a damaged or lying file: one line before any encoding
+        read_state(root / REGRESSION_STATS, old.count, old.clip_vectors.shape[1], old.text_dim)
     device = resolve_device(options.device)
     timer = PhaseTimer()
     clip, text_model, models = load_index_models(options, root, old_manifest, device, timer)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from img2prompt.atomic import write_atomic
+from img2prompt.errors import UserError, short_reason
 
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_RATIO = 1e-2  # used when nothing is held out to choose with (tiny corpora); the result says so
@@ -115,20 +116,20 @@ class RidgeAccumulator:
 
     @classmethod
     def load_state(cls, path: str | Path, keys, targets) -> RidgeAccumulator:
-        """The accumulator `save_state` wrote; the held-out rows are read back by id from `keys` / `targets`
-        (the index's CLIP and MiniLM rows)."""
-        with np.load(path, allow_pickle=False) as data:
-            key_dim, target_dim = (int(d) for d in data["dims"])
-            state = cls(key_dim, target_dim, stride=int(data["stride"]), max_heldout=int(data["max_heldout"]))
-            for m, moments in state._train.items():
-                moments.n = int(data[f"{m}_n"])
-                moments.sx, moments.sy = data[f"{m}_sx"], data[f"{m}_sy"]
-                moments.sxx, moments.sxy = data[f"{m}_sxx"], data[f"{m}_sxy"]
-                ids = data[f"{m}_held_ids"]
-                if len(ids):
-                    state._held.append((m, np.asarray(keys[ids]), np.asarray(targets[ids])))
-                    state._held_ids.append(ids)
-                    state._held_rows += len(ids)
+        """The accumulator `save_state` wrote, checked against the index (read_state); the held-out rows are
+        read back by id from `keys` / `targets` (the index's CLIP and MiniLM rows)."""
+        data = read_state(path, len(keys), keys.shape[1], targets.shape[1])
+        key_dim, target_dim = (int(d) for d in data["dims"])
+        state = cls(key_dim, target_dim, stride=int(data["stride"]), max_heldout=int(data["max_heldout"]))
+        for m, moments in state._train.items():
+            moments.n = int(data[f"{m}_n"])
+            moments.sx, moments.sy = data[f"{m}_sx"], data[f"{m}_sy"]
+            moments.sxx, moments.sxy = data[f"{m}_sxx"], data[f"{m}_sxy"]
+            ids = data[f"{m}_held_ids"].astype(np.int64)
+            if len(ids):
+                state._held.append((m, np.asarray(keys[ids]), np.asarray(targets[ids])))
+                state._held_ids.append(ids)
+                state._held_rows += len(ids)
         return state
 
     def _all_rows(self) -> dict[str, _Moments]:  # training sums + the held-out rows
@@ -174,6 +175,55 @@ class RidgeAccumulator:
                          key_means={m: mu.astype(np.float32) for m, mu in means.items()},
                          target_mean=y_mean.astype(np.float32), lam=float(lam), ratio=float(ratio),
                          heldout=heldout, rows={m: s.n for m, s in full.items() if s.n})
+
+
+def _state_shapes(key_dim: int, target_dim: int) -> dict[str, tuple | None]:
+    """Every array save_state writes and its shape (None: any length, 1-D)."""
+    shapes: dict[str, tuple | None] = {"stride": (), "max_heldout": (), "dims": (2,)}
+    for m in MODALITIES:
+        shapes.update({f"{m}_n": (), f"{m}_sx": (key_dim,), f"{m}_sy": (target_dim,),
+                       f"{m}_sxx": (key_dim, key_dim), f"{m}_sxy": (key_dim, target_dim), f"{m}_held_ids": None})
+    return shapes
+
+
+def _state_problem(arrays: dict[str, np.ndarray], rows: int, key_dim: int, target_dim: int) -> str | None:
+    """What is wrong with the saved statistics of an index of `rows` rows and these dims, or None."""
+    for name, shape in _state_shapes(key_dim, target_dim).items():
+        if name not in arrays:
+            return f"no {name!r} array"
+        array, integer = arrays[name], name in ("stride", "max_heldout", "dims") or name.endswith(("_n", "_ids"))
+        if array.dtype.kind not in ("iu" if integer else "f"):
+            return f"{name!r} holds {array.dtype}, expected {'integers' if integer else 'floats'}"
+        if (array.ndim != 1) if shape is None else (array.shape != shape):
+            return f"{name!r} has shape {array.shape}, expected " + ("one dimension" if shape is None else str(shape))
+        if not integer and not np.isfinite(array).all():
+            return f"{name!r} holds NaN or infinite sums"
+    if tuple(int(d) for d in arrays["dims"]) != (key_dim, target_dim):
+        return f"dims {arrays['dims'].tolist()}, the index's keys and MiniLM rows are ({key_dim}, {target_dim})"
+    if int(arrays["stride"]) < 1 or int(arrays["max_heldout"]) < 0:
+        return f"stride {int(arrays['stride'])}, max_heldout {int(arrays['max_heldout'])}: expected ≥ 1 and ≥ 0"
+    ids = np.concatenate([arrays[f"{m}_held_ids"].astype(np.int64) for m in MODALITIES])
+    counts = [int(arrays[f"{m}_n"]) for m in MODALITIES]
+    if len(ids) and (ids.min() < 0 or ids.max() >= rows or len(np.unique(ids)) != len(ids)):
+        return f"held-out row ids from {ids.min()} to {ids.max()} (or repeated), for an index of {rows} rows"
+    if min(counts) < 0 or sum(counts) + len(ids) > rows:
+        return f"row counts {counts} and {len(ids)} held out, for an index of {rows} rows"
+    return None
+
+
+def read_state(path: str | Path, rows: int, key_dim: int, target_dim: int) -> dict[str, np.ndarray]:
+    """The arrays of a regression_stats.npz, checked against the index it sits in (`rows` rows, these key
+    and MiniLM dims): a damaged or lying file (unreadable zip, object arrays, a missing array, wrong shapes,
+    NaN sums, held-out ids outside the index, stride 0) is one line naming it, never a traceback or a NaN head."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: np.asarray(data[name]) for name in data.files}
+    except Exception as exc:  # numpy's zip / npy parsers fail with several types (BadZipFile, ValueError, …)
+        raise UserError(f"{path}: not readable ({short_reason(exc)}): the index is damaged, rebuild it") from exc
+    problem = _state_problem(arrays, rows, key_dim, target_dim)
+    if problem:
+        raise UserError(f"{path}: {problem}: the index is damaged, rebuild it")
+    return arrays
 
 
 @dataclass

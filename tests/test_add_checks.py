@@ -1,0 +1,145 @@
+"""What `add` checks in the index it grows (issue #30): a damaged or lying regression_stats.npz is one line
+naming the file and "rebuild" (never a traceback, never a NaN head), and a --key-dims index's PCA is measured
+again on add (and refitted with --retrain)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+
+from img2prompt.build_index.add import AddOptions, run_add
+from img2prompt.build_index.runner import BuildOptions, run_build
+from img2prompt.cli import main
+from img2prompt.errors import UserError
+from tests.conftest import read_data_prompts
+
+STATS = "regression_stats.npz"
+
+
+def _build(corpus, out, clip_dir, **extra):
+    return run_build(BuildOptions(corpus=[str(path) for path in corpus], out=str(out), clip_model=str(clip_dir),
+                                  shard_size=30, batch_size=30, device="cpu", progress=False, **extra))
+
+
+def _add(index, corpus, **extra):
+    return run_add(AddOptions(index=str(index), corpus=[str(path) for path in corpus],
+                              **{"shard_size": 30, "batch_size": 30, "device": "cpu", "progress": False, **extra}))
+
+
+@pytest.fixture(scope="module")
+def stats_index(tmp_path_factory, tiny_clip_dir):
+    """A 40-prompt flat index with a ridge head (and its kept statistics), and 10 new prompts to add."""
+    prompts = read_data_prompts(50)
+    folder = tmp_path_factory.mktemp("stats")
+    (folder / "old.txt").write_text("\n".join(prompts[:40]) + "\n", encoding="utf-8")
+    (folder / "new.txt").write_text("\n".join(prompts[40:]) + "\n", encoding="utf-8")
+    _build([folder / "old.txt"], folder / "idx", tiny_clip_dir, index="flat")
+    return folder
+
+
+def _arrays(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _save(path, arrays: dict) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.write_bytes(buffer.getvalue())
+
+
+def _rerecord(index, name: str) -> None:
+    """The manifest's size and checksum follow the tampered file: only its content lies."""
+    manifest_path = index / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    data = (index / name).read_bytes()
+    manifest["files"][name].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def _flip_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:  # a byte in the middle of the first member's data
+        info = archive.infolist()[0]
+    data[info.header_offset + 30 + len(info.filename) + info.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _object_header(path) -> None:
+    """One array's npy header says object dtype (a flipped header): loading it would need pickle."""
+    arrays = _arrays(path)
+    _save(path, {**arrays, "stride": np.array([int(arrays["stride"])], dtype=object)})
+
+
+def _edit(**changes):
+    def change(path):
+        arrays = _arrays(path)
+        for name, value in changes.items():
+            if value is None:
+                del arrays[name]
+            else:
+                arrays[name] = value(arrays[name]) if callable(value) else value
+        _save(path, arrays)
+    return change
+
+
+def _nan(values):
+    values = values.copy()
+    values.flat[0] = np.nan
+    return values
+
+
+TAMPERINGS = {
+    "flipped byte": (_flip_byte, "not readable"),
+    "object header": (_object_header, "not readable"),
+    "held-out id out of range": (_edit(text_held_ids=lambda ids: np.append(ids, 10_000)), "held-out row ids"),
+    "negative held-out id": (_edit(text_held_ids=lambda ids: np.append(ids, -1)), "held-out row ids"),
+    "wrong dims": (_edit(dims=np.array([32, 384])), "dims"),
+    "wrong sum shape": (_edit(text_sxx=lambda sxx: sxx[:-1]), "'text_sxx' has shape"),
+    "missing key": (_edit(text_sxy=None), "no 'text_sxy' array"),
+    "stride 0": (_edit(stride=np.int64(0)), "stride 0"),
+    "NaN sums": (_edit(text_sxy=_nan), "NaN or infinite"),
+    "inf sums": (_edit(text_sx=lambda sx: sx + np.inf), "NaN or infinite"),
+    "negative row count": (_edit(text_n=np.int64(-5)), "row counts"),
+    "float ids": (_edit(text_held_ids=lambda ids: ids.astype(np.float64)), "expected integers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERINGS))
+def test_a_damaged_or_lying_regression_stats_is_one_line_naming_it(case, stats_index, tmp_path):
+    index = tmp_path / "idx"
+    shutil.copytree(stats_index / "idx", index)
+    tamper, says = TAMPERINGS[case]
+    tamper(index / STATS)
+    _rerecord(index, STATS)
+    before = (index / "manifest.json").read_bytes()
+    with pytest.raises(UserError) as caught:
+        _add(index, [stats_index / "new.txt"])
+    message = str(caught.value)
+    assert "\n" not in message and str(index / STATS) in message and "rebuild" in message, message
+    assert says in message, message
+    assert (index / "manifest.json").read_bytes() == before  # nothing changed
+
+
+def test_the_cli_refuses_a_lying_regression_stats_with_exit_2(stats_index, tmp_path, tiny_clip_dir, capsys):
+    index = tmp_path / "idx"
+    shutil.copytree(stats_index / "idx", index)
+    _edit(text_sxy=_nan)(index / STATS)
+    _rerecord(index, STATS)
+    code = main(["add", str(index), str(stats_index / "new.txt"), "--clip-model", str(tiny_clip_dir), "-q",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(index / STATS) in err and "rebuild" in err and "NaN" in err
+
+
+def test_intact_regression_stats_still_grow_the_head(stats_index, tmp_path):
+    index = tmp_path / "idx"
+    shutil.copytree(stats_index / "idx", index)
+    manifest = _add(index, [stats_index / "new.txt"]).manifest
+    assert manifest["count"] == 50 and manifest["regression"]["rows"] == {"text": 50}
