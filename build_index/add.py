@@ -49,9 +49,9 @@ from img2prompt.errors import UserError
 from img2prompt.index.append import AppendedRows, append_segment, link_file
 from img2prompt.index.backend import backend_class
 from img2prompt.index.calibration import fit_calibration
-from img2prompt.index.layout import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, PHRASES, REGRESSION, REGRESSION_STATS,
+from img2prompt.index.layout import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, MANIFEST, PHRASES, REGRESSION, REGRESSION_STATS,
                                      STATE_COMPLETE, TEXT_KEYS)
-from img2prompt.index.manifest import KeyRange, content_sha256, read_manifest
+from img2prompt.index.manifest import KeyRange, content_sha256, read_manifest, validate_complete
 from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
 from img2prompt.index.ridge import RidgeAccumulator, read_state
@@ -89,6 +89,7 @@ def check_index(root: Path, verb: str = "add to", image_keys: bool = True) -> di
     manifest = read_manifest(root) if root.is_dir() else None
     if not manifest or manifest.get("state") != STATE_COMPLETE:
         raise UserError(f"{root}: not a complete index (build it first with `img2prompt build`)")
+    validate_complete(root / MANIFEST, manifest)  # before any field is read (models, build_options, history)
     if not image_keys and any(entry.get("keys") != TEXT_KEYS for entry in manifest.get("key_ranges", [])):
         raise UserError(f"{root}: {verb} an index with image-keyed entries (--pairs) is not supported yet: rebuild")
     return manifest

@@ -87,6 +87,14 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+def _is_fraction(value: Any) -> bool:
+    return _is_number(value) and 0 <= value <= 1
+
+
+def _is_optional(value: Any, kind: type | tuple) -> bool:
+    return value is None or (isinstance(value, kind) and not isinstance(value, bool))
+
+
 def _is_relative(name: Any) -> bool:
     """A path inside the index folder: relative, no '..' (a manifest must never point the reader elsewhere)."""
     if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
@@ -110,12 +118,16 @@ def _check_model(problems: _Problems, field: str, entry: Any) -> None:
             or not isinstance(entry.get("sha256"), str) or not entry["sha256"]:
         problems.append(field)
         return
+    for name in ("name", "pretrained"):  # add / merge / a kit load the models by them
+        problems.need(isinstance(entry.get(name), str) or (name == "pretrained" and entry.get(name) is None)
+                      or (name == "name" and "name" not in entry and field != "models.clip"),
+                      f"{field}.{name}", entry.get(name))
     members = entry.get("members")
     if members is None:
         return
     if not isinstance(members, list) or not members or not all(
             isinstance(m, dict) and _is_int(m.get("dim")) and m["dim"] > 0 and isinstance(m.get("name"), str)
-            for m in members):
+            and (m.get("pretrained") is None or isinstance(m["pretrained"], str)) for m in members):
         problems.append(f"{field}.members")
     elif sum(m["dim"] for m in members) != entry["dim"]:
         problems.append(f"{field}.members (dims add up to {sum(m['dim'] for m in members)}, not {entry['dim']})")
@@ -128,6 +140,10 @@ def _check_plan(problems: _Problems, field: str, plan: Any) -> None:
         return
     problems.need(isinstance(plan["kind"], str) and plan["kind"] in BACKENDS, f"{field}.kind", plan["kind"])
     problems.need(isinstance(plan.get("params", {}), dict), f"{field}.params", plan.get("params"))
+    recall = plan.get("recall_at_10")  # add compares its new measure with it
+    if problems.need(recall is None or isinstance(recall, dict), f"{field}.recall_at_10", recall) and recall:
+        problems.need(recall.get("recall") is None or _is_fraction(recall["recall"]), f"{field}.recall_at_10.recall",
+                      recall.get("recall"))
 
 
 def _check_files(problems: _Problems, files: Any, dtype: str = FP16) -> None:
@@ -199,6 +215,10 @@ def _check_segments(problems: _Problems, entries: Any, count: int, files: dict, 
 def _check_calibration(problems: _Problems, calibration: Any) -> None:
     if not problems.need(isinstance(calibration, dict), "calibration", calibration):
         return
+    problems.need(_is_int(calibration.get("seed", 0)), "calibration.seed", calibration.get("seed"))
+    fits = calibration.get("fits", {})  # eval reports each fit's method
+    problems.need(isinstance(fits, dict) and all(isinstance(fit, dict) for fit in fits.values()),
+                  "calibration.fits", fits)
     maps = calibration.get("maps", {})
     if not problems.need(isinstance(maps, dict), "calibration.maps", maps):
         return
@@ -223,6 +243,44 @@ def _check_regression(problems: _Problems, info: Any) -> None:
     rows = info.get("rows")
     problems.need(isinstance(rows, dict) and all(k in KEY_KINDS and _is_int(v) and v >= 0 for k, v in rows.items()),
                   "regression.rows", rows)
+
+
+def _check_key_pca(problems: _Problems, pca: Any, models: Any, files: dict) -> None:
+    """--key-dims: 1 ≤ dims < the CLIP dim, key_dim that dim, its file listed; what add reads of the fit typed."""
+    clip_dim = (models.get("clip") or {}).get("dim") if isinstance(models, dict) and isinstance(
+        models.get("clip"), dict) else None
+    problems.need("key_pca.npz" in files, "files.key_pca.npz", why="(not listed)")
+    if not problems.need(isinstance(pca, dict), "key_pca", pca):
+        return
+    problems.need(_is_int(pca.get("dims")) and _is_int(clip_dim) and 1 <= pca["dims"] < clip_dim, "key_pca.dims",
+                  pca.get("dims"))
+    problems.need(pca.get("key_dim", clip_dim) == clip_dim, "key_pca.key_dim", pca.get("key_dim"))
+    for name in ("seed", "fit_rows", "queries"):
+        problems.need(_is_int(pca.get(name, 0)) and pca.get(name, 0) >= 0, f"key_pca.{name}", pca.get(name))
+    problems.need(_is_fraction(pca.get("recall_at_10", 0)), "key_pca.recall_at_10", pca.get("recall_at_10"))
+
+
+def _check_grown_sections(problems: _Problems, manifest: dict, files: dict) -> None:
+    """The sections add and merge read and carry on (history, build_options, phrases.min_count, corpus, …):
+    each absent or of the type they are read as."""
+    history = manifest.get("history", [])
+    problems.need(isinstance(history, list) and all(isinstance(entry, dict) for entry in history), "history",
+                  history)
+    options = manifest.get("build_options", {})
+    if problems.need(isinstance(options, dict), "build_options", options):
+        seed, memory = options.get("seed", 0), options.get("max_memory")
+        problems.need(_is_int(seed) and seed >= 0, "build_options.seed", seed)
+        problems.need(_is_optional(memory, int) and (memory is None or memory > 0), "build_options.max_memory",
+                      memory)
+    phrases = manifest.get("phrases", {})  # not a dict beside a phrase file: phrases.count says so
+    if problems.need(isinstance(phrases, dict) or PHRASES in files, "phrases", phrases) \
+            and isinstance(phrases, dict) and "min_count" in phrases:
+        problems.need(_is_int(phrases["min_count"]) and phrases["min_count"] >= 1, "phrases.min_count",
+                      phrases["min_count"])
+    for name in ("corpus", "near_dup"):  # carried on by add (minilm and regression are checked above)
+        problems.need(isinstance(manifest.get(name, {}), dict), name, manifest.get(name))
+    for name in ("created_at", "metric"):
+        problems.need(_is_optional(manifest.get(name), str), name, manifest.get(name))
 
 
 def validate_complete(path: Path, manifest: dict) -> None:
@@ -253,10 +311,8 @@ def validate_complete(path: Path, manifest: dict) -> None:
         phrases = manifest.get("phrases")
         problems.need(isinstance(phrases, dict) and _is_int(phrases.get("count")) and phrases["count"] >= 0,
                       "phrases.count", phrases.get("count") if isinstance(phrases, dict) else phrases)
-    if "key_pca" in manifest:  # --key-dims: 1 ≤ dims < the CLIP dim, its file listed
-        pca, clip_dim = manifest["key_pca"], (models or {}).get("clip", {}).get("dim") if isinstance(models, dict) else None
-        problems.need(isinstance(pca, dict) and _is_int(pca.get("dims")) and _is_int(clip_dim)
-                      and 1 <= pca["dims"] < clip_dim, "key_pca.dims", pca.get("dims") if isinstance(pca, dict) else pca)
-        problems.need("key_pca.npz" in files, "files.key_pca.npz", why="(not listed)")
+    if "key_pca" in manifest:
+        _check_key_pca(problems, manifest["key_pca"], models, files)
+    _check_grown_sections(problems, manifest, files)
     if problems:
         raise UserError(f"{path}: manifest is damaged (missing or invalid: {', '.join(problems)}): rebuild the index")

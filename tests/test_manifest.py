@@ -334,3 +334,77 @@ def test_format_1_opens_with_its_faiss_section_and_float32_copy(copy, tiny_clip_
     assert found.ids[:, 0].tolist() == [5, 42]
     edit(copy, lambda m: set_path(m, "faiss.kind", "bogus"))
     refused(copy, "faiss.kind 'bogus'")
+
+
+# ---------------------------------------------------------------------------------------------- what add/merge read
+
+# Every manifest field a command reads beyond the reader's own (issue #30: add and merge read history,
+# build_options, phrases.min_count, the models' names, the search's recall, …): each corrupted is the one-line
+# schema error, when the index opens and when add or merge is asked to grow it, before any model loads.
+READ_FIELDS = [
+    ("history", 5, "history 5"),
+    ("history", "abc", "history 'abc'"),  # was list("abc"): a history of three characters
+    ("history", [1, 2], "history list"),
+    ("build_options", [], "build_options list"),
+    ("build_options.seed", "x", "build_options.seed 'x'"),
+    ("build_options.seed", -1, "build_options.seed -1"),
+    ("build_options.seed", 1.5, "build_options.seed 1.5"),
+    ("build_options.max_memory", "lots", "build_options.max_memory 'lots'"),
+    ("build_options.max_memory", 0, "build_options.max_memory 0"),
+    ("phrases.min_count", "x", "phrases.min_count 'x'"),
+    ("phrases.min_count", 0, "phrases.min_count 0"),
+    ("models.clip.name", 5, "models.clip.name 5"),
+    ("models.clip.name", None, "models.clip.name None"),
+    ("models.clip.pretrained", 7, "models.clip.pretrained 7"),
+    ("models.text.name", ["x"], "models.text.name list"),
+    ("search.recall_at_10", "high", "search.recall_at_10 'high'"),
+    ("search.recall_at_10.recall", "0.9", "search.recall_at_10.recall '0.9'"),
+    ("key_ranges.0.search.recall_at_10.recall", 2.0, "key_ranges[0].search.recall_at_10.recall 2.0"),
+    ("calibration", {"seed": "x", "maps": {}}, "calibration.seed 'x'"),
+    ("calibration", {"fits": [], "maps": {}}, "calibration.fits list"),
+    ("calibration", {"fits": {"image": 3}, "maps": {}}, "calibration.fits dict"),
+    ("corpus", "x", "corpus 'x'"),
+    ("near_dup", 5, "near_dup 5"),
+    ("created_at", 5, "created_at 5"),
+    ("metric", 5, "metric 5"),
+    ("key_pca", "x", "key_pca 'x'"),
+    ("key_pca", {"dims": 8, "key_dim": 32}, "key_pca.key_dim 32"),
+    ("key_pca", {"dims": 8, "seed": "x"}, "key_pca.seed 'x'"),
+    ("key_pca", {"dims": 8, "fit_rows": -1}, "key_pca.fit_rows -1"),
+    ("key_pca", {"dims": 8, "recall_at_10": "1.0"}, "key_pca.recall_at_10 '1.0'"),
+    ("key_pca", {"dims": 8, "recall_at_10": 1.5}, "key_pca.recall_at_10 1.5"),
+]
+
+
+@pytest.mark.parametrize("path, value, field", READ_FIELDS, ids=[f"{p}={v!r}" for p, v, _ in READ_FIELDS])
+def test_every_field_a_command_reads_is_in_the_schema(copy, tmp_path, path, value, field):
+    from img2prompt.build_index.add import AddOptions, run_add
+    from img2prompt.build_index.merge import MergeOptions, run_merge
+
+    edit(copy, lambda m: set_path(m, path, value))
+    message = refused(copy, field)
+    corpus = tmp_path / "new.txt"
+    corpus.write_text("a new castle\n")
+    for grow in (lambda: run_add(AddOptions(index=str(copy), corpus=[str(corpus)], device="cpu", progress=False)),
+                 lambda: run_merge(MergeOptions(indexes=[str(copy), str(copy)], out=str(tmp_path / "merged"),
+                                                device="cpu", progress=False))):
+        with pytest.raises(UserError) as caught:
+            grow()
+        assert str(caught.value) == message
+
+
+def test_a_corrupted_field_add_reads_is_one_line_from_the_cli(copy, tmp_path, capsys):
+    from img2prompt.cli import main
+
+    edit(copy, lambda m: m.update(history="abc"))
+    corpus = tmp_path / "new.txt"
+    corpus.write_text("a new castle\n")
+    assert main(["add", str(copy), str(corpus), "-q", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "history 'abc'" in err and err.endswith("rebuild the index"), err
+
+
+def test_the_fields_add_reads_still_open_when_valid(copy):
+    edit(copy, lambda m: (m.update(history=[{"count": 1}]), set_path(m, "build_options.max_memory", 2 ** 30),
+                          set_path(m, "phrases.min_count", 1), set_path(m, "models.clip.pretrained", "openai")))
+    assert open_index(copy).count == 160
