@@ -147,8 +147,10 @@ class AddJob(BuildJob):
         self.appended: AppendedRows | None = None
 
     def steps(self):
-        steps = [("encode", self.encode), ("append", self.append), ("search", self.grow_search),
-                 ("calibration", self.calibrate)]
+        steps = [("encode", self.encode), ("append", self.append)]
+        if "key_pca" in self.old.manifest:  # before the search, which indexes the (maybe re-projected) keys
+            steps.append(("key_pca", self.key_pca))
+        steps += [("search", self.grow_search), ("calibration", self.calibrate)]
         if REGRESSION in self.old.manifest["files"]:
             steps.append(("regression", self.refit_head))
         if PHRASES in self.old.manifest["files"]:
@@ -246,6 +248,28 @@ class AddJob(BuildJob):
             self.appended = append_segment(self.writer, self.old)
         self.count = self.appended.grown.count
         self.files += self.appended.new_files
+
+    def key_pca(self) -> None:
+        """An index built with --key-dims: its PCA measured again over the grown index, or with --retrain refitted
+        over every row (build_index/add_key_pca.py)."""
+        from img2prompt.build_index.add_key_pca import refit_key_pca, remeasure_key_pca
+
+        new_keys = list(self.writer.iter_shard_arrays("clip"))
+        section = self.old.manifest["key_pca"]
+
+        def encode(prompts: list[str]) -> np.ndarray:
+            return self.encoder.clip.text_embeddings(prompts, self.options.batch_size).vectors
+
+        with self.timer.phase("key_pca"):
+            if self.retrain:
+                self.extra["key_pca"], names, self.appended.grown = refit_key_pca(
+                    self.writer.root, self.appended.grown, self.old, new_keys, encode, section, self.options.progress)
+                for name in names:  # rewritten here: hashed at commit, no longer the old index's links
+                    self.appended.linked.pop(name, None)
+                self.files += tuple(name for name in names if name not in self.files)
+            else:
+                self.extra["key_pca"] = remeasure_key_pca(section, self.old.key_pca, self.old, new_keys,
+                                                          self.appended.first_id, encode, self.options.seed)
 
     def grow_search(self) -> None:
         """Extend the search: a text-only index grows its one range (or rebuilds it with retrain) by the new
@@ -394,6 +418,9 @@ def run_add(options: AddOptions) -> BuildResult:
     pair_paths = expand_pair_paths(options.pairs) if options.pairs else []
     if not paths and not pair_paths and not options.retrain:
         raise UserError("nothing to add: give corpus files, --pairs files, or both")
+    if pair_paths and "key_pca" in old_manifest:  # as build refuses --key-dims with --pairs
+        raise UserError(f"{root}: --pairs on an index built with --key-dims is not supported (its PCA maps text "
+                        "keys): rebuild it without --key-dims to add image-keyed entries")
     check_corpus_files(paths, options.column)
     check_pair_files(pair_paths)
     old = open_index(root)

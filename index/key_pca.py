@@ -33,6 +33,7 @@ from img2prompt.errors import UserError
 
 KEY_PCA = "key_pca.npz"
 FIT_SAMPLE = 100_000  # keys the PCA is fitted on (seeded sample; the covariance is key_dim², not rows²)
+ADD_SAMPLE = 5_000  # rows an add's re-measure searches (their full-width keys: the old ones are re-encoded)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,27 @@ def write_projected(target: Path, pca: KeyPCA, keys: np.ndarray, block: int = 65
                 handle.write(pca.project(keys[start:start + block]).astype(VECTOR_DTYPE).tobytes())
 
 
+def plan_fit(count: int, seed: int = 0, queries: int = 500) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(fit rows, query rows, held out): a seeded sample of ≤ FIT_SAMPLE rows to fit on, and ≤ `queries` rows
+    outside it to measure with (inside it only when the fit took every row)."""
+    rng = np.random.default_rng(seed)
+    fit_rows = np.sort(rng.choice(count, size=min(FIT_SAMPLE, count), replace=False))
+    outside = np.setdiff1d(np.arange(count), fit_rows)
+    pool = outside if len(outside) else np.arange(count)
+    query_rows = np.sort(rng.choice(pool, size=min(queries, len(pool)), replace=False))
+    return fit_rows, query_rows, bool(len(outside))
+
+
+def fit_keys(keys: np.ndarray, dims: int, seed: int = 0, queries: int = 500) -> tuple[KeyPCA, np.ndarray, dict]:
+    """The PCA of `keys` (full width, e.g. a memmap) as a build fits it, the rows to measure it with, and the
+    manifest section without its recall."""
+    fit_rows, query_rows, held_out = plan_fit(len(keys), seed, queries)
+    pca = fit_pca(keys[fit_rows] if len(fit_rows) < len(keys) else keys, dims, seed=seed)
+    return pca, query_rows, {"dims": dims, "key_dim": int(keys.shape[1]), "fit_rows": int(len(fit_rows)),
+                             "seed": seed, "recall_at_10": None, "queries": int(len(query_rows)),
+                             "held_out": held_out}
+
+
 def reduce_keys(writer, dims: int, seed: int = 0, queries: int = 500) -> dict:
     """Build step (after consolidate, before the search backends): fit the PCA on a seeded sample of clip.f16,
     measure held-out recall@10 (rows outside the fit sample when there are, searched exactly over the reduced
@@ -121,17 +143,29 @@ def reduce_keys(writer, dims: int, seed: int = 0, queries: int = 500) -> dict:
     from img2prompt.index.layout import CLIP_VECTORS
 
     keys = writer.vectors("clip")
-    count = len(keys)
-    rng = np.random.default_rng(seed)
-    fit_rows = np.sort(rng.choice(count, size=min(FIT_SAMPLE, count), replace=False))
-    pca = fit_pca(keys[fit_rows] if len(fit_rows) < count else keys, dims, seed=seed)
-    outside = np.setdiff1d(np.arange(count), fit_rows)
-    pool = outside if len(outside) else np.arange(count)
-    query_rows = np.sort(rng.choice(pool, size=min(queries, len(pool)), replace=False))
+    pca, query_rows, section = fit_keys(keys, dims, seed, queries)
     write_projected(writer.root / CLIP_VECTORS, pca, keys)
     # `keys` still maps the full-width file (replaced by rename, not overwritten): measured as stored, fp16
-    recall = reduced_recall(keys, np.asarray(keys[query_rows], np.float32), pca, reduced=writer.vectors("clip"))
+    section["recall_at_10"] = reduced_recall(keys, np.asarray(keys[query_rows], np.float32), pca,
+                                             reduced=writer.vectors("clip"))
     save_pca(writer.root / KEY_PCA, pca)
-    return {"dims": dims, "key_dim": int(keys.shape[1]), "fit_rows": int(len(fit_rows)), "seed": seed,
-            "recall_at_10": recall, "queries": int(len(query_rows)),
-            "held_out": bool(len(outside))}
+    return section
+
+
+def grown_recall(pca: KeyPCA, full_keys_of, count: int, new_rows: np.ndarray, seed: int = 0, queries: int = 500,
+                 sample: int = ADD_SAMPLE) -> dict:
+    """recall@10 of a stored PCA over an index grown by add, measured as a build measures it: up to `queries`
+    of the new rows (which the fit never saw) searched exactly over the projected keys vs the full-width keys,
+    among themselves and a seeded sample of the other rows (every row when the index holds ≤ `sample`).
+    `full_keys_of(sorted ids)` gives those rows' full-width keys (the index keeps only projected ones: add
+    re-encodes the old rows' prompts). Returns {"recall_at_10", "queries", "rows"}."""
+    rng = np.random.default_rng(seed)
+    query_ids = np.sort(rng.choice(new_rows, size=min(queries, len(new_rows)), replace=False))
+    others = np.setdiff1d(np.arange(count), query_ids)
+    others = rng.choice(others, size=min(max(sample - len(query_ids), 0), len(others)), replace=False)
+    ids = np.union1d(query_ids, others)
+    keys = np.asarray(full_keys_of(ids), np.float32).astype(VECTOR_DTYPE)  # as a build stores them
+    reduced = pca.project(keys).astype(VECTOR_DTYPE)
+    queries_full = keys[np.searchsorted(ids, query_ids)].astype(np.float32)
+    return {"recall_at_10": reduced_recall(keys, queries_full, pca, reduced=reduced),
+            "queries": int(len(query_ids)), "rows": int(len(ids))}

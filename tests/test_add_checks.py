@@ -143,3 +143,75 @@ def test_intact_regression_stats_still_grow_the_head(stats_index, tmp_path):
     shutil.copytree(stats_index / "idx", index)
     manifest = _add(index, [stats_index / "new.txt"]).manifest
     assert manifest["count"] == 50 and manifest["regression"]["rows"] == {"text": 50}
+
+
+# ---------------------------------------------------------------------------------------------- --key-dims
+
+@pytest.fixture(scope="module")
+def pca_corpus(tmp_path_factory):
+    """The issue's numbers: one prompt to build on, 100 to add."""
+    prompts = read_data_prompts(101)
+    folder = tmp_path_factory.mktemp("pca")
+    (folder / "one.txt").write_text(prompts[0] + "\n", encoding="utf-8")
+    (folder / "hundred.txt").write_text("\n".join(prompts[1:]) + "\n", encoding="utf-8")
+    (folder / "all.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return folder
+
+
+def _full_width_truth(index, clip, prompts, k=10):
+    """The grown index's top-10 by exact full-width search vs by its stored projected keys, per prompt."""
+    from img2prompt.index.flat import exact_search
+    from img2prompt.index.reader import open_index
+
+    opened = open_index(index)
+    full = clip.text_embeddings(prompts, 64).vectors
+    _, truth = exact_search(full, full, k)
+    _, found = exact_search(np.asarray(opened.clip_vectors, np.float32), opened.key_pca.project(full), k)
+    return np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, found)])
+
+
+def test_add_to_a_key_dims_index_measures_the_pca_again_and_retrain_refits_it(pca_corpus, tmp_path, tiny_clip_dir,
+                                                                               caplog):
+    from img2prompt.encoders.clip_ensemble import load_named_clips
+    from img2prompt.encoders.models import resolve_device
+    from img2prompt.index.reader import open_index
+
+    clip = load_named_clips(str(tiny_clip_dir), None, resolve_device("cpu"))
+
+    index, fresh = tmp_path / "grown", tmp_path / "fresh"
+    built = _build([pca_corpus / "one.txt"], index, tiny_clip_dir, index="flat", key_dims=32).manifest["key_pca"]
+    assert built["fit_rows"] == 1 and built["recall_at_10"] == 1.0
+    with caplog.at_level("WARNING", logger="img2prompt"):
+        grown = _add(index, [pca_corpus / "hundred.txt"]).manifest
+    pca = grown["key_pca"]
+    prompts = read_data_prompts(101)
+    stale = _full_width_truth(index, clip, prompts)
+    # measured over the whole grown index (101 rows ≤ ADD_SAMPLE), on the 100 new rows: the figure an exact
+    # check of the stored keys against full width gives, not the build's 1.0
+    assert pca["rows"] == 101 and pca["queries"] == 100 and pca["held_out"] is True
+    assert pca["before_add"] == 1.0 and pca["fit_rows"] == 1
+    assert pca["recall_at_10"] < 0.95 and abs(pca["recall_at_10"] - stale) < 0.05, (pca, stale)
+    assert any("--retrain" in record.getMessage() and "key PCA" in record.getMessage() for record in caplog.records)
+
+    retrained = run_add(AddOptions(index=str(index), corpus=[], retrain=True, shard_size=30, batch_size=30,
+                                   device="cpu", progress=False)).manifest["key_pca"]
+    assert retrained["fit_rows"] == 101 and retrained["refit_at_add"] is True
+    assert retrained["before_add"] == pca["recall_at_10"]
+    refitted = _full_width_truth(index, clip, prompts)
+    assert refitted > stale + 0.1 and retrained["recall_at_10"] > pca["recall_at_10"] + 0.1, (refitted, stale)
+
+    # the refit is the PCA a fresh build of the same 101 prompts fits: the same keys, the same searches
+    reference = _build([pca_corpus / "all.txt"], fresh, tiny_clip_dir, index="flat", key_dims=32).manifest
+    assert abs(reference["key_pca"]["recall_at_10"] - retrained["recall_at_10"]) < 0.02
+    ours, theirs = open_index(index), open_index(fresh)
+    assert np.abs(np.asarray(ours.clip_vectors, np.float32) - np.asarray(theirs.clip_vectors, np.float32)).max() < 0.02
+    assert open_index(index, verify=True).count == 101  # every rewritten file re-hashed in the manifest
+
+
+def test_add_pairs_to_a_key_dims_index_is_refused(pca_corpus, tmp_path, tiny_clip_dir):
+    index = tmp_path / "idx"
+    _build([pca_corpus / "one.txt"], index, tiny_clip_dir, index="flat", key_dims=32)
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,prompt\nx.png,a castle\n")
+    with pytest.raises(UserError, match="--pairs on an index built with --key-dims"):
+        _add(index, [], pairs=[str(table)])
