@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "is >= T (as build --near-dup; the index side is one exact pass over its MiniLM rows)")
     add.add_argument("--retrain", action="store_true",
                      help="rebuild the search structure (hnsw, ivfpq: retrain) over every row instead of adding the "
-                          "new keys to it; use it when add warns that recall dropped below the build's target")
+                          "new keys to it, and refit a --key-dims index's PCA over every row (re-encodes every "
+                          "prompt's CLIP key); use it when add warns that recall dropped below the build's target")
     merge = commands.add_parser("merge", parents=[common], help="merge complete indexes (same models) into one",
                                 description="Copy the rows of INDEX_DIR... (no re-encoding) into --out, prompts "
                                             "deduplicated across them (first index wins), search rebuilt.")
@@ -294,6 +295,11 @@ def cmd_add(args) -> None:
                  progress=not args.quiet)
     print(f"index {args.index}: {result.manifest['count']} prompts (+{result.report['added']}, "
           f"{result.report['skipped'].get('duplicate_of_index', 0)} already in the index)")
+    pca = result.manifest.get("key_pca")
+    if pca and "before_add" in pca and (result.report["added"] or args.retrain):  # measured by this add
+        before = f", {pca['before_add']:.3f} before" if pca["before_add"] is not None else ""
+        print(f"keys: PCA {pca['key_dim']} → {pca['dims']} dims, recall@10 vs full width {pca['recall_at_10']:.3f}"
+              f"{before}" + (" (refitted)" if pca.get("refit_at_add") else ""))
 
 
 def cmd_merge(args) -> None:

@@ -119,3 +119,87 @@ def test_image_loader_on_any_mode_and_format(mode, width, height, file_format):
             return
         loaded = load_image(path)  # a format we take loads whatever its mode: no early return on an error
         assert loaded.mode == "RGB" and loaded.size in {(width, height), (height, width)}
+
+
+# ---------------------------------------------------------------------------------------------- manifest fuzz
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10 ** 6) | st.floats() | st.text(max_size=6),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=6)
+
+
+def _field_paths(node, prefix=()) -> list[tuple]:
+    """Every field of a manifest (files' records and the build's resume key aside), as key paths."""
+    paths = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if prefix == () and key in ("files", "build"):
+                continue
+            paths.append(prefix + (key,))
+            paths += _field_paths(value, prefix + (key,))
+    elif isinstance(node, list):
+        for position, value in enumerate(node[:2]):
+            paths.append(prefix + (position,))
+            paths += _field_paths(value, prefix + (position,))
+    return paths
+
+
+def _set(manifest: dict, path: tuple, value) -> None:
+    node = manifest
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+def _read_like_the_commands(root: Path) -> None:
+    """What add, merge and the readers take from a manifest, after the schema let it through: the types they
+    use it as (a wrong type here is a field the schema misses)."""
+    from img2prompt.build_index.add import check_index, manifest_clip_models
+    from img2prompt.index.reader import open_index
+
+    manifest = check_index(root)
+    clips = manifest_clip_models(manifest)
+    assert all(isinstance(name, str) for name in clips["clip_model"])
+    assert all(p is None or isinstance(p, str) for p in clips["clip_pretrained"])
+    history = manifest.get("history", [])
+    assert isinstance(history, list) and all(isinstance(entry, dict) for entry in history)
+    options = manifest.get("build_options", {})
+    seed, memory = options.get("seed", 0), options.get("max_memory")
+    assert isinstance(seed, int) and seed >= 0 and (memory is None or isinstance(memory, int) and memory > 0)
+    min_count = (manifest.get("phrases") or {}).get("min_count", 5)
+    assert isinstance(min_count, int) and min_count >= 1
+    for key_range in (index := open_index(root)).key_ranges:
+        before = (key_range.plan.get("recall_at_10") or {}).get("recall")
+        assert before is None or 0 <= before <= 1
+    assert isinstance(index.calibration, dict) and index.key_dim >= 1
+    assert isinstance(manifest.get("calibration", {}).get("seed", 0), int)
+
+
+@pytest.fixture(scope="module")
+def fuzz_index(built_index, tmp_path_factory):
+    import shutil
+
+    return Path(shutil.copytree(built_index, tmp_path_factory.mktemp("fuzz") / "idx"))
+
+
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_fuzzed_manifest_is_read_right_or_refused_in_one_line(fuzz_index, data):
+    import json
+
+    original = (fuzz_index / "manifest.json").read_text()
+    manifest = json.loads(original)
+    paths = _field_paths(manifest)
+    for path in data.draw(st.lists(st.sampled_from(paths), min_size=1, max_size=3, unique=True)):
+        try:
+            _set(manifest, path, data.draw(JSON))
+        except (KeyError, IndexError, TypeError):  # an earlier change removed this field's parent
+            pass
+    (fuzz_index / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        _read_like_the_commands(fuzz_index)
+    except UserError as exc:
+        assert "\n" not in str(exc)
+    finally:
+        (fuzz_index / "manifest.json").write_text(original)
