@@ -4,6 +4,8 @@ rate (`index.search_images`, one image per call, same index, same image) measure
 
     python bench/serve_load.py [--index DIR] [--clients 32] [--seconds 10] [--query image|text] [--device cpu]
     python bench/serve_load.py --worst      # peak server RSS under the largest requests the limits allow
+    python bench/serve_load.py --architecture ViT-B-32 --clients 16 --compare-merging   # merged encoder calls
+                                            # vs one call per request (--merge-items 1), same index, one run
 
 Without --index, an index of the first --prompts prompts of data/prompts.txt is built here with the tiny
 stand-in CLIP (`img2prompt.stand_in`): encoding is then nearly free, so the figures show the server's own
@@ -29,14 +31,15 @@ SAMPLE_IMAGES = REPO.parent / "shared" / "kaggle-sample" / "images"
 TEXT = "a castle on a hill at sunset, highly detailed, matte painting"
 
 
-def build_index(folder: Path, prompts: int, device: str) -> Path:
+def build_index(folder: Path, prompts: int, device: str, architecture: str | None = None) -> Path:
     import img2prompt
-    from img2prompt.stand_in import write_tiny_clip
+    from img2prompt.stand_in import write_random_clip, write_tiny_clip
 
     corpus = folder / "prompts.txt"
     lines = (REPO / "data" / "prompts.txt").read_text(encoding="utf-8").splitlines()[:prompts]
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    clip = write_tiny_clip(folder / "clip", seed=0)
+    clip = (write_random_clip(folder / "clip", architecture, seed=0) if architecture
+            else write_tiny_clip(folder / "clip", seed=0))
     img2prompt.build(str(corpus), folder / "index", clip_model=str(clip), device=device, progress=False)
     return folder / "index"
 
@@ -201,6 +204,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10, help="results per request (default 10)")
     parser.add_argument("--worst", action="store_true",
                         help="instead of the load: send the largest allowed requests once each, print peak RSS")
+    parser.add_argument("--architecture", metavar="NAME",
+                        help="build the index with this open_clip architecture at real size, random weights "
+                             "(e.g. ViT-B-32), instead of the tiny stand-in: model-bound figures")
+    parser.add_argument("--compare-merging", action="store_true",
+                        help="run the load twice in this run: one encoder call per request (--merge-items 1), "
+                             "then merged calls (the default limits)")
     add_device_flag(parser)
     args = parser.parse_args()
     check_device(args.device)
@@ -208,45 +217,66 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as temp:
         temp = Path(temp)
         os.environ.setdefault("IMG2PROMPT_CACHE_DIR", str(temp / "cache"))
-        index_dir = args.index or build_index(temp, args.prompts, args.device)
+        index_dir = args.index or build_index(temp, args.prompts, args.device, args.architecture)
         name, data = query_image(temp)
         rates = None if args.worst else in_process_rates(index_dir, args.device, data, args.query, args.k,
                                                           min(args.seconds, 5.0))
 
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        code = ("import sys; from img2prompt.serve import serve; "
-                "serve(sys.argv[1], port=int(sys.argv[2]), device=sys.argv[3], log_level='warning')")
-        server = subprocess.Popen([sys.executable, "-c", code, str(index_dir), str(port), args.device],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
-        try:
-            wait_ready(url, server)
-            if args.worst:
-                import httpx
+        if args.worst:
+            run_server(index_dir, args, None, worst=True)
+            return
+        runs = [("one encoder call per request (--merge-items 1)", 1)] if args.compare_merging else []
+        runs.append(("merged encoder calls (default limits)", None))
+        results = [(label, run_server(index_dir, args, merge_items, name=name, data=data)) for label, merge_items in runs]
 
-                run_worst(url, server.pid, httpx.get(url + "/health").json()["count"])
-                return
-            result = asyncio.run(load(url, args.clients, args.seconds, args.query, name, data, args.k))
-        finally:
-            server.terminate()
-            server.wait(30)
-
-    latencies, stats = result["latencies"], result["stats"]
-    served = len(latencies) / result["elapsed"]
     query = f"text {TEXT[:30]!r}…" if args.query == "text" else f"image {name} ({len(data) / 1024:.0f} KiB)"
-    print(f"index {index_dir if args.index else f'stand-in, {args.prompts} prompts'}; device {args.device}; "
-          f"{len(os.sched_getaffinity(0))} usable cores, load average {os.getloadavg()[0]:.1f}; k {args.k}; {query}")
+    source = args.architecture or "stand-in"
+    print(f"index {index_dir if args.index else f'{source}, random weights, {args.prompts} prompts'}; "
+          f"device {args.device}; {len(os.sched_getaffinity(0))} usable cores, load average "
+          f"{os.getloadavg()[0]:.1f}; k {args.k}; {query}")
     rate = rates["thread"]
     print(f"in-process (Python API, one query per call, sequential, on a thread like the server's worker): "
           f"{rate:.1f} searches/s ({1000 / rate:.1f} ms each); on the main thread {rates['main']:.1f}/s")
-    print(f"server, {args.clients} clients × {result['elapsed']:.1f} s on 127.0.0.1: {len(latencies)} answered, "
-          f"{served:.1f} requests/s; latency p50 {1000 * percentile(latencies, 0.5):.0f} ms, "
-          f"p99 {1000 * percentile(latencies, 0.99):.0f} ms; errors {sum(result['errors'].values())}"
-          + (f" ({', '.join(f'{reason} × {count}' for reason, count in result['errors'].items())})"
-             if result["errors"] else ""))
-    print(f"model calls {stats['calls']} for {stats['requests']} requests "
-          f"({stats['requests'] / max(1, stats['calls']):.1f} requests per call: never merged); "
-          f"server / in-process rate {served / rate:.2f}×")
+    for label, result in results:
+        latencies, stats = result["latencies"], result["stats"]
+        served = len(latencies) / result["elapsed"]
+        print(f"server, {label}, {args.clients} clients × {result['elapsed']:.1f} s on 127.0.0.1: "
+              f"{len(latencies)} answered, {served:.1f} requests/s; latency p50 "
+              f"{1000 * percentile(latencies, 0.5):.0f} ms, p99 {1000 * percentile(latencies, 0.99):.0f} ms; errors "
+              f"{sum(result['errors'].values())}"
+              + (f" ({', '.join(f'{reason} × {count}' for reason, count in result['errors'].items())})"
+                 if result["errors"] else ""))
+        print(f"  {stats['requests']} requests, {stats.get('encoder_calls', 0)} merged encoder calls serving "
+              f"{stats.get('merged_requests', 0)} of them; server / in-process rate {served / rate:.2f}×")
+    if len(results) == 2:
+        (_, alone), (_, merged) = results
+        ratio = (len(merged["latencies"]) / merged["elapsed"]) / max(1e-9, len(alone["latencies"]) / alone["elapsed"])
+        print(f"merged / one call per request: {ratio:.2f}× requests/s; p99 "
+              f"{1000 * percentile(merged['latencies'], 0.99):.0f} vs {1000 * percentile(alone['latencies'], 0.99):.0f} ms")
+
+
+def run_server(index_dir: Path, args, merge_items: int | None, *, worst: bool = False, name: str = "",
+               data: bytes = b"") -> dict | None:
+    """Serve `index_dir` in a child process (merge_items: that limit, None: the defaults) and load it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    code = ("import sys; from img2prompt.serve import serve; from img2prompt.serve_limits import ServeLimits; "
+            "limits = ServeLimits(merge_items=int(sys.argv[4])) if sys.argv[4] else None; "
+            "serve(sys.argv[1], port=int(sys.argv[2]), device=sys.argv[3], limits=limits, log_level='warning')")
+    server = subprocess.Popen([sys.executable, "-c", code, str(index_dir), str(port), args.device,
+                               "" if merge_items is None else str(merge_items)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    try:
+        wait_ready(url, server)
+        if worst:
+            import httpx
+
+            run_worst(url, server.pid, httpx.get(url + "/health").json()["count"])
+            return None
+        return asyncio.run(load(url, args.clients, args.seconds, args.query, name, data, args.k))
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,14 @@ def add_parser(commands) -> argparse.ArgumentParser:
     limits.add_argument("--max-connections-per-client", type=int, default=DEFAULTS.max_connections_per_client,
                         metavar="N", help="open connections per client address; more are refused "
                                           f"(default {DEFAULTS.max_connections_per_client})")
+    merging = serve.add_argument_group("merging requests into one encoder call (answers stay each request's own)")
+    merging.add_argument("--merge-items", type=int, default=DEFAULTS.merge_items, metavar="N",
+                         help="images or texts of requests waiting together that share one encoder call; each "
+                              "request is then searched and blended on its own rows (1 = every request encodes "
+                              f"alone; default {DEFAULTS.merge_items})")
+    merging.add_argument("--merge-wait-ms", type=float, default=DEFAULTS.merge_wait * 1000, metavar="MS",
+                         help="how long a call waits for more requests to join it (0 = only those already "
+                              f"waiting; default {DEFAULTS.merge_wait * 1000:g})")
     add_model_flags(serve, for_build=False)
     return serve
 
@@ -119,4 +127,9 @@ def limits_of(args) -> ServeLimits:
         if not value > 0:
             raise UserError(f"{_FLAGS[field]} must be positive (got {value})")
     values["max_connections"] = max(DEFAULTS.max_connections, values["max_connections_per_client"])
+    if args.merge_items < 1:
+        raise UserError(f"--merge-items must be 1 or more (got {args.merge_items})")
+    if not args.merge_wait_ms >= 0:
+        raise UserError(f"--merge-wait-ms must be 0 or more (got {args.merge_wait_ms})")
+    values.update(merge_items=args.merge_items, merge_wait=args.merge_wait_ms / 1000)
     return dataclasses.replace(DEFAULTS, **values).check()

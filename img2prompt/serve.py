@@ -4,10 +4,11 @@
 
 The server holds no retrieval logic: every request is one call of the public API (`search_images`,
 `search_texts`, `predict_with_neighbours`, `interrogate`) on one worker thread that owns the index, so CPU/GPU
-work is serialised. Requests are never merged into one model call: a prediction's statistics (the image-key
-mean of `beta`, the batch its vectors were encoded in) come from its own request only, so identical requests
-get identical answers under any load. The queue in front of the worker is bounded (503 when full) and holds
-only requests that have fully arrived.
+work is serialised. Requests waiting together share one encoder call (`embed_images` / `embed_texts`, bounded
+by `merge_items` and `merge_wait`), then each is searched and blended on its own rows: a prediction's
+statistics (the image-key mean of `beta`, consensus) come from its own request only, so each answer is the
+answer it gets alone (vectors to float32 rounding). The queue in front of the worker is bounded (503 when
+full) and holds only requests that have fully arrived.
 
 Every request is bounded (img2prompt.serve_limits): body bytes (413 while reading), queries per request, k,
 form parts, decoded image bytes (from the headers, before any pixel is decoded; images are then decoded by
@@ -19,6 +20,7 @@ seconds (GuardedH11Protocol), so idle or slow clients cannot hold the server. Ho
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -32,6 +34,7 @@ from importlib import resources
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit
 
+import numpy as np
 import uvicorn  # the serve extra, imported here so that a missing piece is named before any model loads
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -75,24 +78,34 @@ class _Job:
     index: Any = None  # the index when it was queued: a job in flight finishes on it across a reload
 
 
+# Which encoder a job's items go through: jobs of one encoder (and one index) can share one model call.
+ENCODER_OF = {"images": "image", "predict": "image", "interrogate": "image", "texts": "text"}
+
+
 class ModelWorker:
-    """The one thread that calls the index, one job (= one request) per API call.
+    """The one thread that calls the index; each job (= one request) is one API call.
 
-    Jobs are never merged: a merged call would estimate batch statistics (beta's image-key mean) from other
-    clients' images, and CPU kernels do not promise bit-identical vectors across batch compositions."""
+    Jobs waiting together for the same encoder share ONE encoder call (bounded by `merge_items`, waiting at
+    most `merge_wait` seconds for more to arrive), and the vectors are then split back: each job is searched
+    and blended from its own rows only, so every statistic of a prediction (beta's image-key mean from the
+    queries, consensus) comes from its own request, as if it had been served alone."""
 
-    def __init__(self, index, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+    def __init__(self, index, queue_size: int = DEFAULT_QUEUE_SIZE, merge_items: int = DEFAULT_LIMITS.merge_items,
+                 merge_wait: float = DEFAULT_LIMITS.merge_wait) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1 (got {queue_size})")
         self.index = index
         self.queue_size = queue_size
-        self.stats = {"requests": 0, "calls": 0}
+        self.merge_items, self.merge_wait = merge_items, merge_wait
+        # calls: API calls (one per request); encoder_calls: model calls that served several requests at once
+        self.stats = {"requests": 0, "calls": 0, "encoder_calls": 0, "merged_requests": 0}
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._held: collections.deque[_Job | None] = collections.deque()  # taken, for the next round
         self._thread: threading.Thread | None = None
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._held)
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -106,11 +119,14 @@ class ModelWorker:
                 self._queue.put(None, timeout=timeout)
             self._thread.join(timeout)
         self._thread = None
+        left = list(self._held)
+        self._held.clear()
         with contextlib.suppress(queue.Empty):
             while True:
-                job = self._queue.get_nowait()
-                if job is not None:
-                    job.future.cancel()
+                left.append(self._queue.get_nowait())
+        for job in left:
+            if job is not None:
+                job.future.cancel()
 
     def submit(self, kind: str, items: list, **options: Any) -> Future:
         """Queue a job; raises QueueFull at once when the queue is full."""
@@ -125,28 +141,69 @@ class ModelWorker:
         return job.future
 
     def _loop(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if not job.future.set_running_or_notify_cancel():  # its client gave up (time budget) while queued
-                continue
-            try:
-                job.future.set_result(self._call(job.kind, job.items, job.options, job.index))
-            except Exception as exc:
-                job.future.set_exception(exc)
+        while (first := self._held.popleft() if self._held else self._queue.get()) is not None:
+            # a job whose client gave up while it was queued (its time budget) is skipped
+            jobs = [job for job in self._gather(first) if job.future.set_running_or_notify_cancel()]
+            for job, encoded in zip(jobs, self._encode_together(jobs)):
+                try:
+                    job.future.set_result(self._call(job.kind, job.items, job.options, job.index, encoded))
+                except Exception as exc:
+                    job.future.set_exception(exc)
 
-    def _call(self, kind: str, items: list, options: dict, index: Any = None) -> list:
-        """One public-API call for one request: a list of results aligned with `items`."""
+    def _gather(self, first: _Job) -> list[_Job]:
+        """`first` and the jobs queued behind it that can share its encoder call, in queue order; the first
+        that cannot (another encoder or index, too many items, the stop sentinel) waits for the next round."""
+        jobs, items = [first], len(first.items)
+        deadline = time.monotonic() + self.merge_wait
+        while items < self.merge_items:
+            try:
+                left = deadline - time.monotonic()
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None or ENCODER_OF.get(job.kind) != ENCODER_OF.get(first.kind) or job.index is not first.index \
+                    or items + len(job.items) > self.merge_items:
+                self._held.append(job)
+                break
+            jobs.append(job)
+            items += len(job.items)
+        return jobs
+
+    def _encode_together(self, jobs: list[_Job]) -> list:
+        """Per job, its part of one encoder call over every job's items; None where a job encodes alone
+        (a job on its own, or when the merged call fails: each job then meets its own error alone)."""
+        if len(jobs) < 2:
+            return [None] * len(jobs)
+        index = jobs[0].index if jobs[0].index is not None else self.index
+        sizes = [len(job.items) for job in jobs]
+        items = [item for job in jobs for item in job.items]
+        try:
+            if ENCODER_OF[jobs[0].kind] == "text":
+                parts = np.split(index.embed_texts(items), np.cumsum(sizes)[:-1])
+            else:
+                parts = index.embed_images(items, workers=0).split(sizes)
+        except Exception as exc:  # noqa: BLE001 — each job retries alone and reports its own error
+            log.debug("merged encoder call failed (%s): each request encodes alone", short_reason(exc))
+            return [None] * len(jobs)
+        self.stats["encoder_calls"] += 1
+        self.stats["merged_requests"] += len(jobs)
+        return parts
+
+    def _call(self, kind: str, items: list, options: dict, index: Any = None, encoded: Any = None) -> list:
+        """One public-API call for one request: a list of results aligned with `items`; `encoded`: its
+        vectors from a merged encoder call (None: the call encodes them)."""
         self.stats["calls"] += 1
         index = index if index is not None else self.index
         hits = {"model_weights": options.get("model_weights"), "min_score": options.get("min_score")}
         if kind == "texts":
-            return index.search_texts(items, options["k"], **hits)
+            return index.search_texts(items, options["k"], vectors=encoded, **hits)
         if kind == "images":  # no decoding processes per call
-            return index.search_images(items, options["k"], workers=0, **hits)
+            return index.search_images(items, options["k"], workers=0, embedded=encoded, **hits)
         if kind == "predict":
-            vectors, neighbours = index.predict_with_neighbours(items, workers=0, **options)
+            vectors, neighbours = index.predict_with_neighbours(items, workers=0, embedded=encoded, **options)
             return list(zip(vectors, neighbours))
         if kind == "interrogate":
-            return index.interrogate(items, options["modifiers"], workers=0)
+            return index.interrogate(items, options["modifiers"], workers=0, embedded=encoded)
         raise ValueError(f"unknown job kind {kind!r}")
 
 
@@ -607,7 +664,8 @@ def create_app(index, *, api_key: str | None = None, limits: ServeLimits | None 
     app = FastAPI(title="img2prompt", version=__version__, lifespan=_lifespan,
                   description="Which prompts made images like this? Ranked prompts for an image or a text, and "
                               "the predicted all-MiniLM-L6-v2 prompt embedding (384-d) of an image.")
-    app.state.serve = ServeState(index=index, limits=limits, worker=ModelWorker(index, limits.queue_size),
+    worker = ModelWorker(index, limits.queue_size, limits.merge_items, limits.merge_wait)
+    app.state.serve = ServeState(index=index, limits=limits, worker=worker,
                                  api_key=api_key.encode() if api_key else None,
                                  page=_page(),  # read once: a missing page fails at start-up, not on a visit
                                  max_k=min(index.count, limits.max_k), reopen=reopen,

@@ -23,13 +23,17 @@ class ServeLimits:
     max_connections: int = 512  # open connections in all
     max_connections_per_client: int = 16  # open connections per client address
     queue_size: int = 64  # requests (fully arrived) waiting for the model; more: 503
+    # Requests waiting together share one encoder call (then each is searched and blended on its own rows):
+    merge_items: int = 64  # images or texts in one merged encoder call; 1 = every request encodes alone
+    merge_wait: float = 0.002  # seconds a call waits for more requests to join it; 0 = only those already queued
 
     def check(self) -> "ServeLimits":
-        """Self, or ValueError naming the first field that is not positive."""
+        """Self, or ValueError naming the first field that is not positive (merge_wait: negative)."""
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not value > 0:
-                raise ValueError(f"{field.name} must be positive (got {value!r})")
+            if not (value >= 0 if field.name == "merge_wait" else value > 0):
+                raise ValueError(f"{field.name} must be {'0 or more' if field.name == 'merge_wait' else 'positive'} "
+                                 f"(got {value!r})")
         if self.max_connections_per_client > self.max_connections:
             raise ValueError("max_connections_per_client must not be over max_connections")
         return self

@@ -13,7 +13,7 @@ import numpy as np
 
 from img2prompt.query.results import ImageInput, SearchResult
 from img2prompt.errors import UserError
-from img2prompt.encoders.image_embed import embed_images, image_label
+from img2prompt.encoders.image_embed import ImageEmbeddings, embed_images, image_label
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, Interrogation, compose_all
 from img2prompt.query.evaluate import eval_options, run_eval
 from img2prompt.query.lookup import run_search
@@ -79,11 +79,14 @@ class Img2PromptIndex:
 
     def predict_with_neighbours(self, images: Sequence[ImageInput], settings: RetrievalSettings | None = None, *,
                                 batch_size: int | None = None, workers: int | None = None, progress: bool = False,
+                                embedded: ImageEmbeddings | None = None,
                                 **values) -> tuple[np.ndarray, list[SearchResult]]:
-        """`predict` plus, per image, the neighbours blended into it (from the same single encoding)."""
+        """`predict` plus, per image, the neighbours blended into it (from the same single encoding).
+        `embedded`: `embed_images(images)` done already (a server merging requests into one encoder call)."""
         settings = self.settings(settings, **values)
         images = list(images)
-        found = retrieve(self.session, images, settings, loading=ImageLoading(batch_size, workers, progress))
+        found = retrieve(self.session, images, settings, loading=ImageLoading(batch_size, workers, progress),
+                         embedded=embedded)
         for position, reason in found.failed.items():
             log.warning("%s: %s; it gets the corpus-mean prediction", image_label(images[position], position), reason)
         predictions = predict_rows(self.session.index, found.neighbours, found.query_vectors, settings)
@@ -92,12 +95,13 @@ class Img2PromptIndex:
 
     def search_images(self, images: Sequence[ImageInput], k: int = 10, *, batch_size: int = 16,
                       workers: int | None = 0, model_weights: str | Sequence[float] | None = None,
-                      min_score: float | None = None) -> list[SearchResult]:
+                      min_score: float | None = None, embedded: ImageEmbeddings | None = None) -> list[SearchResult]:
         """Ranked prompts per image, in input order; an undecodable image gets a result with `error`.
-        min_score: hits scoring under it are left out (the best hit always stays)."""
+        min_score: hits scoring under it are left out (the best hit always stays); `embedded` as for predict."""
         settings = self.settings(k=k, model_weights=model_weights, min_score=min_score)
         images = list(images)
-        found = retrieve(self.session, images, settings, loading=ImageLoading(batch_size, workers))
+        found = retrieve(self.session, images, settings, loading=ImageLoading(batch_size, workers),
+                         embedded=embedded)
         return self._results([image_label(image, i) for i, image in enumerate(images)], found.neighbours,
                              found.failed, settings, found.query_vectors)
 
@@ -113,24 +117,27 @@ class Img2PromptIndex:
         return run_eval(self.session, eval_options(labels, settings, **options))
 
     def interrogate(self, images: Sequence[ImageInput], modifiers: int = DEFAULT_MODIFIERS, *,
-                    batch_size: int | None = None, workers: int | None = 0) -> list[Interrogation]:
+                    batch_size: int | None = None, workers: int | None = 0,
+                    embedded: ImageEmbeddings | None = None) -> list[Interrogation]:
         """A readable prompt per image: the best neighbour's prompt plus the corpus's modifier phrases that
-        CLIP ranks highest for the image (not already in that prompt)."""
+        CLIP ranks highest for the image (not already in that prompt); `embedded` as for predict."""
         vocabulary = self.session.index.phrases
         if vocabulary is None:
             raise UserError(f"{self.session.index.root} has no phrase vocabulary (built before it existed): "
                             "rebuild it with this img2prompt to interrogate")
-        embedded = embed_images(self.session.clip, list(images), batch_size, workers)
+        if embedded is None:
+            embedded = embed_images(self.session.clip, list(images), batch_size, workers)
         results = self._neighbours_for(embedded, len(images), 1)
         return compose_all([image_label(image, i) for i, image in enumerate(images)], embedded, results,
                            self.prompts(results.ids[:, 0]), vocabulary, modifiers)
 
     def search_texts(self, texts: Sequence[str], k: int = 10, *, model_weights: str | Sequence[float] | None = None,
-                     min_score: float | None = None) -> list[SearchResult]:
-        """Ranked prompts per query text (CLIP text → CLIP text), in input order."""
+                     min_score: float | None = None, vectors: np.ndarray | None = None) -> list[SearchResult]:
+        """Ranked prompts per query text (CLIP text → CLIP text), in input order; `vectors`: `embed_texts(texts)`
+        done already (a server merging requests into one encoder call)."""
         settings = self.settings(k=k, model_weights=model_weights, min_score=min_score)
         texts = list(texts)
-        vectors = self.session.clip.text_embeddings(texts).vectors
+        vectors = self.embed_texts(texts) if vectors is None else vectors
         return self._results(texts, self.session.retriever.search(vectors, settings.k, query_kind="text",
                                                                   model_weights=settings.model_weights),
                              settings=settings, query_vectors=vectors)
@@ -151,6 +158,16 @@ class Img2PromptIndex:
             explain=None if explain is None else str(explain), save_npy=None if save_npy is None else str(save_npy),
             strict=strict, settings=self.settings(settings, **values),
             loading=ImageLoading(batch_size, workers, progress)))
+
+    # -- encoders alone (a caller that merges several requests into one model call) ----------------------
+    def embed_images(self, images: Sequence[ImageInput], *, batch_size: int | None = None,
+                     workers: int | None = 0) -> ImageEmbeddings:
+        """CLIP image vectors of `images` (undecodable ones listed in `failed`), for the `embedded=` argument."""
+        return embed_images(self.session.clip, list(images), batch_size, workers)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """CLIP text vectors (float32, unit norm) of `texts`, for search_texts' `vectors=` argument."""
+        return self.session.clip.text_embeddings(list(texts)).vectors
 
     # -- plumbing ---------------------------------------------------------------------------------------
     def _neighbours_for(self, embedded, total: int, k: int, model_weights=None) -> Neighbours:

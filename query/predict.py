@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from img2prompt.encoders.clip_ensemble import split_parts
-from img2prompt.encoders.image_embed import embed_images
+from img2prompt.encoders.image_embed import ImageEmbeddings, embed_images
 from img2prompt.errors import UserError
 from img2prompt.index.reader import PromptIndex
 from img2prompt.query.blend import blend, corpus_mean_prediction, mix_head
@@ -36,14 +36,17 @@ class Retrieved:
 
 
 def retrieve(session: QuerySession, images: Sequence, settings: RetrievalSettings, *, fetch: int | None = None,
-             exclude: list[set[int]] | None = None, loading: ImageLoading | None = None) -> Retrieved:
+             exclude: list[set[int]] | None = None, loading: ImageLoading | None = None,
+             embedded: ImageEmbeddings | None = None) -> Retrieved:
     """Top-`fetch` (default settings.k) neighbours of every image, in one search call; images that cannot be
-    decoded are reported by row, not fatal. `exclude[row]`: ids that row must not return (eval's guard)."""
+    decoded are reported by row, not fatal. `exclude[row]`: ids that row must not return (eval's guard).
+    `embedded`: these images' vectors, already encoded (a server's merged encoder call)."""
     loading = loading or ImageLoading()
     timings = {}
     started = time.perf_counter()
-    embedded = embed_images(session.clip, list(images), loading.batch_size, loading.workers,
-                            progress=loading.progress)
+    if embedded is None:
+        embedded = embed_images(session.clip, list(images), loading.batch_size, loading.workers,
+                                progress=loading.progress)
     timings["decode_encode"] = time.perf_counter() - started
     timings["decode"], timings["encode"] = embedded.decode_s, embedded.encode_s
     started = time.perf_counter()

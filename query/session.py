@@ -14,7 +14,7 @@ from typing import Callable
 from img2prompt.encoders.clip_ensemble import ClipEnsemble, load_clip_ensemble
 from img2prompt.errors import UserError
 from img2prompt.index.reader import PromptIndex, open_index
-from img2prompt.encoders.models import ClipModel, load_text_model, resolve_device
+from img2prompt.encoders.models import ClipModel, canonical_preprocess, load_text_model, resolve_device
 from img2prompt.encoders.parallel import load_replicas
 from img2prompt.query.search import Retriever
 
@@ -44,7 +44,9 @@ def _check_one_clip(built: dict, clip: ClipModel, member: str = "") -> None:
         raise UserError(member + f"the CLIP weights match the index's but the architecture differs ({built['name']!r} "
                         f"at build time, {clip.name!r} here): e.g. ViT-L-14 vs ViT-L-14-quickgelu (another activation "
                         "gives other embeddings), or another open_clip version; load it as the index was built")
-    if built.get("preprocess", clip.preprocess_config) != clip.preprocess_config:
+    # canonical on both sides: indexes built before the fingerprint was canonical hold either spelling
+    if canonical_preprocess(built.get("preprocess", clip.preprocess_config)) != canonical_preprocess(
+            clip.preprocess_config):
         raise UserError(member + f"the CLIP image preprocessing differs from the index's (built: "
                         f"{built['preprocess']!r}; here: {clip.preprocess_config!r}): load the model with the index's "
                         "config")

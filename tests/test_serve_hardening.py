@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
@@ -133,7 +134,13 @@ def test_identical_requests_get_identical_vectors_under_concurrency(client, imag
         answers = list(pool.map(predict, range(24)))
     assert all(answer.status_code == 200 for answer in answers)
     for position in range(0, 24, 3):
-        assert answers[position].json() == want  # bit-identical vectors and neighbours, not just close
+        got = answers[position].json()
+        # requests waiting together share one encoder call: the same neighbours and scores' ranks, vectors equal
+        # to float32 rounding (a CPU kernel's sums depend on the batch it runs in; tests/test_serve_batching.py)
+        assert [[(hit["id"], hit["prompt"]) for hit in p["neighbours"]] for p in got["predictions"]] == \
+            [[(hit["id"], hit["prompt"]) for hit in p["neighbours"]] for p in want["predictions"]]
+        np.testing.assert_allclose([p["vector"] for p in got["predictions"]],
+                                   [p["vector"] for p in want["predictions"]], rtol=0, atol=1e-6)
 
 
 # -- D: slots and slowloris (real sockets) -----------------------------------------------------------------

@@ -75,6 +75,20 @@ class ImageEmbeddings:
     decode_s: float = 0.0  # summed over workers (CPU seconds spent decoding + preprocessing)
     encode_s: float = 0.0  # wall seconds in the image tower
 
+    def split(self, sizes: list[int]) -> list["ImageEmbeddings"]:
+        """The embeddings of consecutive input lists of these sizes (one encoder call for several requests,
+        handed back per request: positions count from each part's start; timings stay with the first)."""
+        parts, start, row = [], 0, 0
+        for number, size in enumerate(sizes):
+            end = start + size
+            ok = [position - start for position in self.ok if start <= position < end]
+            parts.append(ImageEmbeddings(self.vectors[row:row + len(ok)], ok,
+                                         {position - start: reason for position, reason in self.failed.items()
+                                          if start <= position < end},
+                                         self.decode_s if number == 0 else 0.0, self.encode_s if number == 0 else 0.0))
+            start, row = end, row + len(ok)
+        return parts
+
 
 def check_image_loading_args(batch_size: int | None, workers: int | None) -> None:
     if batch_size is not None and batch_size <= 0:

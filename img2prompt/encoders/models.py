@@ -116,7 +116,14 @@ def preprocess_fingerprint(preprocess: Any) -> str:
     steps = getattr(preprocess, "transforms", [preprocess])
     text = "\n".join(getattr(step, "__qualname__", None) or re.sub(r" at 0x[0-9a-f]+", "", repr(step))
                      for step in steps)
-    return text
+    return canonical_preprocess(text)
+
+
+def canonical_preprocess(text: str) -> str:
+    """Sequences written one way: a model created by name carries mean/std as tuples, the same model loaded
+    from a local-dir folder as lists (its JSON config): the same transform must read the same."""
+    text = re.sub(r"\[([^\[\]]*)\]", r"(\1)", text)
+    return re.sub(r",\s*\)", ")", text)
 
 
 def usable_cores() -> int:
@@ -384,38 +391,70 @@ def load_text_model(name_or_path: str | None = None, device: str | torch.device 
                      device=device, folder=str(folder.resolve()) if folder.is_dir() else None)
 
 
-def supports_short_context(clip: ClipModel) -> bool:
-    """True when running the text tower on only the first L positions is exact.
+@dataclass(frozen=True)
+class CausalTextTower:
+    """The parts of an open_clip causal text transformer that its forward runs, wherever they live: on the
+    model itself (open_clip.CLIP: ViT-*, convnext_*) or on its `text` tower (CustomTextCLIP: EVA02-*)."""
+    token_embedding: torch.nn.Module
+    positional_embedding: torch.Tensor
+    transformer: torch.nn.Module
+    attn_mask: torch.Tensor
+    ln_final: torch.nn.Module
+    pool_type: str
+    eos_token_id: int | None
+    text_projection: Any
 
-    That holds for open_clip's CLIP text tower with a causal mask and end-of-text (argmax/eos) pooling:
-    a position never attends to later ones, so the padding after the longest prompt changes nothing.
-    Other towers (HF text encoders, SigLIP's last-token pooling) get the full context.
+
+def causal_text_tower(clip: ClipModel) -> CausalTextTower | None:
+    """The causal text tower when running it on only the first L positions is exact, else None.
+
+    That holds for open_clip's text transformer with a causal mask and end-of-text (argmax/eos) pooling and
+    no padding mask or appended class token: a position never attends to later ones, so the padding after
+    the longest prompt changes nothing. Other towers (HF text encoders, SigLIP's last-token pooling, CoCa)
+    get the full context.
     """
     import open_clip
 
     model = clip.model
-    return (type(model) is open_clip.CLIP and getattr(model, "attn_mask", None) is not None
-            and getattr(model, "text_pool_type", None) in ("argmax", "eos")
-            and isinstance(clip.tokenizer, (open_clip.tokenizer.SimpleTokenizer, FastClipTokenizer)))
+    if not isinstance(clip.tokenizer, (open_clip.tokenizer.SimpleTokenizer, FastClipTokenizer)):
+        return None
+    if type(model) is open_clip.CLIP:
+        owner, pool_type, eos = model, getattr(model, "text_pool_type", None), getattr(model, "text_eos_id", None)
+    elif type(model) is open_clip.CustomTextCLIP and type(model.text) is open_clip.transformer.TextTransformer:
+        owner, pool_type, eos = model.text, getattr(model.text, "pool_type", None), getattr(model.text, "eos_id", None)
+        if getattr(owner, "cls_emb", None) is not None or getattr(owner, "use_pad_mask", False):
+            return None
+    else:
+        return None
+    if getattr(owner, "attn_mask", None) is None or pool_type not in ("argmax", "eos"):
+        return None
+    return CausalTextTower(owner.token_embedding, owner.positional_embedding, owner.transformer, owner.attn_mask,
+                           owner.ln_final, pool_type, eos, owner.text_projection)
+
+
+def supports_short_context(clip: ClipModel) -> bool:
+    """True when running the text tower on only the first L positions is exact (see causal_text_tower)."""
+    return causal_text_tower(clip) is not None
 
 
 def clip_encode_text(clip: ClipModel, tokens: torch.Tensor, short_context: bool = True) -> torch.Tensor:
     """CLIP text features (unnormalised) for token rows; `tokens` may be cut to the batch's longest prompt."""
-    model = clip.model
-    if not (short_context and supports_short_context(clip)) or tokens.shape[1] == clip.context_length:
+    tower = causal_text_tower(clip) if short_context else None
+    if tower is None or tokens.shape[1] == clip.context_length:
         if tokens.shape[1] != clip.context_length:
             tokens = torch.nn.functional.pad(tokens, (0, clip.context_length - tokens.shape[1]))
-        return model.encode_text(tokens)
+        return clip.model.encode_text(tokens)
     from open_clip.transformer import text_global_pool
 
+    # open_clip's own text forward, on the first `length` positions (its causal mask cut to match)
     length = tokens.shape[1]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype)
-    x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    projection = model.text_projection
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast_dtype)
+    x = x + tower.positional_embedding[:length].to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+    x = tower.ln_final(x)
+    x = text_global_pool(x, tokens, tower.pool_type, eos_token_id=tower.eos_token_id)
+    projection = tower.text_projection
     if projection is not None:
         x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
     return x
