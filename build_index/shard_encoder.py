@@ -56,8 +56,8 @@ class EncoderSpec:
 
 def encode_threads(device: str | torch.device) -> int | None:
     """The intra-op thread count a build encodes with: this (the driver's) thread's torch count on CPU, where
-    float32 sums (MKL's GEMM splits its work by thread) may round differently under another count; None on a
-    GPU, whose numbers do not depend on the CPU threads."""
+    a float32 sum split over another number of threads may round differently; None on a GPU, whose numbers do
+    not depend on the CPU threads."""
     return torch.get_num_threads() if torch.device(device).type == "cpu" else None
 
 
