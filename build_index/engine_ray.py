@@ -16,10 +16,14 @@ model files, an index folder or store the node cannot reach) stops it at once. E
 committed: `--resume` continues. With a store, the driver fetches up to RECEIVE_THREADS shards at once and hands
 them to the runner in the order their results came.
 
-Thread counts: an actor runs torch with as many intra-op threads as the CPUs it reserves (1 by default on
-CPU). On the x86 CPUs measured (MKL + oneDNN, torch 2.x), ViT-B-32's text tower and MiniLM give bitwise
-identical float32 outputs with 1, 2, 3 or 4 threads, so the index equals a local build's byte for byte;
-nodes with another CPU instruction set, GPU model or torch build may differ in the last bits.
+Thread counts: every encoder of a CPU build runs torch with the driver's intra-op thread count (recorded in
+the EncoderSpec, applied by ShardEncoder.encode in the actor's encoding thread): a float32 sum split over
+another number of threads can round differently, and one flipped float16 step in minilm.f16 was seen on a
+fresh machine when the driver ran all its cores and the actors one thread each.
+So by default each actor reserves that many CPUs (one actor per that many CPUs of a node, at least one per
+node); an explicit --workers that does not fit shares the CPUs, with the same thread count. To run one actor
+per CPU, start the driver with OMP_NUM_THREADS=1 (then a local build with the same setting is the reference).
+Nodes with another CPU instruction set, GPU model or torch build may still differ in the last bits.
 """
 from __future__ import annotations
 
@@ -220,6 +224,12 @@ def _cpu_share(node_cpus: list[float], workers: int) -> float:
     return sum(node_cpus) / workers
 
 
+def _default_cpu_workers(node_cpus: list[float], threads: int) -> int:
+    """CPU actors when --workers is not given: one per `threads` CPUs of each node (each encodes with the
+    driver's `threads`), at least one on every node with a CPU."""
+    return max(1, sum(max(1, int(cpus // threads)) for cpus in node_cpus if cpus >= 1))
+
+
 def _check_device(device: str, gpus_per_worker: float) -> None:
     """The driver's device fixes the build's precision (fp16 autocast on CUDA): the workers must match it."""
     cuda = device.startswith("cuda")
@@ -260,7 +270,7 @@ class RayEngine(BuildEngine):
         settings = options.engine_options or {}
         if options.workers is not None and options.workers < 1:
             raise UserError("--workers must be at least 1 with --engine ray (the encoding actors; default: one per "
-                            "CPU of the cluster, or one per GPU with --gpus-per-worker 1)")
+                            "GPU with --gpus-per-worker 1, else one per N CPUs, N = the driver's torch threads)")
         gpus = float(settings.get("gpus_per_worker") or 0)
         if gpus < 0:
             raise UserError(f"--gpus-per-worker must be 0 or more (got {gpus:g})")
@@ -307,9 +317,9 @@ class RayEngine(BuildEngine):
             return workers, {"num_cpus": 1, "num_gpus": self.gpus_per_worker}
         if cpus < 1:
             raise UserError("the Ray cluster has no CPU to run workers on")
-        workers = self.workers or int(cpus)
-        nodes = [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
-        return workers, {"num_cpus": _cpu_share(nodes or [cpus], workers)}
+        nodes = [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")] or [cpus]
+        workers = self.workers or _default_cpu_workers(nodes, spec.threads or 1)
+        return workers, {"num_cpus": _cpu_share(nodes, workers)}
 
     # ------------------------------------------------------------------------------------------ running
 
@@ -321,10 +331,11 @@ class RayEngine(BuildEngine):
         try:
             workers, resources = self._plan(spec)
             actor_spec = replace(spec, device="cuda") if spec.device.startswith("cuda") else spec
-            threads = max(1, int(resources["num_cpus"]))
+            # the actor's own threads (tokenizing, the GPU build's CPU side); encoding uses spec.threads on CPU
+            threads = spec.threads or max(1, int(resources["num_cpus"]))
             options = {**resources, "max_concurrency": IN_FLIGHT_PER_WORKER + 1}  # + the progress query
-            log.info("ray: %d workers (%s each) on a cluster of %s", workers,
-                     ", ".join(f"{key} {value:g}" for key, value in resources.items()),
+            log.info("ray: %d workers (%s each, %d torch threads) on a cluster of %s", workers,
+                     ", ".join(f"{key} {value:g}" for key, value in resources.items()), threads,
                      {key: value for key, value in ray.cluster_resources().items() if key in ("CPU", "GPU")})
             spec_ref = ray.put(actor_spec)
             crash, cwd = os.environ.get(CRASH_ENV), os.getcwd()

@@ -24,7 +24,7 @@ from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE, check_pair_files
 from img2prompt.build_index.phrases import MIN_COUNT, mine_phrases
 from img2prompt.build_index.precomputed import check_against_model, misaligned, open_precomputed
 from img2prompt.index.ridge import RidgeAccumulator
-from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
+from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder, encode_threads
 from img2prompt import storage
 from img2prompt.errors import UserError
 from img2prompt.memory import max_workers
@@ -156,9 +156,10 @@ def run_build(options: BuildOptions) -> BuildResult:
                  "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars,
                  **({"pairs": [file_fingerprint(path) for path in pair_paths]} if pair_paths else {})}
     writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
-    encoder = ShardEncoder(clip, text_model, options.batch_size, precomputed, text_replicas)
+    threads = encode_threads(device)  # the driver's: a Ray worker encodes with it too (same bits)
+    encoder = ShardEncoder(clip, text_model, options.batch_size, precomputed, text_replicas, threads)
     spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
-                       options.batch_size, options.embeddings, models)
+                       options.batch_size, options.embeddings, models, threads)
     try:
         return BuildJob(writer, engine, encoder, spec, paths, pair_paths, models, device, total_rows, options,
                         timer).run()

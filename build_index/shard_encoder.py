@@ -2,6 +2,7 @@
 cluster node that sees the index folder). Models load once per encoder, never per shard."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class EncoderSpec:
     """How to make a ShardEncoder anywhere (picklable): model names, device, batch size, precomputed files,
-    and the identities the driver loaded, which a remote encoder must reproduce."""
+    the identities the driver loaded, which a remote encoder must reproduce, and the torch intra-op thread
+    count every encoder of the build runs with on CPU (`encode_threads`: the driver's)."""
     clip_model: str | list[str]
     clip_pretrained: str | list | None
     text_model: str | None
@@ -38,6 +40,7 @@ class EncoderSpec:
     batch_size: int
     embeddings: list[str] | None = None
     identities: dict = field(default_factory=dict)
+    threads: int | None = None
 
     def load(self) -> "ShardEncoder":
         device = resolve_device(self.device)
@@ -48,14 +51,40 @@ class EncoderSpec:
             raise UserError("a build worker loaded other models than the driver: the model files differ between "
                             "machines; give every node the same weights")
         precomputed = open_precomputed(self.embeddings) if self.embeddings else None
-        return ShardEncoder(clip, text_model, self.batch_size, precomputed)
+        return ShardEncoder(clip, text_model, self.batch_size, precomputed, threads=self.threads)
+
+
+def encode_threads(device: str | torch.device) -> int | None:
+    """The intra-op thread count a build encodes with: this (the driver's) thread's torch count on CPU, where
+    a float32 sum split over another number of threads may round differently; None on a GPU, whose numbers do
+    not depend on the CPU threads."""
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else None
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None):
+    """torch's intra-op threads set to `threads` in the calling thread for the block (OpenMP's setting is per
+    thread: a worker thread starts with the process default, not the count its creator set)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class ShardEncoder:
     def __init__(self, clip: ClipEnsemble, text_model: TextModel, batch_size: int,
-                 precomputed: PrecomputedVectors | None = None, text_replicas: list[TextModel] | None = None) -> None:
+                 precomputed: PrecomputedVectors | None = None, text_replicas: list[TextModel] | None = None,
+                 threads: int | None = None) -> None:
         self.clip, self.text_model, self.batch_size, self.precomputed = clip, text_model, batch_size, precomputed
         self.text_replicas = text_replicas or [text_model]  # MiniLM on each device of a multi-device --device
+        # One thread count wherever the build's shards are encoded (driver, Ray actor), so their vectors agree
+        # bit for bit; None: the calling thread's count.
+        self.threads = threads
 
     @property
     def tokenizers(self) -> Tokenizers:
@@ -65,6 +94,11 @@ class ShardEncoder:
                progress: Callable[[int], None] | None = None) -> tuple[dict, dict]:
         """Encode the shard, write its files atomically into `root`; (record to commit, phase seconds).
         `progress(rows)` is called as batches finish (each row once, over the CLIP and the MiniLM pass)."""
+        with intra_op_threads(self.threads):
+            return self._encode(shard, root, progress)
+
+    def _encode(self, shard: TokenizedShard, root: str | Path,
+                progress: Callable[[int], None] | None = None) -> tuple[dict, dict]:
         rows = RowProgress(progress, passes=2)
         if shard.task.images is not None:
             return self._encode_images(shard, root, rows)

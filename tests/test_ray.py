@@ -16,7 +16,8 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the optional `ray` extra is not installed (pip install 'img2prompt[ray]')")
 
-from img2prompt.build_index.engine_ray import CRASH_ENV, _check_reachable, _cpu_share  # noqa: E402
+from img2prompt.build_index.engine_ray import (CRASH_ENV, _check_reachable, _cpu_share,  # noqa: E402
+                                              _default_cpu_workers)
 from img2prompt.build_index.runner import BuildOptions, run_build  # noqa: E402
 from img2prompt.errors import UserError  # noqa: E402
 from img2prompt.index.layout import CLIP_VECTORS, MANIFEST, MINILM, MINILM_MEAN, PROMPTS  # noqa: E402
@@ -72,9 +73,56 @@ def test_the_local_engine_never_imports_ray():
 
 
 def test_actor_cpus_fit_the_nodes():
-    assert _cpu_share([2], 2) == 1 and _cpu_share([2], 1) == 2  # whole CPUs = the actor's torch threads
+    assert _cpu_share([2], 2) == 1 and _cpu_share([2], 1) == 2  # whole CPUs per actor
     assert _cpu_share([8, 32], 4) == 8  # 10 each would not fit: the 8-CPU node holds none
     assert _cpu_share([2], 3) == pytest.approx(2 / 3)  # more workers than CPUs: fractions
+
+
+def test_a_worker_encodes_with_the_drivers_thread_count(tmp_path, tiny_clip_dir, monkeypatch):
+    """The driver runs 3 torch threads; the worker reserves 1 CPU and encodes in a thread of its own (as a
+    threaded Ray actor does): both the CLIP and the MiniLM pass still run with the driver's 3 threads, since
+    float32 sums can round differently with another count (the index must equal a local build's)."""
+    import threading
+
+    import torch
+
+    from img2prompt.build_index import shard_encoder
+    from img2prompt.build_index.engine_ray import _ShardWorker
+    from img2prompt.build_index.shard_encoder import EncoderSpec, encode_threads
+    from img2prompt.build_index.shard_store import SharedFolder
+    from img2prompt.index.writer import ShardTask
+
+    seen = []
+    for name in ("embed_tokens_parallel", "minilm_ids_parallel"):
+        real = getattr(shard_encoder, name)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(torch.get_num_threads())
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(shard_encoder, name, spy)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        spec = EncoderSpec(str(tiny_clip_dir), None, None, "cpu", BATCH_SIZE, threads=encode_threads("cpu"))
+    finally:
+        torch.set_num_threads(saved)
+    (tmp_path / MANIFEST).write_text("{}")  # SharedFolder.check_worker: the index folder is visible
+    worker = _ShardWorker(spec, 1, str(tmp_path), SharedFolder(str(tmp_path)))
+    task = ShardTask(0, 0, ["a castle on a hill", "a portrait of a cat, oil painting", "a red car"])
+    results = []
+    thread = threading.Thread(target=lambda: results.append(worker.encode(task, 0)))
+    thread.start()
+    thread.join()
+    assert results and results[0][0]["count"] == 3
+    assert seen == [3, 3]
+
+
+def test_default_workers_run_the_drivers_thread_count_each():
+    assert _default_cpu_workers([2], 2) == 1 and _default_cpu_workers([2], 1) == 2
+    assert _default_cpu_workers([16, 16], 8) == 4
+    assert _default_cpu_workers([4, 32], 16) == 3  # a node smaller than the count still runs one
+    assert _default_cpu_workers([0.5], 4) == 1
 
 
 def test_settings_that_cannot_work_fail_before_the_folder_is_made(tmp_path, corpus_file, tiny_clip_dir):
