@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from img2prompt.errors import UserError
 from img2prompt.query.results import ImageInput, SearchResult
-from img2prompt.query.settings import ImageLoading, RetrievalSettings, SettingError
+from img2prompt.query.settings import WEIGHTINGS, ImageLoading, RetrievalSettings, SettingError
 
 
 def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip_pretrained: str | None = None,
@@ -141,5 +141,5 @@ def npy_ids_path(npy: str | Path) -> Path:
     return ids_path(npy)
 
 
-__all__ = ["add", "build", "merge", "build_choices", "check_environment", "check_query", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError",
+__all__ = ["add", "build", "merge", "build_choices", "check_environment", "check_query", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError", "WEIGHTINGS",
            "format_search", "format_eval_report", "npy_ids_path"]

@@ -23,6 +23,8 @@ EPILOG_SUBMIT = """examples:
       --sample-submission /kaggle/input/stable-diffusion-image-to-prompts/sample_submission.csv \\
       --clip-model ViT-L-14 --clip-pretrained /kaggle/input/clip-vit-l14/open_clip_pytorch_model.bin
   img2prompt submit out/index images/ --k 30 --temperature 0.03 --explain explain.csv
+  img2prompt submit out/index images/ --k 120 --weighting inverse-distance   # the public CLIP kNN notebook's
+  img2prompt submit out/index images/ --k 120 --weighting inverse-distance --power 8 --epsilon 1e-3
 """
 EPILOG_SEARCH = """examples:
   img2prompt search out/index --image a.png --image b.jpg --k 5
@@ -35,6 +37,7 @@ EPILOG_INTERROGATE = """examples:
 EPILOG_EVAL = """examples:
   img2prompt eval out/index --labels prompts.csv --images images/ --sweep --plot sweep.png --out report.json
   img2prompt eval out/index --labels heldout.csv --exclude-exact --sweep      # text-only mode
+  img2prompt eval out/index --labels prompts.csv --images images/ --k 120 --weighting inverse-distance --power 6
 """
 
 
@@ -46,6 +49,15 @@ def _add_blend_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--k", type=int, default=default.k, help=f"neighbours blended (default {default.k})")
     group.add_argument("--temperature", type=float, default=default.temperature,
                        help=f"softmax temperature over similarities (default {default.temperature})")
+    from img2prompt.api import WEIGHTINGS
+
+    group.add_argument("--weighting", choices=WEIGHTINGS, default=default.weighting,
+                       help="neighbour weights: softmax(similarity / temperature), or inverse-distance "
+                            f"1 / (d^POWER + EPSILON) with d = 1 − cosine (default {default.weighting})")
+    group.add_argument("--power", type=float, default=default.power,
+                       help=f"inverse-distance: the power of d (default {default.power:g})")
+    group.add_argument("--epsilon", type=float, default=default.epsilon,
+                       help=f"inverse-distance: added to d^POWER (default {default.epsilon:g})")
     group.add_argument("--alpha", type=float, default=default.alpha,
                        help=f"shrinkage towards the corpus-mean vector, 0..1 (default {default.alpha})")
     group.add_argument("--consensus", type=float, default=default.consensus, metavar="GAMMA",
@@ -274,7 +286,8 @@ def _settings(args):
     from img2prompt.api import RetrievalSettings
 
     return RetrievalSettings(k=args.k, temperature=args.temperature, alpha=args.alpha, consensus=args.consensus,
-                             beta=args.beta, model_weights=args.model_weights, min_score=args.min_score)
+                             beta=args.beta, model_weights=args.model_weights, min_score=args.min_score,
+                             weighting=args.weighting, power=args.power, epsilon=args.epsilon)
 
 
 def _loading(args) -> dict:
