@@ -90,7 +90,7 @@ def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None
 
 
 def check_query(command: str, index: str | Path, settings: RetrievalSettings, **paths: Any) -> None:
-    """Everything `command` ("search", "submit", "eval") can refuse from its arguments, the manifest and the
+    """Everything `command` ("search", "submit", "eval"; any other: the settings alone) can refuse from its arguments, the manifest and the
     file system, in well under a second (no torch, no model): what the CLI runs before opening the index."""
     from img2prompt.query import preflight
 

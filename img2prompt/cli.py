@@ -8,7 +8,8 @@ import os
 import sys
 from typing import Sequence
 
-from img2prompt.cli_common import add_model_flags, parse_bytes
+from img2prompt.cli_common import (add_blend_flags, add_min_score_flag, add_model_flags, add_model_weights_flag,
+                                   parse_bytes, settings_of)
 from img2prompt.errors import UserError
 from img2prompt.memory import fix_mmap_threshold
 
@@ -39,45 +40,6 @@ EPILOG_EVAL = """examples:
   img2prompt eval out/index --labels heldout.csv --exclude-exact --sweep      # text-only mode
   img2prompt eval out/index --labels prompts.csv --images images/ --k 120 --weighting inverse-distance --power 6
 """
-
-
-def _add_blend_flags(parser: argparse.ArgumentParser) -> None:
-    from img2prompt.api import RetrievalSettings
-
-    default = RetrievalSettings()
-    group = parser.add_argument_group("prediction (provisional defaults: tune with `img2prompt eval --sweep`)")
-    group.add_argument("--k", type=int, default=default.k, help=f"neighbours blended (default {default.k})")
-    group.add_argument("--temperature", type=float, default=default.temperature,
-                       help=f"softmax temperature over similarities (default {default.temperature})")
-    from img2prompt.api import WEIGHTINGS
-
-    group.add_argument("--weighting", choices=WEIGHTINGS, default=default.weighting,
-                       help="neighbour weights: softmax(similarity / temperature), or inverse-distance "
-                            f"1 / (d^POWER + EPSILON) with d = 1 − cosine (default {default.weighting})")
-    group.add_argument("--power", type=float, default=default.power,
-                       help=f"inverse-distance: the power of d (default {default.power:g})")
-    group.add_argument("--epsilon", type=float, default=default.epsilon,
-                       help=f"inverse-distance: added to d^POWER (default {default.epsilon:g})")
-    group.add_argument("--alpha", type=float, default=default.alpha,
-                       help=f"shrinkage towards the corpus-mean vector, 0..1 (default {default.alpha})")
-    group.add_argument("--consensus", type=float, default=default.consensus, metavar="GAMMA",
-                       help="re-weight the neighbours by their agreement with the others, w·exp(GAMMA·agreement) "
-                            f"(default {default.consensus}: off)")
-    group.add_argument("--beta", type=float, default=default.beta,
-                       help="share of the index's regression head (ridge CLIP → MiniLM) in the prediction, 0..1 "
-                            f"(default {default.beta}: off)")
-    _add_model_weights_flag(group)
-    _add_min_score_flag(group, "neighbours scoring under S leave the blend (the best one always stays); with several "
-                               "CLIP models, under S for any one model")
-
-
-def _add_model_weights_flag(group) -> None:
-    group.add_argument("--model-weights", metavar="W1,W2,...",
-                       help="an index built with several --clip-model: weigh the models' cosines (default: equal)")
-
-
-def _add_min_score_flag(group, text: str) -> None:
-    group.add_argument("--min-score", type=float, metavar="S", help=f"{text} (default: off)")
 
 
 def _add_image_flags(parser: argparse.ArgumentParser) -> None:
@@ -204,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fail on an undecodable image instead of giving it the corpus-mean prediction")
     _add_image_flags(submit)
     submit.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_blend_flags(submit)
+    add_blend_flags(submit)
     add_model_flags(submit, for_build=False)
 
     search = commands.add_parser("search", parents=[common], help="rank the index's prompts for images or a text",
@@ -218,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--k", type=int, default=10, help="results per query (default 10)")
     search.add_argument("--json", action="store_true",
                         help="JSON: [{query, results: [{rank, score, prompt, id, key}]}] (key: text or image)")
-    _add_model_weights_flag(search)
-    _add_min_score_flag(search, "leave out hits scoring under S (the best hit always stays)")
+    add_model_weights_flag(search)
+    add_min_score_flag(search, "leave out hits scoring under S (the best hit always stays)")
     add_model_flags(search, for_build=False)
 
     interrogate = commands.add_parser(
@@ -257,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="score a captioner's imgId,prompt texts beside retrieval on the same images, with "
                                "the paired difference and its CI (repeatable)")
     _add_image_flags(evaluate)
-    _add_blend_flags(evaluate)
+    add_blend_flags(evaluate)
     add_model_flags(evaluate, for_build=False)
 
     from img2prompt.cli_kit import add_parser as add_kaggle_kit_parser
@@ -279,15 +241,6 @@ def _open(args):
 
     return open_index(args.index, device=args.device, clip_model=args.clip_model,
                       clip_pretrained=args.clip_pretrained, text_model=args.text_model, verify=args.verify, lazy=True)
-
-
-def _settings(args):
-    """The flags onto the one RetrievalSettings (validated as it is made; its errors name our flags)."""
-    from img2prompt.api import RetrievalSettings
-
-    return RetrievalSettings(k=args.k, temperature=args.temperature, alpha=args.alpha, consensus=args.consensus,
-                             beta=args.beta, model_weights=args.model_weights, min_score=args.min_score,
-                             weighting=args.weighting, power=args.power, epsilon=args.epsilon)
 
 
 def _loading(args) -> dict:
@@ -361,7 +314,7 @@ def cmd_build(args) -> None:
 def cmd_submit(args) -> None:
     from img2prompt.api import check_query
 
-    settings, loading = _settings(args), _loading(args)
+    settings, loading = settings_of(args), _loading(args)
     check_query("submit", args.index, settings, images=args.images, out=args.out, explain=args.explain,
                 save_npy=args.save_npy, sample_submission=args.sample_submission)
     with _open(args) as index:
@@ -421,7 +374,7 @@ def cmd_interrogate(args) -> None:
 def cmd_eval(args) -> None:
     from img2prompt.api import check_query, format_eval_report
 
-    settings, loading = _settings(args), _loading(args)
+    settings, loading = settings_of(args), _loading(args)
     check_query("eval", args.index, settings, labels=args.labels, images=args.images, out=args.out, plot=args.plot,
                 sweep=args.sweep, captions=args.captions)
     with _open(args) as index:

@@ -44,3 +44,49 @@ def add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool, clip_re
     group.add_argument("--device", default="auto",
                        help="auto (cuda if present), cpu, cuda, cuda:N, or several GPUs: cuda:0,cuda:1 or cuda:all "
                             "(data-parallel encoding, same vectors as one GPU; search uses the first) (default: auto)")
+
+
+def add_blend_flags(parser: argparse.ArgumentParser) -> None:
+    from img2prompt.api import WEIGHTINGS, RetrievalSettings
+
+    default = RetrievalSettings()
+    group = parser.add_argument_group("prediction (provisional defaults: tune with `img2prompt eval --sweep`)")
+    group.add_argument("--k", type=int, default=default.k, help=f"neighbours blended (default {default.k})")
+    group.add_argument("--temperature", type=float, default=default.temperature,
+                       help=f"softmax temperature over similarities (default {default.temperature})")
+    group.add_argument("--weighting", choices=WEIGHTINGS, default=default.weighting,
+                       help="neighbour weights: softmax(similarity / temperature), or inverse-distance "
+                            f"1 / (d^POWER + EPSILON) with d = 1 − cosine (default {default.weighting})")
+    group.add_argument("--power", type=float, default=default.power,
+                       help=f"inverse-distance: the power of d (default {default.power:g})")
+    group.add_argument("--epsilon", type=float, default=default.epsilon,
+                       help=f"inverse-distance: added to d^POWER (default {default.epsilon:g})")
+    group.add_argument("--alpha", type=float, default=default.alpha,
+                       help=f"shrinkage towards the corpus-mean vector, 0..1 (default {default.alpha})")
+    group.add_argument("--consensus", type=float, default=default.consensus, metavar="GAMMA",
+                       help="re-weight the neighbours by their agreement with the others, w·exp(GAMMA·agreement) "
+                            f"(default {default.consensus}: off)")
+    group.add_argument("--beta", type=float, default=default.beta,
+                       help="share of the index's regression head (ridge CLIP → MiniLM) in the prediction, 0..1 "
+                            f"(default {default.beta}: off)")
+    add_model_weights_flag(group)
+    add_min_score_flag(group, "neighbours scoring under S leave the blend (the best one always stays); with several "
+                               "CLIP models, under S for any one model")
+
+
+def add_model_weights_flag(group) -> None:
+    group.add_argument("--model-weights", metavar="W1,W2,...",
+                       help="an index built with several --clip-model: weigh the models' cosines (default: equal)")
+
+
+def add_min_score_flag(group, text: str) -> None:
+    group.add_argument("--min-score", type=float, metavar="S", help=f"{text} (default: off)")
+
+
+def settings_of(args):
+    """The flags onto the one RetrievalSettings (validated as it is made; its errors name our flags)."""
+    from img2prompt.api import RetrievalSettings
+
+    return RetrievalSettings(k=args.k, temperature=args.temperature, alpha=args.alpha, consensus=args.consensus,
+                             beta=args.beta, model_weights=args.model_weights, min_score=args.min_score,
+                             weighting=args.weighting, power=args.power, epsilon=args.epsilon)
