@@ -70,13 +70,14 @@ def merge(indexes: Sequence[str | Path], out: str | Path, *, clip_model: str | S
 
 def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None = None,
                clip_pretrained: str | None = None, text_model: str | None = None, verify: bool = False,
-               lazy: bool = False):
+               lazy: bool = False, precision: str | None = None):
     """Open a built index with its CLIP model; returns an `Img2PromptIndex` (also a context manager).
 
     clip_model / clip_pretrained re-point to where the index's CLIP weights live on this machine (e.g. a kit's
     `clip/` folder); the weights and architecture must be the ones the index was built with. lazy: read and
     check the manifest now, load the models on first use (what the CLI does, so that a bad argument is
-    refused in well under a second).
+    refused in well under a second). precision: "fp32", "fp16" or "bf16" for the CLIP towers (default: fp16
+    autocast on CUDA, fp32 on CPU).
     """
     from img2prompt.query.engine import Img2PromptIndex
     from img2prompt.storage import is_url
@@ -86,7 +87,7 @@ def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None
 
         path = fetch(path)
     return Img2PromptIndex.open(path, device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,
-                                text_model=text_model, verify=verify, lazy=lazy)
+                                text_model=text_model, verify=verify, lazy=lazy, precision=precision)
 
 
 def check_query(command: str, index: str | Path, settings: RetrievalSettings, **paths: Any) -> None:

@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from img2prompt.cli_common import (add_blend_flags, add_min_score_flag, add_model_flags, add_model_weights_flag,
-                                   parse_bytes, settings_of)
+                                   parse_bytes, settings_of, show_models_line)
 from img2prompt.errors import UserError
 from img2prompt.memory import fix_mmap_threshold
 
@@ -239,7 +239,7 @@ def _open(args):
     the models load on first use, so argument errors come before seconds of model loading."""
     from img2prompt.api import open_index
 
-    return open_index(args.index, device=args.device, clip_model=args.clip_model,
+    return open_index(args.index, device=args.device, precision=args.precision, clip_model=args.clip_model,
                       clip_pretrained=args.clip_pretrained, text_model=args.text_model, verify=args.verify, lazy=True)
 
 
@@ -278,8 +278,8 @@ def cmd_build(args) -> None:
     result = build(
         args.corpus, args.out, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
         text_model=args.text_model, column=args.column, batch_size=args.batch_size, device=args.device,
-        shard_size=args.shard_size, index=args.index, max_memory=args.max_memory, resume=args.resume,
-        overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers,
+        precision=args.precision, shard_size=args.shard_size, index=args.index, max_memory=args.max_memory,
+        resume=args.resume, overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers,
         embeddings=args.embeddings, engine=args.engine, pairs=args.pairs, regression=args.regression,
         minilm_dtype=args.minilm_dtype, key_dims=args.key_dims, near_dup=args.near_dup,
         engine_options={name.removeprefix("engine_"): value for name, value in vars(args).items()
@@ -417,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("img2prompt").setLevel(level)
+    show_models_line()  # "models on cpu (float32)": one bare line per command that loads models
     # FAISS's loader tries its AVX-512/AVX2 builds in turn and logs each miss as a ModuleNotFoundError at debug
     # level: not an error (the next build loads), so it stays out of -v.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)

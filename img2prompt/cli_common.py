@@ -3,6 +3,24 @@ neither imports the other (cli imports cli_serve to add its parser)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+
+
+class _BareLine(logging.Handler):
+    """A log record as its message alone on stderr (sys.stderr looked up per line, as print does)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+def show_models_line() -> None:
+    """The "models on DEVICE (DTYPE)" line (img2prompt.models, encoders/precision.py) as a bare stderr line at
+    default verbosity (the level of the img2prompt logger: -q hides it), not as "INFO module: ..."."""
+    logger = logging.getLogger("img2prompt.models")
+    logger.propagate = False
+    if not any(isinstance(handler, _BareLine) for handler in logger.handlers):
+        logger.addHandler(_BareLine())
 
 
 def parse_bytes(text: str) -> int:
@@ -43,7 +61,13 @@ def add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool, clip_re
         group.add_argument("--text-model", help="check that this scorer is the one the index was built with")
     group.add_argument("--device", default="auto",
                        help="auto (cuda if present), cpu, cuda, cuda:N, or several GPUs: cuda:0,cuda:1 or cuda:all "
-                            "(data-parallel encoding, same vectors as one GPU; search uses the first) (default: auto)")
+                            "(data-parallel encoding, same vectors as one GPU; search uses the first); cuda without "
+                            "a usable GPU is an error, never a CPU fall-back (default: auto)")
+    if clip_required or not for_build:  # add and merge encode as the index was built
+        group.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                           help="what the CLIP towers compute in: fp32, or fp16 / bf16 autocast (default: fp16 on "
+                                "CUDA, fp32 on CPU; e.g. --device cpu --precision bf16 on a CPU with bf16 "
+                                "support)" + ("; recorded in the index, a resume keeps it" if for_build else ""))
 
 
 def add_blend_flags(parser: argparse.ArgumentParser) -> None:

@@ -756,7 +756,7 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *,
 def serve(index_path: str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           api_key: str | None = None, limits: ServeLimits | None = None, allowed_hosts: Sequence[str] = (),
           clip_model: str | None = None, clip_pretrained: str | None = None, text_model: str | None = None,
-          verify: bool = False, log_level: str = "info") -> None:
+          verify: bool = False, log_level: str = "info", precision: str | None = None) -> None:
     """Open the index once, then serve it until interrupted (Ctrl+C)."""
     from img2prompt.api import open_index
 
@@ -768,7 +768,7 @@ def serve(index_path: str, *, host: str = "127.0.0.1", port: int = 8000, device:
         if not api_key and host not in LOOPBACK_NAMES:
             log.warning("serving on %s without --api-key: anyone who can reach this address can query it", host)
         opening = dict(device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,
-                       text_model=text_model, verify=verify)
+                       text_model=text_model, verify=verify, precision=precision)
         with open_index(index_path, **opening) as index:
             app = create_app(index, api_key=api_key, limits=limits, host=host, allowed_hosts=allowed_hosts,
                              reopen=lambda: open_index(index_path, **opening))  # POST /admin/reload

@@ -35,8 +35,8 @@ class Img2PromptIndex:
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", clip_model: str | None = None,
              clip_pretrained: str | None = None, text_model: str | None = None,
-             verify: bool = False, lazy: bool = False) -> "Img2PromptIndex":
-        overrides = ModelOverrides(clip_model, clip_pretrained, text_model)
+             verify: bool = False, lazy: bool = False, precision: str | None = None) -> "Img2PromptIndex":
+        overrides = ModelOverrides(clip_model, clip_pretrained, text_model, precision)
         session = open_session(str(path), overrides, device, verify, lazy=lazy)
         if not lazy:
             session.retriever  # load the search backend now, not inside the first query
