@@ -76,20 +76,32 @@ def neighbour_weights(scores: np.ndarray, ids: np.ndarray, minilm: np.ndarray, *
     return consensus_weights(weights, neighbours, consensus), neighbours
 
 
+# The k-NN part holds [rows, k, dim] float64 neighbour vectors (and, with consensus, two more of that size):
+# queries are blended in chunks of at most this many values, so k in the hundreds over 16k images stays
+# ~128 MiB per array instead of growing with the number of images.
+BLEND_CHUNK_VALUES = 1 << 24
+
+
 def blend(scores: np.ndarray, ids: np.ndarray, minilm: np.ndarray, *, k: int, temperature: float,
           alpha: float = 0.0, corpus_mean: np.ndarray | None = None, consensus: float = 0.0,
           weighting: str = "softmax", power: float = 6.0, epsilon: float = 1e-4) -> np.ndarray:
     """float32 [n, dim] unit-norm predictions from the first k of each row's neighbours (sorted best first).
     The settings are valid here (query/settings.py checked them); -inf scores get weight 0."""
     scores, ids = np.asarray(scores)[:, :k], np.asarray(ids)[:, :k]
-    weights, neighbours = neighbour_weights(scores, ids, minilm, temperature=temperature, consensus=consensus,
-                                            weighting=weighting, power=power, epsilon=epsilon)
-    knn = normalise_rows(np.einsum("nk,nkd->nd", weights, neighbours))
-    if alpha > 0:
-        if corpus_mean is None:
-            raise ValueError("alpha > 0 needs the corpus mean")
-        knn = (1 - alpha) * knn + alpha * normalise_rows(np.asarray(corpus_mean, dtype=np.float64)[None, :])
-    return normalise_rows(knn).astype(np.float32)
+    if alpha > 0 and corpus_mean is None:
+        raise ValueError("alpha > 0 needs the corpus mean")
+    out = np.empty((len(ids), minilm.shape[1]), dtype=np.float32)
+    step = max(1, BLEND_CHUNK_VALUES // max(1, ids.shape[1] * minilm.shape[1]))
+    for start in range(0, len(ids), step):  # whole chunks of queries; each row is blended on its own
+        rows = slice(start, start + step)
+        weights, neighbours = neighbour_weights(scores[rows], ids[rows], minilm, temperature=temperature,
+                                                consensus=consensus, weighting=weighting, power=power,
+                                                epsilon=epsilon)
+        knn = normalise_rows(np.einsum("nk,nkd->nd", weights, neighbours))
+        if alpha > 0:
+            knn = (1 - alpha) * knn + alpha * normalise_rows(np.asarray(corpus_mean, dtype=np.float64)[None, :])
+        out[rows] = normalise_rows(knn)
+    return out
 
 
 def mix_head(predictions: np.ndarray, head: np.ndarray | None, beta: float) -> np.ndarray:

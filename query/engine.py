@@ -70,8 +70,8 @@ class Img2PromptIndex:
                 **values) -> np.ndarray:
         """float32 [n, 384] unit-norm predictions, one per image (paths or PIL images), in input order.
 
-        `settings`: a RetrievalSettings (k, temperature, alpha, consensus, beta, model_weights, min_score; see
-        query/settings.py), or its fields as keywords (`predict(images, k=5)`). An image that cannot be decoded
+        `settings`: a RetrievalSettings (k, temperature, weighting, power, epsilon, alpha, consensus, beta,
+        model_weights, min_score; see query/settings.py), or its fields as keywords (`predict(images, k=5)`). An image that cannot be decoded
         gets the corpus-mean prediction and a warning.
         """
         return self.predict_with_neighbours(images, settings, batch_size=batch_size, workers=workers,

@@ -121,3 +121,16 @@ def test_inverse_distance_power_and_epsilon_and_missing_neighbours():
     # a cosine a rounding over 1 is distance 0 (weight 1/epsilon), not NaN under a fractional power
     weights = inverse_distance_weights(np.array([[1.0000001, 0.5]]), power=1.5, epsilon=1e-4)
     assert np.isfinite(weights).all() and weights[0, 0] > 0.99
+
+
+def test_blending_in_chunks_of_queries_gives_the_same_rows(monkeypatch):
+    from img2prompt.query import blend as blend_module
+
+    rng = np.random.default_rng(1)
+    minilm = rng.standard_normal((50, 8)).astype(np.float16)
+    scores = -np.sort(-rng.uniform(0.0, 1.0, (7, 5)), axis=1)
+    ids = rng.integers(0, 50, (7, 5))
+    options = dict(k=5, temperature=0.1, consensus=2.0, alpha=0.3, corpus_mean=np.ones(8))
+    whole = blend(scores, ids, minilm, **options)
+    monkeypatch.setattr(blend_module, "BLEND_CHUNK_VALUES", 2 * 5 * 8)  # two queries per chunk: 4 chunks
+    np.testing.assert_array_equal(blend(scores, ids, minilm, **options), whole)
