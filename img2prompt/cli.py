@@ -18,6 +18,7 @@ EPILOG_BUILD = """examples:
       --clip-pretrained /models/open_clip_pytorch_model.bin
   img2prompt build 'corpora/*.parquet' --column prompt --out idx --clip-model local-dir:/models/clip-vit-l14
   img2prompt build big.txt --out idx --clip-model ViT-L-14 --clip-pretrained openai --resume   # after a crash
+  img2prompt build big.txt --out idx --clip-model ViT-L-14 --clip-pretrained openai --device cuda:0 --precision bf16
 """
 EPILOG_SUBMIT = """examples:
   img2prompt submit out/index /kaggle/input/stable-diffusion-image-to-prompts/images \\
@@ -26,6 +27,7 @@ EPILOG_SUBMIT = """examples:
   img2prompt submit out/index images/ --k 30 --temperature 0.03 --explain explain.csv
   img2prompt submit out/index images/ --k 120 --weighting inverse-distance   # the public CLIP kNN notebook's
   img2prompt submit out/index images/ --k 120 --weighting inverse-distance --power 8 --epsilon 1e-3
+  img2prompt submit out/index images/ --device cpu --precision bf16    # CLIP towers in bf16 on the CPU
 """
 EPILOG_SEARCH = """examples:
   img2prompt search out/index --image a.png --image b.jpg --k 5
