@@ -44,6 +44,7 @@ from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.build_index.shards import plan_shards
 from img2prompt.encoders.clip_ensemble import load_named_clips
 from img2prompt.encoders.models import load_text_model, resolve_device
+from img2prompt.encoders.precision import announce_models
 from img2prompt.encoders.prompts import dedup_key
 from img2prompt.errors import UserError
 from img2prompt.index.append import AppendedRows, append_segment, link_file
@@ -118,6 +119,7 @@ def load_index_models(options, root: Path, manifest: dict, device, timer: PhaseT
     with timer.phase("load_models"):
         clip = load_named_clips(options.clip_model, options.clip_pretrained, device)
         text_model = load_text_model(options.text_model, device)
+    announce_models([device], None)  # the command's one line: where the models run
     models = {"clip": clip.identity(), "text": text_model.identity()}
     check_models(root, manifest, models)
     return clip, text_model, models

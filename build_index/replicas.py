@@ -18,5 +18,6 @@ def check_build_devices(options) -> None:
 def load_build_replicas(options, clip: ClipEnsemble, text_model: TextModel) -> list[TextModel]:
     """Attach CLIP replicas to `clip` (clip.replicas) and return the MiniLM replicas, first device first."""
     clip.replicas = load_replicas(options.device, clip,
-                                  lambda device: load_named_clips(options.clip_model, options.clip_pretrained, device))
+                                  lambda device: load_named_clips(options.clip_model, options.clip_pretrained, device,
+                                                                  precision=options.precision))
     return load_replicas(options.device, text_model, lambda device: load_text_model(options.text_model, device))

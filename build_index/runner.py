@@ -36,7 +36,9 @@ from img2prompt.index.writer import IndexWriter, ShardTask
 from img2prompt.index.plan import plan_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
 from img2prompt.encoders.clip_ensemble import load_named_clips
+from img2prompt.encoders.devices import parse_devices
 from img2prompt.encoders.models import load_text_model, resolve_device
+from img2prompt.encoders.precision import announce_models, build_key_precision, check_precision
 from img2prompt.build_index.replicas import check_build_devices, load_build_replicas
 from img2prompt.progress import progress_bar
 
@@ -57,6 +59,7 @@ class BuildOptions:
     column: str = "prompt"
     batch_size: int = 256
     device: str = "auto"
+    precision: str | None = None  # the CLIP towers: fp32 / fp16 / bf16 (None: fp16 autocast on CUDA, fp32 on CPU)
     shard_size: int = DEFAULT_SHARD_SIZE
     index: str = "auto"
     max_memory: int | None = None
@@ -112,9 +115,10 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def precision_of(device) -> str:
-    """What the CLIP vectors are computed in: part of the resume key, so a build never mixes precisions."""
-    return "fp16-autocast" if device.type == "cuda" else "fp32"
+def precision_of(device, precision: str | None = None) -> str:
+    """What the CLIP vectors are computed in: part of the resume key (and so of the manifest's build record),
+    so a build never mixes precisions; the defaults keep the names older builds wrote."""
+    return build_key_precision(device, precision)
 
 
 def run_build(options: BuildOptions) -> BuildResult:
@@ -134,13 +138,14 @@ def run_build(options: BuildOptions) -> BuildResult:
     check_corpus_files(paths, options.column)
     check_pair_files(pair_paths)
     timer = PhaseTimer()
+    devices = parse_devices(options.device)
     device = resolve_device(options.device)
     check_build_devices(options)  # several devices run in this process: not with --engine ray
-    log.info("device %s", device)
     with timer.phase("load_models"):
-        clip = load_named_clips(options.clip_model, options.clip_pretrained, device)
+        clip = load_named_clips(options.clip_model, options.clip_pretrained, device, precision=options.precision)
         text_model = load_text_model(options.text_model, device)
         text_replicas = load_build_replicas(options, clip, text_model)  # --device cuda:0,cuda:1: one per GPU
+    announce_models(devices, options.precision)  # the one line saying where the models run
     models = {"clip": clip.identity(), "text": text_model.identity()}
     if options.key_dims is not None:
         check_key_dims(options.key_dims, clip.dim)  # before any corpus row is encoded
@@ -150,7 +155,8 @@ def run_build(options: BuildOptions) -> BuildResult:
         precomputed = open_precomputed(options.embeddings)
         exact = all(path.suffix.lower() in (".txt", ".parquet") for path in paths)  # CSV counts are estimates
         check_against_model(precomputed, clip.dim, total_rows if exact else None)
-    build_key = {"models": models, "precision": precision_of(device), "batch_size": options.batch_size,
+    build_key = {"models": models, "precision": precision_of(device, options.precision),
+                 "batch_size": options.batch_size,
                  "corpus": [file_fingerprint(path) for path in paths],
                  "embeddings": [file_fingerprint(path) for path in precomputed.files] if precomputed else None,
                  "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars,
@@ -159,7 +165,7 @@ def run_build(options: BuildOptions) -> BuildResult:
     threads = encode_threads(device)  # the driver's: a Ray worker encodes with it too (same bits)
     encoder = ShardEncoder(clip, text_model, options.batch_size, precomputed, text_replicas, threads)
     spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
-                       options.batch_size, options.embeddings, models, threads)
+                       options.batch_size, options.embeddings, models, threads, options.precision)
     try:
         return BuildJob(writer, engine, encoder, spec, paths, pair_paths, models, device, total_rows, options,
                         timer).run()
@@ -184,6 +190,7 @@ def check_build_options(options: BuildOptions) -> None:
                                                             and len(options.clip_model) != 1)):
         raise UserError("--key-dims works with one CLIP model and text keys only (not --pairs nor several models) "
                         "for now")
+    check_precision(options.precision)
     if options.minilm_dtype not in ("fp16", "int8"):
         raise UserError(f"--minilm-dtype must be fp16 or int8 (got {options.minilm_dtype!r})")
     if options.near_dup is not None and not 0 < options.near_dup <= 1:

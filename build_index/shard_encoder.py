@@ -41,10 +41,11 @@ class EncoderSpec:
     embeddings: list[str] | None = None
     identities: dict = field(default_factory=dict)
     threads: int | None = None
+    precision: str | None = None  # the CLIP towers' --precision (None: the device's default)
 
     def load(self) -> "ShardEncoder":
         device = resolve_device(self.device)
-        clip = load_named_clips(self.clip_model, self.clip_pretrained, device)
+        clip = load_named_clips(self.clip_model, self.clip_pretrained, device, precision=self.precision)
         text_model = load_text_model(self.text_model, device)
         loaded = {"clip": clip.identity(), "text": text_model.identity()}
         if self.identities and loaded != self.identities:

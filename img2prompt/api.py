@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from img2prompt.errors import UserError
 from img2prompt.query.results import ImageInput, SearchResult
-from img2prompt.query.settings import ImageLoading, RetrievalSettings, SettingError
+from img2prompt.query.settings import WEIGHTINGS, ImageLoading, RetrievalSettings, SettingError
 
 
 def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip_pretrained: str | None = None,
@@ -70,13 +70,14 @@ def merge(indexes: Sequence[str | Path], out: str | Path, *, clip_model: str | S
 
 def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None = None,
                clip_pretrained: str | None = None, text_model: str | None = None, verify: bool = False,
-               lazy: bool = False):
+               lazy: bool = False, precision: str | None = None):
     """Open a built index with its CLIP model; returns an `Img2PromptIndex` (also a context manager).
 
     clip_model / clip_pretrained re-point to where the index's CLIP weights live on this machine (e.g. a kit's
     `clip/` folder); the weights and architecture must be the ones the index was built with. lazy: read and
     check the manifest now, load the models on first use (what the CLI does, so that a bad argument is
-    refused in well under a second).
+    refused in well under a second). precision: "fp32", "fp16" or "bf16" for the CLIP towers (default: fp16
+    autocast on CUDA, fp32 on CPU).
     """
     from img2prompt.query.engine import Img2PromptIndex
     from img2prompt.storage import is_url
@@ -86,11 +87,11 @@ def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None
 
         path = fetch(path)
     return Img2PromptIndex.open(path, device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,
-                                text_model=text_model, verify=verify, lazy=lazy)
+                                text_model=text_model, verify=verify, lazy=lazy, precision=precision)
 
 
 def check_query(command: str, index: str | Path, settings: RetrievalSettings, **paths: Any) -> None:
-    """Everything `command` ("search", "submit", "eval") can refuse from its arguments, the manifest and the
+    """Everything `command` ("search", "submit", "eval"; any other: the settings alone) can refuse from its arguments, the manifest and the
     file system, in well under a second (no torch, no model): what the CLI runs before opening the index."""
     from img2prompt.query import preflight
 
@@ -141,5 +142,5 @@ def npy_ids_path(npy: str | Path) -> Path:
     return ids_path(npy)
 
 
-__all__ = ["add", "build", "merge", "build_choices", "check_environment", "check_query", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError",
+__all__ = ["add", "build", "merge", "build_choices", "check_environment", "check_query", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError", "WEIGHTINGS",
            "format_search", "format_eval_report", "npy_ids_path"]

@@ -8,7 +8,8 @@ import os
 import sys
 from typing import Sequence
 
-from img2prompt.cli_common import add_model_flags, parse_bytes
+from img2prompt.cli_common import (add_blend_flags, add_min_score_flag, add_model_flags, add_model_weights_flag,
+                                   parse_bytes, settings_of, show_models_line)
 from img2prompt.errors import UserError
 from img2prompt.memory import fix_mmap_threshold
 
@@ -17,12 +18,16 @@ EPILOG_BUILD = """examples:
       --clip-pretrained /models/open_clip_pytorch_model.bin
   img2prompt build 'corpora/*.parquet' --column prompt --out idx --clip-model local-dir:/models/clip-vit-l14
   img2prompt build big.txt --out idx --clip-model ViT-L-14 --clip-pretrained openai --resume   # after a crash
+  img2prompt build big.txt --out idx --clip-model ViT-L-14 --clip-pretrained openai --device cuda:0 --precision bf16
 """
 EPILOG_SUBMIT = """examples:
   img2prompt submit out/index /kaggle/input/stable-diffusion-image-to-prompts/images \\
       --sample-submission /kaggle/input/stable-diffusion-image-to-prompts/sample_submission.csv \\
       --clip-model ViT-L-14 --clip-pretrained /kaggle/input/clip-vit-l14/open_clip_pytorch_model.bin
   img2prompt submit out/index images/ --k 30 --temperature 0.03 --explain explain.csv
+  img2prompt submit out/index images/ --k 120 --weighting inverse-distance   # the public CLIP kNN notebook's
+  img2prompt submit out/index images/ --k 120 --weighting inverse-distance --power 8 --epsilon 1e-3
+  img2prompt submit out/index images/ --device cpu --precision bf16    # CLIP towers in bf16 on the CPU
 """
 EPILOG_SEARCH = """examples:
   img2prompt search out/index --image a.png --image b.jpg --k 5
@@ -35,37 +40,8 @@ EPILOG_INTERROGATE = """examples:
 EPILOG_EVAL = """examples:
   img2prompt eval out/index --labels prompts.csv --images images/ --sweep --plot sweep.png --out report.json
   img2prompt eval out/index --labels heldout.csv --exclude-exact --sweep      # text-only mode
+  img2prompt eval out/index --labels prompts.csv --images images/ --k 120 --weighting inverse-distance --power 6
 """
-
-
-def _add_blend_flags(parser: argparse.ArgumentParser) -> None:
-    from img2prompt.api import RetrievalSettings
-
-    default = RetrievalSettings()
-    group = parser.add_argument_group("prediction (provisional defaults: tune with `img2prompt eval --sweep`)")
-    group.add_argument("--k", type=int, default=default.k, help=f"neighbours blended (default {default.k})")
-    group.add_argument("--temperature", type=float, default=default.temperature,
-                       help=f"softmax temperature over similarities (default {default.temperature})")
-    group.add_argument("--alpha", type=float, default=default.alpha,
-                       help=f"shrinkage towards the corpus-mean vector, 0..1 (default {default.alpha})")
-    group.add_argument("--consensus", type=float, default=default.consensus, metavar="GAMMA",
-                       help="re-weight the neighbours by their agreement with the others, w·exp(GAMMA·agreement) "
-                            f"(default {default.consensus}: off)")
-    group.add_argument("--beta", type=float, default=default.beta,
-                       help="share of the index's regression head (ridge CLIP → MiniLM) in the prediction, 0..1 "
-                            f"(default {default.beta}: off)")
-    _add_model_weights_flag(group)
-    _add_min_score_flag(group, "neighbours scoring under S leave the blend (the best one always stays); with several "
-                               "CLIP models, under S for any one model")
-
-
-def _add_model_weights_flag(group) -> None:
-    group.add_argument("--model-weights", metavar="W1,W2,...",
-                       help="an index built with several --clip-model: weigh the models' cosines (default: equal)")
-
-
-def _add_min_score_flag(group, text: str) -> None:
-    group.add_argument("--min-score", type=float, metavar="S", help=f"{text} (default: off)")
 
 
 def _add_image_flags(parser: argparse.ArgumentParser) -> None:
@@ -193,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fail on an undecodable image instead of giving it the corpus-mean prediction")
     _add_image_flags(submit)
     submit.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_blend_flags(submit)
+    add_blend_flags(submit)
     add_model_flags(submit, for_build=False)
 
     search = commands.add_parser("search", parents=[common], help="rank the index's prompts for images or a text",
@@ -207,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--k", type=int, default=10, help="results per query (default 10)")
     search.add_argument("--json", action="store_true",
                         help="JSON: [{query, results: [{rank, score, prompt, id, key}]}] (key: text or image)")
-    _add_model_weights_flag(search)
-    _add_min_score_flag(search, "leave out hits scoring under S (the best hit always stays)")
+    add_model_weights_flag(search)
+    add_min_score_flag(search, "leave out hits scoring under S (the best hit always stays)")
     add_model_flags(search, for_build=False)
 
     interrogate = commands.add_parser(
@@ -246,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="score a captioner's imgId,prompt texts beside retrieval on the same images, with "
                                "the paired difference and its CI (repeatable)")
     _add_image_flags(evaluate)
-    _add_blend_flags(evaluate)
+    add_blend_flags(evaluate)
     add_model_flags(evaluate, for_build=False)
 
     from img2prompt.cli_kit import add_parser as add_kaggle_kit_parser
@@ -266,16 +242,8 @@ def _open(args):
     the models load on first use, so argument errors come before seconds of model loading."""
     from img2prompt.api import open_index
 
-    return open_index(args.index, device=args.device, clip_model=args.clip_model,
+    return open_index(args.index, device=args.device, precision=args.precision, clip_model=args.clip_model,
                       clip_pretrained=args.clip_pretrained, text_model=args.text_model, verify=args.verify, lazy=True)
-
-
-def _settings(args):
-    """The flags onto the one RetrievalSettings (validated as it is made; its errors name our flags)."""
-    from img2prompt.api import RetrievalSettings
-
-    return RetrievalSettings(k=args.k, temperature=args.temperature, alpha=args.alpha, consensus=args.consensus,
-                             beta=args.beta, model_weights=args.model_weights, min_score=args.min_score)
 
 
 def _loading(args) -> dict:
@@ -318,8 +286,8 @@ def cmd_build(args) -> None:
     result = build(
         args.corpus, args.out, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
         text_model=args.text_model, column=args.column, batch_size=args.batch_size, device=args.device,
-        shard_size=args.shard_size, index=args.index, max_memory=args.max_memory, resume=args.resume,
-        overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers,
+        precision=args.precision, shard_size=args.shard_size, index=args.index, max_memory=args.max_memory,
+        resume=args.resume, overwrite=args.overwrite, max_chars=args.max_chars, progress=not args.quiet, workers=args.workers,
         embeddings=args.embeddings, engine=args.engine, pairs=args.pairs, regression=args.regression,
         minilm_dtype=args.minilm_dtype, key_dims=args.key_dims, near_dup=args.near_dup,
         engine_options={name.removeprefix("engine_"): value for name, value in vars(args).items()
@@ -354,7 +322,7 @@ def cmd_build(args) -> None:
 def cmd_submit(args) -> None:
     from img2prompt.api import check_query
 
-    settings, loading = _settings(args), _loading(args)
+    settings, loading = settings_of(args), _loading(args)
     check_query("submit", args.index, settings, images=args.images, out=args.out, explain=args.explain,
                 save_npy=args.save_npy, sample_submission=args.sample_submission)
     with _open(args) as index:
@@ -414,7 +382,7 @@ def cmd_interrogate(args) -> None:
 def cmd_eval(args) -> None:
     from img2prompt.api import check_query, format_eval_report
 
-    settings, loading = _settings(args), _loading(args)
+    settings, loading = settings_of(args), _loading(args)
     check_query("eval", args.index, settings, labels=args.labels, images=args.images, out=args.out, plot=args.plot,
                 sweep=args.sweep, captions=args.captions)
     with _open(args) as index:
@@ -457,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("img2prompt").setLevel(level)
+    show_models_line()  # "models on cpu (float32)": one bare line per command that loads models
     # FAISS's loader tries its AVX-512/AVX2 builds in turn and logs each miss as a ModuleNotFoundError at debug
     # level: not an error (the next build loads), so it stays out of -v.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)

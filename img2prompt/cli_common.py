@@ -3,6 +3,24 @@ neither imports the other (cli imports cli_serve to add its parser)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+
+
+class _BareLine(logging.Handler):
+    """A log record as its message alone on stderr (sys.stderr looked up per line, as print does)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+def show_models_line() -> None:
+    """The "models on DEVICE (DTYPE)" line (img2prompt.models, encoders/precision.py) as a bare stderr line at
+    default verbosity (the level of the img2prompt logger: -q hides it), not as "INFO module: ..."."""
+    logger = logging.getLogger("img2prompt.models")
+    logger.propagate = False
+    if not any(isinstance(handler, _BareLine) for handler in logger.handlers):
+        logger.addHandler(_BareLine())
 
 
 def parse_bytes(text: str) -> int:
@@ -43,4 +61,56 @@ def add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool, clip_re
         group.add_argument("--text-model", help="check that this scorer is the one the index was built with")
     group.add_argument("--device", default="auto",
                        help="auto (cuda if present), cpu, cuda, cuda:N, or several GPUs: cuda:0,cuda:1 or cuda:all "
-                            "(data-parallel encoding, same vectors as one GPU; search uses the first) (default: auto)")
+                            "(data-parallel encoding, same vectors as one GPU; search uses the first); cuda without "
+                            "a usable GPU is an error, never a CPU fall-back (default: auto)")
+    if clip_required or not for_build:  # add and merge encode as the index was built
+        group.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                           help="what the CLIP towers compute in: fp32, or fp16 / bf16 autocast (default: fp16 on "
+                                "CUDA, fp32 on CPU; e.g. --device cpu --precision bf16 on a CPU with bf16 "
+                                "support)" + ("; recorded in the index, a resume keeps it" if for_build else ""))
+
+
+def add_blend_flags(parser: argparse.ArgumentParser) -> None:
+    from img2prompt.api import WEIGHTINGS, RetrievalSettings
+
+    default = RetrievalSettings()
+    group = parser.add_argument_group("prediction (provisional defaults: tune with `img2prompt eval --sweep`)")
+    group.add_argument("--k", type=int, default=default.k, help=f"neighbours blended (default {default.k})")
+    group.add_argument("--temperature", type=float, default=default.temperature,
+                       help=f"softmax temperature over similarities (default {default.temperature})")
+    group.add_argument("--weighting", choices=WEIGHTINGS, default=default.weighting,
+                       help="neighbour weights: softmax(similarity / temperature), or inverse-distance "
+                            f"1 / (d^POWER + EPSILON) with d = 1 − cosine (default {default.weighting})")
+    group.add_argument("--power", type=float, default=default.power,
+                       help=f"inverse-distance: the power of d (default {default.power:g})")
+    group.add_argument("--epsilon", type=float, default=default.epsilon,
+                       help=f"inverse-distance: added to d^POWER (default {default.epsilon:g})")
+    group.add_argument("--alpha", type=float, default=default.alpha,
+                       help=f"shrinkage towards the corpus-mean vector, 0..1 (default {default.alpha})")
+    group.add_argument("--consensus", type=float, default=default.consensus, metavar="GAMMA",
+                       help="re-weight the neighbours by their agreement with the others, w·exp(GAMMA·agreement) "
+                            f"(default {default.consensus}: off)")
+    group.add_argument("--beta", type=float, default=default.beta,
+                       help="share of the index's regression head (ridge CLIP → MiniLM) in the prediction, 0..1 "
+                            f"(default {default.beta}: off)")
+    add_model_weights_flag(group)
+    add_min_score_flag(group, "neighbours scoring under S leave the blend (the best one always stays); with several "
+                               "CLIP models, under S for any one model")
+
+
+def add_model_weights_flag(group) -> None:
+    group.add_argument("--model-weights", metavar="W1,W2,...",
+                       help="an index built with several --clip-model: weigh the models' cosines (default: equal)")
+
+
+def add_min_score_flag(group, text: str) -> None:
+    group.add_argument("--min-score", type=float, metavar="S", help=f"{text} (default: off)")
+
+
+def settings_of(args):
+    """The flags onto the one RetrievalSettings (validated as it is made; its errors name our flags)."""
+    from img2prompt.api import RetrievalSettings
+
+    return RetrievalSettings(k=args.k, temperature=args.temperature, alpha=args.alpha, consensus=args.consensus,
+                             beta=args.beta, model_weights=args.model_weights, min_score=args.min_score,
+                             weighting=args.weighting, power=args.power, epsilon=args.epsilon)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from img2prompt.cli_common import add_blend_flags, settings_of
+
 # One example folder, out/kit: out/ is git-ignored, so a kit written from a checkout is never picked up by git.
 EPILOG_KIT = """examples:
   img2prompt kaggle-kit out/index --out out/kit
   img2prompt kaggle-kit out/index --out out/kit --clip-weights /models/vit-l-14/open_clip_pytorch_model.bin --overwrite
   img2prompt kaggle-kit out/index --out out/kit --python-version 3.10 --preinstalled torch,torchvision,numpy,pandas,pyarrow,pillow,tqdm
   img2prompt kaggle-kit out/index --out out/kit --with-scorer   # also ship sentence-transformers + the MiniLM scorer
+  img2prompt kaggle-kit out/index --out out/kit --k 120 --weighting inverse-distance   # the notebook's settings
 
 then: put your Kaggle user name in out/kit/dataset-metadata.json, `kaggle datasets create -p out/kit --dir-mode zip`,
 and run out/kit/img2prompt-submit.ipynb in the competition with the dataset attached and internet off.
@@ -50,6 +53,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     kit.add_argument("--overwrite", action="store_true",
                      help="replace an existing kit at KIT_DIR (a folder holding kit.json, or an empty folder; "
                           "any other folder is refused); the old kit stays until the new one is complete")
+    add_blend_flags(kit)  # the prediction settings the kit's notebook and submit.py use (recorded in kit.json)
     return kit
 
 
@@ -61,5 +65,5 @@ def run(args) -> None:
     report = build_kit(KitOptions(index=args.index, out=args.out, clip_weights=weights,
                                   python_version=args.python_version, platforms=args.platforms,
                                   preinstalled=args.preinstalled, with_scorer=args.with_scorer,
-                                  overwrite=args.overwrite))
+                                  overwrite=args.overwrite, settings=settings_of(args)))
     print(format_kit_report(report))

@@ -89,7 +89,8 @@ def run(args) -> None:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0 … 65535 (got {args.port})")
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
-    serve(args.index, host=args.host, port=args.port, device=args.device, api_key=api_key_of(args),
+    serve(args.index, host=args.host, port=args.port, device=args.device, precision=args.precision,
+          api_key=api_key_of(args),
           limits=limits_of(args), allowed_hosts=args.allowed_host, clip_model=args.clip_model,
           clip_pretrained=args.clip_pretrained, text_model=args.text_model, verify=args.verify,
           log_level="debug" if verbose else "warning" if quiet else "info")  # uvicorn's own log (access lines)

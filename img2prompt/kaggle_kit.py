@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from img2prompt.api import RetrievalSettings, check_query
 from img2prompt.errors import UserError
 from img2prompt.kit_clip import verify_kit_clip, write_clip_folders
 from img2prompt.kit_files import (KIT_FORMAT, KIT_MARKER, MB, KitWheel, copy_index, dataset_metadata, folder_bytes,
@@ -54,6 +55,7 @@ class KitOptions:
     with_scorer: bool = False  # also ship img2prompt's `scorer` extra (sentence-transformers + MiniLM)
     overwrite: bool = False
     prefer_installed: bool = True  # fetch the version installed here when it satisfies the requirements
+    settings: RetrievalSettings = field(default_factory=RetrievalSettings)  # what the kit's notebook submits with
 
 
 @dataclass
@@ -99,6 +101,7 @@ def _check_options(options: KitOptions) -> tuple[Path, Path, Target, list[str], 
         raise UserError(f"--out {options.out}: cannot write in {out.parent}")
     if _inside(index_dir, out) or _inside(out, index_dir):
         raise UserError(f"--out {options.out} and the index {options.index} must not contain each other")
+    check_query("kaggle-kit", index_dir, options.settings)  # k against the index, weights against its models
     given = options.clip_weights if isinstance(options.clip_weights, list) else [options.clip_weights]
     for weights in given:
         if weights is not None and not Path(weights).exists():
@@ -171,6 +174,7 @@ def build_kit(options: KitOptions) -> KitReport:
                       "files": index_file_records(tmp / "index", index_manifest)},
             "wheels": [wheel.__dict__ for wheel in wheels],
             "clip_folders": clip_folders,
+            "settings": options.settings.as_dict(),  # what the notebook submits with (kit_template.py)
         }
         (tmp / KIT_MARKER).write_text(json.dumps(kit_info, indent=2) + "\n", encoding="utf-8")
         from img2prompt.kit_template import write_submit_files

@@ -117,7 +117,9 @@ Taken as already installed on Kaggle (not in the kit): {preinstalled}.
    notebook with one line, before anything is predicted), installs img2prompt from `wheels/`
    (`pip install --no-index --find-links .../wheels img2prompt`), opens `index/` with `clip/`, and writes
    `/kaggle/working/submission.csv` in `sample_submission.csv`'s order.
-   Tune `SETTINGS` (k, temperature, alpha, consensus, beta) in its first code cell.
+   It predicts with the settings `img2prompt kaggle-kit` was given (`settings` in `{KIT_MARKER}`); a field set
+   in `SETTINGS` in its first code cell (k, temperature, weighting, power, epsilon, alpha, consensus, beta)
+   takes precedence.
 
 The same notebook runs anywhere: `IMG2PROMPT_KIT`, `IMG2PROMPT_IMAGES`, `IMG2PROMPT_SAMPLE` and
 `IMG2PROMPT_OUT` override the Kaggle paths.

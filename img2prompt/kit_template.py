@@ -36,10 +36,16 @@ import sys
 from pathlib import Path
 
 COMPETITION = Path("/kaggle/input/stable-diffusion-image-to-prompts")
-# Prediction settings passed to submission(), e.g. {"k": 20, "temperature": 0.05, "alpha": 0.0, "consensus": 0.0,
-# "beta": 0.0} (take them from `img2prompt eval --sweep` on real weights);
-# empty = img2prompt's defaults.
+# Prediction settings passed to submission(): the ones `img2prompt kaggle-kit` was given (kit.json's "settings",
+# e.g. --k 120 --weighting inverse-distance), with any field set here taking precedence, e.g.
+# {"k": 20, "temperature": 0.05} or {"k": 120, "weighting": "inverse-distance", "power": 6, "epsilon": 1e-4}
+# (take them from `img2prompt eval --sweep` on real weights).
 SETTINGS = {}
+
+
+def prediction_settings(kit_info: dict, overrides: dict) -> dict:
+    """kit.json's settings with this notebook's SETTINGS on top (a kit without any: img2prompt's defaults)."""
+    return {**kit_info.get("settings", {}), **overrides}
 
 
 def find_kit() -> Path:
@@ -64,6 +70,7 @@ OUT = Path(os.environ.get("IMG2PROMPT_OUT") or "/kaggle/working/submission.csv")
 KIT_INFO = json.loads((KIT / "kit.json").read_text(encoding="utf-8"))
 print(f"kit: {KIT} (img2prompt {KIT_INFO['img2prompt_version']}, index of {KIT_INFO['index']['count']} prompts)")
 print(f"images: {IMAGES}\\nsample submission: {SAMPLE or '(none)'}\\nout: {OUT}")
+print(f"settings: {prediction_settings(KIT_INFO, SETTINGS) or 'img2prompt defaults'}")
 
 # %% [markdown]
 # Check the kit's index against the sizes and sha256s that kit.json lists: a damaged index (a bad upload, a
@@ -167,7 +174,8 @@ OUT.parent.mkdir(parents=True, exist_ok=True)
 # the CLIP folder(s) the kit holds: clip/, or clip-1/, clip-2/, … for an index of several CLIP models
 CLIP_FOLDERS = [str(KIT / name) for name in KIT_INFO.get("clip_folders", ["clip"])]
 with img2prompt.open_index(KIT / "index", clip_model=CLIP_FOLDERS) as index:
-    report = index.submission(IMAGES, OUT, sample_submission=sample_for(IMAGES, SAMPLE), **SETTINGS)
+    report = index.submission(IMAGES, OUT, sample_submission=sample_for(IMAGES, SAMPLE),
+                              **prediction_settings(KIT_INFO, SETTINGS))
 print(f"wrote {report.out}: {report.images} images, predicted {report.predicted}, "
       f"corpus-mean fallback {len(report.failed)}")
 for image_id, reason in report.failed.items():

@@ -539,10 +539,11 @@ async def predict(request: Request) -> dict:
     refuse_when_full(state)
     names, images, fields = await read_images(request, "/predict")
     options: dict[str, Any] = {"k": check_k(state, fields.get("k"), _blend_defaults()["k"])}
-    for name in ("temperature", "alpha", "consensus", "beta", "min_score"):
+    for name in ("temperature", "alpha", "consensus", "beta", "min_score", "power", "epsilon"):
         options.update(number(fields, name))
-    if fields.get("model_weights"):
-        options["model_weights"] = fields["model_weights"]
+    for name in ("model_weights", "weighting"):  # strings: the settings dataclass checks them
+        if fields.get(name):
+            options[name] = fields[name]
     results = await run(state, started, "predict", images, **options)
     refuse_failed(names, [hits.error for _, hits in results])
     return {"k": options["k"], "predictions": [
@@ -593,7 +594,8 @@ def _blend_defaults() -> dict[str, float]:
 
     default = RetrievalSettings()
     return {"k": default.k, "temperature": default.temperature, "alpha": default.alpha,
-            "consensus": default.consensus, "beta": default.beta}
+            "consensus": default.consensus, "beta": default.beta, "power": default.power,
+            "epsilon": default.epsilon}
 
 
 def _body_doc(fields: dict, json_schema: dict | None = None) -> dict:
@@ -608,6 +610,8 @@ def _body_doc(fields: dict, json_schema: dict | None = None) -> dict:
 
 
 def _routes(app: FastAPI) -> None:
+    from img2prompt.api import WEIGHTINGS
+
     weights = {"type": "string", "description": "an index of several CLIP models: W1,W2,..."}
     min_score = {"type": "number", "description": "leave out hits scoring under it (the best one stays)"}
     defaults = _blend_defaults()
@@ -622,7 +626,10 @@ def _routes(app: FastAPI) -> None:
     app.add_api_route("/predict", predict, methods=["POST"], dependencies=PROTECTED, openapi_extra=_body_doc(
         {"k": {"type": "integer", "default": defaults["k"]},
          **{name: {"type": "number", "default": defaults[name]}
-            for name in ("temperature", "alpha", "consensus", "beta")},
+            for name in ("temperature", "alpha", "consensus", "beta", "power", "epsilon")},
+         "weighting": {"type": "string", "enum": list(WEIGHTINGS), "default": WEIGHTINGS[0],
+                       "description": "softmax (temperature) or inverse-distance: 1 / (d^power + epsilon), "
+                                      "d = 1 - cosine"},
          "model_weights": weights, "min_score": min_score}),
         summary="the predicted 384-d prompt embedding of each uploaded image, with the neighbours blended",
         description="Images only (multipart): the Python API predicts from images; for a text, POST /search "
@@ -807,7 +814,7 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0, *,
 def serve(index_path: str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           api_key: str | None = None, limits: ServeLimits | None = None, allowed_hosts: Sequence[str] = (),
           clip_model: str | None = None, clip_pretrained: str | None = None, text_model: str | None = None,
-          verify: bool = False, log_level: str = "info") -> None:
+          verify: bool = False, log_level: str = "info", precision: str | None = None) -> None:
     """Open the index once, then serve it until interrupted (Ctrl+C)."""
     from img2prompt.api import open_index
 
@@ -819,7 +826,7 @@ def serve(index_path: str, *, host: str = "127.0.0.1", port: int = 8000, device:
         if not api_key and host not in LOOPBACK_NAMES:
             log.warning("serving on %s without --api-key: anyone who can reach this address can query it", host)
         opening = dict(device=device, clip_model=clip_model, clip_pretrained=clip_pretrained,
-                       text_model=text_model, verify=verify)
+                       text_model=text_model, verify=verify, precision=precision)
         with open_index(index_path, **opening) as index:
             app = create_app(index, api_key=api_key, limits=limits, host=host, allowed_hosts=allowed_hosts,
                              reopen=lambda: open_index(index_path, **opening))  # POST /admin/reload

@@ -3,6 +3,8 @@
 prediction = normalise((1 - beta) · shrunk + beta · head),
 shrunk     = normalise((1 - alpha) · knn + alpha · normalise(corpus_mean)),
 knn        = normalise(Σ_j w_j · minilm[id_j]),  w = softmax(similarity / temperature) over the k neighbours,
+             or (weighting "inverse-distance", the public CLIP kNN notebook's) w_j ∝ 1 / (d_j^power + epsilon),
+             d_j = 1 - similarity_j,
 head       = the index's regression head applied to the query (index/ridge.py), only when beta > 0.
 
 With consensus γ > 0 the softmax weights are re-weighted by each neighbour's agreement with the others,
@@ -21,6 +23,27 @@ def softmax_weights(scores: np.ndarray, temperature: float) -> np.ndarray:
     logits = logits - np.max(logits, axis=1, keepdims=True)
     weights = np.exp(logits)
     return weights / weights.sum(axis=1, keepdims=True)
+
+
+def inverse_distance_weights(scores: np.ndarray, power: float, epsilon: float) -> np.ndarray:
+    """Row-normalised 1 / (d^power + epsilon), d = 1 - similarity (clipped at 0: a cosine a rounding over 1
+    is distance 0, not a negative number under a fractional power); -inf scores get weight 0."""
+    scores = np.asarray(scores, dtype=np.float64)
+    present = np.isfinite(scores)
+    distance = np.maximum(1.0 - np.where(present, scores, 0.0), 0.0)
+    with np.errstate(over="ignore"):  # d^power overflowing to inf is a weight of 0, as it should be
+        weights = np.where(present, 1.0 / (distance ** power + epsilon), 0.0)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def similarity_weights(scores: np.ndarray, *, weighting: str = "softmax", temperature: float = 0.05,
+                       power: float = 6.0, epsilon: float = 1e-4) -> np.ndarray:
+    """The k-NN weights [n, k] of the neighbours' similarities under one weighting family."""
+    if weighting == "softmax":
+        return softmax_weights(scores, temperature)
+    if weighting == "inverse-distance":
+        return inverse_distance_weights(scores, power, epsilon)
+    raise ValueError(f"unknown weighting {weighting!r}")
 
 
 def consensus_weights(weights: np.ndarray, neighbours: np.ndarray, gamma: float) -> np.ndarray:
@@ -44,26 +67,41 @@ def normalise_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def neighbour_weights(scores: np.ndarray, ids: np.ndarray, minilm: np.ndarray, *, temperature: float,
-                      consensus: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                      consensus: float = 0.0, weighting: str = "softmax", power: float = 6.0,
+                      epsilon: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
     """(weights [n, k], unit neighbour vectors [n, k, d]): what the k-NN part averages."""
     neighbours = np.asarray(minilm[np.asarray(ids).ravel()], dtype=np.float64).reshape(*np.shape(ids), -1)
     neighbours = neighbours / np.maximum(np.linalg.norm(neighbours, axis=2, keepdims=True), 1e-12)
-    weights = consensus_weights(softmax_weights(scores, temperature), neighbours, consensus)
-    return weights, neighbours
+    weights = similarity_weights(scores, weighting=weighting, temperature=temperature, power=power, epsilon=epsilon)
+    return consensus_weights(weights, neighbours, consensus), neighbours
+
+
+# The k-NN part holds [rows, k, dim] float64 neighbour vectors (and, with consensus, two more of that size):
+# queries are blended in chunks of at most this many values, so k in the hundreds over 16k images stays
+# ~128 MiB per array instead of growing with the number of images.
+BLEND_CHUNK_VALUES = 1 << 24
 
 
 def blend(scores: np.ndarray, ids: np.ndarray, minilm: np.ndarray, *, k: int, temperature: float,
-          alpha: float = 0.0, corpus_mean: np.ndarray | None = None, consensus: float = 0.0) -> np.ndarray:
+          alpha: float = 0.0, corpus_mean: np.ndarray | None = None, consensus: float = 0.0,
+          weighting: str = "softmax", power: float = 6.0, epsilon: float = 1e-4) -> np.ndarray:
     """float32 [n, dim] unit-norm predictions from the first k of each row's neighbours (sorted best first).
     The settings are valid here (query/settings.py checked them); -inf scores get weight 0."""
     scores, ids = np.asarray(scores)[:, :k], np.asarray(ids)[:, :k]
-    weights, neighbours = neighbour_weights(scores, ids, minilm, temperature=temperature, consensus=consensus)
-    knn = normalise_rows(np.einsum("nk,nkd->nd", weights, neighbours))
-    if alpha > 0:
-        if corpus_mean is None:
-            raise ValueError("alpha > 0 needs the corpus mean")
-        knn = (1 - alpha) * knn + alpha * normalise_rows(np.asarray(corpus_mean, dtype=np.float64)[None, :])
-    return normalise_rows(knn).astype(np.float32)
+    if alpha > 0 and corpus_mean is None:
+        raise ValueError("alpha > 0 needs the corpus mean")
+    out = np.empty((len(ids), minilm.shape[1]), dtype=np.float32)
+    step = max(1, BLEND_CHUNK_VALUES // max(1, ids.shape[1] * minilm.shape[1]))
+    for start in range(0, len(ids), step):  # whole chunks of queries; each row is blended on its own
+        rows = slice(start, start + step)
+        weights, neighbours = neighbour_weights(scores[rows], ids[rows], minilm, temperature=temperature,
+                                                consensus=consensus, weighting=weighting, power=power,
+                                                epsilon=epsilon)
+        knn = normalise_rows(np.einsum("nk,nkd->nd", weights, neighbours))
+        if alpha > 0:
+            knn = (1 - alpha) * knn + alpha * normalise_rows(np.asarray(corpus_mean, dtype=np.float64)[None, :])
+        out[rows] = normalise_rows(knn)
+    return out
 
 
 def mix_head(predictions: np.ndarray, head: np.ndarray | None, beta: float) -> np.ndarray:

@@ -35,8 +35,8 @@ class Img2PromptIndex:
     @classmethod
     def open(cls, path: str | Path, *, device: str = "auto", clip_model: str | None = None,
              clip_pretrained: str | None = None, text_model: str | None = None,
-             verify: bool = False, lazy: bool = False) -> "Img2PromptIndex":
-        overrides = ModelOverrides(clip_model, clip_pretrained, text_model)
+             verify: bool = False, lazy: bool = False, precision: str | None = None) -> "Img2PromptIndex":
+        overrides = ModelOverrides(clip_model, clip_pretrained, text_model, precision)
         session = open_session(str(path), overrides, device, verify, lazy=lazy)
         if not lazy:
             session.retriever  # load the search backend now, not inside the first query
@@ -70,8 +70,8 @@ class Img2PromptIndex:
                 **values) -> np.ndarray:
         """float32 [n, 384] unit-norm predictions, one per image (paths or PIL images), in input order.
 
-        `settings`: a RetrievalSettings (k, temperature, alpha, consensus, beta, model_weights, min_score; see
-        query/settings.py), or its fields as keywords (`predict(images, k=5)`). An image that cannot be decoded
+        `settings`: a RetrievalSettings (k, temperature, weighting, power, epsilon, alpha, consensus, beta,
+        model_weights, min_score; see query/settings.py), or its fields as keywords (`predict(images, k=5)`). An image that cannot be decoded
         gets the corpus-mean prediction and a warning.
         """
         return self.predict_with_neighbours(images, settings, batch_size=batch_size, workers=workers,

@@ -1,5 +1,6 @@
-"""`img2prompt eval`: the competition metric on a labelled set, baselines, a sweep over k × temperature × alpha ×
-consensus × beta (the regression head's share).
+"""`img2prompt eval`: the competition metric on a labelled set, baselines, a sweep over k × weights (softmax ×
+temperature, and inverse distance × power × epsilon: the best of each family is reported) × alpha × consensus ×
+beta (the regression head's share).
 
 Metric = mean over images of cos(prediction, scorer embedding of the true prompt), exactly Kaggle's.
 Queries are images (IMAGES_DIR/<imgId>.<ext>) or, without images, the CLIP text embedding of each true
@@ -39,14 +40,19 @@ from img2prompt.query.score import (BOOTSTRAP_MIN_N, align, caption_vectors, che
                                     read_prompt_table, summarise)
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import QuerySession
-from img2prompt.query.settings import ImageLoading, RetrievalSettings
+from img2prompt.query.settings import WEIGHTINGS, ImageLoading, RetrievalSettings
 
-SWEEP_K = (1, 2, 3, 5, 10, 20, 30, 50, 100)
+SWEEP_K = (1, 2, 3, 5, 10, 20, 30, 50, 100, 150)  # 100-150: the public CLIP kNN notebook's k
 SWEEP_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
+SWEEP_WEIGHTING = WEIGHTINGS  # both families: softmax over T, inverse distance over power × epsilon
+SWEEP_POWER = (2.0, 4.0, 6.0, 8.0, 12.0)
+SWEEP_EPSILON = (1e-4,)
 SWEEP_ALPHA = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # alpha = 1 is the corpus-mean prediction
 SWEEP_CONSENSUS = (0.0, 3.0, 10.0)
 SWEEP_BETA = (0.0, 0.25, 0.5, 1.0)  # beta = 1 is the regression head alone (swept only where the index has one)
-SETTING_NAMES = ("k", "temperature", "alpha", "consensus", "beta", "model_weights")  # what a sweep row varies
+SETTING_NAMES = ("k", "weighting", "temperature", "power", "epsilon", "alpha", "consensus", "beta",
+                 "model_weights")  # what a sweep row varies
+FAMILY_FIELDS = {"softmax": ("temperature",), "inverse-distance": ("power", "epsilon")}  # each family's own
 DEFAULT_SHRINK = 0.2  # alpha of the knn_shrunk baseline when --alpha is 0
 CV_FOLDS = 5
 CV_SEED = 0
@@ -67,6 +73,9 @@ class EvalOptions:
     exclude_exact: bool = False
     sweep_k: tuple = SWEEP_K
     sweep_temperature: tuple = SWEEP_TEMPERATURE
+    sweep_weighting: tuple = SWEEP_WEIGHTING  # the families swept (the best of each is reported)
+    sweep_power: tuple = SWEEP_POWER
+    sweep_epsilon: tuple = SWEEP_EPSILON
     sweep_alpha: tuple = SWEEP_ALPHA
     sweep_consensus: tuple = SWEEP_CONSENSUS
     sweep_beta: tuple = SWEEP_BETA
@@ -173,11 +182,27 @@ def sweep_grid(options: EvalOptions, kmax: int, has_head: bool = True,
     chosen = options.settings
     ks = sorted({k for k in options.sweep_k if k <= kmax} | {chosen.k})
     betas = sorted(set(options.sweep_beta) | {chosen.beta}) if has_head else [0.0]
-    rows = list(itertools.product(ks, options.sweep_temperature, options.sweep_alpha,
+    rows = list(itertools.product(ks, weighing_grid(options), options.sweep_alpha,
                                   sorted(set(options.sweep_consensus) | {chosen.consensus}), betas))
-    return [RetrievalSettings(k=k, temperature=t, alpha=a, consensus=c, beta=b, model_weights=weights,
-                              min_score=chosen.min_score)
-            for weights in (weightings or [None]) for k, t, a, c, b in rows]
+    return [RetrievalSettings(k=k, alpha=a, consensus=c, beta=b, model_weights=weights, min_score=chosen.min_score,
+                              **weighing)
+            for weights in (weightings or [None]) for k, weighing, a, c, b in rows]
+
+
+def weighing_grid(options: EvalOptions) -> list[dict]:
+    """The weight families' settings a sweep tries: softmax × temperatures, inverse distance × powers ×
+    epsilons (with the chosen power and epsilon); the chosen family is always among them."""
+    chosen = options.settings
+    families = [family for family in WEIGHTINGS if family in set(options.sweep_weighting) | {chosen.weighting}]
+    grid = []
+    for family in families:
+        if family == "softmax":
+            grid += [{"weighting": family, "temperature": t} for t in options.sweep_temperature]
+        else:
+            grid += [{"weighting": family, "power": p, "epsilon": e}
+                     for p in sorted(set(options.sweep_power) | {chosen.power})
+                     for e in sorted(set(options.sweep_epsilon) | {chosen.epsilon})]
+    return grid
 
 
 def sweep_cosines(grid: list[RetrievalSettings], blended_of, cosines_of) -> np.ndarray:
@@ -216,9 +241,22 @@ def cross_validate(cosines: np.ndarray, folds: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _setting(settings: RetrievalSettings) -> dict:
-    """A sweep row's report fields (model weights only where the sweep weighs models)."""
+    """A sweep row's report fields: its weight family's own fields only (a softmax row has no power), model
+    weights only where the sweep weighs models."""
     values = settings.as_dict()
-    return {name: values[name] for name in SETTING_NAMES if name != "model_weights" or values[name] is not None}
+    other = {name for family, names in FAMILY_FIELDS.items() if family != settings.weighting for name in names}
+    return {name: values[name] for name in SETTING_NAMES
+            if name not in other and (name != "model_weights" or values[name] is not None)}
+
+
+def best_per_weighting(rows: list[dict]) -> dict[str, dict]:
+    """The best in-sample row of each weight family the sweep tried (first on ties, as the overall best)."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        family = row.get("weighting", "softmax")
+        if family not in best or row["score"] > best[family]["score"]:
+            best[family] = row
+    return {family: {**row, "flags": setting_flags(row)} for family, row in best.items()}
 
 
 def cross_validation_report(grid: list[RetrievalSettings], cosines: np.ndarray, folds: int = CV_FOLDS,
@@ -276,6 +314,7 @@ def sweep_summary(grid: list[RetrievalSettings], cosines: np.ndarray, baselines:
            else {"flags": setting_flags(_setting(grid[best]))})
     return {"sweep": rows,
             "best_in_sample": {**rows[best], "optimistic": True},  # chosen and scored on the same images
+            "best_per_weighting": best_per_weighting(rows),  # in-sample too: softmax vs inverse distance
             "use": use,  # the one recommendation: the sweep's choice, or the baseline it does not beat
             "recommended": {**_setting(grid[best]), "cross_validated_score": cv_score, "chosen_in_folds": chosen},
             "cross_validation": cv,
@@ -288,7 +327,12 @@ def same_setting(a: dict, b: dict, names=SETTING_NAMES) -> bool:
 
 def setting_flags(setting: dict) -> str:
     """The submit flags of a setting (the switches only when on)."""
-    flags = f"--k {setting['k']} --temperature {setting['temperature']:g} --alpha {setting['alpha']:g}"
+    if setting.get("weighting", "softmax") == "softmax":
+        flags = f"--k {setting['k']} --temperature {setting['temperature']:g}"
+    else:
+        flags = (f"--k {setting['k']} --weighting {setting['weighting']} --power {setting['power']:g} "
+                 f"--epsilon {setting['epsilon']:g}")
+    flags += f" --alpha {setting['alpha']:g}"
     flags += "".join(f" --{name.replace('_', '-')} {setting[name]:g}" for name in ("consensus", "beta", "min_score")
                      if setting.get(name))
     weights = setting.get("model_weights")
@@ -297,7 +341,7 @@ def setting_flags(setting: dict) -> str:
 
 def baseline_flags(options: EvalOptions, shrink: float) -> dict[str, str]:
     """The submit flags that reproduce each baseline, for the "does not beat" warning."""
-    knn = {"k": options.settings.k, "temperature": options.settings.temperature, "alpha": 0.0}
+    knn = {**options.settings.weighing(), "k": options.settings.k, "alpha": 0.0}
     return {"corpus_mean": "--alpha 1", "top1": "--k 1 --alpha 0", "knn": setting_flags(knn),
             "knn_shrunk": setting_flags({**knn, "alpha": shrink}), "regression_head": "--beta 1"}
 
@@ -371,8 +415,8 @@ def run_eval(session: QuerySession, options: EvalOptions) -> dict:
         return cosine_rows(predictions, truth) if cosines else predictions
 
     shrink = chosen.alpha if chosen.alpha > 0 else DEFAULT_SHRINK
-    plain = RetrievalSettings(k=chosen.k, temperature=chosen.temperature, model_weights=chosen.model_weights,
-                              min_score=chosen.min_score)
+    plain = RetrievalSettings(k=chosen.k, model_weights=chosen.model_weights, min_score=chosen.min_score,
+                              **chosen.weighing())
     product = score_of(chosen)
     report = {
         "n": len(labels),
@@ -474,7 +518,7 @@ def plot_sweep(report: dict, path: str) -> None:
 
 def draw_sweep(rows: list[dict], recommended: dict, baselines: dict, cv_score: float | None,
                captions: dict[str, float] | None = None):
-    """In-sample score vs k per temperature at the recommended alpha, the baselines and caption sets as
+    """In-sample score vs k per weighting (each temperature, each power and epsilon) at the recommended alpha, the baselines and caption sets as
     horizontal lines, and the recommended setting marked: a curve under a line is visibly not worth choosing."""
     import matplotlib
 
@@ -483,11 +527,11 @@ def draw_sweep(rows: list[dict], recommended: dict, baselines: dict, cv_score: f
 
     figure, axes = plt.subplots(figsize=(7.5, 4.8))
     alpha = recommended["alpha"]
-    fixed = [name for name in SETTING_NAMES[2:] if name in recommended]  # alpha and the switches: as recommended
-    for temperature in sorted({row["temperature"] for row in rows}):
+    fixed = [name for name in ("alpha", "consensus", "beta", "model_weights") if name in recommended]
+    for label in dict.fromkeys(weighing_label(row) for row in rows):  # one curve per T, per power and epsilon
         points = sorted((row["k"], row["score"]) for row in rows
-                        if row["temperature"] == temperature and same_setting(row, recommended, fixed))
-        axes.plot([k for k, _ in points], [s for _, s in points], marker="o", label=f"T={temperature:g}")
+                        if weighing_label(row) == label and same_setting(row, recommended, fixed))
+        axes.plot([k for k, _ in points], [s for _, s in points], marker="o", label=label)
     styles = ("--", ":", "-.", (0, (5, 1)))
     for (name, value), style in zip(baselines.items(), itertools.cycle(styles)):
         axes.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{name} {value:.4f}")
@@ -499,12 +543,12 @@ def draw_sweep(rows: list[dict], recommended: dict, baselines: dict, cv_score: f
                      label=f"cross-validated choice {cv_score:.4f}")
     in_sample = next(row["score"] for row in rows if same_setting(row, recommended))
     axes.plot([recommended["k"]], [in_sample], marker="*", markersize=16, color="red", linestyle="none",
-              label=f"recommended k={recommended['k']} T={recommended['temperature']:g} (in-sample)")
+              label=f"recommended k={recommended['k']} {weighing_label(recommended)} (in-sample)")
     axes.set_xscale("log")
     axes.set_xlabel("k (neighbours blended)")
     axes.set_ylabel("mean cosine, in-sample (competition score)")
     switches = "".join(f", {name}={recommended[name]:g}" for name in ("consensus", "beta") if recommended.get(name))
-    axes.set_title(f"in-sample score vs k per temperature (alpha={alpha:g}{switches}); lines: baselines")
+    axes.set_title(f"in-sample score vs k per weighting (alpha={alpha:g}{switches}); lines: baselines")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=7)
     return figure
@@ -585,17 +629,26 @@ def switches_report(index, options: EvalOptions, grid: list[RetrievalSettings] |
                        if grid and grid[0].model_weights is not None else None}}
 
 
+def weighing_label(row: dict) -> str:
+    """A row's weights, short: T=0.05 (softmax) or 1/(d^6+0.0001) (inverse distance)."""
+    if row.get("weighting", "softmax") == "softmax":
+        return f"T={row['temperature']:g}"
+    return f"1/(d^{row['power']:g}+{row['epsilon']:g})"
+
+
 def format_sweep(report: dict) -> list[str]:
     weighted = any(row.get("model_weights") for row in report["sweep"])
-    lines = [f"{'k':>5} {'T':>6} {'alpha':>6} {'consens':>7} {'beta':>5} {'in-sample':>9}"
+    lines = [f"{'k':>5} {'weights':>16} {'alpha':>6} {'consens':>7} {'beta':>5} {'in-sample':>9}"
              + ("  model weights" if weighted else "")]
     for row in sorted(report["sweep"], key=lambda row: -row["score"])[:15]:
-        lines.append(f"{row['k']:>5} {row['temperature']:>6g} {row['alpha']:>6g} {row.get('consensus', 0):>7g} "
+        lines.append(f"{row['k']:>5} {weighing_label(row):>16} {row['alpha']:>6g} {row.get('consensus', 0):>7g} "
                      f"{row.get('beta', 0):>5g} {row['score']:>9.4f}"
                      + (f"  {','.join(f'{w:g}' for w in row['model_weights'])}" if weighted else ""))
     best, recommended, cv = report["best_in_sample"], report["recommended"], report["cross_validation"]
     flags = setting_flags(recommended)
     lines.append(f"best in-sample {best['score']:.4f} (optimistic: chosen and scored on the same images)")
+    for family, row in report.get("best_per_weighting", {}).items():
+        lines.append(f"best {family} in-sample {row['score']:.4f}: {row['flags']}")
     if cv is not None:
         lines.append(f"cross-validated score of the sweep's choice: {cv['score']:.4f} "
                      f"({cv['folds']} folds, seed {cv['seed']})")

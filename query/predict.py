@@ -115,9 +115,8 @@ def blend_neighbours(index: PromptIndex, neighbours: Neighbours, settings: Retri
     if ok.any():
         scores = blended_scores(index, neighbours.scores[ok], neighbours.ids[ok], settings,
                                 None if query_vectors is None else query_vectors[ok])
-        predictions[ok] = blend(scores, neighbours.ids[ok], index.minilm, k=settings.k,
-                                temperature=settings.temperature, alpha=settings.alpha, corpus_mean=index.minilm_mean,
-                                consensus=settings.consensus)
+        predictions[ok] = blend(scores, neighbours.ids[ok], index.minilm, k=settings.k, alpha=settings.alpha,
+                                corpus_mean=index.minilm_mean, consensus=settings.consensus, **settings.weighing())
     return mix_rows(predictions, head, settings.beta, ok)
 
 

@@ -248,6 +248,9 @@ def run_score(options: ScoreOptions, text_model=None) -> dict:
     """Score a submission or a captions file against labels; `text_model` reuses an already-loaded scorer."""
     if (options.submission is None) == (options.captions is None):
         raise UserError("give exactly one of --submission and --captions")
+    from img2prompt.encoders.devices import parse_devices
+
+    devices = parse_devices(options.device)  # --device cuda without a GPU: refused before any file is read
     prediction = options.submission or options.captions
     check_outputs([Output("--out", options.out)],
                   {"--labels": options.labels, "--submission" if options.submission else "--captions": prediction})
@@ -259,6 +262,9 @@ def run_score(options: ScoreOptions, text_model=None) -> dict:
         from img2prompt.encoders.models import load_text_model
 
         text_model = load_text_model(options.text_model, options.device)
+        from img2prompt.encoders.precision import announce_models
+
+        announce_models(devices[:1], "fp32")  # the scorer runs in float32 on every device
     truth = _truth_vectors(text_model, labels)
     if submission is not None:
         if submission.vectors.shape[1] != truth.shape[1]:  # only with a non-384-d scorer

@@ -15,7 +15,9 @@ from img2prompt.encoders.clip_ensemble import ClipEnsemble, load_clip_ensemble
 from img2prompt.errors import UserError
 from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.encoders.models import ClipModel, canonical_preprocess, load_text_model, resolve_device
+from img2prompt.encoders.devices import parse_devices
 from img2prompt.encoders.parallel import load_replicas
+from img2prompt.encoders.precision import announce_models, check_precision
 from img2prompt.query.search import Retriever
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,10 @@ class ModelOverrides:
     clip_model: str | list[str] | None = None
     clip_pretrained: str | list[str] | None = None
     text_model: str | None = None
+    precision: str | None = None  # the CLIP towers' fp32 / fp16 / bf16 (None: the device's default)
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)  # a one-line error before the index or any model is opened
 
 
 def _check_one_clip(built: dict, clip: ClipModel, member: str = "") -> None:
@@ -95,7 +101,7 @@ def load_index_clip(index: PromptIndex, overrides: ModelOverrides, device,
     pretrained = [weights if weights is not None else (None if given else member.get("pretrained"))
                   for given, weights, member in zip(given_names, given_pretrained, members)]
     try:
-        clip = load_clip_ensemble(names, pretrained, device, verify=verify)
+        clip = load_clip_ensemble(names, pretrained, device, verify=verify, precision=overrides.precision)
     except UserError as exc:
         if overrides.clip_model or overrides.clip_pretrained:
             raise
@@ -140,13 +146,19 @@ def open_session(index_dir: str, overrides: ModelOverrides | None = None, device
                  verify: bool = False, lazy: bool = False) -> QuerySession:
     """The index (its manifest checked) and, unless `lazy`, its CLIP model(s) loaded and identity-checked."""
     overrides = overrides or ModelOverrides()
+    devices = parse_devices(device)  # --device cuda without a GPU: refused before the index is read
     index = open_index(index_dir, verify=verify)
     torch_device = resolve_device(device)
     if overrides.text_model:
         check_text_model(index, overrides.text_model, torch_device, verify)
-    session = QuerySession(index, torch_device, lambda: _with_replicas(
-        load_index_clip(index, overrides, torch_device, verify), device,
-        lambda other: load_index_clip(index, overrides, other, verify)))
+
+    def load() -> ClipEnsemble:
+        clip = _with_replicas(load_index_clip(index, overrides, torch_device, verify), device,
+                              lambda other: load_index_clip(index, overrides, other, verify))
+        announce_models(devices, overrides.precision)  # the command's one line: where the models run
+        return clip
+
+    session = QuerySession(index, torch_device, load)
     if not lazy:
         session.clip
     return session

@@ -24,6 +24,11 @@ DEFAULT_ALPHA = 0.0
 DEFAULT_CONSENSUS = 0.0  # off until eval on real weights shows it helps
 DEFAULT_BETA = 0.0  # off until eval on real weights shows it helps
 DEFAULT_MIN_SCORE = None  # off: every one of the k neighbours is blended
+WEIGHTINGS = ("softmax", "inverse-distance")  # how the k neighbours' similarities become blend weights
+DEFAULT_WEIGHTING = "softmax"
+# The public CLIP-H kNN notebook's weights: 1 / (d^6 + 1e-4), d = 1 - cosine (used with k = 100-150).
+DEFAULT_POWER = 6.0
+DEFAULT_EPSILON = 1e-4
 
 
 class SettingError(UserError):
@@ -75,12 +80,16 @@ class RetrievalSettings:
     beta: float = DEFAULT_BETA
     model_weights: tuple[float, ...] | None = None  # an index of several CLIP models: Σ w_m · cos_m (None: equal)
     min_score: float | None = DEFAULT_MIN_SCORE  # neighbours scoring under it leave the blend (the best one stays)
+    weighting: str = DEFAULT_WEIGHTING  # softmax(similarity / temperature), or inverse-distance (power, epsilon)
+    power: float = DEFAULT_POWER  # inverse-distance: w ∝ 1 / (d^power + epsilon), d = 1 - cosine
+    epsilon: float = DEFAULT_EPSILON
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalised values are written once, here
         set_(self, "k", _number("k", self.k, int))
-        for name in ("temperature", "alpha", "consensus", "beta"):
+        for name in ("temperature", "alpha", "consensus", "beta", "power", "epsilon"):
             set_(self, name, _number(name, getattr(self, name), float))
+        self._check_weighting()
         if self.k < 1:
             raise SettingError("k", f"must be at least 1 (got {self.k})")
         if not self.temperature > 0:
@@ -99,6 +108,19 @@ class RetrievalSettings:
             set_(self, "min_score", _number("min_score", self.min_score, float))
             if not -1.0 <= self.min_score <= 1.0:
                 raise SettingError("min_score", f"must be a cosine between -1 and 1 (got {self.min_score})")
+
+    def _check_weighting(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise SettingError("weighting", f"must be one of {', '.join(WEIGHTINGS)} (got {self.weighting!r})")
+        for name in ("power", "epsilon"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise SettingError(name, f"must be > 0 and finite (got {value})")
+
+    def weighing(self) -> dict:
+        """The fields that turn similarities into k-NN weights (query/blend.py similarity_weights' keywords)."""
+        return {"weighting": self.weighting, "temperature": self.temperature, "power": self.power,
+                "epsilon": self.epsilon}
 
     def replace(self, **changes: Any) -> "RetrievalSettings":
         return dataclasses.replace(self, **changes)

@@ -124,11 +124,11 @@ def write_explain_for(session: QuerySession, options: SubmitOptions, image_ids: 
                       query_vectors: np.ndarray) -> None:
     weights = np.zeros_like(neighbours.scores)
     ok = neighbours.ids[:, 0] >= 0  # as blend_neighbours: a row with a first neighbour is blended
-    if ok.any():  # the weights the k-NN part used (score floor, softmax, then consensus)
+    if ok.any():  # the weights the k-NN part used (score floor, softmax or inverse distance, then consensus)
         settings = options.settings
         scores = blended_scores(session.index, neighbours.scores[ok], neighbours.ids[ok], settings, query_vectors[ok])
         weights[ok] = neighbour_weights(scores, neighbours.ids[ok], session.index.minilm,
-                                        temperature=settings.temperature, consensus=settings.consensus)[0]
+                                        consensus=settings.consensus, **settings.weighing())[0]
     ids = neighbours.ids
     flat = session.index.prompt_rows(ids.ravel())
     prompts = [flat[row * ids.shape[1]:(row + 1) * ids.shape[1]] for row in range(len(ids))]

@@ -80,3 +80,57 @@ def test_beta_mixes_the_head_after_shrinkage():
     expected = np.array([0.75, 0.25, 0.0]) / np.linalg.norm([0.75, 0.25, 0.0])  # asymmetric beta = 0.25
     np.testing.assert_allclose(mix_head(knn, head, 0.25)[0], expected, atol=1e-7)
     np.testing.assert_array_equal(mix_head(knn, None, 0.0), knn)
+
+
+def _notebook_inverse_distance(scores, ids, minilm, k):
+    """The public CLIP kNN notebook's blend, transcribed directly: per query, per neighbour,
+    w = 1 / (d**6 + 1e-4) with d = 1 - cosine, then the weighted sum of the prompts' vectors, normalised."""
+    out = []
+    for row_scores, row_ids in zip(scores, ids):
+        total, weight_sum = np.zeros(minilm.shape[1]), 0.0
+        for cosine, prompt in zip(row_scores[:k], row_ids[:k]):
+            d = 1.0 - cosine
+            w = 1.0 / (d ** 6 + 1e-4)
+            vector = minilm[prompt].astype(np.float64)
+            total += w * vector / np.linalg.norm(vector)
+            weight_sum += w
+        mean = total / weight_sum
+        out.append(mean / np.linalg.norm(mean))
+    return np.array(out)
+
+
+def test_inverse_distance_blend_matches_the_notebook_formula():
+    rng = np.random.default_rng(0)
+    minilm = rng.standard_normal((500, 16)).astype(np.float16)
+    k = 300  # a few hundred neighbours, as the notebook's k = 100-150 and more
+    scores = -np.sort(-rng.uniform(0.05, 0.95, (4, k)), axis=1)
+    ids = rng.integers(0, len(minilm), (4, k))
+    got = blend(scores, ids, minilm, k=k, temperature=0.05, weighting="inverse-distance", power=6, epsilon=1e-4)
+    np.testing.assert_allclose(got, _notebook_inverse_distance(scores, ids, minilm, k), atol=1e-6)
+    # not the softmax: the two families give other vectors
+    assert not np.allclose(got, blend(scores, ids, minilm, k=k, temperature=0.05), atol=1e-3)
+
+
+def test_inverse_distance_power_and_epsilon_and_missing_neighbours():
+    from img2prompt.query.blend import inverse_distance_weights
+
+    scores = np.array([[0.9, 0.5, -np.inf]])
+    weights = inverse_distance_weights(scores, power=2, epsilon=0.01)
+    raw = np.array([1 / (0.1 ** 2 + 0.01), 1 / (0.5 ** 2 + 0.01), 0.0])
+    np.testing.assert_allclose(weights[0], raw / raw.sum())
+    # a cosine a rounding over 1 is distance 0 (weight 1/epsilon), not NaN under a fractional power
+    weights = inverse_distance_weights(np.array([[1.0000001, 0.5]]), power=1.5, epsilon=1e-4)
+    assert np.isfinite(weights).all() and weights[0, 0] > 0.99
+
+
+def test_blending_in_chunks_of_queries_gives_the_same_rows(monkeypatch):
+    from img2prompt.query import blend as blend_module
+
+    rng = np.random.default_rng(1)
+    minilm = rng.standard_normal((50, 8)).astype(np.float16)
+    scores = -np.sort(-rng.uniform(0.0, 1.0, (7, 5)), axis=1)
+    ids = rng.integers(0, 50, (7, 5))
+    options = dict(k=5, temperature=0.1, consensus=2.0, alpha=0.3, corpus_mean=np.ones(8))
+    whole = blend(scores, ids, minilm, **options)
+    monkeypatch.setattr(blend_module, "BLEND_CHUNK_VALUES", 2 * 5 * 8)  # two queries per chunk: 4 chunks
+    np.testing.assert_array_equal(blend(scores, ids, minilm, **options), whole)

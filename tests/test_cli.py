@@ -66,3 +66,30 @@ def test_version_module_entry_and_flags_after_the_command(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "img2prompt.stand_in", "--help"], capture_output=True, text=True,
                             cwd=tmp_path)
     assert helped.returncode == 0 and "RANDOM weights" in helped.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_weighting_flags_give_the_api_vectors(built_index, sample_images, tmp_path, capsys):
+    import numpy as np
+
+    import img2prompt
+    from img2prompt.cli import main
+
+    npy = tmp_path / "preds.npy"
+    flags = ["--k", "6", "--weighting", "inverse-distance", "--power", "4", "--epsilon", "0.001"]
+    assert main(["-q", "submit", str(built_index), str(sample_images), "--out", str(tmp_path / "s.csv"),
+                 "--save-npy", str(npy), "--device", "cpu", *flags]) == 0
+    images = [str(sample_images / f"{line}.png") for line in (tmp_path / "preds.ids.txt").read_text().splitlines()]
+    with img2prompt.open_index(built_index, device="cpu") as index:
+        api = index.predict(images, k=6, weighting="inverse-distance", power=4.0, epsilon=1e-3)
+        softmax = index.predict(images, k=6)
+    np.testing.assert_allclose(np.load(npy), api, atol=1e-6)
+    assert not np.allclose(api, softmax, atol=1e-4)  # the flags changed the weights
+    for flag, value, message in (("--power", "0", "--power must be > 0 and finite (got 0.0)"),
+                                 ("--epsilon", "-1", "--epsilon must be > 0 and finite (got -1.0)")):
+        capsys.readouterr()
+        assert main(["submit", str(built_index), str(sample_images), "--out", str(tmp_path / "t.csv"),
+                     flag, value]) == 2
+        error = capsys.readouterr().err
+        assert error == f"img2prompt submit: error: {message}\n"
+        assert not (tmp_path / "t.csv").exists()
+    assert "--weighting inverse-distance" in run_cli("submit", "--help").stdout

@@ -203,3 +203,63 @@ def test_two_replicas_build_identical_ensemble_keys(tmp_path, tiny_clip_dir, oth
                                str(other_clip_dir)], batch_size=16, device=device, progress=False))
         keys.append((out / "clip.f16").read_bytes())
     assert keys[0] == keys[1] and len(keys[0]) > 0
+
+
+def _command_args(command: str, tmp_path, corpus_file, built_index, sample_images) -> list[str]:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("imgId,prompt\nimg0,a cat\n")
+    image = str(sample_images / "img0.png")
+    return {"build": ["build", str(corpus_file), "--out", str(tmp_path / "x"), "--clip-model", "never-loaded"],
+            "submit": ["submit", str(built_index), str(sample_images), "--out", str(tmp_path / "s.csv")],
+            "search": ["search", str(built_index), "--text", "a cat"],
+            "eval": ["eval", str(built_index), "--labels", str(labels), "--out", str(tmp_path / "r.json")],
+            "interrogate": ["interrogate", str(built_index), image],
+            "serve": ["serve", str(built_index), "--port", "0"],
+            "score": ["score", "--labels", str(labels), "--captions", str(labels), "--out", str(tmp_path / "r.json")],
+            }[command]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error path needs a machine without CUDA")
+@pytest.mark.parametrize("spec", ["cuda", "cuda:1"])
+@pytest.mark.parametrize("command", ["build", "submit", "search", "eval", "interrogate", "serve", "score"])
+def test_every_command_refuses_cuda_without_a_gpu_before_any_work(command, spec, tmp_path, corpus_file, built_index,
+                                                                 sample_images, capsys, monkeypatch):
+    from img2prompt.cli import main
+    from img2prompt.encoders import clip_ensemble, models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before --device was refused")
+
+    monkeypatch.setattr(clip_ensemble, "load_clip", no_model)
+    monkeypatch.setattr(models, "load_text_model", no_model)
+    assert main([*_command_args(command, tmp_path, corpus_file, built_index, sample_images), "--device", spec]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"img2prompt {command}: error: --device {spec} was asked for, but torch sees no CUDA "
+                            "device on this machine\n")
+    assert captured.out == "" and sorted(path.name for path in tmp_path.iterdir()) == ["labels.csv"]
+
+
+@pytest.mark.parametrize("precision, dtype", [(None, "float32"), ("bf16", "bfloat16")])
+def test_a_query_says_where_its_models_run_in_one_line(precision, dtype, built_index, capsys):
+    from img2prompt.cli import main
+
+    extra = ["--precision", precision] if precision else []
+    assert main(["search", str(built_index), "--text", "a cat", "--k", "2", "--device", "cpu", *extra]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"models on cpu ({dtype})"]  # not the old "INFO …models: CLIP … sha256=…" line
+    assert main(["-q", "search", str(built_index), "--text", "a cat", "--k", "2", "--device", "cpu"]) == 0
+    assert "models on" not in capsys.readouterr().err  # quiet: warnings only
+
+
+def test_build_and_score_say_where_their_models_run(tmp_path, corpus_file, tiny_clip_dir, capsys):
+    from img2prompt.cli import main
+
+    assert main(["build", str(corpus_file), "--out", str(tmp_path / "idx"), "--clip-model", str(tiny_clip_dir),
+                 "--device", "cpu,cpu", "--shard-size", "96"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if "models" in line and "on" in line] == ["models on cpu,cpu (float32)"]
+    assert not [line for line in lines if "sha256" in line]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("imgId,prompt\nimg0,a cat\n")
+    assert main(["score", "--labels", str(labels), "--captions", str(labels), "--device", "cpu"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["models on cpu (float32)"]

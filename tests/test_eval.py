@@ -41,8 +41,9 @@ def evaluate(built_index, labels, **kwargs):
 
     if built_index not in _OPENED:
         _OPENED[built_index] = img2prompt.open_index(built_index, device="cpu")
-    # these tests are about the k × temperature × alpha grid: the switches' axes (test_quality_switches.py) stay off
-    kwargs = {"sweep_consensus": (0.0,), "sweep_beta": (0.0,), **kwargs}
+    # these tests are about the k × temperature × alpha grid: the switches' axes (test_quality_switches.py) and
+    # the inverse-distance family (test_sweep_reports_the_best_of_each_weighting) stay off
+    kwargs = {"sweep_consensus": (0.0,), "sweep_beta": (0.0,), "sweep_weighting": ("softmax",), **kwargs}
     return run_eval(_OPENED[built_index].session, eval_options(str(labels), progress=False, **kwargs))
 
 
@@ -203,7 +204,7 @@ def test_sweep_summary_recommends_the_all_data_choice_and_warns():
 
     grid = [RetrievalSettings(k=1, temperature=0.05, alpha=0.0), RetrievalSettings(k=5, temperature=0.05, alpha=0.0)]
     part = sweep_summary(grid, COSINES, {"corpus_mean": 0.38, "top1": 0.2})
-    off = {"consensus": 0.0, "beta": 0.0}  # the switches' axes, off in this grid
+    off = {"weighting": "softmax", "consensus": 0.0, "beta": 0.0}  # the switches' axes, off in this grid
     assert part["best_in_sample"] == {"k": 1, "temperature": 0.05, "alpha": 0.0, **off, "score": 0.5,
                                       "optimistic": True}
     assert part["recommended"] == {"k": 1, "temperature": 0.05, "alpha": 0.0, **off,
@@ -403,3 +404,31 @@ def test_plot_without_matplotlib_names_the_extra(built_index, labels, tmp_path, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     with pytest.raises(UserError, match=r"--plot needs matplotlib.*pip install 'img2prompt\[eval\]'"):
         evaluate(built_index, labels, sweep=True, plot=str(tmp_path / "p.png"))
+
+
+def test_sweep_reports_the_best_of_each_weighting(built_index, labels):
+    from img2prompt.query.evaluate import format_report
+
+    report = evaluate(built_index, labels, exclude_exact=True, sweep=True, sweep_k=(3, 10), sweep_temperature=(0.05,),
+                      sweep_alpha=(0.0,), sweep_weighting=("softmax", "inverse-distance"), sweep_power=(2.0, 6.0))
+    rows = report["sweep"]
+    by_family = {family: [row for row in rows if row["weighting"] == family]
+                 for family in ("softmax", "inverse-distance")}
+    assert len(by_family["softmax"]) == 3 and len(by_family["inverse-distance"]) == 3 * 2  # k 3, 10, 20 (chosen)
+    assert all("power" not in row and row["temperature"] == 0.05 for row in by_family["softmax"])
+    assert all("temperature" not in row and row["epsilon"] == 1e-4 for row in by_family["inverse-distance"])
+    best = report["best_per_weighting"]
+    for family, family_rows in by_family.items():
+        assert best[family]["score"] == max(row["score"] for row in family_rows)
+        # the family's best is what a separate run with its setting scores
+        fields = {name: best[family][name] for name in ("k", "weighting", "temperature", "power", "epsilon")
+                  if name in best[family]}
+        assert evaluate(built_index, labels, exclude_exact=True, **fields)["score"] == \
+            pytest.approx(best[family]["score"], abs=1e-6)
+    assert best["inverse-distance"]["flags"].startswith(f"--k {best['inverse-distance']['k']} --weighting "
+                                                        "inverse-distance --power ")
+    assert best["softmax"]["flags"].startswith(f"--k {best['softmax']['k']} --temperature 0.05")
+    # the two families give other scores (the weights differ), and the report prints both bests
+    assert {row["score"] for row in by_family["softmax"]} != {row["score"] for row in by_family["inverse-distance"]}
+    text = format_report(report)
+    assert "best softmax in-sample" in text and "best inverse-distance in-sample" in text and "1/(d^6+0.0001)" in text

@@ -246,6 +246,52 @@ def test_cli_arguments():
         cli_kit.run(parser.parse_args(["kaggle-kit", "/nonexistent/index", "--out", "/tmp/nonexistent-kit"]))
 
 
+def _template_function(source: str, name: str):
+    """A function of the kit's submit.py, compiled from the kit's own text (not imported from img2prompt)."""
+    import ast
+
+    tree = ast.parse(source)
+    found = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name]
+    namespace: dict = {}
+    exec(compile(ast.Module(body=found, type_ignores=[]), "submit.py", "exec"), namespace)
+    return namespace[name]
+
+
+def test_prediction_settings_travel_into_the_kit(built_index, tmp_path, monkeypatch):
+    from img2prompt.api import RetrievalSettings
+    from img2prompt.cli_common import settings_of
+    from kit_helpers import stub_wheels
+
+    from img2prompt import cli_kit
+
+    parser = argparse.ArgumentParser(prog="img2prompt")
+    cli_kit.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["kaggle-kit", str(built_index), "--out", str(tmp_path / "kit"), "--k", "3",
+                              "--weighting", "inverse-distance", "--power", "4", "--epsilon", "0.001"])
+    chosen = settings_of(args)
+    assert chosen == RetrievalSettings(k=3, weighting="inverse-distance", power=4, epsilon=1e-3)
+    stub_wheels(monkeypatch)
+    cli_kit.run(args)
+    info = json.loads((tmp_path / "kit" / "kit.json").read_text())
+    script = (tmp_path / "kit" / "submit.py").read_text()
+    notebook = kit_template.code_of_notebook(json.loads((tmp_path / "kit" / kit_template.NOTEBOOK_NAME).read_text()))
+    for source in (script, notebook):
+        merged = _template_function(source, "prediction_settings")
+        assert RetrievalSettings.of(**merged(info, {})) == chosen  # what the notebook passes to submission()
+        assert RetrievalSettings.of(**merged(info, {"power": 8})) == chosen.replace(power=8.0)
+        assert merged({}, {}) == {}  # a kit of an older img2prompt: the defaults
+    assert "submission(IMAGES, OUT, sample_submission=sample_for(IMAGES, SAMPLE),\n" \
+           "                              **prediction_settings(KIT_INFO, SETTINGS))" in script
+
+
+def test_kit_refuses_settings_the_index_cannot_take(built_index, tmp_path, no_downloads):
+    from img2prompt.api import RetrievalSettings
+
+    with pytest.raises(UserError, match="k 100000 is larger than the index"):
+        build_kit(KitOptions(index=str(built_index), out=str(tmp_path / "kit"), settings=RetrievalSettings(k=100000)))
+    assert not (tmp_path / "kit").exists()
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="session")

@@ -122,7 +122,8 @@ def test_eval_sweeps_model_weights_from_one_encoding(fused, tmp_path):
                   "prompt": read_data_prompts(200)[150:156]}).to_csv(labels, index=False)
     options = dict(labels=str(labels), images=str(DATA / "images"), progress=False, k=3, temperature=0.1)
     report = run_eval(fused.session, eval_options(**options, sweep=True, sweep_k=(3,), sweep_temperature=(0.1,),
-                                                 sweep_alpha=(0.0,), sweep_consensus=(0.0,), sweep_beta=(0.0,)))
+                                                 sweep_alpha=(0.0,), sweep_consensus=(0.0,), sweep_beta=(0.0,),
+                                                 sweep_weighting=("softmax",)))
     rows = {tuple(row["model_weights"]): row["score"] for row in report["sweep"]}
     assert set(rows) == {(0.5, 0.5), (1.0, 0.0), (0.0, 1.0), (0.75, 0.25), (0.25, 0.75)}
     for weights, score in rows.items():  # each weighting's row equals a separate run with those weights

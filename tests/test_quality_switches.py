@@ -158,7 +158,8 @@ def test_eval_sweeps_the_switches_and_reports_them(opened_pairs, tmp_path):
     options = dict(labels=str(labels), images=str(DATA / "images"), progress=False, exclude_exact=True)
     report = run_eval(opened_pairs.session, eval_options(**options, sweep=True, sweep_k=(3,), sweep_temperature=(0.1,),
                                                         sweep_alpha=(0.0,), sweep_consensus=(0.0, 2.0),
-                                                        sweep_beta=(0.0, 0.5), k=3, temperature=0.1))
+                                                        sweep_beta=(0.0, 0.5), k=3, temperature=0.1,
+                                                        sweep_weighting=("softmax",)))
     settings = {(row["consensus"], row["beta"]): row["score"] for row in report["sweep"]}
     assert set(settings) == {(0.0, 0.0), (0.0, 0.5), (2.0, 0.0), (2.0, 0.5)}
     for (consensus, beta), score in settings.items():  # each grid row equals a separate run with that setting

@@ -102,6 +102,22 @@ def test_predict_returns_the_api_vector_and_its_neighbours(client, index, images
            [(r["id"], r["rank"]) for r in expected_search(index, images[0], 4)["results"]]
 
 
+def test_predict_takes_the_inverse_distance_weighting(client, index, images):
+    data = {"k": "4", "weighting": "inverse-distance", "power": "4", "epsilon": "0.001"}
+    response = client.post("/predict", files=[upload(images[1])], data=data)
+    vector = np.array(response.json()["predictions"][0]["vector"], dtype=np.float32)
+    expected = index.predict([str(images[1])], k=4, weighting="inverse-distance", power=4.0, epsilon=1e-3)[0]
+    np.testing.assert_allclose(vector, expected, atol=1e-5)
+    assert not np.allclose(vector, index.predict([str(images[1])], k=4)[0], atol=1e-4)
+    for field, value, message in (("power", "0", "power must be > 0"), ("epsilon", "-1", "epsilon must be > 0"),
+                                  ("weighting", "cosine", "weighting must be one of")):
+        refused = client.post("/predict", files=[upload(images[1])], data={field: value})
+        assert refused.status_code == 422 and refused.json()["detail"].startswith(message)
+    fields = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"][
+        "multipart/form-data"]["schema"]["properties"]
+    assert fields["weighting"]["enum"] == ["softmax", "inverse-distance"] and fields["power"]["default"] == 6
+
+
 def test_predict_takes_the_quality_switches(client, index, images):
     response = client.post("/predict", files=[upload(images[1])], data={"k": "4", "consensus": "3"})
     vector = np.array(response.json()["predictions"][0]["vector"], dtype=np.float32)

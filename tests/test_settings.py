@@ -16,7 +16,11 @@ from img2prompt.query.settings import RetrievalSettings, SettingError, cli_flag,
     ({"consensus": float("inf")}, "consensus must be 0 or more, and finite"),
     ({"beta": 1.5}, "beta must be between 0 and 1"), ({"beta": float("nan")}, "beta must be between 0 and 1"),
     ({"min_score": 2.0}, "min_score must be a cosine between -1 and 1"), ({"k": "5"}, "k must be an integer"),
-    ({"model_weights": "1e308,1e308x"}, "model_weights '1e308,1e308x': give numbers")])
+    ({"model_weights": "1e308,1e308x"}, "model_weights '1e308,1e308x': give numbers"),
+    ({"power": 0.0}, "power must be > 0 and finite (got 0.0)"), ({"power": -6}, "power must be > 0"),
+    ({"epsilon": 0.0}, "epsilon must be > 0 and finite (got 0.0)"), ({"epsilon": -1e-4}, "epsilon must be > 0"),
+    ({"epsilon": float("nan")}, "epsilon must be > 0"), ({"power": float("inf")}, "power must be > 0 and finite"),
+    ({"weighting": "cosine"}, "weighting must be one of softmax, inverse-distance (got 'cosine')")])
 def test_each_setting_is_checked_once_and_named(values, message):
     with pytest.raises(SettingError) as caught:
         RetrievalSettings(**values)
@@ -25,6 +29,15 @@ def test_each_setting_is_checked_once_and_named(values, message):
     # a front end names it its own way, with the same reason
     assert str(caught.value.relabel(cli_flag)).startswith("--" + message.replace("min_score", "min-score")
                                                           .replace("model_weights", "model-weights"))
+
+
+def test_weighting_defaults_are_the_notebook_anchor():
+    settings = RetrievalSettings()
+    assert (settings.weighting, settings.power, settings.epsilon) == ("softmax", 6.0, 1e-4)
+    chosen = RetrievalSettings(weighting="inverse-distance", power=4, epsilon=1e-3)
+    assert chosen.weighing() == {"weighting": "inverse-distance", "temperature": settings.temperature,
+                                 "power": 4.0, "epsilon": 1e-3}
+    assert chosen.as_dict()["weighting"] == "inverse-distance" and isinstance(chosen.power, float)
 
 
 def test_model_weights_are_normalised_and_never_overflow():

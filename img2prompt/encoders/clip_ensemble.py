@@ -73,6 +73,7 @@ class ClipEnsemble:
         self.dim = sum(self.dims)
         self.scale = math.sqrt(1.0 / len(self.members))
         self.device = self.members[0].device
+        self.precision = self.members[0].precision  # one --precision for every member
         self.name = " + ".join(member.name for member in self.members)
         self.pretrained = self.members[0].pretrained if self.single else None
         self.context_length = min(member.context_length for member in self.members)
@@ -198,7 +199,7 @@ def weighted_query(vectors: np.ndarray, dims: list[int], weights: list[float]) -
 
 
 def load_clip_ensemble(names: list[str], pretrained: list[str | None] | None, device: str | torch.device = "cpu",
-                       verify: bool = False) -> ClipEnsemble:
+                       verify: bool = False, precision: str | None = None) -> ClipEnsemble:
     """CLIP models by name (in order) → one ClipEnsemble (of one, for one name)."""
     if not names:
         raise UserError("no CLIP model given")
@@ -208,11 +209,11 @@ def load_clip_ensemble(names: list[str], pretrained: list[str | None] | None, de
                         "--clip-model, in the same order (an empty value for a local-dir:/hf-hub: model)")
     device = resolve_device(device) if isinstance(device, str) else device
     if len(names) == 1:  # its errors read as they always did, with no "member 1 of 1"
-        return ClipEnsemble([load_clip(names[0], pretrained[0], device, verify=verify)])
+        return ClipEnsemble([load_clip(names[0], pretrained[0], device, verify=verify, precision=precision)])
     members: list[ClipModel] = []
     for position, (name, weights) in enumerate(zip(names, pretrained)):
         try:
-            member = load_clip(name, weights, device, verify=verify)
+            member = load_clip(name, weights, device, verify=verify, precision=precision)
         except UserError as exc:
             raise UserError(f"CLIP member {position + 1} of {len(names)}: {exc}") from exc
         twin = next((other for other in members if other.sha256 == member.sha256), None)
@@ -223,10 +224,11 @@ def load_clip_ensemble(names: list[str], pretrained: list[str | None] | None, de
     return ClipEnsemble(members)
 
 
-def load_named_clips(names: str | list[str], pretrained: str | list | None, device, verify: bool = False):
+def load_named_clips(names: str | list[str], pretrained: str | list | None, device, verify: bool = False,
+                     precision: str | None = None):
     """load_clip_ensemble for CLI/API values: a name or a list of them; --clip-pretrained once per model
     ('' for a folder or hub model)."""
     names = [names] if isinstance(names, str) else list(names)
     if pretrained is not None:
         pretrained = [value or None for value in ([pretrained] if isinstance(pretrained, str) else pretrained)]
-    return load_clip_ensemble(names, pretrained, device, verify=verify)
+    return load_clip_ensemble(names, pretrained, device, verify=verify, precision=precision)

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from img2prompt.encoders.text import autocast_for, l2_normalise
+from img2prompt.encoders.low_memory import batch_limit
+from img2prompt.encoders.precision import autocast_for
+from img2prompt.encoders.text import l2_normalise
 from img2prompt.encoders.clip_ensemble import ClipEnsemble
 from img2prompt.errors import UserError
 from img2prompt.encoders.models import usable_cores
@@ -137,9 +139,13 @@ def _encode_batch(clip: ClipEnsemble, batch) -> tuple:
     if pixels is None:
         return batch, None, 0.0
     started = time.perf_counter()
-    with torch.inference_mode(), autocast_for(clip.device):
-        features = clip.encode_image(pixels).float().cpu().numpy()
-    return batch, features, time.perf_counter() - started
+    rows = len(pixels[0]) if isinstance(pixels, tuple) else len(pixels)
+    with torch.inference_mode(), autocast_for(clip.device, getattr(clip, "precision", None)):
+        # out of CUDA memory: fewer images per tower call (encoders/low_memory.py)
+        parts = batch_limit(clip).run(rows, lambda first, stop: clip.encode_image(
+            tuple(part[first:stop] for part in pixels) if isinstance(pixels, tuple) else pixels[first:stop]
+        ).float().cpu().numpy())
+    return batch, np.concatenate(parts), time.perf_counter() - started
 
 
 def _encoded_batches(clip: ClipEnsemble, loader):

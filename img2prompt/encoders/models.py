@@ -154,6 +154,7 @@ class ClipModel:
     device: torch.device
     architecture_sha256: str = ""
     preprocess_config: str = ""  # the transform as text (see preprocess_fingerprint)
+    precision: str | None = None  # fp32 / fp16 / bf16 the towers run in (None: the device's default, precision.py)
 
     def identity(self) -> dict:
         return {"name": self.name, "pretrained": self.pretrained, "sha256": self.sha256,
@@ -268,10 +269,11 @@ def import_open_clip(model_name: str | None = None):
 
 
 def load_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
-              verify: bool = False) -> ClipModel:
+              verify: bool = False, precision: str | None = None) -> ClipModel:
     """Load CLIP by open_clip name + pretrained tag or checkpoint file, or by `local-dir:`/`hf-hub:` schema.
 
-    verify=True hashes the weights even when the identity cache knows them.
+    verify=True hashes the weights even when the identity cache knows them; precision: what the towers run
+    in (fp32 / fp16 / bf16; None: the device's default).
     """
     device = resolve_device(device) if isinstance(device, str) else device
     model_name = normalise_clip_name(model_name)
@@ -316,11 +318,12 @@ def load_clip(model_name: str, pretrained: str | None = None, device: str | torc
     model.to(device)
     dim = _clip_embed_dim(model)
     context_length = int(getattr(model, "context_length", None) or getattr(tokenizer, "context_length", 77))
-    log.info("CLIP %s (pretrained=%s) sha256=%s… dim=%d on %s", model_name, pretrained, sha[:12], dim, device)
+    # debug: the command's one "models on DEVICE (DTYPE)" line says where they run (encoders/precision.py)
+    log.debug("CLIP %s (pretrained=%s) sha256=%s… dim=%d on %s", model_name, pretrained, sha[:12], dim, device)
     return ClipModel(model=model, preprocess=preprocess, tokenizer=tokenizer, name=model_name,
                      pretrained=pretrained, sha256=sha, dim=dim, context_length=context_length, device=device,
                      architecture_sha256=architecture_fingerprint(model),
-                     preprocess_config=preprocess_fingerprint(preprocess))
+                     preprocess_config=preprocess_fingerprint(preprocess), precision=precision)
 
 
 def _clip_embed_dim(model: torch.nn.Module) -> int:
@@ -386,7 +389,7 @@ def load_text_model(name_or_path: str | None = None, device: str | torch.device 
     sha = cached_weights_sha256(model, _weights_files_key("text", name, weights_files), verify)
     dim = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
               else model.get_sentence_embedding_dimension())
-    log.info("text model %s sha256=%s… dim=%d on %s", name, sha[:12], dim, device)
+    log.debug("text model %s sha256=%s… dim=%d on %s", name, sha[:12], dim, device)
     return TextModel(model=model, name=name, sha256=sha, dim=dim, max_seq_length=int(model.max_seq_length),
                      device=device, folder=str(folder.resolve()) if folder.is_dir() else None)
 

@@ -9,7 +9,6 @@ competition's ground truth by definition.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +17,8 @@ import torch
 
 from img2prompt.encoders.models import (ClipModel, TextModel, clip_encode_text, clip_prompt_truncated,
                                         clip_token_lengths)
+from img2prompt.encoders.low_memory import batch_limit
+from img2prompt.encoders.precision import autocast_for
 from img2prompt.encoders.tokenization import minilm_encode_features, pad_minilm_batch
 
 
@@ -25,13 +26,6 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
-
-
-def autocast_for(device: torch.device):
-    """fp16 autocast on CUDA (tensor cores); plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 @dataclass
@@ -65,14 +59,17 @@ def clip_embed_tokens(clip: ClipModel, tokens: torch.Tensor, batch_size: int = 2
     lengths = clip_token_lengths(clip, tokens)
     order = torch.argsort(lengths, stable=True) if bucketed else torch.arange(len(tokens))
     out = np.empty((len(tokens), clip.dim), dtype=np.float32)
-    with torch.inference_mode(), autocast_for(clip.device):
+    limit = batch_limit(clip)  # out of CUDA memory: fewer rows per tower call (encoders/low_memory.py)
+    with torch.inference_mode(), autocast_for(clip.device, clip.precision):
         for start in range(0, len(tokens), batch_size):
             rows = order[start:start + batch_size]
             batch = tokens[rows]
             if bucketed:
                 batch = batch[:, :int(lengths[rows].max())]
-            features = clip_encode_text(clip, batch.to(clip.device, non_blocking=True), short_context=bucketed)
-            out[rows.numpy()] = features.float().cpu().numpy()
+            batch = batch.to(clip.device, non_blocking=True)
+            parts = limit.run(len(rows), lambda first, stop: clip_encode_text(
+                clip, batch[first:stop], short_context=bucketed).float().cpu().numpy())
+            out[rows.numpy()] = np.concatenate(parts)
             if progress:
                 progress(len(rows))
     return l2_normalise(out)
