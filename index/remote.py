@@ -84,7 +84,7 @@ def _put_manifest(fs, root: str, manifest: dict) -> None:
 
 def _committed(fs, root: str) -> dict | None:
     """The manifest the store holds now (None: none, or not one this tool could read)."""
-    fs.invalidate_cache(root)
+    fs.invalidate_cache()  # every listing: s3fs drops only the path's parents
     try:
         manifest = json.loads(fs.cat_file(_join(root, MANIFEST)))
     except (FileNotFoundError, ValueError):
@@ -114,7 +114,7 @@ def _drop_stale(fs, root: str, keep: str, old: dict | None) -> None:
     from img2prompt.index.manifest import is_relative_name
 
     stale = []
-    fs.invalidate_cache(root)
+    fs.invalidate_cache()
     try:
         for entry in fs.ls(root, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
@@ -145,7 +145,7 @@ def _read_manifest(fs, root: str, url: str) -> tuple[bytes, dict]:
     it lists is touched."""
     from img2prompt.index.reader import check_manifest
 
-    fs.invalidate_cache(root)
+    fs.invalidate_cache()
     try:
         with fs.open(_join(root, MANIFEST), "rb") as source:
             raw = source.read(MANIFEST_LIMIT + 1)
@@ -241,7 +241,7 @@ def _download(fs, root: str, url: str, raw: bytes, manifest: dict, name: str, ta
 
 
 def _manifest_changed(fs, root: str, raw: bytes) -> bool:
-    fs.invalidate_cache(root)
+    fs.invalidate_cache()
     try:
         return fs.cat_file(_join(root, MANIFEST)) != raw
     except FileNotFoundError:
