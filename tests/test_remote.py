@@ -334,3 +334,34 @@ def test_a_connection_dropped_mid_file_is_one_line_and_caches_nothing_half(built
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_embeddings_url_errors_name_the_url_not_the_cache_copy(mem, tmp_path, monkeypatch):
+    """Issue #30 item 10: every --embeddings error names what the user gave (the URL)."""
+    import io
+
+    import numpy as np
+
+    from img2prompt.build_index.precomputed import open_precomputed
+
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def npy(array) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    unit = np.eye(3, 4, dtype=np.float32)
+    put(f"{mem}/a.npy", npy(unit))
+    put(f"{mem}/b.npy", npy(np.full((2, 4), 3, dtype=np.float32)))  # not unit-norm
+    put(f"{mem}/c.npy", npy(np.eye(2, 5, dtype=np.float32)))  # another dim
+    put(f"{mem}/d.npy", npy(np.arange(4, dtype=np.int64)))  # not a float matrix
+    put(f"{mem}/e.npy", b"\x93NUMPY garbage")
+    cases = {f"{mem}/b.npy": rf"^{mem}/b\.npy, row 0: vector norm 6\.0000",
+             f"{mem}/c.npy": rf"^{mem}/c\.npy: dim 5, but {mem}/a\.npy has dim 4",
+             f"{mem}/d.npy": rf"^{mem}/d\.npy: expected a float16/float32",
+             f"{mem}/e.npy": rf"^{mem}/e\.npy: not a readable \.npy array"}
+    for url, pattern in cases.items():
+        with pytest.raises(UserError, match=pattern) as caught:
+            open_precomputed([f"{mem}/a.npy", url]).take([3])
+        assert str(tmp_path / "cache") not in str(caught.value), str(caught.value)
