@@ -13,6 +13,7 @@ import time
 from img2prompt import storage
 from img2prompt.build_index.corpus import expand_corpus_paths, file_fingerprint
 from img2prompt.build_index.pairs import expand_pair_paths
+from img2prompt.build_index.result import BuildResult
 from img2prompt.build_index.shard_store import shard_store_url
 from img2prompt.errors import UserError
 from img2prompt.index.layout import MANIFEST, STATE_COMPLETE
@@ -48,8 +49,6 @@ def _differs(staged: dict, options) -> list[str]:
 
 def _publish_staged(options, folder):
     """--resume over a complete staging folder: nothing to build; publish it (again)."""
-    from img2prompt.build_index.runner import BuildResult
-
     staged = read_manifest(folder / "index")
     changed = _differs(staged, options)
     if changed:

@@ -365,3 +365,27 @@ def test_embeddings_url_errors_name_the_url_not_the_cache_copy(mem, tmp_path, mo
         with pytest.raises(UserError, match=pattern) as caught:
             open_precomputed([f"{mem}/a.npy", url]).take([3])
         assert str(tmp_path / "cache") not in str(caught.value), str(caught.value)
+
+
+def test_a_fetch_overtaken_by_a_new_publish_reads_the_new_index(mem, built_index, tmp_path, monkeypatch):
+    """A reader that read the old manifest and finds its files deleted by a newer publish starts again."""
+    from img2prompt.index import remote
+
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"{mem}/moving"
+    remote.publish(built_index, url)
+    real, calls = remote._download, []
+
+    def overtaken(*args, **kwargs):
+        if not calls:
+            remote.publish(built_index, url)  # lands between this reader's manifest read and its first file
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(remote, "_download", overtaken)
+    local = remote.fetch(url)
+    assert json.loads((local / "manifest.json").read_text()) == json.loads((built_index / "manifest.json").read_text())
+    assert all((local / name).read_bytes() == (built_index / name).read_bytes()
+               for name in json.loads((built_index / "manifest.json").read_text())["files"])
+    fs = fsspec.filesystem("memory")
+    assert len([entry for entry in fs.ls(url.removeprefix("memory://"), detail=False) if "gen-" in entry]) == 1
