@@ -6,8 +6,9 @@ Publish protocol (there is no rename on an object store, so the commit point is 
      never over a file the committed manifest points at;
   2. <url>/manifest.json is replaced (one PUT; on a local/file:// target a temp file renamed): it lists the
      files as in a local index and names their prefix in "generation" — this switches readers to the new index;
-  3. only then the files of earlier generations (and an index published before generations existed: plain
-     names at the top of the prefix) are deleted, and so are prefixes a killed publish left.
+  3. only then the replaced index's files are deleted (its generation, or the plain top-level names of an
+     index published before generations existed), and so are generations a killed publish left a day ago
+     (a younger unreferenced one may be another publisher's upload in flight).
 Killed anywhere, the store holds a manifest whose files are all there (the old index until step 2 lands, the
 new one after), so a reader with a cold cache opens one complete index, never a mix. A manifest without
 "generation" (the earlier layout) reads its files from the top of the prefix.
@@ -19,8 +20,9 @@ resolves inside that cache folder, symlinks included) before the first byte of a
 """
 from __future__ import annotations
 
-import json
+import calendar
 import hashlib
+import json
 import logging
 import os
 import re
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 
 GENERATION = "generation"  # manifest key on the store only: the prefix holding the listed files
 _GENERATION_NAME = re.compile(r"^gen-[0-9A-Za-z-]{1,64}$")
+_GENERATION_TIME = re.compile(r"^gen-(\d{8}T\d{6}Z)-[0-9a-f]+$")
+STALE_AFTER_S = 24 * 3600  # an unreferenced generation this old is a killed publish's leftover
 MANIFEST_LIMIT = 64 << 20  # a manifest is kilobytes; a store serving more is not serving an index
 
 
@@ -99,26 +103,37 @@ def publish(folder: Path, url: str) -> None:
     manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     fs, root = storage.filesystem(url)
     fs.makedirs(root, exist_ok=True)  # a local or file:// target needs its folder; object stores: a no-op
-    old = _committed(fs, root)
     generation = new_generation()
     for name in manifest.get("files", {}):
         _put(fs, folder / name, _join(root, f"{generation}/{name}"))
+    old = _committed(fs, root)  # read just before the switch: what this publish replaces
     _put_manifest(fs, root, {**manifest, GENERATION: generation})
     _drop_stale(fs, root, generation, old)
 
 
+def _generation_age_s(name: str) -> float | None:
+    found = _GENERATION_TIME.match(name)
+    if not found:
+        return None
+    return time.time() - calendar.timegm(time.strptime(found[1], "%Y%m%dT%H%M%SZ"))
+
+
 def _drop_stale(fs, root: str, keep: str, old: dict | None) -> None:
-    """Delete what no committed manifest points at any more: other generations (an earlier index, a killed
-    publish) and the plain top-level files of an index published before generations. Best effort: the new
-    index is committed already, and the next publish tries again."""
+    """Delete what no committed manifest points at any more: the replaced index's generation (or its plain
+    top-level files, published before generations), and generations older than STALE_AFTER_S (a killed
+    publish's; a younger one may be another publisher's upload in flight). Best effort: the new index is
+    committed already, and the next publish tries again."""
     from img2prompt.index.manifest import is_relative_name
 
-    stale = []
+    replaced = old.get(GENERATION) if old is not None else None
+    stale = [(_join(root, replaced), True)] if isinstance(replaced, str) and _GENERATION_NAME.match(replaced) \
+        and replaced != keep else []
     fs.invalidate_cache()
     try:
         for entry in fs.ls(root, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if _GENERATION_NAME.match(name) and name != keep:
+            age = _generation_age_s(name)
+            if name not in (keep, replaced) and age is not None and age > STALE_AFTER_S:
                 stale.append((_join(root, name), True))
     except (FileNotFoundError, NotImplementedError):
         pass

@@ -154,7 +154,9 @@ def test_build_from_memory_corpus_then_changed_file_refuses_resume(mem, tmp_path
     run_build(options(out=f"{mem}/built"))  # --out URL: staged locally, uploaded, manifest last
     listed = json.loads(fsspec.open(f"{mem}/built/manifest.json").open().read())
     fs = fsspec.filesystem("memory")
-    assert all(fs.info(f"{mem}/built/{name}")["size"] == entry["bytes"] for name, entry in listed["files"].items())
+    assert listed["generation"].startswith("gen-")  # the files live under the publish's generation prefix
+    assert all(fs.info(f"{mem}/built/{listed['generation']}/{name}")["size"] == entry["bytes"]
+               for name, entry in listed["files"].items())
     put(url, b"something else entirely\n" + corpus_file.read_bytes())
     with pytest.raises(UserError, match=r"cannot resume, the build settings differ .*\(corpus\)"):
         run_build(options(out=str(interrupted), resume=True))
@@ -389,3 +391,28 @@ def test_a_fetch_overtaken_by_a_new_publish_reads_the_new_index(mem, built_index
                for name in json.loads((built_index / "manifest.json").read_text())["files"])
     fs = fsspec.filesystem("memory")
     assert len([entry for entry in fs.ls(url.removeprefix("memory://"), detail=False) if "gen-" in entry]) == 1
+
+
+def test_two_publishes_in_flight_never_delete_each_others_files(mem, built_index, tmp_path, monkeypatch):
+    """Publish B uploads while publish A runs whole: A must not delete B's young generation, so B's manifest
+    (switched last) points at complete files."""
+    from img2prompt.index import remote
+
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"{mem}/racing"
+    remote.publish(built_index, url)
+    real, calls = remote._put, []
+
+    def slow_put(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # B has uploaded one file: A runs from start to end
+            monkeypatch.setattr(remote, "_put", real)
+            remote.publish(built_index, url)
+            monkeypatch.setattr(remote, "_put", slow_put)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(remote, "_put", slow_put)
+    remote.publish(built_index, url)  # B
+    local = remote.fetch(url)
+    assert all((local / name).read_bytes() == (built_index / name).read_bytes()
+               for name in json.loads((built_index / "manifest.json").read_text())["files"])

@@ -89,6 +89,9 @@ def test_a_publish_killed_after_any_upload_leaves_the_old_or_the_new_index(s3, b
     from img2prompt.build_index.remote_out import staging_folder
     from img2prompt.build_index.runner import BuildOptions, run_build
 
+    from img2prompt.index import remote
+
+    monkeypatch.setattr(remote, "STALE_AFTER_S", -1)  # the killed publishes' leftovers count as old at once
     publish_legacy(s3, built_index, url)  # the old index, as the previous code published it
     assert same_index(cold_read(url, tmp_path, monkeypatch, "legacy"), built_index)
     options = BuildOptions(corpus=[str(small_corpus(corpus_file, tmp_path))], out=url, overwrite=True,
@@ -163,6 +166,11 @@ def test_a_publish_killed_while_deleting_the_old_generation_leaves_the_new_index
     s3.invalidate_cache()
     assert len([e for e in s3.ls(url.removeprefix("s3://")) if e.rsplit("/", 1)[-1].startswith("gen-")]) == 2
     assert same_index(cold_read(url, tmp_path, monkeypatch, "new"), built_index)
-    remote.publish(built_index, url)  # the next publish deletes what the killed one left
+    remote.publish(built_index, url)  # deletes the generation it replaces; the orphan is young: kept
+    s3.invalidate_cache()
+    assert len([e for e in s3.ls(url.removeprefix("s3://")) if e.rsplit("/", 1)[-1].startswith("gen-")]) == 2
+    monkeypatch.setattr(remote, "STALE_AFTER_S", -1)
+    remote.publish(built_index, url)  # a day later: the killed publish's leftover goes too
     s3.invalidate_cache()
     assert len([e for e in s3.ls(url.removeprefix("s3://")) if e.rsplit("/", 1)[-1].startswith("gen-")]) == 1
+    assert same_index(cold_read(url, tmp_path, monkeypatch, "last"), built_index)
