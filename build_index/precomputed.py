@@ -24,9 +24,13 @@ AGREEMENT_MIN_COSINE = 0.99
 
 @dataclass
 class PrecomputedVectors:
-    files: list[Path]
+    files: list[Path]  # local files (a URL's cached copy)
     arrays: list[np.ndarray]  # memory-mapped, one per file
     offsets: np.ndarray  # global row where each file starts; last entry = total rows
+    names: list[str] | None = None  # what the user gave for each file (a URL, not its cache copy): for errors
+
+    def name(self, index: int) -> str:
+        return self.names[index] if self.names else str(self.files[index])
 
     @property
     def rows(self) -> int:
@@ -36,9 +40,10 @@ class PrecomputedVectors:
     def dim(self) -> int:
         return int(self.arrays[0].shape[1])
 
-    def locate(self, row: int) -> tuple[Path, int]:
+    def locate(self, row: int) -> tuple[str, int]:
+        """(the file's name as the user gave it, the row inside it) of a global row."""
         index = int(np.searchsorted(self.offsets, row, side="right") - 1)
-        return self.files[index], row - int(self.offsets[index])
+        return self.name(index), row - int(self.offsets[index])
 
     def take(self, rows: list[int]) -> np.ndarray:
         """float32 vectors of these global rows, each checked to be unit-norm."""
@@ -68,9 +73,13 @@ def misaligned(vector_rows: int, corpus_rows: int | None = None) -> UserError:
 
 def open_precomputed(patterns: list[str]) -> PrecomputedVectors:
     files: list[Path] = []
+    names: dict[Path, str] = {}  # a URL's cached copy → the URL, which errors name
     for pattern in patterns:
         if storage.is_url(pattern):  # memmaps need local files: each .npy is copied into the cache first
-            path_matches = [storage.local_copy(url) for url in storage.expand_url(pattern)]
+            path_matches = []
+            for url in storage.expand_url(pattern):
+                path_matches.append(storage.local_copy(url))
+                names[path_matches[-1]] = url
         else:
             matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
             path_matches = [Path(match) for match in matches]
@@ -83,19 +92,21 @@ def open_precomputed(patterns: list[str]) -> PrecomputedVectors:
                 raise UserError(f"--embeddings: file not found: {path}")
             if path not in files:
                 files.append(path)
+    shown = [names.get(path, str(path)) for path in files]
     arrays = []
-    for path in files:
+    for path, name in zip(files, shown):
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as exc:
-            raise UserError(f"{path}: not a readable .npy array ({exc})") from exc
+            reason = str(exc).replace(str(path), name)  # numpy may quote the file it opened: the cache copy
+            raise UserError(f"{name}: not a readable .npy array ({reason})") from exc
         if array.ndim != 2 or array.dtype not in (np.float16, np.float32):
-            raise UserError(f"{path}: expected a float16/float32 [rows, dim] array, found {array.dtype} {array.shape}")
+            raise UserError(f"{name}: expected a float16/float32 [rows, dim] array, found {array.dtype} {array.shape}")
         if arrays and array.shape[1] != arrays[0].shape[1]:
-            raise UserError(f"{path}: dim {array.shape[1]}, but {files[0]} has dim {arrays[0].shape[1]}")
+            raise UserError(f"{name}: dim {array.shape[1]}, but {shown[0]} has dim {arrays[0].shape[1]}")
         arrays.append(array)
     offsets = np.concatenate([[0], np.cumsum([len(array) for array in arrays])]).astype(np.int64)
-    return PrecomputedVectors(files, arrays, offsets)
+    return PrecomputedVectors(files, arrays, offsets, shown)
 
 
 def check_against_model(vectors: PrecomputedVectors, clip_dim: int, corpus_rows: int | None) -> None:

@@ -23,6 +23,7 @@ from img2prompt.build_index.engine import BuildEngine, engine_class
 from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE, check_pair_files, expand_pair_paths, iter_pairs
 from img2prompt.build_index.phrases import MIN_COUNT, mine_phrases
 from img2prompt.build_index.precomputed import check_against_model, misaligned, open_precomputed
+from img2prompt.build_index.result import BuildResult
 from img2prompt.index.ridge import RidgeAccumulator
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder, encode_threads
 from img2prompt import storage
@@ -80,13 +81,6 @@ class BuildOptions:
     key_dims: int | None = None  # PCA of the CLIP keys to this many dims (index/key_pca.py); None: full width
     near_dup: float | None = None  # drop a prompt whose MiniLM cosine to a kept one is ≥ this (build_index/near_dup.py)
     shard_store: str | None = None  # set by `--out URL`: where remote workers send shards (build_index/shard_store.py)
-
-
-@dataclass
-class BuildResult:
-    manifest: dict
-    report: dict
-    timings: dict = field(default_factory=dict)
 
 
 class PhaseTimer:

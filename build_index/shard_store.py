@@ -21,11 +21,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from img2prompt import storage
 from img2prompt.errors import UserError, short_reason
-from img2prompt.index.layout import MANIFEST, SHARDS, file_record, shard_path
+from img2prompt.index.layout import MANIFEST, SHARD_SUFFIXES, SHARDS, file_record, shard_path
 
 SHARD_PREFIX = ".shards"  # under the --out URL: the shards the workers have sent and the driver not yet committed
 
@@ -125,6 +125,7 @@ class ShardStore:
         """Download the shard's files into the driver's index folder and check them against the record;
         returns the phase seconds ({"receive_shard": s})."""
         started = time.perf_counter()
+        check_record(self.url, record)
         (Path(root) / SHARDS).mkdir(parents=True, exist_ok=True)
         for kind, listed in record["files"].items():
             target = shard_path(Path(root), record["number"], kind)
@@ -150,6 +151,19 @@ class ShardStore:
     def clear(self) -> None:
         """Remove the prefix: before a fresh build (what a killed run left) and after publish."""
         storage.remove_tree(self.url)
+
+
+def check_record(url: str, record: Any) -> None:
+    """A record names the files the driver writes into its staging folder: only the shard kinds this
+    version writes, a non-negative shard number, a size and a sha256 each (never a file name of its own)."""
+    files = record.get("files") if isinstance(record, dict) else None
+    number = record.get("number") if isinstance(record, dict) else None
+    if not (isinstance(number, int) and not isinstance(number, bool) and number >= 0 and isinstance(files, dict)
+            and files and set(files) <= set(SHARD_SUFFIXES) and all(
+                isinstance(listed, dict) and isinstance(listed.get("bytes"), int)
+                and isinstance(listed.get("sha256"), str) for listed in files.values())):
+        raise UserError(f"{url}: a Ray worker returned a malformed shard record ({short_reason(repr(record), 120)}); "
+                        "is another img2prompt version running on the cluster? run again with --resume")
 
 
 def shard_store_url(out_url: str) -> str:

@@ -173,7 +173,9 @@ def local_copy(url: str, block: int = 1 << 22):
 
     found = identity(url)
     digest = hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:24]
-    target = cache_root() / digest / (url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "file")
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    # the name may come from a store's listing (a URL glob): only a plain file name lands in the cache folder
+    target = cache_root() / digest / (name if name not in ("", ".", "..") and "\\" not in name else "file")
     size = int(found["size"]) if found.get("size", "").isdigit() else None
     if target.is_file() and (size is None or target.stat().st_size == size):
         return target

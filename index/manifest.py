@@ -95,12 +95,15 @@ def _is_optional(value: Any, kind: type | tuple) -> bool:
     return value is None or (isinstance(value, kind) and not isinstance(value, bool))
 
 
-def _is_relative(name: Any) -> bool:
+def is_relative_name(name: Any) -> bool:
     """A path inside the index folder: relative, no '..' (a manifest must never point the reader elsewhere)."""
     if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
         return False
     path = PurePosixPath(name)
     return not path.is_absolute() and ".." not in path.parts
+
+
+_is_relative = is_relative_name
 
 
 class _Problems(list):

@@ -266,6 +266,23 @@ class PromptIndex:
                                                 plan.get("params", {}), device)
 
 
+def check_manifest(root: str | Path, manifest: dict) -> None:
+    """Everything a reader needs of a complete index's manifest (version, state, every field's type, file names
+    inside the folder): one UserError naming `root` (a folder, or the URL of a remote index, checked before
+    any of its files is fetched)."""
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"{root}/{MANIFEST}: no format_version: not an img2prompt index")
+    if version not in READABLE_VERSIONS:
+        raise UserError(f"{root} has index format {version}; this img2prompt reads formats "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade img2prompt")
+    if manifest.get("state") != STATE_COMPLETE:
+        shards = manifest.get("shards")
+        raise UserError(f"{root} holds an unfinished build ({len(shards) if isinstance(shards, list) else 0} shards "
+                        "done): finish it with `img2prompt build ... --resume`")
+    schema.validate_complete(f"{root}/{MANIFEST}", manifest)
+
+
 def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
     """Open a complete index; the manifest's schema and file sizes are always checked, sha256 checksums too
     with verify=True, and the side files are read now (a damaged one is one line here, not a traceback later)."""
@@ -277,17 +294,7 @@ def open_index(root: str | Path, *, verify: bool = False) -> PromptIndex:
     manifest = read_manifest(root)
     if manifest is None:
         raise UserError(f"{root} is not an index: no {MANIFEST}")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise UserError(f"{root / MANIFEST}: no format_version: not an img2prompt index")
-    if version not in READABLE_VERSIONS:
-        raise UserError(f"{root} has index format {version}; this img2prompt reads formats "
-                        f"{', '.join(map(str, READABLE_VERSIONS))}: upgrade img2prompt")
-    if manifest.get("state") != STATE_COMPLETE:
-        shards = manifest.get("shards")
-        raise UserError(f"{root} holds an unfinished build ({len(shards) if isinstance(shards, list) else 0} shards "
-                        "done): finish it with `img2prompt build ... --resume`")
-    schema.validate_complete(root / MANIFEST, manifest)
+    check_manifest(root, manifest)
     index = PromptIndex(root=root, manifest=manifest)
     _check_files(index, verify)
     if (root / SHARDS).is_dir():

@@ -154,7 +154,9 @@ def test_build_from_memory_corpus_then_changed_file_refuses_resume(mem, tmp_path
     run_build(options(out=f"{mem}/built"))  # --out URL: staged locally, uploaded, manifest last
     listed = json.loads(fsspec.open(f"{mem}/built/manifest.json").open().read())
     fs = fsspec.filesystem("memory")
-    assert all(fs.info(f"{mem}/built/{name}")["size"] == entry["bytes"] for name, entry in listed["files"].items())
+    assert listed["generation"].startswith("gen-")  # the files live under the publish's generation prefix
+    assert all(fs.info(f"{mem}/built/{listed['generation']}/{name}")["size"] == entry["bytes"]
+               for name, entry in listed["files"].items())
     put(url, b"something else entirely\n" + corpus_file.read_bytes())
     with pytest.raises(UserError, match=r"cannot resume, the build settings differ .*\(corpus\)"):
         run_build(options(out=str(interrupted), resume=True))
@@ -334,3 +336,83 @@ def test_a_connection_dropped_mid_file_is_one_line_and_caches_nothing_half(built
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_embeddings_url_errors_name_the_url_not_the_cache_copy(mem, tmp_path, monkeypatch):
+    """Issue #30 item 10: every --embeddings error names what the user gave (the URL)."""
+    import io
+
+    import numpy as np
+
+    from img2prompt.build_index.precomputed import open_precomputed
+
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def npy(array) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    unit = np.eye(3, 4, dtype=np.float32)
+    put(f"{mem}/a.npy", npy(unit))
+    put(f"{mem}/b.npy", npy(np.full((2, 4), 3, dtype=np.float32)))  # not unit-norm
+    put(f"{mem}/c.npy", npy(np.eye(2, 5, dtype=np.float32)))  # another dim
+    put(f"{mem}/d.npy", npy(np.arange(4, dtype=np.int64)))  # not a float matrix
+    put(f"{mem}/e.npy", b"\x93NUMPY garbage")
+    cases = {f"{mem}/b.npy": rf"^{mem}/b\.npy, row 0: vector norm 6\.0000",
+             f"{mem}/c.npy": rf"^{mem}/c\.npy: dim 5, but {mem}/a\.npy has dim 4",
+             f"{mem}/d.npy": rf"^{mem}/d\.npy: expected a float16/float32",
+             f"{mem}/e.npy": rf"^{mem}/e\.npy: not a readable \.npy array"}
+    for url, pattern in cases.items():
+        with pytest.raises(UserError, match=pattern) as caught:
+            open_precomputed([f"{mem}/a.npy", url]).take([3])
+        assert str(tmp_path / "cache") not in str(caught.value), str(caught.value)
+
+
+def test_a_fetch_overtaken_by_a_new_publish_reads_the_new_index(mem, built_index, tmp_path, monkeypatch):
+    """A reader that read the old manifest and finds its files deleted by a newer publish starts again."""
+    from img2prompt.index import remote
+
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"{mem}/moving"
+    remote.publish(built_index, url)
+    real, calls = remote._download, []
+
+    def overtaken(*args, **kwargs):
+        if not calls:
+            remote.publish(built_index, url)  # lands between this reader's manifest read and its first file
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(remote, "_download", overtaken)
+    local = remote.fetch(url)
+    assert json.loads((local / "manifest.json").read_text()) == json.loads((built_index / "manifest.json").read_text())
+    assert all((local / name).read_bytes() == (built_index / name).read_bytes()
+               for name in json.loads((built_index / "manifest.json").read_text())["files"])
+    fs = fsspec.filesystem("memory")
+    assert len([entry for entry in fs.ls(url.removeprefix("memory://"), detail=False) if "gen-" in entry]) == 1
+
+
+def test_two_publishes_in_flight_never_delete_each_others_files(mem, built_index, tmp_path, monkeypatch):
+    """Publish B uploads while publish A runs whole: A must not delete B's young generation, so B's manifest
+    (switched last) points at complete files."""
+    from img2prompt.index import remote
+
+    monkeypatch.setenv("IMG2PROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"{mem}/racing"
+    remote.publish(built_index, url)
+    real, calls = remote._put, []
+
+    def slow_put(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # B has uploaded one file: A runs from start to end
+            monkeypatch.setattr(remote, "_put", real)
+            remote.publish(built_index, url)
+            monkeypatch.setattr(remote, "_put", slow_put)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(remote, "_put", slow_put)
+    remote.publish(built_index, url)  # B
+    local = remote.fetch(url)
+    assert all((local / name).read_bytes() == (built_index / name).read_bytes()
+               for name in json.loads((built_index / "manifest.json").read_text())["files"])

@@ -84,3 +84,14 @@ def test_the_shared_folder_refuses_a_node_that_does_not_see_it(tmp_path):
         SharedFolder(str(tmp_path / "nowhere")).check_worker("node-7")
     with pytest.raises(UserError, match="memory:// lives inside one process"):
         ShardStore("memory://x/.shards").check_driver()
+
+
+@pytest.mark.parametrize("bad", [{"number": "../../x", "files": {}}, {"number": 4, "files": {"../../x": {}}},
+                                 {"number": -1, "files": {"clip": {"bytes": 1, "sha256": "0" * 64}}},
+                                 {"number": 4, "files": {"clip": {"bytes": "1", "sha256": "0" * 64}}}, "junk"])
+def test_a_malformed_shard_record_is_refused_before_anything_is_written(tmp_path, bad):
+    """A record from a worker decides which files the driver writes: only known shard kinds, a real number."""
+    store = ShardStore(f"file://{tmp_path}/store")
+    with pytest.raises(UserError, match=r"malformed shard record .*--resume$") as error:
+        store.receive(bad, tmp_path / "staging")
+    assert "\n" not in str(error.value) and not (tmp_path / "staging").exists()
