@@ -103,8 +103,6 @@ def is_relative_name(name: Any) -> bool:
     return not path.is_absolute() and ".." not in path.parts
 
 
-_is_relative = is_relative_name
-
 
 class _Problems(list):
     """The invalid fields found, each as 'field (what is wrong)'."""
@@ -155,7 +153,7 @@ def _check_files(problems: _Problems, files: Any, dtype: str = FP16) -> None:
         problems.append("files")
         return
     for name, record in files.items():
-        problems.need(_is_relative(name), "files", name, f"name {name!r} (not a path inside the index)")
+        problems.need(is_relative_name(name), "files", name, f"name {name!r} (not a path inside the index)")
         problems.need(record["bytes"] >= 0, f"files.{name}.bytes", record["bytes"])
         problems.need(isinstance(record.get("sha256"), str) and len(record["sha256"]) == 64,
                       f"files.{name}.sha256", record.get("sha256"))
@@ -177,7 +175,7 @@ def _check_key_ranges(problems: _Problems, entries: Any, count: int) -> None:
             return
         keys = entry.get("keys")
         problems.need(keys in KEY_KINDS, f"{field}.keys", keys)
-        problems.need(_is_relative(entry.get("folder")) or entry.get("folder", "") == "", f"{field}.folder",
+        problems.need(is_relative_name(entry.get("folder")) or entry.get("folder", "") == "", f"{field}.folder",
                       entry.get("folder"))
         _check_plan(problems, f"{field}.search", entry.get("search"))
         rows = entry.get("rows")
