@@ -86,6 +86,13 @@ class BuildResult:
     timings: dict = field(default_factory=dict)
 
 
+def finished_result(manifest: dict) -> BuildResult:
+    """What a --resume of a job that had already completed returns: its index, "nothing_to_do" in the report."""
+    report = dict(manifest.get("corpus") or {})
+    report["nothing_to_do"] = True
+    return BuildResult(manifest=manifest, report=report)
+
+
 class PhaseTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -156,6 +163,9 @@ def run_build(options: BuildOptions) -> BuildResult:
                  "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars,
                  **({"pairs": [file_fingerprint(path) for path in pair_paths]} if pair_paths else {})}
     writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
+    if writer.done is not None:
+        writer.close()
+        return finished_result(writer.done)
     encoder = ShardEncoder(clip, text_model, options.batch_size, precomputed, text_replicas)
     spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
                        options.batch_size, options.embeddings, models)

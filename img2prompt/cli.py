@@ -302,6 +302,9 @@ def cmd_merge(args) -> None:
     result = merge(args.indexes, args.out, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                    text_model=args.text_model, device=args.device, shard_size=args.shard_size,
                    overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    if result.report.get("nothing_to_do"):
+        print(f"index {args.out}: already complete ({result.manifest['count']} prompts), nothing to do")
+        return
     duplicates = ", ".join(f"{entry['index']} {entry['duplicates']}" for entry in result.report["merged"])
     print(f"index {args.out}: {result.manifest['count']} prompts (duplicates dropped: {duplicates})")
 
@@ -327,6 +330,9 @@ def cmd_build(args) -> None:
         print(json.dumps(summary, indent=2))
         return
     report = result.report
+    if report.get("nothing_to_do"):
+        print(f"index {args.out}: already complete ({manifest['count']} prompts), nothing to do")
+        return
     skipped = ", ".join(f"{reason} {count}" for reason, count in report["skipped"].items()) or "none"
     print(f"index {args.out}: {manifest['count']} prompts ({manifest['search']['kind']} search, "
           f"recall@10 {manifest['search']['recall_at_10']['recall']:.3f})")
