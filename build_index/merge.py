@@ -78,7 +78,16 @@ def open_input(index: str) -> PromptIndex:
     folder is opened again: its files could be half old, half new)."""
     root = Path(index)
     for _ in range(OPEN_TRIES):
-        opened = open_index(root)
+        before = read_manifest(root) if root.is_dir() else None
+        try:
+            opened = open_index(root)
+        except (UserError, OSError, ValueError) as exc:  # e.g. the old manifest's rows mapped onto new files
+            if before is not None and read_manifest(root) != before:
+                log.warning("%s changed while it was opened (a rebuild swapped in?): opening it again", index)
+                continue
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"{index}: not readable ({exc}): the index is damaged, rebuild it") from exc
         if read_manifest(root) == opened.manifest:
             return opened
         log.warning("%s changed while it was opened (a rebuild swapped in?): opening it again", index)
