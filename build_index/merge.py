@@ -220,6 +220,34 @@ class ShardFiller:
         return task
 
 
+class InputSums:
+    """One input's share of the merged MiniLM mean, as close to a build's (a sum of the float16 rows) as its
+    storage allows: a float16 input sums its kept rows, as a build; an int8 input has no float16 rows, so its
+    stored mean · count (taken over them) less the dropped rows, or the kept rows when fewer are kept -- the
+    quantisation error of whichever is fewer is all that remains."""
+
+    def __init__(self) -> None:
+        self.kept = self.dropped = None
+        self.counts = [0, 0]
+        self.int8 = False
+
+    def add(self, rows: InputRows, keep: list[int], kept_rows: np.ndarray) -> None:
+        dropped = np.setdiff1d(np.arange(len(rows.prompts)), keep)
+        self.int8 = rows.int8 is not None
+        kept_sum = kept_rows.astype(np.float64).sum(axis=0)
+        dropped_sum = rows.minilm[dropped].astype(np.float64).sum(axis=0)
+        self.kept = kept_sum if self.kept is None else self.kept + kept_sum
+        self.dropped = dropped_sum if self.dropped is None else self.dropped + dropped_sum
+        self.counts = [self.counts[0] + len(keep), self.counts[1] + len(dropped)]
+
+    def total(self, opened: PromptIndex) -> np.ndarray | float:
+        if self.kept is None:
+            return 0.0
+        if not self.int8 or self.counts[0] <= self.counts[1]:
+            return self.kept
+        return opened.minilm_mean.astype(np.float64) * opened.count - self.dropped
+
+
 class MergeJob(BuildJob):
     """A BuildJob whose encode step copies the inputs' rows (deduplicated) in as shards; nothing is encoded."""
 
@@ -248,11 +276,8 @@ class MergeJob(BuildJob):
         if self.int8:
             arrays["int8"], arrays["scale"] = ((rows.int8[0][keep], rows.int8[1][keep]) if rows.int8 is not None
                                                else quantise(arrays["minilm"]))
-        if self.mean_sum is not None and rows.int8 is not None:  # the input's mean·count less what is dropped
-            dropped = np.setdiff1d(np.arange(len(rows.prompts)), keep)
-            self.mean_sum -= rows.minilm[dropped].astype(np.float64).sum(axis=0)
-        elif self.mean_sum is not None:
-            self.mean_sum += arrays["minilm"].astype(np.float64).sum(axis=0)
+        if self.mean_sum is not None:
+            self.input_sums.add(rows, keep, arrays["minilm"])
         return arrays
 
     def encode(self) -> None:
@@ -264,14 +289,15 @@ class MergeJob(BuildJob):
             filler = ShardFiller(self.writer, self.options.shard_size, self.int8)
             for number, opened in enumerate(self.inputs):
                 entry = {"index": str(opened.root), "count": opened.count, "duplicates": 0}
-                if self.mean_sum is not None and minilm_dtype(opened.manifest) == INT8:
-                    self.mean_sum += opened.minilm_mean.astype(np.float64) * opened.count
+                self.input_sums = InputSums()
                 for rows in iter_rows(opened, self.options.shard_size):
                     keep = [row for row, prompt in enumerate(rows.prompts)
                             if corpus.keep_once(dedup_key(prompt), seen, SKIP_IN_EARLIER)]
                     corpus.read += len(rows.prompts)
                     entry["duplicates"] += len(rows.prompts) - len(keep)
                     yield from filler.add([rows.prompts[row] for row in keep], self.kept(number, rows, keep))
+                if self.mean_sum is not None:
+                    self.mean_sum += self.input_sums.total(opened)
                 per_input.append(entry)
             yield from filler.finish()
 
