@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,6 +413,8 @@ class AddJob(BuildJob):
 
 def run_add(options: AddOptions) -> BuildResult:
     """Check, load the index's models (identity-checked), then grow the index; returns the new manifest."""
+    # resolved once: the grown folder is staged beside the real one and swapped with it (a symlink stays one)
+    options = dataclasses.replace(options, index=os.path.realpath(options.index))
     old_manifest = check_add_options(options)
     if options.clip_model is None:
         options = dataclasses.replace(options, **manifest_clip_models(old_manifest))

@@ -9,3 +9,10 @@ class BuildResult:
     manifest: dict
     report: dict
     timings: dict = field(default_factory=dict)
+
+
+def finished_result(manifest: dict) -> BuildResult:
+    """What a --resume of a job that had already completed returns: its index, "nothing_to_do" in the report."""
+    report = dict(manifest.get("corpus") or {})
+    report["nothing_to_do"] = True
+    return BuildResult(manifest=manifest, report=report)

@@ -23,7 +23,7 @@ from img2prompt.build_index.engine import BuildEngine, engine_class
 from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE, check_pair_files, expand_pair_paths, iter_pairs
 from img2prompt.build_index.phrases import MIN_COUNT, mine_phrases
 from img2prompt.build_index.precomputed import check_against_model, misaligned, open_precomputed
-from img2prompt.build_index.result import BuildResult
+from img2prompt.build_index.result import BuildResult, finished_result
 from img2prompt.index.ridge import RidgeAccumulator
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder, encode_threads
 from img2prompt import storage
@@ -156,6 +156,9 @@ def run_build(options: BuildOptions) -> BuildResult:
                  "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars,
                  **({"pairs": [file_fingerprint(path) for path in pair_paths]} if pair_paths else {})}
     writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
+    if writer.done is not None:
+        writer.close()
+        return finished_result(writer.done)
     threads = encode_threads(device)  # the driver's: a Ray worker encodes with it too (same bits)
     encoder = ShardEncoder(clip, text_model, options.batch_size, precomputed, text_replicas, threads)
     spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),

@@ -147,13 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "prompt's CLIP key); use it when add warns that recall dropped below the build's target")
     merge = commands.add_parser("merge", parents=[common], help="merge complete indexes (same models) into one",
                                 description="Copy the rows of INDEX_DIR... (no re-encoding) into --out, prompts "
-                                            "deduplicated across them (first index wins), search rebuilt.")
+                                            "deduplicated across them (first index wins), search rebuilt. Compact "
+                                            "inputs merge too: any int8 input makes an int8 index (rows kept as "
+                                            "stored); inputs sharing one --key-dims PCA keep their keys, full-width "
+                                            "inputs beside them are projected through it (recall@10 re-measured).")
     merge.add_argument("indexes", nargs="+", metavar="INDEX_DIR", help="complete index folders, in priority order")
     merge.add_argument("--out", required=True, metavar="INDEX_DIR", help="new index folder to write")
     add_model_flags(merge, for_build=True, clip_required=False)
     merge.add_argument("--shard-size", type=int, default=100_000)
     merge.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     merge.add_argument("--resume", action="store_true", help="finish an interrupted merge")
+    merge.add_argument("--key-dims", type=int, metavar="D",
+                       help="refit a PCA of the merged keys to D dims, as build --key-dims (full-width inputs only)")
     submit = commands.add_parser("submit", parents=[common], help="write a Kaggle submission.csv for a folder of images",
                                  epilog=EPILOG_SUBMIT, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Predict each image's prompt embedding (384-d) by similarity-"
@@ -275,9 +280,16 @@ def cmd_merge(args) -> None:
 
     result = merge(args.indexes, args.out, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                    text_model=args.text_model, device=args.device, shard_size=args.shard_size,
-                   overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+                   overwrite=args.overwrite, resume=args.resume, key_dims=args.key_dims, progress=not args.quiet)
+    if result.report.get("nothing_to_do"):
+        print(f"index {args.out}: already complete ({result.manifest['count']} prompts), nothing to do")
+        return
     duplicates = ", ".join(f"{entry['index']} {entry['duplicates']}" for entry in result.report["merged"])
     print(f"index {args.out}: {result.manifest['count']} prompts (duplicates dropped: {duplicates})")
+    if "key_pca" in result.manifest:
+        pca = result.manifest["key_pca"]
+        print(f"keys: PCA {pca['key_dim']} → {pca['dims']} dims, recall@10 vs full width {pca['recall_at_10']:.3f} "
+              f"({pca.get('merged') or 'refitted over the merged keys'})")
 
 
 def cmd_build(args) -> None:
@@ -301,6 +313,9 @@ def cmd_build(args) -> None:
         print(json.dumps(summary, indent=2))
         return
     report = result.report
+    if report.get("nothing_to_do"):
+        print(f"index {args.out}: already complete ({manifest['count']} prompts), nothing to do")
+        return
     skipped = ", ".join(f"{reason} {count}" for reason, count in report["skipped"].items()) or "none"
     print(f"index {args.out}: {manifest['count']} prompts ({manifest['search']['kind']} search, "
           f"recall@10 {manifest['search']['recall_at_10']['recall']:.3f})")

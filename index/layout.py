@@ -56,6 +56,8 @@ VECTOR_BYTES = np.dtype(VECTOR_DTYPE).itemsize
 INDEX_FILES = (PROMPTS, MINILM, CLIP_VECTORS, MINILM_MEAN)  # every kind has these; backends add their own
 OPTIONAL_FILES = (FAISS, REGRESSION, REGRESSION_STATS, PHRASES, PHRASE_VECTORS)
 SHARD_SUFFIXES = {"prompts": ".parquet", "clip": ".clip.npy", "minilm": ".minilm.npy"}
+# a merge into an int8 index also keeps each row's int8 MiniLM bytes as its input stored them (no requantising)
+SHARD_INT8_SUFFIXES = {"minilm_i8": ".minilm_i8.npy", "minilm_scale": ".minilm_scale.npy"}
 TEXT_KEYS, IMAGE_KEYS = "text", "image"
 KEY_KINDS = (TEXT_KEYS, IMAGE_KEYS)
 # atomic.py's temp names: .NAME.PID.RANDOM.tmp
@@ -63,7 +65,7 @@ TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
 
 
 def shard_path(root: Path, number: int, kind: str) -> Path:
-    return Path(root) / SHARDS / f"{number:05d}{SHARD_SUFFIXES[kind]}"
+    return Path(root) / SHARDS / f"{number:05d}{SHARD_SUFFIXES.get(kind) or SHARD_INT8_SUFFIXES[kind]}"
 
 
 def staging_folder(final: Path) -> Path:

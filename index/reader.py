@@ -181,10 +181,15 @@ class PromptIndex:
 
     def stream_prompt_batches(self, size: int = 100_000) -> Iterator[list[str]]:
         """The prompts in id order read from each segment's file a batch at a time, never the whole column
-        (add's dedup set, merge): for a folder no rebuild is swapping meanwhile."""
-        for part in self.segments:
-            path = self.root / part.name(PROMPTS)
-            for batch in pq.ParquetFile(path).iter_batches(columns=["prompt"], batch_size=size):
+        (add's dedup set, merge); from the files open_index opened (preload), so a rebuild swapped into the
+        folder meanwhile never pairs its prompts with the vectors mapped before it."""
+        sources = getattr(self, "_prompt_files", None) or [self.root / part.name(PROMPTS) for part in self.segments]
+        for part, source in zip(self.segments, sources):
+            try:
+                batches = pq.ParquetFile(source).iter_batches(columns=["prompt"], batch_size=size)
+            except (OSError, pa.ArrowException) as exc:
+                raise _damaged(self.root / part.name(PROMPTS), exc) from exc
+            for batch in batches:
                 yield batch.column(0).to_pylist()
 
     def iter_prompt_batches(self, size: int = 100_000) -> Iterator[tuple[int, list[str]]]:

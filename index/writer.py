@@ -22,7 +22,7 @@ from img2prompt.atomic import atomic_path, write_atomic, write_json_atomic
 from img2prompt.errors import UserError
 from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, IMAGE_KEYS_FOLDER, INDEX_FILES, LOCK,
                                      MANIFEST, MINILM, MINILM_MEAN, OPTIONAL_FILES, PHRASE_VECTORS, PHRASES, PROMPTS,
-                                     SHARD_SUFFIXES, SHARDS, STATE_BUILDING, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE,
+                                     SHARD_INT8_SUFFIXES, SHARD_SUFFIXES, SHARDS, STATE_BUILDING, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE,
                                      file_record, file_sha256, prompts_sha256, shard_path, staging_folder)
 from img2prompt.index.lock import clean_retired, clean_temp_files, lock_folder, only_own_leftovers, swap_into_place
 from img2prompt.index.manifest import read_manifest
@@ -85,6 +85,14 @@ def save_shard(root: str | Path, task: ShardTask, clip: np.ndarray, minilm: np.n
             "files": files}
 
 
+def save_shard_int8(root: str | Path, number: int, quantised: np.ndarray, scale: np.ndarray) -> dict:
+    """A merge's int8 MiniLM rows of one shard as its inputs stored them (or quantised per row from float16,
+    as a build does), beside the shard's files; returns their records for the shard's "files"."""
+    _save_array(shard_path(Path(root), number, "minilm_i8"), np.asarray(quantised, dtype=np.int8))
+    _save_array(shard_path(Path(root), number, "minilm_scale"), np.asarray(scale, dtype=np.float32))
+    return {kind: file_record(shard_path(Path(root), number, kind)) for kind in SHARD_INT8_SUFFIXES}
+
+
 class IndexWriter:
     """Writes an index directory shard by shard; `resume=True` continues a crashed build.
 
@@ -93,8 +101,14 @@ class IndexWriter:
     mixing two builds. Shards are committed by number in any order; the manifest is the commit point.
     """
 
+    # the finished index when `resume` finds this very job already complete (the caller has nothing to do)
+    done: dict | None = None
+
     def __init__(self, root: str | Path, build: dict, *, resume: bool = False, overwrite: bool = False):
-        self.final = Path(root)
+        # Resolved once: a rebuild is staged beside the real folder and swapped with it, so a symlinked --out
+        # stays a symlink to the grown index (swapping the link itself would replace it by a folder).
+        self.final = Path(os.path.realpath(root))
+        self._keep_lock_file = True
         if self.final.exists() and not self.final.is_dir():
             raise UserError(f"--out {self.final} is a file, not a folder")
         had_lock_file = (self.final / LOCK).exists()
@@ -104,15 +118,17 @@ class IndexWriter:
             existing = read_manifest(self.final)
             # A folder holding only our lock and temp files is a build killed before its first manifest.
             if existing is None and not only_own_leftovers(self.final):
+                self._keep_lock_file = had_lock_file  # leave the user's folder as it was
                 self.close()
-                if not had_lock_file:
-                    (self.final / LOCK).unlink(missing_ok=True)  # leave the user's folder as it was
                 raise UserError(f"{self.final} exists, is not empty and is not an index: choose another --out"
                                 + (" (--overwrite only replaces an index, never other files)" if overwrite else ""))
             clean_retired(self.final)
             state = existing.get("state") if existing else None
             staging = staging_folder(self.final)
             staged = read_manifest(staging) if staging.is_dir() else None
+            self._keep_lock_file = had_lock_file and state != STATE_COMPLETE  # a complete index carries none
+            if state == STATE_COMPLETE and resume and self._finished(existing, staging, staged, build):
+                return
             if state == STATE_COMPLETE:
                 # Rebuild beside the complete index and swap at the very end: a failed or interrupted rebuild
                 # never costs the index it was meant to replace.
@@ -159,9 +175,31 @@ class IndexWriter:
             self.close()  # a refusal must not keep the lock (a notebook keeps the exception alive)
             raise
 
+    def _finished(self, existing: dict, staging: Path, staged: dict | None, build: dict) -> bool:
+        """`resume` of a job that was killed after its final manifest: the complete index at `final` is this
+        very job's (or its staged rebuild is complete and only the swap is missing: it is swapped in now). Its
+        leftovers go (shards/, the staging or retired folder); sets `done` and returns True."""
+        if existing.get("build") != build and staged and staged.get("state") == STATE_COMPLETE \
+                and staged.get("build") == build:
+            shutil.rmtree(staging / SHARDS, ignore_errors=True)
+            (staging / LOCK).unlink(missing_ok=True)
+            swap_into_place(staging, self.final)  # what the killed job's complete() had left to do
+            existing = read_manifest(self.final)
+        if existing is None or existing.get("build") != build:
+            return False
+        if staging.is_dir():
+            self._drop_staging(staging, "left by the job that completed this index")
+        shutil.rmtree(self.final / SHARDS, ignore_errors=True)  # a kill between the manifest and the cleanup
+        self.root, self.manifest, self.done = self.final, existing, existing
+        log.info("%s: already complete, nothing to do", self.final)
+        return True
+
     def close(self) -> None:
-        """Release the folder lock (also released when the process ends, however it ends)."""
+        """Release the folder lock (also released when the process ends, however it ends). A complete index
+        (or a folder that had none) keeps no .lock file: a refused or finished job leaves the folder as it was."""
         if self._lock is not None:
+            if not self._keep_lock_file or self.done is not None:
+                (self.final / LOCK).unlink(missing_ok=True)  # still ours: we hold the lock while unlinking
             self._lock.close()
             self._lock = None
 
@@ -297,12 +335,21 @@ class IndexWriter:
         dim = (self.root / name).stat().st_size // (self.rows_committed() * np.dtype(VECTOR_DTYPE).itemsize)  # --key-dims
         return np.memmap(self.root / name, dtype=VECTOR_DTYPE, mode="r", shape=(self.rows_committed(), dim))
 
-    def compact_minilm(self, seed: int = 0) -> dict:
+    def compact_minilm(self, seed: int = 0, from_shards: bool = False) -> dict:
         """Replace the consolidated minilm.f16 by minilm.i8 + minilm_scale.f32 (index/minilm_store.py) and
         return the manifest's "minilm" section with the measured cost; the float16 file goes only once both
-        int8 files are in place."""
+        int8 files are in place. `from_shards`: the shards' own int8 rows (save_shard_int8, a merge) are
+        concatenated instead of quantising minilm.f16 again."""
         full = self.vectors("minilm")
-        write_int8(self.root, (full[start:start + 65_536] for start in range(0, len(full), 65_536)))
+        if from_shards:
+            with atomic_path(self.root / MINILM_I8) as tmp:
+                with open(tmp, "wb") as handle:
+                    for block in self.iter_shard_arrays("minilm_i8"):
+                        handle.write(np.ascontiguousarray(block, dtype=np.int8).tobytes())
+            scale = np.concatenate(list(self.iter_shard_arrays("minilm_scale"))).astype(np.float32).tobytes()
+            write_atomic(self.root / MINILM_SCALE, lambda handle: handle.write(scale))
+        else:
+            write_int8(self.root, (full[start:start + 65_536] for start in range(0, len(full), 65_536)))
         compact = minilm_rows(self.root, {"minilm": {"dtype": INT8}}, *full.shape)
         cost = prediction_change(self.vectors("clip"), full, compact, seed=seed)
         del full, compact

@@ -103,9 +103,3 @@ def test_cli_one_line_error(tmp_path, built, tiny_clip_dir, capsys):
     assert code != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "missing" in err and "Traceback" not in err
-
-
-def test_key_dims_input_refused(tmp_path, built, corpora, tiny_clip_dir):
-    _build([corpora[1]], tmp_path / "pca", tiny_clip_dir, index="flat", key_dims=8)
-    with pytest.raises(UserError, match=r"pca: merge of an index built with --key-dims"):
-        _merge([built / "a", tmp_path / "pca"], tmp_path / "m", tiny_clip_dir)

@@ -147,3 +147,50 @@ def test_a_killed_overwrite_leaves_the_old_or_the_new_index_and_resumes(tmp_path
     assert main(merge_args([inputs["a"], inputs["b"]], out, "--overwrite", "--resume")) == 0
     assert_same(snapshot(out), inputs["reference"])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]  # no staging or retired folder left
+
+
+DONE_POINTS = [("IndexWriter", "complete", 1, "after"),  # everything done: the resume has nothing to do
+               ("writer", "write_json_atomic", 6, "after")]  # the complete manifest written, shards/ not yet removed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", DONE_POINTS, ids=lambda point: f"{point[3]}-{point[1]}-{point[2]}")
+def test_a_resume_after_the_final_commit_has_nothing_to_do(tmp_path, inputs, point, capsys):
+    """Issue 30 item 8: a kill after the final manifest leaves a complete index; `--resume` says "nothing to do"
+    (exit 0, no new merge) and removes the leftovers (shards/: a second copy of every row)."""
+    from img2prompt.cli import main
+    from img2prompt.index.layout import LOCK, SHARDS
+
+    out = tmp_path / "merged"
+    killed_merge(point, merge_args([inputs["a"], inputs["b"]], out))
+    assert opens(out)
+    if point[1] == "write_json_atomic":
+        assert (out / SHARDS).is_dir()  # the point is the one meant: shards still there
+    before = (out / MANIFEST).read_bytes()
+    capsys.readouterr()
+    assert main(merge_args([inputs["a"], inputs["b"]], out, "--resume")) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / MANIFEST).read_bytes() == before  # the index the killed merge finished, not a redo
+    assert not (out / SHARDS).exists() and not (out / LOCK).exists()
+    assert_same(snapshot(out), inputs["reference"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_refused_merge_or_build_leaves_no_lock_in_the_index(tmp_path, inputs, tiny_clip_dir, capsys):
+    """Issue 30 item 8: "pass --overwrite" refusals leave the user's complete index exactly as it was."""
+    import shutil
+
+    from img2prompt.cli import main
+    from img2prompt.index.layout import LOCK
+
+    out = tmp_path / "index"
+    shutil.copytree(inputs["old"], out)
+    listing = sorted(path.name for path in out.iterdir())
+    assert main(merge_args([inputs["a"], inputs["b"]], out)) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert sorted(path.name for path in out.iterdir()) == listing and not (out / LOCK).exists()
+    assert main(["-q", "build", str(inputs["a"].parent / "a.txt"), "--out", str(out), "--clip-model",
+                 str(tiny_clip_dir), "--device", "cpu"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert sorted(path.name for path in out.iterdir()) == listing and not (out / LOCK).exists()
+    assert_same(snapshot(out), inputs["old_snapshot"])
