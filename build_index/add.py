@@ -45,7 +45,7 @@ from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.build_index.shards import plan_shards
 from img2prompt.encoders.clip_ensemble import load_named_clips
 from img2prompt.encoders.models import load_text_model, resolve_device
-from img2prompt.encoders.precision import announce_models
+from img2prompt.encoders.precision import announce_models, index_precision
 from img2prompt.encoders.prompts import dedup_key
 from img2prompt.errors import UserError
 from img2prompt.index.append import AppendedRows, append_segment, link_file
@@ -116,14 +116,16 @@ def check_models(root: Path, manifest: dict, models: dict) -> None:
 
 
 def load_index_models(options, root: Path, manifest: dict, device, timer: PhaseTimer) -> tuple:
-    """(clip, text_model, identities) an add or a merge encodes with, checked against the index's `manifest`."""
+    """(clip, text_model, identities, precision) an add or a merge encodes with, checked against the index's
+    `manifest`; the towers run in the precision the index was built in (new rows never mix bf16 into fp32)."""
+    precision = index_precision((manifest.get("build") or {}).get("precision"))
     with timer.phase("load_models"):
-        clip = load_named_clips(options.clip_model, options.clip_pretrained, device)
+        clip = load_named_clips(options.clip_model, options.clip_pretrained, device, precision=precision)
         text_model = load_text_model(options.text_model, device)
-    announce_models([device], None)  # the command's one line: where the models run
+    announce_models([device], precision)  # the command's one line: where the models run
     models = {"clip": clip.identity(), "text": text_model.identity()}
     check_models(root, manifest, models)
-    return clip, text_model, models
+    return clip, text_model, models, precision
 
 
 def manifest_clip_models(manifest: dict) -> dict:
@@ -433,7 +435,7 @@ def run_add(options: AddOptions) -> BuildResult:
         read_state(root / REGRESSION_STATS, old.count, old.clip_vectors.shape[1], old.text_dim)
     device = resolve_device(options.device)
     timer = PhaseTimer()
-    clip, text_model, models = load_index_models(options, root, old_manifest, device, timer)
+    clip, text_model, models, precision = load_index_models(options, root, old_manifest, device, timer)
     plan = old_manifest.get("search", {})
     build = BuildOptions(corpus=[str(path) for path in paths], out=str(root), clip_model=options.clip_model,
                          clip_pretrained=options.clip_pretrained, text_model=options.text_model,
@@ -442,10 +444,10 @@ def run_add(options: AddOptions) -> BuildResult:
                          max_memory=old_manifest.get("build_options", {}).get("max_memory"),
                          resume=options.resume, max_chars=options.max_chars, progress=options.progress,
                          seed=old_manifest.get("build_options", {}).get("seed", 0),
-                         regression="regression" in old_manifest, near_dup=options.near_dup)
+                         regression="regression" in old_manifest, near_dup=options.near_dup, precision=precision)
     # The resume key: the very index being grown (its files' checksums), the new files, the encode settings.
     build_key = {"add_to": content_sha256(old_manifest), "models": models, "retrain": options.retrain,
-                 "precision": precision_of(device), "batch_size": options.batch_size,
+                 "precision": precision_of(device, precision), "batch_size": options.batch_size,
                  "corpus": [file_fingerprint(path) for path in paths], "column": options.column,
                  "shard_size": options.shard_size, "max_chars": options.max_chars, "near_dup": options.near_dup,
                  **({"pairs": [file_fingerprint(path) for path in pair_paths]} if pair_paths else {})}
@@ -453,7 +455,7 @@ def run_add(options: AddOptions) -> BuildResult:
     writer = IndexWriter(root, build_key, resume=options.resume, overwrite=True)
     encoder = ShardEncoder(clip, text_model, options.batch_size, None)
     spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
-                       options.batch_size, None, models)
+                       options.batch_size, None, models, precision=precision)
     try:
         job = AddJob(writer, engine, encoder, spec, paths, pair_paths, models, device, count_rows(paths + pair_paths),
                      build, timer,

@@ -368,7 +368,7 @@ def run_merge(options: MergeOptions) -> BuildResult:
         options = dataclasses.replace(options, **manifest_clip_models(manifests[0]))
     device = resolve_device(options.device)
     timer = PhaseTimer()
-    clip, text_model, models = load_index_models(options, inputs[0].root, manifests[0], device, timer)
+    clip, text_model, models, _ = load_index_models(options, inputs[0].root, manifests[0], device, timer)
     first = manifests[0]
     build = BuildOptions(corpus=[], out=options.out, clip_model=options.clip_model,
                          clip_pretrained=options.clip_pretrained, text_model=options.text_model,

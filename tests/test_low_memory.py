@@ -111,3 +111,25 @@ def test_a_bad_precision_is_a_one_line_error_before_any_model(make, corpus_file,
             ModelOverrides(precision="fp8")
     assert str(caught.value) == "--precision must be one of fp32, fp16, bf16 (got 'fp8')"
     assert not (tmp_path / "x").exists()
+
+
+def test_add_encodes_in_the_precision_the_index_was_built_in(tiny_clip_dir, tmp_path):
+    """A bf16 index grown by add: the new rows are bf16 vectors (as a bf16 build of all prompts), never fp32."""
+    import img2prompt
+    from img2prompt.build_index.runner import BuildOptions, run_build
+    from img2prompt.index.reader import open_index
+
+    prompts = read_data_prompts(60)
+    first, second, everything = (tmp_path / name for name in ("first.txt", "second.txt", "all.txt"))
+    first.write_text("\n".join(prompts[:40]) + "\n")
+    second.write_text("\n".join(prompts[40:]) + "\n")
+    everything.write_text("\n".join(prompts) + "\n")
+    grown, whole = tmp_path / "grown", tmp_path / "whole"
+    for corpus, out in ((first, grown), (everything, whole)):
+        run_build(BuildOptions(corpus=[str(corpus)], out=str(out), clip_model=str(tiny_clip_dir), shard_size=96,
+                               batch_size=32, device="cpu", precision="bf16", progress=False))
+    img2prompt.add(str(grown), [str(second)], device="cpu", batch_size=32)
+    manifest = json.loads((grown / "manifest.json").read_text())
+    assert manifest["build"]["precision"] == "bf16-autocast"
+    np.testing.assert_allclose(np.asarray(open_index(grown).clip_vectors[40:], dtype=np.float32),
+                               np.asarray(open_index(whole).clip_vectors[40:], dtype=np.float32), atol=2e-3)

@@ -51,6 +51,17 @@ def build_key_precision(device: torch.device, precision: str | None) -> str:
     return "fp32" if chosen == "fp32" else f"{chosen}-autocast"
 
 
+def index_precision(recorded: str | None) -> str | None:
+    """The --precision that encodes like an index whose build key says `recorded` (build_key_precision's names):
+    bf16 and fp32 as recorded; fp16 autocast, the CUDA default, as the device's default (fp32 on a CPU, where
+    fp16 autocast would be slow), None for an index older than the record."""
+    if recorded == "fp32":
+        return "fp32"
+    if recorded == "bf16-autocast":
+        return "bf16"
+    return None
+
+
 def models_line(devices: Sequence[torch.device], precision: str | None) -> str:
     """`models on cpu (float32)` / `models on cuda:0,cuda:1 (float16)`."""
     names = ",".join(str(device) for device in devices)
