@@ -126,12 +126,16 @@ class ModelWorker:
 
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
-            if not job.future.set_running_or_notify_cancel():  # its client gave up (time budget) while queued
-                continue
-            try:
-                job.future.set_result(self._call(job.kind, job.items, job.options, job.index))
-            except Exception as exc:
-                job.future.set_exception(exc)
+            self._run(job)
+            del job  # not held while waiting for the next one: it pins the index it was queued on (reload)
+
+    def _run(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():  # its client gave up (time budget) while queued
+            return
+        try:
+            job.future.set_result(self._call(job.kind, job.items, job.options, job.index))
+        except Exception as exc:
+            job.future.set_exception(exc)
 
     def _call(self, kind: str, items: list, options: dict, index: Any = None) -> list:
         """One public-API call for one request: a list of results aligned with `items`."""
