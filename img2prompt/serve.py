@@ -44,6 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from img2prompt.errors import UserError, short_reason
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS
 from img2prompt.serve_limits import ServeLimits
+from img2prompt.serve_openapi import install_openapi
 from img2prompt.serve_reload import add_reload_route
 
 log = logging.getLogger(__name__)
@@ -623,6 +624,7 @@ def create_app(index, *, api_key: str | None = None, limits: ServeLimits | None 
     app.add_exception_handler(Exception, internal_error)
     app.add_middleware(HostGuard, policy=HostPolicy(host, allowed_hosts))
     _routes(app)
+    install_openapi(app, keyed=api_key is not None)  # /openapi.json says what the server answers (serve_openapi.py)
     return app
 
 
