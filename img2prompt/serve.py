@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import queue
 import secrets
@@ -710,8 +711,12 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.bind(address)
         sock.listen(2048)  # listening now, or a second server could bind the same port while this one loads
-    except OSError:
+    except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRINUSE:  # the OS's "Address already in use" says neither which nor what to do
+            raise UserError(f"port {port} on {host} is already in use (another server?): choose another with "
+                            f"--port, e.g. --port {port + 1 if port < 65535 else 8000}, or --port 0 for any free "
+                            "port") from None
         raise
     return sock
 
