@@ -296,6 +296,8 @@ def parse_form(body: bytes, content_type: str, max_fields: int = DEFAULT_LIMITS.
             if name != "image":  # a misnamed field is the client's mistake, not an image to guess at
                 raise HTTPException(422, f"a file in the form field {name[:60]!r}: send images in a field named image")
             files.append((disposition[b"filename"].decode("utf-8", "replace") or name or "upload", data))
+        elif name in fields:  # the document says one value (k, min_score, …): a second one is not guessed at
+            raise HTTPException(422, f"the form field {name[:60]!r} is given twice: send it once")
         else:
             fields[name] = data.decode("utf-8", "replace")
     return files, fields

@@ -105,3 +105,11 @@ def test_every_answer_a_route_gives_is_documented(key):
     for path, method in ROUTES:
         documented = set(map(int, schema["paths"][path][method]["responses"])) - {200, 408, 503}
         assert documented <= seen[(path, method)] | {200}, (path, documented - seen[(path, method)])
+
+
+def test_a_form_field_sent_twice_is_refused_not_guessed():
+    """The document says k is one integer; a form with two (what the fuzzer sent) got 200 on the last one."""
+    with TestClient(serve.create_app(_StubIndex(), allowed_hosts=("testserver",))) as client:
+        answer = client.post("/search", files=[("image", ("a.png", _png(), "image/png"))],
+                             data={"k": ["3", "4"]})
+    assert answer.status_code == 422 and "'k' is given twice" in answer.json()["detail"]
