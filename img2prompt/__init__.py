@@ -9,11 +9,11 @@ The API names load on first use, so `import img2prompt` (and the CLI's --help) s
 """
 
 __version__ = "0.2.0"
-__all__ = ["add", "build", "merge", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError", "__version__"]
+__all__ = ["add", "build", "environment_problem", "merge", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("add", "build", "merge", "open_index", "SearchResult", "RetrievalSettings", "SettingError"):
+    if name in ("add", "build", "environment_problem", "merge", "open_index", "SearchResult", "RetrievalSettings", "SettingError"):
         from img2prompt import api
 
         return getattr(api, name)

@@ -113,6 +113,15 @@ def check_environment() -> None:
     check_torch_stack()
 
 
+def environment_problem() -> str | None:
+    """One line naming the fix when torch/torchvision cannot be imported together (versions that do not match,
+    or matching versions of different builds: a CPU torch beside a CUDA torchvision), else None. Imports both:
+    what a notebook runs right after `import img2prompt`, and the CLI when a command failed inside an import."""
+    from img2prompt.encoders.stack import import_problem
+
+    return import_problem()
+
+
 def build_choices() -> dict:
     """What `build` can be asked for, from the registries: index kinds, engines and each engine's own flags."""
     from img2prompt.build_index.engine import ENGINES
@@ -142,5 +151,5 @@ def npy_ids_path(npy: str | Path) -> Path:
     return ids_path(npy)
 
 
-__all__ = ["add", "build", "merge", "build_choices", "check_environment", "check_query", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError", "WEIGHTINGS",
+__all__ = ["add", "build", "merge", "build_choices", "check_environment", "check_query", "environment_problem", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError", "WEIGHTINGS",
            "format_search", "format_eval_report", "npy_ids_path"]

@@ -450,7 +450,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from img2prompt.api import check_environment
 
             check_environment()  # a torch/torchvision mismatch: one line, not open_clip's traceback
-            COMMANDS[args.command](args)
+            try:
+                COMMANDS[args.command](args)
+            except (RuntimeError, ImportError) as exc:
+                # same versions, different builds (CPU torch, CUDA torchvision) only fail when imported:
+                # `operator torchvision::nms does not exist` deep in open_clip. Named here, for every command.
+                from img2prompt.api import environment_problem
+
+                problem = environment_problem()
+                if problem is None:
+                    raise
+                raise UserError(problem) from exc
         except UserError as exc:
             from img2prompt.api import SettingError
 

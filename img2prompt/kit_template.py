@@ -150,7 +150,13 @@ with warnings.catch_warnings():
 
 import img2prompt
 
+# torch and torchvision of different builds (a CPU torch beside a CUDA torchvision) fail deep inside the first
+# model load with `operator torchvision::nms does not exist`: checked here, one line naming the fix
+problem = img2prompt.environment_problem()
+if problem:
+    raise SystemExit(f"img2prompt cannot run here: {problem}")
 
+# %%
 def image_ids(folder: Path) -> set:
     return {path.stem for path in folder.iterdir() if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}}
 

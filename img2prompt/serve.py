@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import logging
 import queue
 import secrets
@@ -47,6 +48,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from img2prompt.errors import UserError, short_reason
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS
 from img2prompt.serve_limits import ServeLimits
+from img2prompt.serve_openapi import install_openapi
 from img2prompt.serve_reload import add_reload_route
 
 log = logging.getLogger(__name__)
@@ -142,13 +144,18 @@ class ModelWorker:
 
     def _loop(self) -> None:
         while (first := self._held.popleft() if self._held else self._queue.get()) is not None:
-            # a job whose client gave up while it was queued (its time budget) is skipped
-            jobs = [job for job in self._gather(first) if job.future.set_running_or_notify_cancel()]
-            for job, encoded in zip(jobs, self._encode_together(jobs)):
-                try:
-                    job.future.set_result(self._call(job.kind, job.items, job.options, job.index, encoded))
-                except Exception as exc:
-                    job.future.set_exception(exc)
+            self._run_batch(first)
+            del first  # not held while waiting for the next one: it pins the index it was queued on (reload)
+
+    def _run_batch(self, first: _Job) -> None:
+        """`first` and the jobs that join it: one encoder call, then one API call each (its own answer)."""
+        # a job whose client gave up while it was queued (its time budget) is skipped
+        jobs = [job for job in self._gather(first) if job.future.set_running_or_notify_cancel()]
+        for job, encoded in zip(jobs, self._encode_together(jobs)):
+            try:
+                job.future.set_result(self._call(job.kind, job.items, job.options, job.index, encoded))
+            except Exception as exc:
+                job.future.set_exception(exc)
 
     def _gather(self, first: _Job) -> list[_Job]:
         """`first` and the jobs queued behind it that can share its encoder call, in queue order; the first
@@ -347,6 +354,8 @@ def parse_form(body: bytes, content_type: str, max_fields: int = DEFAULT_LIMITS.
             if name != "image":  # a misnamed field is the client's mistake, not an image to guess at
                 raise HTTPException(422, f"a file in the form field {name[:60]!r}: send images in a field named image")
             files.append((disposition[b"filename"].decode("utf-8", "replace") or name or "upload", data))
+        elif name in fields:  # the document says one value (k, min_score, …): a second one is not guessed at
+            raise HTTPException(422, f"the form field {name[:60]!r} is given twice: send it once")
         else:
             fields[name] = data.decode("utf-8", "replace")
     return files, fields
@@ -684,6 +693,7 @@ def create_app(index, *, api_key: str | None = None, limits: ServeLimits | None 
     app.add_exception_handler(Exception, internal_error)
     app.add_middleware(HostGuard, policy=HostPolicy(host, allowed_hosts))
     _routes(app)
+    install_openapi(app, keyed=api_key is not None)  # /openapi.json says what the server answers (serve_openapi.py)
     return app
 
 
@@ -769,8 +779,12 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.bind(address)
         sock.listen(2048)  # listening now, or a second server could bind the same port while this one loads
-    except OSError:
+    except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRINUSE:  # the OS's "Address already in use" says neither which nor what to do
+            raise UserError(f"port {port} on {host} is already in use (another server?): choose another with "
+                            f"--port, e.g. --port {port + 1 if port < 65535 else 8000}, or --port 0 for any free "
+                            "port") from None
         raise
     return sock
 

@@ -17,6 +17,7 @@ a number or an empty prompt is a one-line error naming the file and row, before 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def read_prompt_table(path: str | Path, what: str = "labels") -> pd.DataFrame:
         frame = (pd.read_parquet(path) if is_parquet
                  else pd.read_csv(path, dtype=str, keep_default_na=False, sep=None, engine="python"))
     except Exception as exc:
-        raise UserError(f"{path}: cannot read {what} ({short_reason(exc)})") from exc
+        raise UserError(table_read_problem(path, exc, what)) from exc
     missing = [column for column in ("imgId", "prompt") if column not in frame.columns]
     if missing:
         raise UserError(f"{path}: no column {', '.join(missing)}; its columns are {', '.join(map(str, frame.columns))}")
@@ -89,6 +90,20 @@ def read_prompt_table(path: str | Path, what: str = "labels") -> pd.DataFrame:
         row = int(np.argmax(duplicated.to_numpy()))
         raise UserError(f"{where(row)}: imgId {frame['imgId'].iloc[row]!r} appears twice")
     return frame
+
+
+_FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
+
+def table_read_problem(path: Path, exc: Exception, what: str) -> str:
+    """pandas' reason a table cannot be read, as one line naming the file and line ("Expected 5 fields in
+    line 4, saw 8" → which line, and what to do)."""
+    found = _FIELD_COUNT.search(str(exc))
+    if not found:
+        return f"{path}: cannot read {what} ({short_reason(exc)})"
+    expected, line, saw = found.groups()
+    return (f"{path}, line {line}: {saw} fields where the header has {expected} (reading {what}: quote a "
+            "field that holds the separator)")
 
 
 def _text_column(column: pd.Series, where, allow_integers: bool = False) -> pd.Series:
@@ -129,7 +144,7 @@ def read_submission(path: str | Path, dim: int = EMBED_DIM) -> SubmissionVectors
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:
-        raise UserError(f"{path}: cannot read the submission ({short_reason(exc)})") from exc
+        raise UserError(table_read_problem(path, exc, "the submission")) from exc
     if list(frame.columns) != [ID_COLUMN, VALUE_COLUMN]:
         raise UserError(f"{path}: columns are {', '.join(map(str, frame.columns))}; "
                         f"expected {ID_COLUMN},{VALUE_COLUMN}")

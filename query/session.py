@@ -7,6 +7,7 @@ fine and a different model is an error.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -131,8 +132,12 @@ class QuerySession:
 
     @cached_property
     def retriever(self) -> Retriever:
+        # A weak reference: a closure over `self`, stored in `self`, is a reference cycle that keeps the whole
+        # session (models, memmaps, backends) alive until a full gc pass, which a big heap rarely runs, so
+        # every /admin/reload of a server grew it by a model's worth (issue 30 item 9)
+        session = weakref.ref(self)
         return Retriever(self.index, device=str(self.device),
-                         encode_texts=lambda texts: self.clip.text_embeddings(texts).vectors)
+                         encode_texts=lambda texts: session().clip.text_embeddings(texts).vectors)
 
 
 def _with_replicas(clip: ClipEnsemble, device: str, load: Callable) -> ClipEnsemble:

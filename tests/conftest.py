@@ -15,8 +15,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("IMG2PROMPT_CACHE_DIR", tempfile.mkdtemp(prefix="img2prompt-cache-"))
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+# ../shared: real corpora and the Kaggle sample kept beside the clone, never in it (a fresh clone has none).
+# IMG2PROMPT_TEST_SHARED points elsewhere: tests/test_shared_skips.py runs the suite as a fresh clone sees it.
+SHARED = Path(os.environ.get("IMG2PROMPT_TEST_SHARED") or REPO.parent / "shared")
 KAGGLE_SAMPLE = SHARED / "kaggle-sample"
+
+
+def shared_absent(what: str) -> str:
+    """The skip reason of a test that reads ../shared/<what>."""
+    return f"../shared/{what} is absent (real data kept beside the clone, not in it: see README, Tests)"
+
+
+def shared_marks(what: str) -> list:
+    """Marks of a test (or, as `pytestmark`, a module) that reads ../shared/<what>: marked `shared`, and
+    skipped, naming the missing folder, where it is absent."""
+    return [pytest.mark.shared, pytest.mark.skipif(not (SHARED / what).exists(), reason=shared_absent(what))]
+
+
+def needs_shared(what: str):
+    """Decorator form of `shared_marks`."""
+    def mark(test):
+        for marker in shared_marks(what):
+            test = marker(test)
+        return test
+    return mark
 DATA = REPO / "data"
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import KAGGLE_SAMPLE, read_data_prompts
+from conftest import KAGGLE_SAMPLE, needs_shared, read_data_prompts
 from img2prompt.encoders.text import (clip_embed_tokens, clip_text_embeddings, minilm_batch_order, minilm_embed_ids,
                                           minilm_embeddings)
 from img2prompt.build_index.pipeline import tokenized_shards, tokenizers_for
@@ -43,7 +43,7 @@ def test_minilm_equals_sentence_transformers_encode(text_model):
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
 
 
-@pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/kaggle-sample is not present")
+@needs_shared("kaggle-sample")
 def test_minilm_reproduces_the_kaggle_sample_submission(text_model):
     """sample_submission.csv holds all-MiniLM-L6-v2 embeddings of the 7 true prompts."""
     prompts = pd.read_csv(KAGGLE_SAMPLE / "prompts.csv")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import DATA, KAGGLE_SAMPLE, read_data_prompts
+from conftest import DATA, KAGGLE_SAMPLE, needs_shared, read_data_prompts
 from img2prompt.encoders.text import minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index.reader import open_index
@@ -129,7 +129,7 @@ def test_alpha_weights_the_mean_not_the_neighbours(built_index, labels, text_mod
     assert report["baselines"]["knn_shrunk"] == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/kaggle-sample is not present")
+@needs_shared("kaggle-sample")
 def test_image_mode_on_the_kaggle_sample(built_index, text_model):
     import img2prompt
 

@@ -13,13 +13,12 @@ import pandas as pd
 import pytest
 
 import img2prompt
-from conftest import KAGGLE_SAMPLE, read_data_prompts, run_cli
+from conftest import KAGGLE_SAMPLE, read_data_prompts, run_cli, shared_marks
 from img2prompt.index.layout import MANIFEST, file_record
 from kit_helpers import build_stub_kit
 from test_kit_submit import run_submit_in_process
 
-pytestmark = pytest.mark.skipif(not (KAGGLE_SAMPLE / "images").is_dir(),
-                                reason="../shared/kaggle-sample is not present")
+pytestmark = shared_marks("kaggle-sample/images")
 
 FIRST, ADDED = 60, 40  # data prompts 0..59 built, 60..99 added
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import img2prompt
-from conftest import KAGGLE_SAMPLE, read_data_prompts
+from conftest import KAGGLE_SAMPLE, needs_shared, read_data_prompts
 from img2prompt.build_index.phrases import mine_phrases, prompt_modifiers
 from img2prompt.errors import UserError
 from img2prompt.query.interrogate import compose, rank_modifiers
@@ -78,7 +78,7 @@ def test_an_index_without_vocabulary_says_so(copied, tmp_path, sample_images):
             index.interrogate(sorted(sample_images.iterdir()))
 
 
-@pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/kaggle-sample is not present")
+@needs_shared("kaggle-sample")
 def test_eval_scores_the_readable_prompt(built_index, text_model):
     import pandas as pd
 

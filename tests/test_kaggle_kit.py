@@ -23,7 +23,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from conftest import KAGGLE_SAMPLE
+from conftest import KAGGLE_SAMPLE, needs_shared
 from img2prompt import kaggle_kit, kit_clip, kit_template, kit_wheels
 from img2prompt.errors import UserError
 from img2prompt.kaggle_kit import KitOptions, build_kit, format_kit_report
@@ -433,7 +433,7 @@ def test_overwrite_replaces_a_kit(kit, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.kit
-@pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/kaggle-sample is not present")
+@needs_shared("kaggle-sample")
 def test_kit_notebook_runs_offline_in_a_fresh_venv(kit, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -22,6 +22,7 @@ import pytest
 from img2prompt import kit_template
 from img2prompt.index.layout import CLIP_VECTORS, MANIFEST, MINILM
 from kit_helpers import build_stub_kit
+from conftest import needs_shared
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +179,7 @@ def test_the_predict_cell_imports_tqdm_auto_without_the_iprogress_warning(monkey
 
 
 @pytest.mark.slow
+@needs_shared("kaggle-sample/images")
 def test_the_notebook_runs_in_a_kernel_without_stray_output(stub_kit, tmp_path):
     """The kit's notebook executed in a Jupyter kernel of this environment (no ipywidgets here): each cell
     prints plain lines, none shows a value or the IProgress warning, and the submission is written."""
@@ -198,8 +200,6 @@ def test_the_notebook_runs_in_a_kernel_without_stray_output(stub_kit, tmp_path):
     from conftest import KAGGLE_SAMPLE
 
     images = KAGGLE_SAMPLE / "images"
-    if not images.is_dir():
-        pytest.skip("../shared/kaggle-sample is not present")
     submission = tmp_path / "submission.csv"
     notebook = nbformat.read(stub_kit / kit_template.NOTEBOOK_NAME, as_version=4)
     manager = AsyncKernelManager(kernel_name="here", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import KAGGLE_SAMPLE
+from conftest import KAGGLE_SAMPLE, needs_shared
 from img2prompt.errors import UserError
 from img2prompt.query.score import ScoreOptions, check_labelled_images, read_prompt_table, read_submission, run_score
 
-needs_sample = pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/kaggle-sample is not present")
+needs_sample = needs_shared("kaggle-sample")
 LABELS = KAGGLE_SAMPLE / "prompts.csv"
 SAMPLE = KAGGLE_SAMPLE / "sample_submission.csv"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KAGGLE_SAMPLE, REPO, run_cli
+from conftest import KAGGLE_SAMPLE, REPO, needs_shared, run_cli, shared_absent
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
@@ -42,7 +42,7 @@ def _find_chromium() -> tuple[str, str]:
 def sample_image() -> Path:
     found = sorted((KAGGLE_SAMPLE / "images").glob("*.png"))
     if not found:
-        pytest.skip(f"no Kaggle sample images in {KAGGLE_SAMPLE / 'images'} (../shared is absent)")
+        pytest.skip(shared_absent("kaggle-sample/images"))
     return found[0]
 
 
@@ -96,6 +96,7 @@ def _screenshot(driver, tmp_path: Path) -> Path:
     return target
 
 
+@needs_shared("kaggle-sample/images")
 def test_page_upload_matches_search_json(browser, server_url, built_index, sample_image, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

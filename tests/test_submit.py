@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import KAGGLE_SAMPLE
+from conftest import KAGGLE_SAMPLE, needs_shared
 from img2prompt.errors import UserError
 from img2prompt.index.reader import open_index
 from img2prompt.query.submission import validate_submission, write_submission
@@ -48,7 +48,7 @@ def test_k1_submission_is_the_top_prompts_vector(built_index, sample_images, tmp
     assert top["prompt"].tolist() == [index.prompts[i] for i in top["prompt_id"]]
 
 
-@pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/kaggle-sample is not present")
+@needs_shared("kaggle-sample")
 def test_kaggle_sample_submission_fixture(built_index, tmp_path):
     """The competition's 7 images and its real sample_submission.csv: same ids in the same order."""
     out = tmp_path / "submission.csv"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED, read_data_prompts
+from conftest import SHARED, needs_shared, read_data_prompts, shared_absent
 
 CORPORA = SHARED / "corpora"
 
@@ -38,7 +38,7 @@ def raw_lines(path) -> list[str]:
 
 def shared_prompts() -> list[str]:
     if not CORPORA.is_dir():
-        pytest.skip(f"{CORPORA} is absent (the real corpora live in ../shared/corpora)")
+        pytest.skip(shared_absent("corpora"))
     prompts = [line for path in sorted(CORPORA.glob("*.txt")) for line in raw_lines(path)]
     parti = CORPORA / "PartiPrompts.tsv"
     if parti.is_file():
@@ -110,6 +110,7 @@ def test_identical_on_data_prompts(fast, slow):
 
 
 @pytest.mark.slow
+@needs_shared("corpora")
 def test_identical_on_all_shared_corpus_prompts(fast, slow):
     prompts = shared_prompts()
     assert len(prompts) > 60_000

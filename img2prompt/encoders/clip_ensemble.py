@@ -91,9 +91,20 @@ class ClipEnsemble:
         self.shared_preprocess = len(set(configs)) == 1
         self.preprocess = self.members[0].preprocess if self.shared_preprocess \
             else EnsemblePreprocess([member.preprocess for member in self.members])
-        # This ensemble first, then its copies on the further devices of a multi-device --device
-        # (img2prompt/encoders/parallel.py); one device: just itself.
-        self.replicas: list[ClipEnsemble] = [self]
+        self._further_replicas: list[ClipEnsemble] = []
+
+    @property
+    def replicas(self) -> list[ClipEnsemble]:
+        """This ensemble first, then its copies on the further devices of a multi-device --device
+        (img2prompt/encoders/parallel.py); one device: just itself. Built on each read: a stored [self] is a
+        reference cycle that keeps the models alive until a full gc pass (a server's /admin/reload grew)."""
+        return [self, *self._further_replicas]
+
+    @replicas.setter
+    def replicas(self, replicas: list[ClipEnsemble]) -> None:
+        if not replicas or replicas[0] is not self:
+            raise ValueError("a CLIP ensemble's replicas start with the ensemble itself")
+        self._further_replicas = list(replicas[1:])
 
     @property
     def single(self) -> bool:

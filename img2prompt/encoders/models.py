@@ -10,6 +10,7 @@ Hashing 1.7 GB of ViT-L-14 weights costs seconds, so the weights' sha256 is cach
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -268,6 +269,24 @@ def import_open_clip(model_name: str | None = None):
     return open_clip
 
 
+class _OpenClipErrorLines(logging.Filter):
+    """Drops the errors open_clip logs on the root logger (`logging.error("Failed to download weights…")`)
+    just before it raises: the exception reaches load_clip, which says it once, in its own line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}open_clip{os.sep}" in record.pathname)
+
+
+@contextlib.contextmanager
+def _open_clip_errors_unlogged():
+    root, quiet = logging.getLogger(), _OpenClipErrorLines()
+    root.addFilter(quiet)  # a logger's filter sees only its own records: open_clip's logging.error(...)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def load_clip(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
               verify: bool = False, precision: str | None = None) -> ClipModel:
     """Load CLIP by open_clip name + pretrained tag or checkpoint file, or by `local-dir:`/`hf-hub:` schema.
@@ -305,7 +324,8 @@ def load_clip(model_name: str, pretrained: str | None = None, device: str | torc
         else:
             _go_offline_if_unreachable()
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        with _open_clip_errors_unlogged():
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         # The Rust-backed equivalent when one exists (token-for-token identical, several times faster).
         tokenizer = make_clip_tokenizer(open_clip.get_tokenizer(model_name))
     except UserError:
