@@ -29,12 +29,13 @@ import numpy as np
 from img2prompt.errors import UserError
 from img2prompt.index.segments import concat_rows
 
-CELL_ROWS = 256  # mean rows living in one cell: a row is compared with about PROBES × CELL_ROWS others
-PROBES = 4  # cells each row is checked in (its home first): recall of near-duplicates across cell borders
+CELL_ROWS = 128  # rows per cell: a row lives in HOMES cells and is compared with ≈ PROBES × HOMES × CELL_ROWS others
+PROBES = 4  # cells each row is checked in (its nearest): recall of near-duplicates across cell borders
+HOMES = 2  # cells each row lives in (its nearest): a pair is looked at when a home of one is a probe of the other
 TOP_PROBES = 2  # top-level cells whose fine cells are candidates for the probes
 SMALL_ROWS = 8192  # up to this many rows: one cell, i.e. exact
-TOP_SAMPLE = 65_536  # rows the top level is trained on
-FINE_SAMPLE_PER_CELL = 8  # rows per fine cell the fine level is trained on
+TOP_SAMPLE = 16_384  # rows the top level is trained on (at least 39 a top cell)
+FINE_SAMPLE_PER_CELL = 16  # rows per fine cell the fine level is trained on
 CHUNK = 16_384  # rows read and assigned at a time
 EDGE_FLUSH = 1 << 20  # edges held before they are appended to their bucket files
 SEED = 1234
@@ -56,6 +57,7 @@ class NearDupParams:
     """How the work is sharded (the defaults are what build and add use; tests shrink them)."""
     cell_rows: int = CELL_ROWS
     probes: int = PROBES
+    homes: int = HOMES
     top_probes: int = TOP_PROBES
     small_rows: int = SMALL_ROWS
     chunk: int = CHUNK
@@ -105,9 +107,14 @@ class CoarseCells:
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Column numbers of each row's k best scores, best first; ties to the lower column (deterministic)."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return order[:, :k]
+    """Column numbers of each row's k best scores, best first (ties: argpartition's choice, which is
+    deterministic for the same input)."""
+    if k < scores.shape[1]:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    best = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, best, axis=1)
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -154,12 +161,12 @@ def train_cells(source, cells: int, seed: int) -> CoarseCells:
 
 
 class _CellFiles:
-    """Row ids counting-sorted by cell into memory-mapped files (homes: one per row; probes: `probes` per
+    """Row ids counting-sorted by cell into memory-mapped files (homes: `homes` per row; probes: `probes` per
     decided row), so that a cell's rows are one contiguous slice."""
 
-    def __init__(self, folder: Path, cells: int, count: int, decided: int, probes: int) -> None:
+    def __init__(self, folder: Path, cells: int, count: int, decided: int, probes: int, homes: int) -> None:
         self.folder, self.cells = folder, cells
-        self.home_cell = np.lib.format.open_memmap(folder / "home_cell.npy", "w+", np.int32, (count,))
+        self.home_cell = np.lib.format.open_memmap(folder / "home_cell.npy", "w+", np.int32, (count, homes))
         self.probe_cell = np.lib.format.open_memmap(folder / "probe_cell.npy", "w+", np.int32,
                                                     (max(decided, 1), probes))
         self.home_counts = np.zeros(cells + 1, np.int64)
@@ -199,9 +206,13 @@ def _assign(source, cells: CoarseCells, files: _CellFiles, fixed: int, params: N
         bad = np.flatnonzero(~np.isfinite(norms) | (norms < 1e-6))
         if len(bad):
             raise BadRow(low + int(bad[0]))
-        probes = cells.probe(rows, params.probes, params.top_probes)
-        files.home_cell[low:low + len(rows)] = probes[:, 0]
-        files.home_counts += np.bincount(probes[:, 0], minlength=cells.count + 1)
+        probes = cells.probe(rows, max(params.probes, params.homes), params.top_probes)
+        homes = np.full((len(rows), files.home_cell.shape[1]), -1, np.int64)
+        homes[:, :min(params.homes, probes.shape[1])] = probes[:, :params.homes]
+        files.home_cell[low:low + len(rows)] = homes
+        files.home_counts += np.bincount(np.where(homes < 0, cells.count, homes).reshape(-1),
+                                         minlength=cells.count + 1)
+        probes = probes[:, :params.probes]
         decided = slice(max(fixed - low, 0), len(rows))
         if decided.start < len(rows):
             chosen = probes[decided]
@@ -295,7 +306,7 @@ def near_dup_keep(source, threshold: float, *, fixed: int = 0, work_dir: str | P
     else:
         cells = train_cells(source, n_cells, params.seed)
     with tempfile.TemporaryDirectory(prefix=".near-dup-", dir=work_dir) as folder:
-        files = _CellFiles(Path(folder), cells.count, count, count - fixed, params.probes)
+        files = _CellFiles(Path(folder), cells.count, count, count - fixed, params.probes, params.homes)
         _assign(source, cells, files, fixed, params)
         files.sort(fixed)
         edges = _Edges(Path(folder), count)
@@ -304,7 +315,7 @@ def near_dup_keep(source, threshold: float, *, fixed: int = 0, work_dir: str | P
         del files
     stats.dropped = int((~keep).sum())
     stats.method = "exact" if cells.count == 1 else \
-        f"cells(n={cells.count}, probes={params.probes}) exact within cells"
+        f"cells(n={cells.count}, homes={params.homes}, probes={params.probes}) exact within cells"
     return keep, stats
 
 
