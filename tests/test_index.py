@@ -70,7 +70,8 @@ def test_prompt_rows_in_bounded_pieces_equal_one_gather(built_index, monkeypatch
     real_take = reader._take
 
     def recording_take(column, piece):
-        gathered.append((len(piece), sum(len(prompts[i].encode()) for i in piece)))
+        # piece: row numbers within one row group (the column is that group's)
+        gathered.append((len(piece), sum(len(text.encode()) for text in column.take(piece).to_pylist())))
         return real_take(column, piece)
 
     monkeypatch.setattr(reader, "_take", recording_take)
