@@ -39,6 +39,7 @@ FINE_SAMPLE_PER_CELL = 16  # rows per fine cell the fine level is trained on
 CHUNK = 16_384  # rows read and assigned at a time
 EDGE_FLUSH = 1 << 20  # edges held before they are appended to their bucket files
 SEED = 1234
+PROBE_TABLE = 1 << 21  # candidate (row, fine cell) scores held at once while probing
 
 
 @dataclass
@@ -90,7 +91,13 @@ class CoarseCells:
         return len(self.fine)
 
     def probe(self, rows: np.ndarray, probes: int, top_probes: int) -> np.ndarray:
-        """[n, probes] cell numbers of each row, nearest first (-1 where fewer cells exist)."""
+        """[n, probes] cell numbers of each row, nearest first (-1 where fewer cells exist); in pieces whose
+        candidate table (rows × top_probes × widest top's fine cells) stays under PROBE_TABLE entries."""
+        step = max(1, PROBE_TABLE // (top_probes * int(np.diff(self.first).max())))
+        return np.concatenate([self._probe(rows[low:low + step], probes, top_probes)
+                               for low in range(0, len(rows), step)])
+
+    def _probe(self, rows: np.ndarray, probes: int, top_probes: int) -> np.ndarray:
         tops = _top_k(rows @ self.top.T, min(top_probes, len(self.top)))
         widest = int(np.diff(self.first).max())
         scores = np.full((len(rows), tops.shape[1], widest), -np.inf, np.float32)
