@@ -44,7 +44,7 @@ from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.build_index.shards import plan_shards
 from img2prompt.encoders.clip_ensemble import load_named_clips
 from img2prompt.encoders.models import load_text_model, resolve_device
-from img2prompt.encoders.prompts import dedup_key
+from img2prompt.encoders.prompts import KeySet, dedup_keys
 from img2prompt.errors import UserError
 from img2prompt.index.append import AppendedRows, append_segment, link_file
 from img2prompt.index.backend import backend_class
@@ -171,18 +171,14 @@ class AddJob(BuildJob):
         return self.commit()
 
     def encode(self) -> None:
-        seen: set[int] = set()
+        seen = KeySet()  # the index's dedup keys: 8 bytes a prompt, streamed from its files
         for batch in self.old.stream_prompt_batches():
-            seen.update(dedup_key(prompt) for prompt in batch)
+            seen.add_new(dedup_keys(batch))
         corpus = CorpusReport()
 
         def new_prompts() -> Iterator[str]:
-            for prompt in iter_prompts(self.paths, self.options.column, corpus, self.options.max_chars):
-                if dedup_key(prompt) in seen:
-                    corpus.kept -= 1
-                    corpus.skipped[SKIP_IN_INDEX] += 1
-                else:
-                    yield prompt
+            return iter_prompts(self.paths, self.options.column, corpus, self.options.max_chars,
+                                known=(seen, SKIP_IN_INDEX))
 
         def tasks() -> Iterator[ShardTask]:  # text keys first, then image keys (as a build plans them)
             after = 0

@@ -22,7 +22,7 @@ from img2prompt.build_index.engine import engine_class
 from img2prompt.build_index.runner import BuildJob, BuildOptions, BuildResult, PhaseTimer, encode_shards, peak_rss_mib
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.encoders.models import resolve_device
-from img2prompt.encoders.prompts import dedup_key
+from img2prompt.encoders.prompts import KeySet, dedup_keys
 from img2prompt.errors import UserError
 from img2prompt.index.manifest import content_sha256
 from img2prompt.index.minilm_store import FP16, minilm_dtype
@@ -97,7 +97,7 @@ class MergeJob(BuildJob):
         per_input: list[dict] = []
 
         def tasks() -> Iterator[ShardTask]:
-            seen: set[int] = set()
+            seen = KeySet()  # sorted 8-byte keys: 8 bytes a kept prompt
             size = self.options.shard_size
             prompts: list[str] = []
             clips: list[np.ndarray] = []
@@ -117,8 +117,10 @@ class MergeJob(BuildJob):
             for root, manifest in zip(self.roots, self.manifests):
                 entry = {"index": str(root), "count": int(manifest["count"]), "duplicates": 0}
                 for batch, clip, minilm in iter_rows(root, size):
-                    keep = [row for row, prompt in enumerate(batch)
-                            if corpus.keep_once(dedup_key(prompt), seen, SKIP_IN_EARLIER)]
+                    keep = np.flatnonzero(seen.add_new(dedup_keys(batch))).tolist()
+                    corpus.kept += len(keep)
+                    if len(batch) > len(keep):
+                        corpus.skipped[SKIP_IN_EARLIER] += len(batch) - len(keep)
                     corpus.read += len(batch)
                     entry["duplicates"] += len(batch) - len(keep)
                     prompts += [batch[row] for row in keep]
