@@ -82,7 +82,7 @@ def scaled_index(base: Path, work: Path, count: int) -> Path:
                 handle.write((rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16).tobytes())
     manifest["count"] = count
     for entry in manifest.get("key_ranges", []):
-        entry["stop"] = count
+        entry["rows"] = [0, count]
     for name in ("prompts.parquet", "clip.f16", "minilm.f16"):
         manifest["files"][name]["bytes"] = (tmp / name).stat().st_size
     (tmp / "manifest.json").write_text(json.dumps(manifest))
