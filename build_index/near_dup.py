@@ -39,6 +39,7 @@ FINE_SAMPLE_PER_CELL = 16  # rows per fine cell the fine level is trained on
 CHUNK = 16_384  # rows read and assigned at a time
 EDGE_FLUSH = 1 << 20  # edges held before they are appended to their bucket files
 SEED = 1234
+GRAM_SIDE = 4096  # rows a side of one cell's Gram block (64 MiB of float32 at most)
 PROBE_TABLE = 1 << 21  # candidate (row, fine cell) scores held at once while probing
 
 
@@ -270,12 +271,16 @@ def _cell_edges(source, files: _CellFiles, edges: _Edges, threshold: float) -> N
                                              files.probe_start[cell] + files.probe_counts[cell]])
         if len(members) == 0 or len(probers) == 0 or probers[-1] <= members[0]:
             continue
-        member_rows = _gather(source, members)
-        for low in range(0, len(probers), 4096):  # bounds the Gram matrix of a crowded cell
-            ids = probers[low:low + 4096]
-            gram = _gather(source, ids) @ member_rows.T
-            hit_i, hit_j = np.nonzero((gram >= threshold) & (ids[:, None] > members[None, :]))
-            edges.add(np.stack([ids[hit_i], members[hit_j]], axis=1))
+        for start in range(0, len(members), GRAM_SIDE):  # bounds the Gram matrix of a crowded cell
+            near = members[start:start + GRAM_SIDE]
+            near_rows = _gather(source, near)
+            for low in range(0, len(probers), GRAM_SIDE):
+                ids = probers[low:low + GRAM_SIDE]
+                if ids[-1] <= near[0]:
+                    continue
+                gram = _gather(source, ids) @ near_rows.T
+                hit_i, hit_j = np.nonzero((gram >= threshold) & (ids[:, None] > near[None, :]))
+                edges.add(np.stack([ids[hit_i], near[hit_j]], axis=1))
     edges.flush()
 
 

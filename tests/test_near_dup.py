@@ -171,3 +171,13 @@ def test_build_with_near_dup_drops_planted_rows(tmp_path, tiny_clip_dir, text_mo
     with open_index(out, device="cpu") as index:
         [hit] = index.search(texts=[kept[30]], k=1)
         assert hit.prompts == [kept[30]] and int(hit.ids[0]) == 30
+
+
+def test_crowded_cell_in_bounded_gram_blocks(monkeypatch):
+    """One cell's Gram matrix is computed GRAM_SIDE rows a side at a time (a crowded cell never builds a
+    members × probers matrix at once), with the same decisions."""
+    from build_index import near_dup as module
+
+    rows = clustered(700, seed=4)
+    monkeypatch.setattr(module, "GRAM_SIDE", 37)
+    assert near_dup_mask(rows, 0.9)[0].tolist() == exact_greedy(rows, 0.9).tolist()
