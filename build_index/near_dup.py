@@ -29,7 +29,7 @@ import numpy as np
 from img2prompt.errors import UserError
 from img2prompt.index.segments import concat_rows
 
-CELL_ROWS = 128  # rows per cell: a row lives in HOMES cells and is compared with ≈ PROBES × HOMES × CELL_ROWS others
+CELL_ROWS = 128  # rows per cell: each row meets ≈ PROBES × HOMES × CELL_ROWS others
 PROBES = 4  # cells each row is checked in (its nearest): recall of near-duplicates across cell borders
 HOMES = 2  # cells each row lives in (its nearest): a pair is looked at when a home of one is a probe of the other
 TOP_PROBES = 2  # top-level cells whose fine cells are candidates for the probes
