@@ -150,6 +150,8 @@ def run_command(command: str, folder: Path, work: Path, count: int) -> dict:
 
 
 def child(command: str, folder: Path, work: Path, count: int) -> None:
+    from img2prompt.memory import fix_mmap_threshold
+    fix_mmap_threshold()  # as the CLI does for every command
     import torch
     torch.set_num_threads(2)
     stop, anon = anon_sampler()
