@@ -1,9 +1,9 @@
 """Near-duplicate removal on the real corpora: how many prompts fall at T = 0.95 / 0.9 / 0.8, and how well the
-streaming NearDupFilter (brute force, then IVF-Flat over kept vectors) agrees with an independent exact reference.
+sharded filter (build_index/near_dup.py: coarse cells, exact within them) agrees with an independent exact reference.
 
 Prompts are normalised and deduplicated the way build does (img2prompt.encoders.prompts), then MiniLM-embedded
 once and cached under /tmp (never in the repo); --vectors reuses a cache made elsewhere (rows in corpus order).
-Usage: python bench/near_dup.py [--vectors /tmp/ndfig/minilm-64k.npy] [--limit N] [--forced-exact-until 5000]
+Usage: python bench/near_dup.py [--vectors /tmp/ndfig/minilm-64k.npy] [--limit N] [--forced-small 5000]
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def embed(prompts: list[str], cache: Path) -> np.ndarray:
 
 
 def reference_masks(vectors: np.ndarray, thresholds: tuple[float, ...], chunk: int = 512) -> dict[float, np.ndarray]:
-    """Exact greedy reference, independent of NearDupFilter: row i is kept iff its cosine to every EARLIER KEPT
+    """Exact greedy reference, independent of build_index/near_dup.py: row i is kept iff its cosine to every EARLIER KEPT
     row is < T (first kept wins). One chunked matmul against all earlier rows serves every threshold."""
     keep = {t: np.ones(len(vectors), dtype=bool) for t in thresholds}
     for start in range(0, len(vectors), chunk):
@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--vectors", "--cache", dest="vectors", type=Path, default=Path("/tmp/ndfig/minilm-64k.npy"))
     parser.add_argument("--limit", type=int, default=0, help="only the first N rows (0 = all)")
-    parser.add_argument("--forced-exact-until", type=int, default=5_000)
+    parser.add_argument("--forced-small", type=int, default=5_000, help="exact (one cell) only up to N rows")
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
     parser.add_argument("--embed-only", action="store_true")
     args = parser.parse_args()
@@ -80,7 +80,7 @@ def main() -> None:
     if args.limit:
         vectors = vectors[:args.limit]
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    from img2prompt.build_index.near_dup import EXACT_UNTIL, near_dup_mask
+    from img2prompt.build_index.near_dup import NearDupParams, near_dup_mask
     print(f"{len(vectors)} rows, dim {vectors.shape[1]}")
     start = time.perf_counter()
     ref = reference_masks(vectors, tuple(args.thresholds))
@@ -89,12 +89,13 @@ def main() -> None:
     print("| T | dropped (reference) | filter run | dropped (filter) | decisions agreeing | filter s | method |")
     print("|---|---|---|---|---|---|---|")
     for t in args.thresholds:
-        for label, until in (("default", EXACT_UNTIL), ("IVF early", args.forced_exact_until)):
+        for label, params in (("default", NearDupParams()),
+                              (f"cells above {args.forced_small}", NearDupParams(small_rows=args.forced_small))):
             start = time.perf_counter()
-            mask, stats = near_dup_mask(vectors, t, exact_until=until)
+            mask, stats = near_dup_mask(vectors, t, params=params)
             secs = time.perf_counter() - start
             agree = float((mask == ref[t]).mean())
-            print(f"| {t} | {int((~ref[t]).sum())} | {label} (exact until {until}) | {stats.dropped} | "
+            print(f"| {t} | {int((~ref[t]).sum())} | {label} | {stats.dropped} | "
                   f"{agree:.5f} | {secs:.1f} | {stats.method} |", flush=True)
 
 

@@ -46,7 +46,7 @@ from img2prompt.build_index.shards import plan_shards
 from img2prompt.encoders.clip_ensemble import load_named_clips
 from img2prompt.encoders.models import load_text_model, resolve_device
 from img2prompt.encoders.precision import announce_models, index_precision
-from img2prompt.encoders.prompts import dedup_key
+from img2prompt.encoders.prompts import KeySet, dedup_keys
 from img2prompt.errors import UserError
 from img2prompt.index.append import AppendedRows, append_segment, link_file
 from img2prompt.index.backend import backend_class
@@ -179,18 +179,14 @@ class AddJob(BuildJob):
         return self.commit()
 
     def encode(self) -> None:
-        seen: set[int] = set()
+        seen = KeySet()  # the index's dedup keys: 8 bytes a prompt, streamed from its files
         for batch in self.old.stream_prompt_batches():
-            seen.update(dedup_key(prompt) for prompt in batch)
+            seen.add_new(dedup_keys(batch))
         corpus = CorpusReport()
 
         def new_prompts() -> Iterator[str]:
-            for prompt in iter_prompts(self.paths, self.options.column, corpus, self.options.max_chars):
-                if dedup_key(prompt) in seen:
-                    corpus.kept -= 1
-                    corpus.skipped[SKIP_IN_INDEX] += 1
-                else:
-                    yield prompt
+            return iter_prompts(self.paths, self.options.column, corpus, self.options.max_chars,
+                                known=(seen, SKIP_IN_INDEX))
 
         def tasks() -> Iterator[ShardTask]:  # text keys first, then image keys (as a build plans them)
             after = 0
@@ -213,35 +209,16 @@ class AddJob(BuildJob):
         self.memory["peak_rss_mib_after_encode"] = peak_rss_mib()
 
     def near_dup(self) -> None:
-        """build --near-dup among the new prompts (first kept wins), then against the index's text rows: a kept
-        new prompt whose MiniLM cosine to one of them is ≥ T is dropped too. The index's side is an exact
-        search, one pass over its MiniLM rows for all new prompts (CPU FAISS: costs index rows × new rows)."""
-        from img2prompt.build_index.near_dup import shard_keep_masks
-        from img2prompt.index.flat import exact_search
-        from img2prompt.index.layout import shard_path
+        """build --near-dup among the new prompts (first kept wins), each also against the index's text rows
+        (which all count as kept): one sharded pass over the index's and the new MiniLM rows, read from disk
+        (build_index/near_dup.py: time linear in the rows, no per-row state in RAM but the keep mask)."""
+        from img2prompt.build_index.near_dup import RowWindow, shard_keep_masks
+        from img2prompt.index.segments import concat_rows
 
-        threshold = self.options.near_dup
+        windows = [RowWindow(self.old.minilm, r.start, r.stop) for r in self.old.key_ranges if r.keys == TEXT_KEYS]
         with self.timer.phase("near_dup"):
-            masks, stats = shard_keep_masks(self.writer, threshold)
-            kept = {number: np.flatnonzero(mask) for number, mask in masks.items()}
-
-            def kept_vectors(number: int) -> np.ndarray:
-                block = np.load(shard_path(self.writer.root, number, "minilm"), mmap_mode="r")
-                return np.asarray(block[kept[number]], np.float32)
-
-            queries = np.concatenate([kept_vectors(number) for number in kept]
-                                     or [np.zeros((0, self.old.text_dim), np.float32)])
-            best = np.full(len(queries), -np.inf, np.float32)
-            for key_range in (r for r in self.old.key_ranges if r.keys == TEXT_KEYS):  # every query in one pass
-                if len(queries):
-                    scores, _ = exact_search(self.old.minilm[key_range.start:key_range.stop], queries, 1)
-                    best = np.maximum(best, scores[:, 0])
-            start = 0
-            for number, rows in kept.items():
-                near = best[start:start + len(rows)] >= threshold
-                masks[number][rows[near]] = False
-                stats.dropped += int(near.sum())
-                start += len(rows)
+            masks, stats = shard_keep_masks(self.writer, self.options.near_dup,
+                                            before=concat_rows(windows) if windows else None)
             self.writer.keep = masks
         self.report["skipped"]["near_duplicate"] = stats.dropped
         self.report["kept"] -= stats.dropped

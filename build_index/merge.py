@@ -40,7 +40,7 @@ from img2prompt.build_index.runner import (BuildJob, BuildOptions, BuildResult, 
                                            peak_rss_mib)
 from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.encoders.models import resolve_device
-from img2prompt.encoders.prompts import dedup_key
+from img2prompt.encoders.prompts import KeySet, dedup_keys
 from img2prompt.errors import UserError
 from img2prompt.index.key_pca import KEY_PCA, KeyPCA, check_key_dims, reduced_recall, save_pca
 from img2prompt.index.layout import MINILM_MEAN, TEXT_KEYS
@@ -286,14 +286,16 @@ class MergeJob(BuildJob):
         per_input: list[dict] = []
 
         def tasks() -> Iterator[ShardTask]:
-            seen: set[int] = set()
+            seen = KeySet()  # sorted 8-byte keys: 8 bytes a kept prompt
             filler = ShardFiller(self.writer, self.options.shard_size, self.int8)
             for number, opened in enumerate(self.inputs):
                 entry = {"index": str(opened.root), "count": opened.count, "duplicates": 0}
                 self.input_sums = InputSums()
                 for rows in iter_rows(opened, self.options.shard_size):
-                    keep = [row for row, prompt in enumerate(rows.prompts)
-                            if corpus.keep_once(dedup_key(prompt), seen, SKIP_IN_EARLIER)]
+                    keep = np.flatnonzero(seen.add_new(dedup_keys(rows.prompts))).tolist()
+                    corpus.kept += len(keep)
+                    if len(rows.prompts) > len(keep):
+                        corpus.skipped[SKIP_IN_EARLIER] += len(rows.prompts) - len(keep)
                     corpus.read += len(rows.prompts)
                     entry["duplicates"] += len(rows.prompts) - len(keep)
                     yield from filler.add([rows.prompts[row] for row in keep], self.kept(number, rows, keep))

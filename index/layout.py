@@ -2,7 +2,8 @@
 
     INDEX_DIR/
       manifest.json        format version, state, models (+ weight sha256), dims, count, files + checksums
-      prompts.parquet      id (int64), prompt (string), key (string: "text" or "image"); row i is prompt id i
+      prompts.parquet      id (int64), prompt (string), key (string: "text" or "image"); row i is prompt id i;
+                           row groups of PROMPT_GROUP_ROWS rows (readers fetch a prompt by its group)
       minilm.f16           float16 [count, text_dim], L2-normalised scorer embeddings, row i ↔ prompt id i
       clip.f16             float16 [count, clip_dim], L2-normalised CLIP embeddings: the searchable keys, CLIP
                            *text* vectors of the corpus prompts, then CLIP *image* vectors of `build --pairs`
@@ -51,6 +52,7 @@ REGRESSION_STATS = "regression_stats.npz"  # the head's sufficient statistics (i
 IMAGE_KEYS_FOLDER = "image_keys"  # the image range's backend files
 STATE_BUILDING = "building"
 STATE_COMPLETE = "complete"
+PROMPT_GROUP_ROWS = 16_384  # rows of a prompts.parquet row group: a lookup by id decodes one group, not the file
 VECTOR_DTYPE = np.float16
 VECTOR_BYTES = np.dtype(VECTOR_DTYPE).itemsize
 INDEX_FILES = (PROMPTS, MINILM, CLIP_VECTORS, MINILM_MEAN)  # every kind has these; backends add their own

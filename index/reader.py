@@ -1,12 +1,17 @@
 """Reading an index folder: open_index checks the manifest's schema, every file's size (and sha256 with
 verify=True) and the side files, then maps the vectors; PromptIndex serves prompts and vectors by id.
 
-Lookups by id work in bounded pieces (TAKE_IDS ids, TAKE_BYTES bytes of text at a time): Arrow cannot
-gather more than 2 GiB of strings into one array, and a submission asks for k × images ids.
+Prompts are fetched by id from the parquet row groups that hold them, never the whole column: what a command
+holds does not grow with the index (PROMPT_GROUP_ROWS rows a group in indexes written since; older indexes'
+larger groups read the same way). Decoded groups stay in a small LRU cache (PROMPT_CACHE_BYTES). Within a
+group, lookups work in bounded pieces (TAKE_IDS ids, TAKE_BYTES bytes of text at a time): Arrow cannot gather
+more than 2 GiB of strings into one array, and a submission asks for k × images ids.
 """
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TAKE_IDS = 1 << 20  # ids gathered in one Arrow take
 TAKE_BYTES = 1 << 30  # text gathered in one take, well under Arrow's 2 GiB limit of one string array
+PROMPT_CACHE_BYTES = 64 << 20  # decoded prompt row groups kept for the next lookups (a bound, not per prompt)
 
 
 def _take(column: pa.ChunkedArray, ids: np.ndarray) -> list[str]:
@@ -54,6 +60,57 @@ def _pieces(ids: np.ndarray, sizes: np.ndarray, max_ids: int, max_bytes: int) ->
 
 def _damaged(path: Path, exc: BaseException) -> UserError:
     return UserError(f"{path}: not readable ({short_reason(exc)}): the index is damaged, rebuild it")
+
+class PromptGroups:
+    """The prompts of every segment's prompts.parquet as row groups: an id → its group (a table of group
+    starts, 8 bytes a group), a group read and decoded only when one of its ids is asked for, the last ones
+    kept within PROMPT_CACHE_BYTES. `reads` counts the groups and rows decoded (what tests check)."""
+
+    def __init__(self, paths: list[Path], sources: list, firsts: list[int]) -> None:
+        self.paths, self.files = paths, []
+        starts, owners = [], []
+        for number, (path, source, first) in enumerate(zip(paths, sources, firsts)):
+            try:
+                parquet = pq.ParquetFile(source)
+            except (OSError, pa.ArrowException) as exc:
+                raise _damaged(path, exc) from exc
+            self.files.append(parquet)
+            sizes = [parquet.metadata.row_group(group).num_rows for group in range(parquet.num_row_groups)]
+            starts += (first + np.concatenate([[0], np.cumsum(sizes)[:-1]])).astype(np.int64).tolist() if sizes else []
+            owners += [(number, group) for group in range(len(sizes))]
+        self.starts, self.owners = np.asarray(starts, np.int64), owners
+        self.cache: OrderedDict[int, pa.Array] = OrderedDict()
+        self.cached_bytes = 0
+        self.lock = threading.Lock()
+        self.reads = {"row_groups": 0, "rows": 0}
+
+    def group_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, ids, side="right") - 1
+
+    def column(self, group: int) -> pa.Array:
+        """The prompt column of one row group (decoded, or from the cache)."""
+        with self.lock:
+            if group in self.cache:
+                self.cache.move_to_end(group)
+                return self.cache[group]
+            number, within = self.owners[group]
+            try:
+                column = self.files[number].read_row_group(within, columns=["prompt"]).column("prompt")
+            except (OSError, KeyError, pa.ArrowException) as exc:
+                raise _damaged(self.paths[number], exc) from exc
+            if not _is_text(column.type):
+                raise UserError(f"{self.paths[number]}: the prompt column holds {column.type}, not text: the index "
+                                "is damaged, rebuild it")
+            column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+            self.reads["row_groups"] += 1
+            self.reads["rows"] += len(column)
+            self.cache[group] = column
+            self.cached_bytes += column.nbytes
+            while self.cached_bytes > PROMPT_CACHE_BYTES and len(self.cache) > 1:
+                _, dropped = self.cache.popitem(last=False)
+                self.cached_bytes -= dropped.nbytes
+            return column
+
 
 @dataclass
 class PromptIndex:
@@ -123,80 +180,71 @@ class PromptIndex:
         return mean
 
     def preload(self) -> None:
-        """Map the vectors and open the prompt file now: a reader keeps the files it opened even when a
+        """Map the vectors and open the prompt files now: a reader keeps the files it opened even when a
         rebuild swaps a new index into this folder meanwhile (a long-running server, say)."""
-        # a native Arrow file (not a Python file object: Arrow's reader threads must not call back into Python)
-        self._prompt_files = [pa.memory_map(str(self.root / part.name(PROMPTS)), "r") for part in self.segments]
+        self.prompt_groups  # noqa: B018 (opens the files)
         for name in ("minilm", "clip_vectors", "minilm_mean", "phrases", "regression_head", "key_pca"):
             getattr(self, name)
 
     @cached_property
-    def _prompt_column(self) -> pa.ChunkedArray:
-        # Arrow strings: ~1 byte a character, not a Python object per prompt (10M prompts stay cheap).
-        sources = getattr(self, "_prompt_files", None) or [self.root / part.name(PROMPTS) for part in self.segments]
-        chunks = []
-        for part, source in zip(self.segments, sources):
-            path = self.root / part.name(PROMPTS)
-            try:
-                column = pq.read_table(source, columns=["prompt"]).column("prompt")
-            except (OSError, KeyError, pa.ArrowException) as exc:
-                raise _damaged(path, exc) from exc
-            if not _is_text(column.type):
-                raise UserError(f"{path}: the prompt column holds {column.type}, not text: the index is "
-                                "damaged, rebuild it")
-            if len(column) != part.count:
-                raise UserError(f"{path}: {len(column)} prompts, manifest says {part.count}")
-            chunks.append(column)
-        if len(chunks) == 1:
-            return chunks[0]
-        kind = pa.string() if all(column.type == pa.string() for column in chunks) else pa.large_string()
-        return pa.chunked_array([chunk for column in chunks for chunk in column.cast(kind).chunks], type=kind)
+    def prompt_groups(self) -> PromptGroups:
+        # a native Arrow file (not a Python file object: Arrow's reader threads must not call back into Python)
+        paths = [self.root / part.name(PROMPTS) for part in self.segments]
+        try:
+            sources = [pa.memory_map(str(path), "r") for path in paths]
+        except (OSError, pa.ArrowException) as exc:
+            raise UserError(f"{self.root}: a prompts file is not readable ({short_reason(exc)}): the index is "
+                            "damaged, rebuild it") from exc
+        return PromptGroups(paths, sources, [part.first_id for part in self.segments])
 
     @property
     def prompts(self) -> list[str]:
         """Every prompt as a Python list (small indexes, tests); prefer prompt_rows / iter_prompt_batches."""
-        return self._prompt_column.to_pylist()
-
-    @cached_property
-    def _prompt_bytes(self) -> np.ndarray:
-        """UTF-8 bytes of each prompt (4 bytes a row): what cuts a lookup into pieces Arrow can gather."""
-        return np.concatenate([pc.binary_length(chunk).to_numpy(zero_copy_only=False)
-                               for chunk in self._prompt_column.chunks] or [np.zeros(0, np.int32)])
+        return [prompt for _, batch in self.iter_prompt_batches() for prompt in batch]
 
     def prompt_rows(self, ids, *, chunk_ids: int | None = None, chunk_bytes: int | None = None) -> list[str]:
         """The prompts with these ids, any number of them (an id < 0, i.e. no neighbour, gives "").
 
-        Gathered TAKE_IDS ids / TAKE_BYTES bytes of text at a time (or `chunk_ids` / `chunk_bytes`)."""
+        Only the row groups holding them are read; within a group they are gathered TAKE_IDS ids /
+        TAKE_BYTES bytes of text at a time (or `chunk_ids` / `chunk_bytes`)."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
         if len(ids) and int(ids.max()) >= self.count:
             raise IndexError(f"prompt id {int(ids.max())} is past the index's {self.count} prompts")
-        safe = np.where(ids < 0, 0, ids)
-        found: list[str] = []
-        for piece in _pieces(safe, self._prompt_bytes, chunk_ids or TAKE_IDS, chunk_bytes or TAKE_BYTES):
-            found.extend(_take(self._prompt_column, piece))
-        if (ids < 0).any():
-            for position in np.flatnonzero(ids < 0):
-                found[position] = ""
-        return found
+        found = np.full(len(ids), "", dtype=object)
+        wanted = np.flatnonzero(ids >= 0)
+        groups = self.prompt_groups
+        owner = groups.group_of(ids[wanted])
+        order = np.argsort(owner, kind="stable")
+        bounds = np.flatnonzero(np.diff(owner[order])) + 1
+        for positions in np.split(wanted[order], bounds) if len(order) else []:
+            group = int(groups.group_of(ids[positions[:1]])[0])
+            column = groups.column(group)
+            local = ids[positions] - int(groups.starts[group])
+            sizes = pc.binary_length(column).to_numpy(zero_copy_only=False)
+            done = 0
+            for piece in _pieces(local, sizes, chunk_ids or TAKE_IDS, chunk_bytes or TAKE_BYTES):
+                found[positions[done:done + len(piece)]] = _take(column, piece)
+                done += len(piece)
+        return found.tolist()
 
     def stream_prompt_batches(self, size: int = 100_000) -> Iterator[list[str]]:
-        """The prompts in id order read from each segment's file a batch at a time, never the whole column
-        (add's dedup set, merge); from the files open_index opened (preload), so a rebuild swapped into the
-        folder meanwhile never pairs its prompts with the vectors mapped before it."""
-        sources = getattr(self, "_prompt_files", None) or [self.root / part.name(PROMPTS) for part in self.segments]
-        for part, source in zip(self.segments, sources):
-            try:
-                batches = pq.ParquetFile(source).iter_batches(columns=["prompt"], batch_size=size)
-            except (OSError, pa.ArrowException) as exc:
-                raise _damaged(self.root / part.name(PROMPTS), exc) from exc
-            for batch in batches:
-                yield batch.column(0).to_pylist()
+        """The prompts in id order, a batch at a time (add's dedup keys, merge); see iter_prompt_batches."""
+        for _, batch in self.iter_prompt_batches(size):
+            yield batch
 
     def iter_prompt_batches(self, size: int = 100_000) -> Iterator[tuple[int, list[str]]]:
-        """(first id, prompts) in id order, a batch at a time."""
-        column = self._prompt_column
-        for start in range(0, len(column), size):
-            yield start, column.slice(start, size).to_pylist()
+        """(first id, prompts) in id order, a batch at a time, never the whole column; streamed from the files
+        open_index opened (preload), so a rebuild swapped into the folder meanwhile never pairs its prompts
+        with the vectors mapped before it."""
+        groups = self.prompt_groups
+        for path, parquet, part in zip(groups.paths, groups.files, self.segments):
+            first = part.first_id
+            try:
+                for batch in parquet.iter_batches(columns=["prompt"], batch_size=size):
+                    yield first, batch.column(0).to_pylist()
+                    first += batch.num_rows
+            except (OSError, pa.ArrowException) as exc:
+                raise _damaged(path, exc) from exc
 
     def phrase_counts(self) -> list[int]:
         """How many corpus prompts use each vocabulary phrase (phrases.parquet's count column, in its order)."""

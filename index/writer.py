@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 from img2prompt.atomic import atomic_path, write_atomic, write_json_atomic
 from img2prompt.errors import UserError
 from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, IMAGE_KEYS_FOLDER, INDEX_FILES, LOCK,
-                                     MANIFEST, MINILM, MINILM_MEAN, OPTIONAL_FILES, PHRASE_VECTORS, PHRASES, PROMPTS,
+                                     MANIFEST, MINILM, MINILM_MEAN, OPTIONAL_FILES, PHRASE_VECTORS, PHRASES, PROMPT_GROUP_ROWS,
+                                     PROMPTS,
                                      SHARD_INT8_SUFFIXES, SHARD_SUFFIXES, SHARDS, STATE_BUILDING, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE,
                                      file_record, file_sha256, prompts_sha256, shard_path, staging_folder)
 from img2prompt.index.lock import clean_retired, clean_temp_files, lock_folder, only_own_leftovers, swap_into_place
@@ -303,7 +304,7 @@ class IndexWriter:
                                   "prompt": prompts,
                                   "key": pa.array([record.get("keys", TEXT_KEYS)] * len(prompts), type=pa.string())})
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
+                writer.write_table(table, row_group_size=PROMPT_GROUP_ROWS)  # lookups read one group
                 first_id += len(prompts)
             writer.close()
         return count, clip_dim, text_dim
