@@ -75,8 +75,18 @@ def score_block(kernel: str, queries: np.ndarray, block: np.ndarray, first_row: 
     if kernel == "faiss":
         import faiss
 
-        scores, ids = faiss.knn(queries, block, min(state.k, rows), metric=faiss.METRIC_INNER_PRODUCT)
-        state.add_top(scores, np.where(ids >= 0, ids + first_row, -1), rows)
+        kept = min(state.k, rows)
+        # one more than needed: where it equals the last kept score, a tie crosses the boundary and faiss's
+        # pick among the tied rows is its own; those queries' tied rows are all taken from a numpy product
+        scores, ids = faiss.knn(queries, block, min(kept + 1, rows), metric=faiss.METRIC_INNER_PRODUCT)
+        tied = np.flatnonzero(scores[:, kept - 1] == scores[:, -1]) if kept < rows else np.zeros(0, np.int64)
+        ids = np.where(ids >= 0, ids + first_row, -1)
+        ids[tied] = -1
+        for query in tied:
+            exact = block @ queries[query]
+            rows_in = np.flatnonzero(exact >= scores[query, kept - 1])
+            state.merge(np.full(len(rows_in), query), exact[rows_in], rows_in + first_row)
+        state.add_top(scores[:, :kept], ids[:, :kept], rows)
         return
     scores = score_buffer[:n * rows].reshape(n, rows)
     np.matmul(queries, block.T, out=scores)
