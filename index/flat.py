@@ -38,8 +38,9 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int | 
     rows = chunk or chunk_rows(dim)
     batches = [queries[first:first + query_batch] for first in range(0, len(queries), query_batch)]
     states = [RunningTopK(len(batch), k) for batch in batches]
-    kernels = [kernel or choose_kernel(len(batch), dim, k, float(len(batch)) * count * dim) for batch in batches]
-    tiles = [max(1, min(rows, SCORE_BYTES // (4 * len(batch)))) for batch in batches]
+    tiles = [max(1, min(rows, count, SCORE_BYTES // (4 * len(batch)))) for batch in batches]
+    kernels = [kernel or choose_kernel(len(batch), dim, k, tile, float(len(batch)) * count * dim)
+               for batch, tile in zip(batches, tiles)]
     cells = max(len(batch) * min(tile, rows, count) for batch, tile in zip(batches, tiles))
     score_buffer = np.empty(cells, dtype=np.float32)
     mask_buffer = np.empty(cells, dtype=bool)

@@ -49,7 +49,7 @@ def write_keys(path, rows: np.ndarray) -> np.memmap:
     return np.memmap(path, dtype=np.float16, mode="r", shape=rows.shape)
 
 
-@pytest.mark.parametrize("kernel", ["blas", "faiss"])
+@pytest.mark.parametrize("kernel", ["blas", "blas_rows", "faiss"])
 @pytest.mark.parametrize("queries", [1, 16, 256])
 @pytest.mark.parametrize("chunk", [7, 64, None])
 def test_equals_brute_force_with_ties(kernel, queries, chunk):
@@ -145,12 +145,10 @@ def test_memory_does_not_grow_with_the_rows(tmp_path, monkeypatch):
 
 
 def test_kernel_choice_is_measured(monkeypatch):
-    monkeypatch.setattr(topk, "CALIBRATION_MIN_WORK", 0)
-    monkeypatch.setattr(topk, "CALIBRATION_ROWS", 512)
     monkeypatch.setattr(topk, "KERNEL_TIMINGS", {})
-    chosen = topk.choose_kernel(16, 8, 10, work=1.0)
-    timings = topk.KERNEL_TIMINGS[(16, 8, 10)]
+    chosen = topk.choose_kernel(16, 8, 10, 512, work=1e12)
+    timings = topk.KERNEL_TIMINGS[(16, 8, 10, 512)]
     assert set(timings) == set(topk.KERNELS) and chosen == min(timings, key=timings.get)
-    assert topk.choose_kernel(3, 8, 10, work=1e12) in topk.KERNELS and (4, 8, 10) in topk.KERNEL_TIMINGS
-    monkeypatch.setattr(topk, "CALIBRATION_MIN_WORK", 1e9)
-    assert topk.choose_kernel(1, 8, 10, work=10.0) == "blas"  # too small a search to pay for a measurement
+    assert topk.choose_kernel(3, 8, 10, 512, work=1e12) in topk.KERNELS and (4, 8, 10, 512) in topk.KERNEL_TIMINGS
+    assert topk.choose_kernel(1, 8, 10, 512, work=1e3) == "blas"  # too small a search to pay for a measurement
+    assert (1, 8, 10, 512) not in topk.KERNEL_TIMINGS
