@@ -11,7 +11,7 @@ Three kernels score a block:
                16-256 queries, slower for 1, on this machine), the same select
     faiss      faiss.knn on the block (its own BLAS + heap), its top-k merged the same way
 `choose_kernel` times them once per process for each query-batch size (a power-of-two bucket), dim and tile
-on a synthetic block of the tile's size, and keeps the faster: measured, not assumed (faiss.knn measured 2–7× slower than the matmul
+(up to CALIBRATION_ROWS rows) on a synthetic block, and keeps the faster: measured, not assumed (faiss.knn measured 2–7× slower than the matmul
 for 1–256 queries on this machine when the issue was filed). KERNEL_TIMINGS keeps what was measured.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ import time
 import numpy as np
 
 CALIBRATION_PASSES = 3  # blocks each kernel scores when timed (the first fills the lists)
-CALIBRATION_PAYBACK = 20  # a search measures the kernels only if it does 20× the measurement's work
+CALIBRATION_PAYBACK = 10  # a search measures the kernels only if it does 10× the measurement's work
+CALIBRATION_ROWS = 4_096  # at most this many rows in the timed block (the tile's own size when smaller)
 KERNELS = ("blas", "blas_rows", "faiss")
 KERNEL_TIMINGS: dict[tuple, dict[str, float]] = {}  # (batch bucket, dim, k, tile rows) → kernel → seconds
 
@@ -111,7 +112,7 @@ def bucket(n: int) -> int:
 def choose_kernel(n: int, dim: int, k: int, rows: int, work: float) -> str:
     """The faster kernel for a batch of n queries at `dim` on `rows`-row tiles (measured once per process and
     bucket). A search doing less than CALIBRATION_PAYBACK× the measurement's own work takes "blas" unmeasured."""
-    key = (bucket(n), dim, min(k, 1024), rows)
+    key = (bucket(n), dim, min(k, 1024), min(rows, CALIBRATION_ROWS))
     if key not in KERNEL_TIMINGS:
         if work < CALIBRATION_PAYBACK * CALIBRATION_PASSES * len(KERNELS) * key[0] * rows * dim:
             return "blas"
