@@ -102,19 +102,24 @@ class ChunkReader:
         row_bytes = self.dim * 2
         if hasattr(os, "posix_fadvise"):  # the disk reads this chunk and the next while pieces convert
             os.posix_fadvise(fd, offset + low * row_bytes, (advise_to - low) * row_bytes, os.POSIX_FADV_WILLNEED)
+        if target.dtype == np.float16 and target.flags.c_contiguous:  # no conversion: straight into the target
+            self._read_into(fd, offset + low * row_bytes, memoryview(target).cast("B"), low)
+            return
         per_read = max(1, READ_BYTES // row_bytes)
         if self.stage is None:
             self.stage = np.empty((per_read, self.dim), dtype=np.float16)
         for first in range(low, high, per_read):
             rows = min(per_read, high - first)
-            view = memoryview(self.stage[:rows]).cast("B")
-            done = 0
-            while done < len(view):
-                got = os.preadv(fd, [view[done:]], offset + first * row_bytes + done)
-                if got <= 0:
-                    raise OSError(f"{self.vectors_name()}: the key file ended early, at row {first}")
-                done += got
+            self._read_into(fd, offset + first * row_bytes, memoryview(self.stage[:rows]).cast("B"), first)
             convert_into(target[first - low:first - low + rows], self.stage[:rows])
+
+    def _read_into(self, fd: int, offset: int, view: memoryview, row: int) -> None:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.vectors_name()}: the key file ended early, at row {row}")
+            done += got
 
     def vectors_name(self) -> str:
         names = [getattr(part, "filename", None) for _, part, _ in self.pieces]

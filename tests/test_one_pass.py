@@ -82,8 +82,8 @@ def test_flat_reads_the_corpus_once_for_10k_queries(corpus, queries, monkeypatch
 
 def test_torch_streaming_reads_each_chunk_once(corpus, queries, monkeypatch):
     source = CountingRows(corpus)
-    backend = TorchExactBackend(source, {}, device="cpu", chunk_rows=3_000)
-    backend.resident, backend.resident_rows = [], 0  # as on a GPU too small for the corpus: all streamed
+    backend = TorchExactBackend(source, {}, device="cpu", chunk_rows=3_000, memory_budget=0)  # all streamed
+    assert backend.resident_rows == 0
     monkeypatch.setattr(backend, "query_batch", lambda: 512)  # 20 query batches
     source.rows_read = 0
     scores, ids = backend.search(queries, 10)
