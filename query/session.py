@@ -114,8 +114,10 @@ class QuerySession:
     """An opened index and its CLIP model(s). The models load on first use (`clip`), so that everything the
     arguments, the manifest and the file system can refuse is refused before seconds of model loading."""
 
-    def __init__(self, index: PromptIndex, device, load_clip: Callable[[], ClipEnsemble]) -> None:
+    def __init__(self, index: PromptIndex, device, load_clip: Callable[[], ClipEnsemble],
+                 search_device: str | None = None) -> None:
         self.index, self.device, self._load_clip = index, device, load_clip
+        self.search_device = search_device or str(device)  # a device list: exact search splits its rows over it
 
     @cached_property
     def clip(self) -> ClipEnsemble:
@@ -123,13 +125,14 @@ class QuerySession:
 
     @cached_property
     def retriever(self) -> Retriever:
-        return Retriever(self.index, device=str(self.device),
+        return Retriever(self.index, device=self.search_device,
                          encode_texts=lambda texts: self.clip.text_embeddings(texts).vectors)
 
 
 def _with_replicas(clip: ClipEnsemble, device: str, load: Callable) -> ClipEnsemble:
     """--device cuda:0,cuda:1: a copy of the CLIP model(s) on each further device, for image encoding
-    (img2prompt/encoders/image_embed.py); search and text queries stay on the first device."""
+    (img2prompt/encoders/image_embed.py); text queries stay on the first device, an exact search splits its
+    rows over the list (index/torch_exact.py)."""
     clip.replicas = load_replicas(device, clip, load)
     return clip
 
@@ -144,7 +147,8 @@ def open_session(index_dir: str, overrides: ModelOverrides | None = None, device
         check_text_model(index, overrides.text_model, torch_device, verify)
     session = QuerySession(index, torch_device, lambda: _with_replicas(
         load_index_clip(index, overrides, torch_device, verify), device,
-        lambda other: load_index_clip(index, overrides, other, verify)))
+        lambda other: load_index_clip(index, overrides, other, verify)),
+        search_device=device if "," in device or device == "cuda:all" else None)
     if not lazy:
         session.clip
     return session
