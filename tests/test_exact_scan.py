@@ -83,9 +83,9 @@ def test_k_beyond_the_rows_gives_every_row():
 
 
 @pytest.mark.parametrize("queries", [1, 16, 256])
-def test_several_segment_files_read_with_pread(tmp_path, queries):
+def test_several_segment_files_read_ahead(tmp_path, queries):
     """Three memory-mapped segment files (a ConcatRows, as an index with adds has), chunks straddling them,
-    and a key range that starts inside the first: all read by pread, equal to the brute force."""
+    and a key range that starts inside the first: each advised and read ahead, equal to the brute force."""
     parts = [integer_rows(count, 24, seed=10 + i) for i, count in enumerate((301, 5, 250))]
     maps = [write_keys(tmp_path / f"clip{i}.f16", part) for i, part in enumerate(parts)]
     rows = ConcatRows(maps)
