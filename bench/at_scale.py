@@ -142,7 +142,8 @@ def cold_part(args) -> list[tuple]:
             bound = "disk" if read_s >= compute_s else "compute"
             ratio = max(read_s, compute_s) / ours
             log(f"# {count:,} queries over {limit_rows:,} rows: ours {ours:.1f} s; dd would read them in {read_s:.1f} s, "
-                f"numpy GEMM + top-k in RAM computes them in {compute_s:.1f} s; {ratio:.2f}× of the {bound} limit")
+                f"numpy GEMM + top-k in RAM computes them in {compute_s:.1f} s; {ratio:.2f}× of the {bound} limit; "
+                f"kernels measured {topk.KERNEL_TIMINGS}")
             out.append((f"cold search, {count:,} queries, k {args.k}", f"{ours:.1f} s ({limit_rows:,} rows)",
                         f"{max(read_s, compute_s):.1f} s ({bound}: dd {read_s:.1f} s, GEMM {compute_s:.1f} s)",
                         f"{ratio:.2f}×", state))

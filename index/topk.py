@@ -114,7 +114,7 @@ def choose_kernel(n: int, dim: int, k: int, rows: int, work: float) -> str:
     bucket). A search doing less than CALIBRATION_PAYBACK× the measurement's own work takes "blas" unmeasured."""
     key = (bucket(n), dim, min(k, 1024), min(rows, CALIBRATION_ROWS))
     if key not in KERNEL_TIMINGS:
-        if work < CALIBRATION_PAYBACK * CALIBRATION_PASSES * len(KERNELS) * key[0] * rows * dim:
+        if work < CALIBRATION_PAYBACK * CALIBRATION_PASSES * len(KERNELS) * key[0] * key[3] * dim:
             return "blas"
         try:
             import faiss  # noqa: F401

@@ -152,3 +152,11 @@ def test_kernel_choice_is_measured(monkeypatch):
     assert topk.choose_kernel(3, 8, 10, 512, work=1e12) in topk.KERNELS and (4, 8, 10, 512) in topk.KERNEL_TIMINGS
     assert topk.choose_kernel(1, 8, 10, 512, work=1e3) == "blas"  # too small a search to pay for a measurement
     assert (1, 8, 10, 512) not in topk.KERNEL_TIMINGS
+
+
+def test_long_tiles_are_calibrated_on_a_bounded_block(monkeypatch):
+    """A 100,000-row tile is timed on CALIBRATION_ROWS rows: a search 10× that measurement's work pays for it."""
+    monkeypatch.setattr(topk, "KERNEL_TIMINGS", {})
+    measured = topk.CALIBRATION_PAYBACK * topk.CALIBRATION_PASSES * len(topk.KERNELS) * 16 * topk.CALIBRATION_ROWS * 8
+    topk.choose_kernel(16, 8, 10, 100_000, work=2 * measured)
+    assert (16, 8, 10, topk.CALIBRATION_ROWS) in topk.KERNEL_TIMINGS
