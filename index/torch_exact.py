@@ -195,7 +195,7 @@ class TorchExactBackend(SearchBackend):
         """This share's top min(k, its rows), re-scored in float32 (ids are global rows)."""
         import torch
 
-        if share.device.type == "cuda":
+        if share.device.type == "cuda" and share.device.index is not None:
             torch.cuda.set_device(share.device)  # this thread's kernels and allocations go to its device
         k = min(k, len(share))
         # fp16 scores are good to ~1e-3, the size of the gap between neighbours of rank k and k+1: take
