@@ -98,7 +98,7 @@ def main() -> None:
         t0 = time.perf_counter()
         mapped = write_corpus(Path(tmp) / "clip.npy", args.rows, args.dim)
         print(f"corpus {args.rows:,} × {args.dim} fp16 = {args.rows * args.dim * 2 / 2**30:.2f} GiB "
-              f"written in {time.perf_counter() - t0:.0f} s; chunk {flat.SCAN_CHUNK:,} rows")
+              f"written in {time.perf_counter() - t0:.0f} s; chunk {flat.chunk_rows(args.dim):,} rows")
         queries = np.random.default_rng(1).standard_normal((args.queries, args.dim)).astype(np.float32)
         counted = CountingVectors(mapped)
         rss0 = peak_rss_mib()

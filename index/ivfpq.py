@@ -75,7 +75,8 @@ class IvfPqBackend(GrowsFaissIndex, RerankedBackend):
         import faiss
 
         index = read_faiss(Path(root) / FAISS, len(vectors))
-        device = str(device)
+        device = str(device).split(",")[0]  # a device list (exact search splits over it): the IVF takes the first
+        device = "cuda:0" if device == "cuda:all" else device
         if device.startswith("cuda") and hasattr(faiss, "StandardGpuResources"):
             number = int(device.partition(":")[2] or 0)
             resources = faiss.StandardGpuResources()

@@ -123,8 +123,10 @@ class QuerySession:
     """An opened index and its CLIP model(s). The models load on first use (`clip`), so that everything the
     arguments, the manifest and the file system can refuse is refused before seconds of model loading."""
 
-    def __init__(self, index: PromptIndex, device, load_clip: Callable[[], ClipEnsemble]) -> None:
+    def __init__(self, index: PromptIndex, device, load_clip: Callable[[], ClipEnsemble],
+                 search_device: str | None = None) -> None:
         self.index, self.device, self._load_clip = index, device, load_clip
+        self.search_device = search_device or str(device)  # a device list: exact search splits its rows over it
 
     @cached_property
     def clip(self) -> ClipEnsemble:
@@ -136,13 +138,14 @@ class QuerySession:
         # session (models, memmaps, backends) alive until a full gc pass, which a big heap rarely runs, so
         # every /admin/reload of a server grew it by a model's worth (issue 30 item 9)
         session = weakref.ref(self)
-        return Retriever(self.index, device=str(self.device),
+        return Retriever(self.index, device=self.search_device,
                          encode_texts=lambda texts: session().clip.text_embeddings(texts).vectors)
 
 
 def _with_replicas(clip: ClipEnsemble, device: str, load: Callable) -> ClipEnsemble:
     """--device cuda:0,cuda:1: a copy of the CLIP model(s) on each further device, for image encoding
-    (img2prompt/encoders/image_embed.py); search and text queries stay on the first device."""
+    (img2prompt/encoders/image_embed.py); text queries stay on the first device, an exact search splits its
+    rows over the list (index/torch_exact.py)."""
     clip.replicas = load_replicas(device, clip, load)
     return clip
 
@@ -163,7 +166,8 @@ def open_session(index_dir: str, overrides: ModelOverrides | None = None, device
         announce_models(devices, overrides.precision)  # the command's one line: where the models run
         return clip
 
-    session = QuerySession(index, torch_device, load)
+    session = QuerySession(index, torch_device, load,
+                           search_device=device if "," in device or device == "cuda:all" else None)
     if not lazy:
         session.clip
     return session

@@ -165,9 +165,7 @@ def test_fp16_candidates_are_rescored_to_the_exact_top_k(vectors):
     import torch
 
     queries = recall_queries(vectors, 300, seed=7)["report"]["held_out"]
-    backend = TorchExactBackend(vectors, {}, device="cpu", chunk_rows=5000)
-    backend.dtype = torch.float16
-    backend.resident = [(start, block.to(torch.float16)) for start, block in backend.resident]
+    backend = TorchExactBackend(vectors, {}, device="cpu", chunk_rows=5000, precision=torch.float16)
     scores, ids = backend.search(queries, 10)
     exact_scores, exact_ids = exact_search(vectors, queries, 10)
     assert recall_at_k(ids, exact_ids) == 1.0

@@ -1,0 +1,162 @@
+"""Exact flat search (index/flat.py over index/chunks.py and index/topk.py) against a numpy brute force.
+
+Keys and queries hold small integers, so every inner product is exact in float32 whatever the summation
+order of the kernel: the answers must then equal the brute force bit for bit, ties included (many rows
+share a score; equal scores rank in row order)."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from img2prompt.index import flat, topk
+from img2prompt.index.chunks import file_span, float32_chunks
+from img2prompt.index.flat import FlatBackend, exact_search
+from img2prompt.index.segments import ConcatRows
+
+
+class CountingRows:
+    """A read-only float16 source that counts every row handed out."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.rows_read = array, 0
+
+    shape = property(lambda self: self.array.shape)
+    dtype = property(lambda self: self.array.dtype)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, key):
+        part = self.array[key]
+        self.rows_read += len(part)
+        return part
+
+
+def integer_rows(count: int, dim: int, seed: int, dtype=np.float16) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-3, 4, size=(count, dim)).astype(dtype)
+
+
+def brute(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries.astype(np.float64) @ np.asarray(vectors, dtype=np.float64).T  # exact for these integers
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1).astype(np.float32), order
+
+
+def write_keys(path, rows: np.ndarray) -> np.memmap:
+    rows.tofile(path)
+    return np.memmap(path, dtype=np.float16, mode="r", shape=rows.shape)
+
+
+@pytest.mark.parametrize("kernel", ["blas", "blas_rows", "faiss"])
+@pytest.mark.parametrize("queries", [1, 16, 256])
+@pytest.mark.parametrize("chunk", [7, 64, None])
+def test_equals_brute_force_with_ties(kernel, queries, chunk):
+    vectors = integer_rows(1_000, 16, seed=1)
+    query = integer_rows(queries, 16, seed=2, dtype=np.float32)
+    scores, ids = exact_search(vectors, query, 10, chunk=chunk, query_batch=100, kernel=kernel)
+    want_scores, want_ids = brute(vectors, query, 10)
+    assert len(np.unique(want_scores)) < want_scores.size  # ties are there to be ranked
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_duplicate_rows_rank_in_row_order():
+    row = integer_rows(1, 8, seed=3)
+    vectors = np.repeat(row, 50, axis=0)
+    vectors[::7] = 0  # some rows score 0
+    scores, ids = exact_search(vectors, row.astype(np.float32), 12, chunk=5)
+    expected = [i for i in range(50) if i % 7][:12]
+    assert ids[0].tolist() == expected and len(set(scores[0].tolist())) == 1
+
+
+def test_k_beyond_the_rows_gives_every_row():
+    vectors = integer_rows(9, 8, seed=4)
+    query = integer_rows(3, 8, seed=5, dtype=np.float32)
+    scores, ids = exact_search(vectors, query, 50, chunk=2)
+    want_scores, want_ids = brute(vectors, query, 9)
+    assert ids.shape == (3, 9)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(scores, want_scores)
+    assert FlatBackend(vectors, {}).search(query, 50)[1].shape == (3, 9)
+
+
+@pytest.mark.parametrize("queries", [1, 16, 256])
+def test_several_segment_files_read_ahead(tmp_path, queries):
+    """Three memory-mapped segment files (a ConcatRows, as an index with adds has), chunks straddling them,
+    and a key range that starts inside the first: each advised and read ahead, equal to the brute force."""
+    parts = [integer_rows(count, 24, seed=10 + i) for i, count in enumerate((301, 5, 250))]
+    maps = [write_keys(tmp_path / f"clip{i}.f16", part) for i, part in enumerate(parts)]
+    rows = ConcatRows(maps)
+    whole = np.concatenate(parts)
+    query = integer_rows(queries, 24, seed=20, dtype=np.float32)
+    for source, reference in ((rows, whole), (rows[40:500], whole[40:500])):
+        scores, ids = exact_search(source, query, 8, chunk=64)
+        want_scores, want_ids = brute(reference, query, 8)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_file_span_finds_the_bytes_of_a_memmap_view(tmp_path):
+    rows = integer_rows(100, 4, seed=6)
+    path = tmp_path / "keys.npy"
+    np.save(path, rows)
+    mapped = np.load(path, mmap_mode="r")  # a header before the rows: offset 128
+    name, offset = file_span(mapped[30:60])
+    with open(name, "rb") as handle:
+        handle.seek(offset)
+        read = np.frombuffer(handle.read(30 * 4 * 2), dtype=np.float16).reshape(30, 4)
+    np.testing.assert_array_equal(read, rows[30:60])
+    assert file_span(rows) is None and file_span(mapped[:, :2]) is None  # not a map; not contiguous
+    chunks = [(start, block.copy()) for start, block in float32_chunks(mapped[30:60], 7)]
+    assert [start for start, _ in chunks] == [0, 7, 14, 21, 28]
+    np.testing.assert_array_equal(np.concatenate([block for _, block in chunks]), rows[30:60].astype(np.float32))
+
+
+def test_each_row_is_read_once_for_many_query_batches():
+    vectors = integer_rows(3_000, 16, seed=7)
+    source = CountingRows(vectors)
+    query = integer_rows(600, 16, seed=8, dtype=np.float32)
+    scores, ids = exact_search(source, query, 5, chunk=256, query_batch=64)  # ten query batches, 12 chunks
+    assert source.rows_read == len(vectors)
+    np.testing.assert_array_equal(ids, brute(vectors, query, 5)[1])
+    parts = [CountingRows(vectors[:1_000]), CountingRows(vectors[1_000:])]
+    exact_search(ConcatRows(parts), query, 5, chunk=256)
+    assert [part.rows_read for part in parts] == [1_000, 2_000]
+
+
+def test_memory_does_not_grow_with_the_rows(tmp_path, monkeypatch):
+    """Two chunk buffers, one score tile: the same peak for 4× the rows (no chunk-sized array per chunk)."""
+    monkeypatch.setattr(flat, "SCAN_BYTES", 64 * 1024)
+    monkeypatch.setattr(flat, "SCORE_BYTES", 32 * 1024)
+    query = integer_rows(4, 32, seed=9, dtype=np.float32)
+
+    def peak(count: int) -> int:
+        keys = write_keys(tmp_path / f"k{count}.f16", integer_rows(count, 32, seed=count))
+        tracemalloc.start()
+        exact_search(keys, query, 10)
+        used = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return used
+
+    small, large = peak(20_000), peak(80_000)
+    assert large < small + 64 * 1024, (small, large)  # 60,000 more rows = 3.8 MB of keys, none of it held
+
+
+def test_kernel_choice_is_measured(monkeypatch):
+    monkeypatch.setattr(topk, "KERNEL_TIMINGS", {})
+    chosen = topk.choose_kernel(16, 8, 10, 512, work=1e12)
+    timings = topk.KERNEL_TIMINGS[(16, 8, 10, 512)]
+    assert set(timings) == set(topk.KERNELS) and chosen == min(timings, key=timings.get)
+    assert topk.choose_kernel(3, 8, 10, 512, work=1e12) in topk.KERNELS and (4, 8, 10, 512) in topk.KERNEL_TIMINGS
+    assert topk.choose_kernel(1, 8, 10, 512, work=1e3) == "blas"  # too small a search to pay for a measurement
+    assert (1, 8, 10, 512) not in topk.KERNEL_TIMINGS
+
+
+def test_long_tiles_are_calibrated_on_a_bounded_block(monkeypatch):
+    """A 100,000-row tile is timed on CALIBRATION_ROWS rows: a search 10× that measurement's work pays for it."""
+    monkeypatch.setattr(topk, "KERNEL_TIMINGS", {})
+    measured = topk.CALIBRATION_PAYBACK * topk.CALIBRATION_PASSES * len(topk.KERNELS) * 16 * topk.CALIBRATION_ROWS * 8
+    topk.choose_kernel(16, 8, 10, 100_000, work=2 * measured)
+    assert (16, 8, 10, topk.CALIBRATION_ROWS) in topk.KERNEL_TIMINGS
