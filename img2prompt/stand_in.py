@@ -23,12 +23,17 @@ def write_tiny_clip(folder: str | Path, seed: int = 0, config: dict | None = Non
     import open_clip
     import torch
 
+    # marked in its config (open_clip ignores the key): an index built with it records models.clip.stand_in
+    from img2prompt.encoders.models import STAND_IN_KEY
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = config or TINY_CLIP_CONFIG
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**config)
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}, indent=2))
+    marker = {"random_weights": True, "seed": seed}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {},
+                                                              STAND_IN_KEY: marker}, indent=2))
     torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
     return folder
 
