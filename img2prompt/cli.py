@@ -443,9 +443,10 @@ def _print_skipped(report, handle, each: bool = True) -> None:
         print(f"  failed {image}: {reason}", file=handle)
     if report.failed:
         print(f"  {len(report.failed)} image(s) failed; the others went on", file=handle)
-    if report.not_images or report.subfolders:
-        print(f"  left out: {report.not_images} non-image file(s), {report.subfolders} subfolder(s) "
-              "(--recursive enters them)", file=handle)
+    left = ([f"{report.not_images} non-image file(s)"] if report.not_images else []) + (
+        [f"{report.subfolders} subfolder(s) (--recursive enters them)"] if report.subfolders else [])
+    if left:
+        print("  left out: " + ", ".join(left), file=handle)
 
 
 def cmd_eval(args) -> None:

@@ -141,7 +141,8 @@ class Img2PromptIndex:
         job.check()
         self.check_vocabulary()
         return run_folder_job(job, lambda paths: self.interrogate(paths, modifiers, batch_size=batch_size,
-                                                                   workers=workers), echo)
+                                                                   workers=workers), echo,
+                              prepare=lambda: (self.session.clip, self.session.retriever))
 
     def check_vocabulary(self) -> None:
         if self.session.index.phrases is None:

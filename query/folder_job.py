@@ -77,8 +77,11 @@ def _done(job: FolderJob, paths: list[str]) -> set[str]:
 
 
 def run_folder_job(job: FolderJob, interrogate: Callable[[list[str]], list[Interrogation]],
-                   echo: Callable[[Interrogation], None] | None = None) -> FolderReport:
-    """Interrogate every image of `job.inputs` with `interrogate` (a list of paths → its results, in order)."""
+                   echo: Callable[[Interrogation], None] | None = None,
+                   prepare: Callable[[], object] | None = None) -> FolderReport:
+    """Interrogate every image of `job.inputs` with `interrogate` (a list of paths → its results, in order).
+    prepare: called once the inputs are checked and before the clock starts (loading the models), so that the
+    rate is the encoding's and no model log line cuts through the progress bar."""
     job.check()
     walk = walk_images(job.inputs, job.recursive)
     report = FolderReport(images=len(walk.paths), not_images=walk.not_images, subfolders=walk.subfolders,
@@ -91,6 +94,8 @@ def run_folder_job(job: FolderJob, interrogate: Callable[[list[str]], list[Inter
     if job.resume and job.out:
         old_rows = {row["image"] for row in read_rows(job.out)}
         keep = read_rows(job.out)  # streamed into the new file, not held
+    if prepare is not None and todo:
+        prepare()
     started = time.perf_counter()
     rows = open_rows(job.out, keep) if job.out else contextlib.nullcontext()
     with rows as writer, progress_bar(enabled=job.progress, total=len(todo), unit="img", desc="interrogate") as bar:

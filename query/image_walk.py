@@ -10,11 +10,13 @@ from typing import Iterator, Sequence
 from img2prompt.encoders.images import IMAGE_SUFFIXES
 from img2prompt.errors import UserError
 
+CAPTION_SUFFIX = ".txt"
+
 
 @dataclass
 class ImageWalk:
     paths: list[str]  # the images, files as given first-come, each folder's images sorted
-    not_images: int = 0  # files in walked folders without an image suffix (left out, counted)
+    not_images: int = 0  # files in walked folders without an image suffix, .txt captions aside (counted)
     subfolders: int = 0  # folders not entered (no --recursive)
     given_dirs: list[str] = field(default_factory=list)
 
@@ -29,7 +31,7 @@ def _folder_images(folder: Path, recursive: bool, walk: ImageWalk) -> Iterator[s
                 walk.subfolders += 1
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             yield str(path)
-        else:
+        elif path.suffix.lower() != CAPTION_SUFFIX:  # captions beside the images (--txt writes them) are expected
             walk.not_images += 1
 
 

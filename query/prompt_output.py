@@ -11,6 +11,7 @@ from typing import IO, Iterator
 
 from img2prompt.atomic import atomic_path, write_atomic
 from img2prompt.errors import UserError
+from img2prompt.query.image_walk import CAPTION_SUFFIX
 from img2prompt.query.interrogate import Interrogation
 
 COLUMNS = ("image", "prompt", "best_neighbour", "best_neighbour_id", "score")
@@ -84,7 +85,7 @@ def open_rows(out: str | Path, keep: list[dict] | None = None) -> Iterator[RowWr
 
 
 def txt_path(image: str | Path) -> Path:
-    return Path(image).with_suffix(".txt")
+    return Path(image).with_suffix(CAPTION_SUFFIX)
 
 
 def write_txt(image: str | Path, prompt: str, overwrite: bool = False) -> bool:

@@ -26,6 +26,7 @@ def photos(tmp_path, sample_images) -> Path:
     Image.open(images[1]).convert("RGB").save(root / "b.jpg")
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     (root / "notes.md").write_text("not an image")
+    (root / "old.txt").write_text("a caption: expected beside images, not counted as left out")
     shutil.copy(images[2], root / "sub" / "c.png")
     shutil.copy(images[3], root / "sub" / "d.png")
     shutil.copy(images[0], root / "sub" / "deeper" / "e.png")
