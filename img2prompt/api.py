@@ -97,7 +97,7 @@ def check_query(command: str, index: str | Path, settings: RetrievalSettings, **
 
     opened = preflight.check_settings(index, settings)
     if command == "search":
-        preflight.check_search_images(paths.get("images") or ())
+        preflight.check_search_images(paths.get("images") or (), paths.get("recursive", False))
     elif command == "submit":
         preflight.check_submit_paths(opened.root, paths["images"], paths["out"], paths.get("explain"),
                                      paths.get("save_npy"), paths.get("sample_submission"))
@@ -137,6 +137,14 @@ def format_search(results: list[SearchResult], as_json: bool = False) -> str:
     return format_json(results) + "\n" if as_json else format_table(results)
 
 
+def interrogation_echo(handle, as_json: bool = False):
+    """`img2prompt interrogate`'s printing of each result as it comes (`interrogate_folder(echo=...)`):
+    `IMAGE: prompt` lines or one JSON array; call its close() at the end."""
+    from img2prompt.query.prompt_output import Echo
+
+    return Echo(handle, as_json)
+
+
 def format_eval_report(report: dict) -> str:
     """`img2prompt eval`'s text report of `Img2PromptIndex.evaluate`'s dict."""
     from img2prompt.query.evaluate import format_report
@@ -152,4 +160,4 @@ def npy_ids_path(npy: str | Path) -> Path:
 
 
 __all__ = ["add", "build", "merge", "build_choices", "check_environment", "check_query", "environment_problem", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError", "WEIGHTINGS",
-           "format_search", "format_eval_report", "npy_ids_path"]
+           "format_search", "format_eval_report", "interrogation_echo", "npy_ids_path"]

@@ -31,11 +31,15 @@ EPILOG_SUBMIT = """examples:
 """
 EPILOG_SEARCH = """examples:
   img2prompt search out/index --image a.png --image b.jpg --k 5
+  img2prompt search out/index --image photos/ --recursive --json     # every image under photos/
   img2prompt search out/index --text "a castle on a hill, matte painting" --json
 """
 EPILOG_INTERROGATE = """examples:
   img2prompt interrogate out/index a.png b.png
   img2prompt interrogate out/index a.png --modifiers 6 --json
+  img2prompt interrogate out/index photos/ --recursive --out prompts.csv     # a folder, one row an image
+  img2prompt interrogate out/index photos/ --txt                             # photos/x.png → photos/x.txt
+  img2prompt interrogate out/index photos/ --out prompts.jsonl --resume      # after a kill: only the rest
 """
 EPILOG_EVAL = """examples:
   img2prompt eval out/index --labels prompts.csv --images images/ --sweep --plot sweep.png --out report.json
@@ -185,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", action="append", metavar="PATH", help="query image (repeatable)")
     query.add_argument("--text", action="append", metavar="TEXT", help="query text (repeatable)")
+    search.add_argument("--recursive", action="store_true", help="an --image folder: its subfolders' images too")
     search.add_argument("--k", type=int, default=10, help="results per query (default 10)")
     search.add_argument("--json", action="store_true",
                         help="JSON: [{query, results: [{rank, score, prompt, id, key}]}] (key: text or image)")
@@ -198,10 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="The best neighbour's prompt plus the corpus's modifier phrases (styles, artists, render "
                     "engines mined at build time) that CLIP ranks highest for the image.")
     interrogate.add_argument("index", metavar="INDEX_DIR", help="an index folder written by `img2prompt build`")
-    interrogate.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    interrogate.add_argument("images", nargs="+", metavar="IMAGE",
+                             help="image files and folders (a folder: its .png/.jpg/.jpeg/.webp files)")
+    interrogate.add_argument("--recursive", "-r", action="store_true", help="walk the folders' subfolders too")
     interrogate.add_argument("--modifiers", type=int, default=4, help="modifier phrases added (default 4)")
     interrogate.add_argument("--json", action="store_true",
                              help="JSON: [{query, prompt, base, base_id, base_score, modifiers: [{phrase, score}]}]")
+    group = interrogate.add_argument_group("outputs for a folder")
+    group.add_argument("--out", metavar="FILE", help="write image, prompt, best_neighbour, best_neighbour_id, score "
+                                                     "to a .csv or .jsonl (the format from the suffix; atomically)")
+    group.add_argument("--txt", action="store_true",
+                       help="write each prompt to IMAGE.txt beside its image (an existing .txt is kept and counted)")
+    group.add_argument("--overwrite-txt", action="store_true", help="with --txt: replace existing .txt files")
+    group.add_argument("--resume", action="store_true",
+                       help="skip images already in --out (and, with --txt, those with a .txt); keep their rows")
+    interrogate.add_argument("--batch-size", type=int, help="images per batch (default: 256 on GPU, 64 on CPU)")
     add_model_flags(interrogate, for_build=False)
 
     evaluate = commands.add_parser("eval", parents=[common], help="score k/temperature/alpha and baselines on a labelled set",
@@ -370,28 +386,50 @@ def cmd_search(args) -> None:
     from img2prompt.api import RetrievalSettings, check_query, format_search
 
     settings = RetrievalSettings(k=args.k, model_weights=args.model_weights, min_score=args.min_score)
-    check_query("search", args.index, settings, images=args.image or [])
+    check_query("search", args.index, settings, images=args.image or [], recursive=args.recursive)
     with _open(args) as index:
         results = index.search(args.image or [], args.text or [], args.k, model_weights=args.model_weights,
-                               min_score=args.min_score)
+                               min_score=args.min_score, recursive=args.recursive)
     sys.stdout.write(format_search(results, as_json=args.json))
 
 
 def cmd_interrogate(args) -> None:
-    from pathlib import Path
+    from img2prompt.api import interrogation_echo
 
-    for image in args.images:
-        if not Path(image).is_file():
-            raise UserError(f"image not found: {image}")
-    if args.modifiers < 0:
-        raise UserError(f"--modifiers must be 0 or more (got {args.modifiers})")
+    # Without a file output the results print as they come; with one, stdout only gets the summary.
+    echo = None if args.out or args.txt else interrogation_echo(sys.stdout, as_json=args.json)
     with _open(args) as index:
-        results = index.interrogate(args.images, args.modifiers)
-    if args.json:
-        print(json.dumps([result.to_dict() for result in results], ensure_ascii=False, indent=2))
+        report = index.interrogate_folder(args.images, recursive=args.recursive, out=args.out, txt=args.txt,
+                                          overwrite_txt=args.overwrite_txt, resume=args.resume,
+                                          modifiers=args.modifiers, batch_size=args.batch_size,
+                                          progress=not args.quiet, echo=echo)
+    if echo is not None:
+        echo.close()
+        _print_skipped(report, sys.stderr, each=False)  # each failure is already in the printed results
         return
-    for result in results:
-        print(f"{result.query}: " + (f"error: {result.error}" if result.error else result.prompt))
+    if args.json:
+        print(json.dumps({**report.__dict__, "images_per_s": report.images_per_s}, indent=2, ensure_ascii=False))
+        return
+    print(f"interrogated {report.interrogated} of {report.images} images"
+          + (f" ({report.resumed} done before, skipped)" if report.resumed else "")
+          + (f"; {report.images_per_s} images/s" if report.images_per_s else ""))
+    if args.out:
+        print(f"  wrote {args.out}: {report.rows} rows")
+    if args.txt:
+        print(f"  .txt written {report.txt_written}, existing kept {report.txt_kept}"
+              + ("" if not report.txt_kept else " (--overwrite-txt replaces them)"))
+    _print_skipped(report, sys.stdout)
+
+
+def _print_skipped(report, handle, each: bool = True) -> None:
+    for image, reason in report.failed.items() if each else ():
+        print(f"  failed {image}: {reason}", file=handle)
+    if report.failed:
+        print(f"  {len(report.failed)} image(s) failed; the others went on", file=handle)
+    left = ([f"{report.not_images} non-image file(s)"] if report.not_images else []) + (
+        [f"{report.subfolders} subfolder(s) (--recursive enters them)"] if report.subfolders else [])
+    if left:
+        print("  left out: " + ", ".join(left), file=handle)
 
 
 def cmd_eval(args) -> None:

@@ -46,6 +46,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from img2prompt.errors import UserError, short_reason
+from img2prompt.index.manifest import built_with_stand_in
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS
 from img2prompt.serve_limits import ServeLimits
 from img2prompt.serve_openapi import install_openapi
@@ -507,6 +508,8 @@ async def health(request: Request) -> dict:
             "search": (index.manifest.get("search") or {}).get("kind"),
             "models": {name: {"name": record.get("name"), "sha256": record.get("sha256"), "dim": record.get("dim")}
                        for name, record in models.items()},
+            # a random-weights CLIP (img2prompt.stand_in), as the manifest records it: the page warns
+            "stand_in": built_with_stand_in(index.manifest),
             "k": {"default": min(DEFAULT_SEARCH_K, state.max_k), "max": state.max_k},
             "max_upload": limits.max_upload, "max_json": limits.max_json, "max_batch": limits.max_batch,
             "queue": {"pending": state.worker.pending, "max": limits.queue_size, **state.worker.stats}}

@@ -30,14 +30,18 @@ def write_clip_folder(folder: str | Path, config: dict, preprocess_cfg: dict, se
     import open_clip
     import torch
 
+    # marked in its config (open_clip ignores the key): an index built with it records models.clip.stand_in
+    from img2prompt.encoders.models import STAND_IN_KEY
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model_cfg = {key: value for key, value in config.items() if key != "custom_text"}
     # as open_clip's create_model: `custom_text` picks the tower layout, the rest are the model's arguments
     model = (open_clip.model.CustomTextCLIP if config.get("custom_text") else open_clip.model.CLIP)(**model_cfg)
+    marker = {"random_weights": True, "seed": seed}
     (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": config, "preprocess_cfg": preprocess_cfg}, indent=2))
+        json.dumps({"model_cfg": config, "preprocess_cfg": preprocess_cfg, STAND_IN_KEY: marker}, indent=2))
     torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
     return folder
 

@@ -317,3 +317,13 @@ def validate_complete(path: Path, manifest: dict) -> None:
     _check_grown_sections(problems, manifest, files)
     if problems:
         raise UserError(f"{path}: manifest is damaged (missing or invalid: {', '.join(problems)}): rebuild the index")
+
+
+def built_with_stand_in(manifest: dict) -> bool:
+    """Whether the index's CLIP (or any member of its ensemble) was a random-weights stand-in
+    (img2prompt.stand_in marks its config; the build records "stand_in": true in models.clip)."""
+    clip = (manifest.get("models") or {}).get("clip") or {}
+    if not isinstance(clip, dict):
+        return False
+    members = clip.get("members") if isinstance(clip.get("members"), list) else []
+    return clip.get("stand_in") is True or any(isinstance(m, dict) and m.get("stand_in") is True for m in members)

@@ -16,6 +16,7 @@ from img2prompt.errors import UserError
 from img2prompt.encoders.image_embed import ImageEmbeddings, embed_images, image_label
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, Interrogation, compose_all
 from img2prompt.query.evaluate import eval_options, run_eval
+from img2prompt.query.folder_job import FolderJob, FolderReport, run_folder_job
 from img2prompt.query.lookup import run_search
 from img2prompt.query.predict import blended_scores, predict_rows, retrieve
 from img2prompt.query.search import Neighbours
@@ -106,9 +107,11 @@ class Img2PromptIndex:
                              found.failed, settings, found.query_vectors)
 
     def search(self, images: Sequence[str] = (), texts: Sequence[str] = (), k: int = 10, *,
-               model_weights: str | Sequence[float] | None = None, min_score: float | None = None) -> list[SearchResult]:
-        """Image results first, then text results (`img2prompt search`); image paths are checked first."""
-        return run_search(self, images, texts, k, model_weights, min_score)
+               model_weights: str | Sequence[float] | None = None, min_score: float | None = None,
+               recursive: bool = False) -> list[SearchResult]:
+        """Image results first, then text results (`img2prompt search`); image paths are checked first; a
+        folder stands for its images (subfolders too with `recursive`)."""
+        return run_search(self, images, texts, k, model_weights, min_score, recursive)
 
     def evaluate(self, labels: str | Path, settings: RetrievalSettings | None = None, **options) -> dict:
         """`img2prompt eval`'s report on a labelled set (imgId,prompt); options: images, sweep, plot, out,
@@ -121,15 +124,36 @@ class Img2PromptIndex:
                     embedded: ImageEmbeddings | None = None) -> list[Interrogation]:
         """A readable prompt per image: the best neighbour's prompt plus the corpus's modifier phrases that
         CLIP ranks highest for the image (not already in that prompt); `embedded` as for predict."""
+        self.check_vocabulary()
         vocabulary = self.session.index.phrases
-        if vocabulary is None:
-            raise UserError(f"{self.session.index.root} has no phrase vocabulary (built before it existed): "
-                            "rebuild it with this img2prompt to interrogate")
         if embedded is None:
             embedded = embed_images(self.session.clip, list(images), batch_size, workers)
         results = self._neighbours_for(embedded, len(images), 1)
         return compose_all([image_label(image, i) for i, image in enumerate(images)], embedded, results,
                            self.prompts(results.ids[:, 0]), vocabulary, modifiers)
+
+    def interrogate_folder(self, inputs: str | Path | Sequence[str | Path], *, recursive: bool = False,
+                           out: str | Path | None = None, txt: bool = False, overwrite_txt: bool = False,
+                           resume: bool = False, modifiers: int = DEFAULT_MODIFIERS, batch_size: int | None = None,
+                           workers: int | None = 0, progress: bool = False, echo=None) -> FolderReport:
+        """`interrogate` over image files and folders alike (recursive: subfolders too), streamed in bounded
+        chunks. out: a .csv or .jsonl of image, prompt, best_neighbour, best_neighbour_id, score (written
+        atomically; with resume, the old rows plus the new); txt: the prompt in IMAGE.txt beside each image (an
+        existing one kept unless overwrite_txt); resume: skip the images already done; echo: called with each
+        Interrogation as it comes. Returns a FolderReport (counts, failed images with their reason)."""
+        inputs = [str(inputs)] if isinstance(inputs, (str, Path)) else [str(path) for path in inputs]
+        job = FolderJob(inputs, recursive=recursive, out=None if out is None else str(out), txt=txt,
+                        overwrite_txt=overwrite_txt, resume=resume, modifiers=modifiers, progress=progress)
+        job.check()
+        self.check_vocabulary()
+        return run_folder_job(job, lambda paths: self.interrogate(paths, modifiers, batch_size=batch_size,
+                                                                   workers=workers), echo,
+                              prepare=lambda: (self.session.clip, self.session.retriever))
+
+    def check_vocabulary(self) -> None:
+        if self.session.index.phrases is None:
+            raise UserError(f"{self.session.index.root} has no phrase vocabulary (built before it existed): "
+                            "rebuild it with this img2prompt to interrogate")
 
     def search_texts(self, texts: Sequence[str], k: int = 10, *, model_weights: str | Sequence[float] | None = None,
                      min_score: float | None = None, vectors: np.ndarray | None = None) -> list[SearchResult]:

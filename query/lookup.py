@@ -10,13 +10,15 @@ from img2prompt.errors import UserError
 
 
 def run_search(index, images: Sequence[str] = (), texts: Sequence[str] = (), k: int = 10,
-               model_weights: str | Sequence[float] | None = None, min_score: float | None = None) -> list[SearchResult]:
-    """Image results first, then text results, each in the order given; `index` is an Img2PromptIndex.
-    Everything is checked (settings, image paths) before a model loads."""
+               model_weights: str | Sequence[float] | None = None, min_score: float | None = None,
+               recursive: bool = False) -> list[SearchResult]:
+    """Image results first, then text results, each in the order given; `index` is an Img2PromptIndex. Image
+    folders stand for their images (subfolders too with `recursive`). Everything is checked (settings, image
+    paths) before a model loads."""
     if not images and not texts:
         raise UserError("give --image PATH (repeatable) or --text TEXT")
     index.settings(k=k, model_weights=model_weights, min_score=min_score)
-    check_search_images(images)
+    images = check_search_images(images, recursive)
     options = {"model_weights": model_weights, "min_score": min_score}
     results = index.search_images(list(images), k, **options) if images else []
     return results + (index.search_texts(list(texts), k, **options) if texts else [])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from img2prompt.errors import UserError
+from img2prompt.query.image_walk import walk_images
 from img2prompt.storage import is_url
 from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.output_paths import Output, check_outputs
@@ -60,10 +61,9 @@ def check_eval_paths(index_root: str | Path | None, labels: str, images: str | N
         raise UserError(f"images folder not found: {images}")
 
 
-def check_search_images(images: Sequence[str]) -> None:
-    for image in images:
-        if not Path(image).is_file():
-            raise UserError(f"image not found: {image}")
+def check_search_images(images: Sequence[str], recursive: bool = False) -> list[str]:
+    """The image paths named by files and folders (walked, subfolders with `recursive`); a missing one is refused."""
+    return walk_images(images, recursive).paths if images else []
 
 
 def check_settings(index: PromptIndex | str | Path, settings: RetrievalSettings) -> PromptIndex:

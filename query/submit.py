@@ -64,7 +64,10 @@ def select_image_ids(options: SubmitOptions, listing) -> tuple[list[str], list[s
     """(image ids to predict, row order or None, folder images not in the sample)."""
     if not options.sample_submission:
         if not listing.paths:
-            raise UserError(f"no images (.png/.jpg/.jpeg/.webp) in {options.images}")
+            subfolders = sum(1 for path in Path(options.images).iterdir() if path.is_dir())
+            raise UserError(f"no images (.png/.jpg/.jpeg/.webp) in {options.images}" + (
+                f" (its {subfolders} subfolder(s) are not read: submit takes one flat folder, imgId = file stem)"
+                if subfolders else ""))
         return list(listing.paths), None, 0
     image_ids, order = read_sample_submission(options.sample_submission)
     present = [image_id for image_id in image_ids if image_id in listing.paths]

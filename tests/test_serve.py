@@ -55,6 +55,29 @@ def test_health_says_ready_with_index_and_models(client, index):
     assert health["k"]["max"] == min(index.count, 1000)
 
 
+def test_health_and_manifest_say_the_clip_is_a_stand_in(client, index, tiny_clip_dir, tmp_path):
+    """The tests' CLIP is img2prompt.stand_in's (random weights): the build records it, /health says it, the page
+    has the notice; a folder without the stand-in marker is a real model (no flag, identity as before)."""
+    import json
+    import shutil
+
+    from img2prompt.encoders.models import STAND_IN_KEY, load_clip
+    from img2prompt.index.manifest import built_with_stand_in
+
+    assert index.manifest["models"]["clip"]["stand_in"] is True
+    assert client.get("/health").json()["stand_in"] is True
+    assert 'id="stand-in"' in client.get("/").text
+    real = shutil.copytree(tiny_clip_dir, tmp_path / "real-clip")
+    config = json.loads((real / "open_clip_config.json").read_text())
+    assert config.pop(STAND_IN_KEY)["random_weights"] is True
+    (real / "open_clip_config.json").write_text(json.dumps(config))
+    identity = load_clip(str(real), device="cpu").identity()
+    assert "stand_in" not in identity and identity["sha256"] == index.manifest["models"]["clip"]["sha256"]
+    assert not built_with_stand_in({"models": {"clip": identity}})
+    assert built_with_stand_in({"models": {"clip": {"members": [identity, {"stand_in": True}]}}})
+    assert not built_with_stand_in({"models": {"clip": "garbage"}})
+
+
 def test_page_is_self_contained_and_accessible(client):
     response = client.get("/")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")

@@ -152,3 +152,40 @@ def test_page_upload_matches_search_json(browser, server_url, built_index, sampl
     # phone width: nothing wider than the screen
     browser.set_window_size(390, 844)
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_page_clears_stale_results_shows_time_and_the_stand_in(browser, server_url, sample_image, tmp_path):
+    """Issue 33 item 5: a failed upload after a good one leaves no old results and no broken image; each query
+    shows its time; the tests' index (a stand-in CLIP) carries the notice."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.set_window_size(1100, 820)
+    browser.get(server_url + "/")
+    wait.until(lambda d: "prompts" in d.find_element(By.ID, "info").text)
+    notice = browser.find_element(By.ID, "stand-in")
+    assert notice.is_displayed() and "random weights" in notice.text and "stand-in" in browser.find_element(
+        By.ID, "info").text
+
+    browser.find_element(By.ID, "file").send_keys(str(sample_image.resolve()))
+    wait.until(lambda d: "best first" in d.find_element(By.ID, "status").text)
+    assert _hits(browser)
+    timing = browser.find_element(By.ID, "timing").text
+    assert timing.startswith("Query time: ") and timing.endswith(" ms") and int(timing.split()[2]) >= 0
+    wait.until(lambda d: d.find_element(By.ID, "readable-box").is_displayed())
+
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"this is text, not a PNG")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("class") == "error")
+    assert _hits(browser) == []  # the previous image's results are gone
+    assert browser.find_element(By.ID, "query-label").text == ""
+    assert not browser.find_element(By.ID, "readable-box").is_displayed()
+    wait.until(lambda d: not d.find_element(By.ID, "preview").is_displayed())  # no broken-image icon
+    assert browser.find_element(By.ID, "timing").text.startswith("Failed after ")
+    assert browser.find_element(By.ID, "status").text  # the server's reason is shown
+
+    browser.find_element(By.ID, "text").send_keys("a lighthouse in a storm\n")
+    wait.until(lambda d: "best first" in d.find_element(By.ID, "status").text)
+    assert _hits(browser) and browser.find_element(By.ID, "timing").text.startswith("Query time: ")

