@@ -13,22 +13,12 @@ import numpy as np
 import pytest
 
 from img2prompt.build_index.add import AddOptions, run_add
-from img2prompt.build_index.runner import BuildOptions, run_build
 from img2prompt.cli import main
 from img2prompt.errors import UserError
 from tests.conftest import read_data_prompts
+from tests.test_add_grow import _add, _build
 
 STATS = "regression_stats.npz"
-
-
-def _build(corpus, out, clip_dir, **extra):
-    return run_build(BuildOptions(corpus=[str(path) for path in corpus], out=str(out), clip_model=str(clip_dir),
-                                  shard_size=30, batch_size=30, device="cpu", progress=False, **extra))
-
-
-def _add(index, corpus, **extra):
-    return run_add(AddOptions(index=str(index), corpus=[str(path) for path in corpus],
-                              **{"shard_size": 30, "batch_size": 30, "device": "cpu", "progress": False, **extra}))
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,7 @@ from img2prompt.index import flat, topk
 from img2prompt.index.chunks import file_span, float32_chunks
 from img2prompt.index.flat import FlatBackend, exact_search
 from img2prompt.index.segments import ConcatRows
-
-
-class CountingRows:
-    """A read-only float16 source that counts every row handed out."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.rows_read = array, 0
-
-    shape = property(lambda self: self.array.shape)
-    dtype = property(lambda self: self.array.dtype)
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, key):
-        part = self.array[key]
-        self.rows_read += len(part)
-        return part
+from row_sources import CountingRows
 
 
 def integer_rows(count: int, dim: int, seed: int, dtype=np.float16) -> np.ndarray:

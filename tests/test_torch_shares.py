@@ -9,27 +9,7 @@ import pytest
 from img2prompt.index import torch_exact
 from img2prompt.index.flat import exact_search
 from img2prompt.index.torch_exact import TorchExactBackend
-
-
-class CountingRows:
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.rows_read = array, 0
-
-    shape = property(lambda self: self.array.shape)
-    dtype = property(lambda self: self.array.dtype)
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getitem__(self, key):
-        part = self.array[key]
-        self.rows_read += len(part)
-        return part
-
-
-def unit_rows(count: int, dim: int, seed: int) -> np.ndarray:
-    rows = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+from row_sources import CountingRows, unit_rows
 
 
 @pytest.fixture(scope="module")
