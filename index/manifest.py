@@ -284,6 +284,11 @@ def _check_grown_sections(problems: _Problems, manifest: dict, files: dict) -> N
         problems.need(_is_optional(manifest.get(name), str), name, manifest.get(name))
 
 
+def _check_phrase_count(problems: "_Problems", phrases: Any) -> None:
+    problems.need(isinstance(phrases, dict) and _is_int(phrases.get("count")) and phrases["count"] >= 0,
+                  "phrases.count", phrases.get("count") if isinstance(phrases, dict) else phrases)
+
+
 def validate_complete(path: Path, manifest: dict) -> None:
     """Every field a reader relies on, with the right type and range: one UserError naming them."""
     problems = _Problems()
@@ -309,9 +314,7 @@ def validate_complete(path: Path, manifest: dict) -> None:
     if REGRESSION in files:
         _check_regression(problems, manifest.get("regression"))
     if PHRASES in files:
-        phrases = manifest.get("phrases")
-        problems.need(isinstance(phrases, dict) and _is_int(phrases.get("count")) and phrases["count"] >= 0,
-                      "phrases.count", phrases.get("count") if isinstance(phrases, dict) else phrases)
+        _check_phrase_count(problems, manifest.get("phrases"))
     if "key_pca" in manifest:
         _check_key_pca(problems, manifest["key_pca"], models, files)
     _check_grown_sections(problems, manifest, files)

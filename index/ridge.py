@@ -186,18 +186,26 @@ def _state_shapes(key_dim: int, target_dim: int) -> dict[str, tuple | None]:
     return shapes
 
 
+def _array_problem(arrays: dict[str, np.ndarray], name: str, shape: tuple | None) -> str | None:
+    """What is wrong with one saved array (present, integer or float as written, its shape, finite), or None."""
+    if name not in arrays:
+        return f"no {name!r} array"
+    array, integer = arrays[name], name in ("stride", "max_heldout", "dims") or name.endswith(("_n", "_ids"))
+    if array.dtype.kind not in ("iu" if integer else "f"):
+        return f"{name!r} holds {array.dtype}, expected {'integers' if integer else 'floats'}"
+    if (array.ndim != 1) if shape is None else (array.shape != shape):
+        return f"{name!r} has shape {array.shape}, expected " + ("one dimension" if shape is None else str(shape))
+    if not integer and not np.isfinite(array).all():
+        return f"{name!r} holds NaN or infinite sums"
+    return None
+
+
 def _state_problem(arrays: dict[str, np.ndarray], rows: int, key_dim: int, target_dim: int) -> str | None:
     """What is wrong with the saved statistics of an index of `rows` rows and these dims, or None."""
     for name, shape in _state_shapes(key_dim, target_dim).items():
-        if name not in arrays:
-            return f"no {name!r} array"
-        array, integer = arrays[name], name in ("stride", "max_heldout", "dims") or name.endswith(("_n", "_ids"))
-        if array.dtype.kind not in ("iu" if integer else "f"):
-            return f"{name!r} holds {array.dtype}, expected {'integers' if integer else 'floats'}"
-        if (array.ndim != 1) if shape is None else (array.shape != shape):
-            return f"{name!r} has shape {array.shape}, expected " + ("one dimension" if shape is None else str(shape))
-        if not integer and not np.isfinite(array).all():
-            return f"{name!r} holds NaN or infinite sums"
+        problem = _array_problem(arrays, name, shape)
+        if problem:
+            return problem
     if tuple(int(d) for d in arrays["dims"]) != (key_dim, target_dim):
         return f"dims {arrays['dims'].tolist()}, the index's keys and MiniLM rows are ({key_dim}, {target_dim})"
     if int(arrays["stride"]) < 1 or int(arrays["max_heldout"]) < 0:
