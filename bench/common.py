@@ -118,3 +118,23 @@ def random_clip(arch: str = "ViT-B-32", device: str = "cpu"):
     return ClipModel(model=model, preprocess=preprocess, tokenizer=tokenizer, name=arch, pretrained=None,
                      sha256="random", dim=_clip_embed_dim(model), context_length=model.context_length,
                      device=torch.device(device))
+
+
+def anon_peak_sampler(interval: float = 0.05):
+    """(stop event, [peak bytes]): a thread sampling this process's anonymous RSS (heap, not the page cache of
+    mapped files) every `interval` seconds until the event is set."""
+    import threading
+    import time
+
+    stop, peak = threading.Event(), [0]
+
+    def sample() -> None:
+        while not stop.is_set():
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+            time.sleep(interval)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return stop, peak

@@ -17,11 +17,12 @@ import json
 import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from common import anon_peak_sampler
 
 DIM = 384
 THRESHOLD = 0.95
@@ -52,20 +53,6 @@ def write_rows(path: Path, count: int, seed: int = 0, block: int = 262_144) -> N
         rows[planted] = copies / np.linalg.norm(copies, axis=1, keepdims=True)
         out[low:low + n] = rows.astype(np.float16)
     out.flush()
-
-
-def anon_peak_sampler() -> tuple[threading.Event, list[int]]:
-    stop, peak = threading.Event(), [0]
-
-    def sample() -> None:
-        while not stop.is_set():
-            for line in open("/proc/self/status"):
-                if line.startswith("RssAnon:"):
-                    peak[0] = max(peak[0], int(line.split()[1]) * 1024)
-            time.sleep(0.05)
-
-    threading.Thread(target=sample, daemon=True).start()
-    return stop, peak
 
 
 def child(path: Path, count: int, work: Path) -> None:

@@ -21,11 +21,12 @@ import resource
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from common import anon_peak_sampler
 
 COMMANDS = ("search", "explain", "interrogate", "add-dedup", "build-dedup")
 WORDS = "red car castle portrait forest city night neon oil painting detailed river dragon robot ship".split()
@@ -100,20 +101,6 @@ def corpus_file(work: Path, count: int) -> Path:
     return path
 
 
-def anon_sampler():
-    stop, peak = threading.Event(), [0]
-
-    def sample() -> None:
-        while not stop.is_set():
-            for line in open("/proc/self/status"):
-                if line.startswith("RssAnon:"):
-                    peak[0] = max(peak[0], int(line.split()[1]) * 1024)
-            time.sleep(0.02)
-
-    threading.Thread(target=sample, daemon=True).start()
-    return stop, peak
-
-
 def run_command(command: str, folder: Path, work: Path, count: int) -> dict:
     """One command in this process: returns its first-answer seconds (open + first result)."""
     from img2prompt.api import open_index
@@ -154,7 +141,7 @@ def child(command: str, folder: Path, work: Path, count: int) -> None:
     fix_mmap_threshold()  # as the CLI does for every command
     import torch
     torch.set_num_threads(2)
-    stop, anon = anon_sampler()
+    stop, anon = anon_peak_sampler(0.02)
     result = run_command(command, folder, work, count)
     stop.set()
     result.update(anon_peak=anon[0], peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
