@@ -32,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # torch.cuda.is_available() without a CUDA context
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import synchronize, synthetic_prompts  # noqa: E402
+from common import real_prompts, synchronize, synthetic_prompts  # noqa: E402
 
 MINILM_CONFIG = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
                  "intermediate_size": 1536, "max_position_embeddings": 512, "hidden_act": "gelu",
@@ -167,10 +167,11 @@ def prepare_part(part: Part) -> None:
     prompts = synthetic_prompts(part["prompts"], part["corpora"])
     with open(part.corpus, "w", encoding="utf-8") as handle:
         handle.writelines(prompt + "\n" for prompt in prompts)
-    real = sum(1 for prompt in prompts if ", variation " not in prompt)
-    part.emit("corpus written", len(prompts), "prompts",
-              f"{real:,} real prompts (../shared/corpora's sd-prompts + openprompts), repeated with a "
-              f"', variation N' suffix to reach {len(prompts):,}; {time.perf_counter() - started:.1f} s")
+    real = min(len(prompts), len(real_prompts(folder=part["corpora"])))
+    source = "real prompts from ../shared/corpora (sd-prompts-dedup-43k + openprompts-dedup-21k)"
+    how = (f"{real:,} {source}, repeated with a ', variation N' suffix (distinct strings) to reach "
+           f"{len(prompts):,}" if real < len(prompts) else f"the first {real:,} {source}, no repetition")
+    part.emit("corpus written", len(prompts), "prompts", f"{how}; {time.perf_counter() - started:.1f} s")
 
 
 # ------------------------------------------------------------------------------------------ (a) tower
@@ -271,11 +272,13 @@ def build_part(part: Part) -> None:
     part.emit(f"build end to end ({part['arch']} + MiniLM-shaped)", count / wall, "prompts/s",
               f"`img2prompt build` wall {wall:.1f} s incl. start-up and model load, {count:,} prompts, batch "
               f"{part['batch_size']}, --index flat, {part.device}; phases s: {phases}")
-    encode = timings.get("encode_clip", 0) + timings.get("encode_minilm", 0)
     rate = summary.get("rates", {}).get("prompts_per_s")
-    part.emit("build encode phase (as the build reports it)", float(rate) if rate else "-", "prompts/s",
-              f"the manifest's rates.prompts_per_s (tokenizing workers + CLIP text tower + MiniLM); "
-              f"encode_clip + encode_minilm {encode:.1f} s")
+    part.emit("build encode rate (as the build reports it)", float(rate) if rate else "-", "prompts/s",
+              "the manifest's rates.prompts_per_s: tokenizing workers + CLIP text tower + MiniLM, no model load")
+    for phase, what in (("encode_clip", "CLIP text (r_clip)"), ("encode_minilm", "MiniLM, fp32 (r_minilm)")):
+        if timings.get(phase):
+            part.emit(f"build {what} phase", count / timings[phase], "prompts/s",
+                      f"{count:,} prompts / the build timer's {phase} {timings[phase]:.1f} s")
 
 
 # ------------------------------------------------------------------------------------------ (b) image
@@ -436,8 +439,9 @@ def search_part(part: Part) -> None:
     vectors, queries, made = search_data(part)
     part.emit("search data made", made, "s", f"{len(vectors):,}×{vectors.shape[1]} fp16 clustered unit vectors "
                                              f"(torch on {part.device.split(',')[0]}), held-out queries")
+    streamed = "pinned host buffers" if part.device.startswith("cuda") else "float32 read-ahead buffers"
     reference = torch_cases(part, vectors, queries, [("resident", part.device, None),
-                                                     ("streamed (pinned buffers, 0 resident)", part.device, 0)])
+                                                     (f"streamed ({streamed}, 0 resident)", part.device, 0)])
     if reference is not None:
         np.save(part.work / "search_ids.npy", reference)
     count = part["faiss_queries"]
