@@ -227,6 +227,8 @@ def report(args, config: dict, rows: list[dict], timings: list[str], total: floa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.smoke and (args.device or "cuda").startswith("cuda") and not gpu_names():
+        sys.exit("gpu_table: nvidia-smi lists no GPU here; use --smoke (CPU, tiny models) or --device cpu")
     temp = None if args.workdir else tempfile.mkdtemp(prefix="gpu-table-")
     workdir = Path(args.workdir or temp)
     workdir.mkdir(parents=True, exist_ok=True)
