@@ -10,8 +10,8 @@
       img2prompt-submit.ipynb   the submission notebook; submit.py holds the same code
       README.md, dataset-metadata.json
 
-This module checks the options and runs the build; the parts are kit_wheels (the dependency closure),
-kit_clip (clip folders), kit_files (index, kit.json, README) and kit_folder (which --out may be replaced, the
+This module checks the options and runs the build; the parts are wheels.py (the dependency closure),
+clip.py (clip folders), files.py (index, kit.json, README) and folder.py (which --out may be replaced, the
 swap, leftovers of killed runs). Everything is built in KIT.tmp-<pid> and swapped into place at the end; bad
 arguments are refused before anything is fetched.
 """
@@ -30,11 +30,11 @@ from pathlib import Path
 
 from img2prompt.api import RetrievalSettings, check_query
 from img2prompt.errors import UserError
-from img2prompt.kit_clip import verify_kit_clip, write_clip_folders
-from img2prompt.kit_files import (KIT_FORMAT, KIT_MARKER, MB, KitWheel, copy_index, dataset_metadata, folder_bytes,
+from img2prompt.kit.clip import verify_kit_clip, write_clip_folders
+from img2prompt.kit.files import (KIT_FORMAT, KIT_MARKER, MB, KitWheel, copy_index, dataset_metadata, folder_bytes,
                                   index_file_records, readme_text)
-from img2prompt.kit_folder import check_out_folder, clean_leftovers, swap_into_place, temp_folder
-from img2prompt.kit_wheels import (DEFAULT_PLATFORMS, DEFAULT_PREINSTALLED, PROJECT, Target, build_project_wheel,
+from img2prompt.kit.folder import check_out_folder, clean_leftovers, swap_into_place, temp_folder
+from img2prompt.kit.wheels import (DEFAULT_PLATFORMS, DEFAULT_PREINSTALLED, PROJECT, Target, build_project_wheel,
                                    check_python_version, installed_version, parse_names, pip_download,
                                    read_wheel_metadata, resolve_closure, source_checkout)
 
@@ -174,10 +174,10 @@ def build_kit(options: KitOptions) -> KitReport:
                       "files": index_file_records(tmp / "index", index_manifest)},
             "wheels": [wheel.__dict__ for wheel in wheels],
             "clip_folders": clip_folders,
-            "settings": options.settings.as_dict(),  # what the notebook submits with (kit_template.py)
+            "settings": options.settings.as_dict(),  # what the notebook submits with (template.py)
         }
         (tmp / KIT_MARKER).write_text(json.dumps(kit_info, indent=2) + "\n", encoding="utf-8")
-        from img2prompt.kit_template import write_submit_files
+        from img2prompt.kit.template import write_submit_files
 
         write_submit_files(tmp)
         (tmp / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(out.name), indent=2) + "\n",

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from img2prompt.errors import UserError
-from img2prompt.kit_files import KIT_MARKER
+from img2prompt.kit.files import KIT_MARKER
 
 log = logging.getLogger(__name__)
 
