@@ -14,8 +14,8 @@ BOTTOM = {"img2prompt.errors", "img2prompt.atomic", "img2prompt.progress", "img2
           "img2prompt.output_paths", "img2prompt.storage"}
 # Higher number = higher layer; a module may import only its own layer or lower ones. Two packages on one
 # layer stay apart: the stages (build_index, query), and the server and the kit (front ends the CLI runs).
-LAYERS = [("img2prompt.encoders", 1), ("img2prompt.stand_in", 1), ("img2prompt.index", 2), ("img2prompt.build_index", 3),
-          ("img2prompt.query", 3), ("img2prompt.api", 4), ("img2prompt.serve", 5), ("img2prompt.kit", 5),
+LAYERS = [("img2prompt.encoders", 1), ("img2prompt.stand_in", 1), ("img2prompt.index", 2),
+          ("img2prompt.build_index", 3), ("img2prompt.query", 3), ("img2prompt.api", 4), ("img2prompt.serve", 5), ("img2prompt.kit", 5),
           ("img2prompt.cli", 6), ("img2prompt.__main__", 6)]
 APART = {3, 5}
 FRONT_END = 7  # anything else: a module no layer names

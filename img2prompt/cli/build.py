@@ -35,7 +35,8 @@ def _add_build_parser(commands, common: argparse.ArgumentParser) -> None:
                        help=".txt (a prompt a line), .csv, .tsv or .parquet files; globs allowed (may be left out "
                             "when --pairs is given)")
     build.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder to write")
-    default_from("build", build.add_argument("--column", help="prompt column in csv/tsv/parquet (default: %(default)s)"))
+    default_from("build", build.add_argument("--column",
+                                             help="prompt column in csv/tsv/parquet (default: %(default)s)"))
     add_model_flags(build, for_build=True)
     group = build.add_argument_group("build")
     default_from("build", group.add_argument("--batch-size", type=int, help="encoder batch size (default %(default)s)"))

@@ -45,8 +45,8 @@ class ModelWorker:
     and blended from its own rows only, so every statistic of a prediction (beta's image-key mean from the
     queries, consensus) comes from its own request, as if it had been served alone."""
 
-    def __init__(self, index, queue_size: int = DEFAULT_LIMITS.queue_size, merge_items: int = DEFAULT_LIMITS.merge_items,
-                 merge_wait: float = DEFAULT_LIMITS.merge_wait) -> None:
+    def __init__(self, index, queue_size: int = DEFAULT_LIMITS.queue_size,
+                 merge_items: int = DEFAULT_LIMITS.merge_items, merge_wait: float = DEFAULT_LIMITS.merge_wait) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1 (got {queue_size})")
         self.index = index
