@@ -27,7 +27,7 @@ def main() -> None:
     from fastapi.testclient import TestClient
 
     import img2prompt
-    from img2prompt import serve
+    from img2prompt.serve import app as serve
     from img2prompt.build_index.runner import BuildOptions, run_build
     from img2prompt.stand_in import write_tiny_clip
 

@@ -10,7 +10,7 @@ rate (`index.search_images`, one image per call, same index, same image) measure
 Without --index, an index of the first --prompts prompts of data/prompts.txt is built here with the tiny
 stand-in CLIP (`img2prompt.stand_in`): encoding is then nearly free, so the figures show the server's own
 cost (HTTP, multipart, decoding, queueing); pass an index built with real weights for model-bound figures.
-The server runs in a child process (`img2prompt.serve.serve`, as the command runs it), the clients are
+The server runs in a child process (`img2prompt.serve.runner.serve`, as the command runs it), the clients are
 asyncio + httpx in this one. It asserts nothing.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ def worst_requests(count: int) -> list[tuple[str, dict]]:
 
     from PIL import Image
 
-    from img2prompt.serve_limits import ServeLimits
+    from img2prompt.serve.limits import ServeLimits
 
     limits = ServeLimits()
     k = min(limits.max_k, count)
@@ -260,7 +260,7 @@ def run_server(index_dir: Path, args, merge_items: int | None, *, worst: bool = 
     """Serve `index_dir` in a child process (merge_items: that limit, None: the defaults) and load it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    code = ("import sys; from img2prompt.serve import serve; from img2prompt.serve_limits import ServeLimits; "
+    code = ("import sys; from img2prompt.serve.runner import serve; from img2prompt.serve.limits import ServeLimits; "
             "limits = ServeLimits(merge_items=int(sys.argv[4])) if sys.argv[4] else None; "
             "serve(sys.argv[1], port=int(sys.argv[2]), device=sys.argv[3], limits=limits, log_level='warning')")
     server = subprocess.Popen([sys.executable, "-c", code, str(index_dir), str(port), args.device,

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 from img2prompt.errors import UserError
 from img2prompt.query.results import ImageInput, SearchResult
-from img2prompt.query.settings import WEIGHTINGS, ImageLoading, RetrievalSettings, SettingError
+from img2prompt.query.interrogate import DEFAULT_MODIFIERS
+from img2prompt.query.settings import DEFAULT_SEARCH_K, WEIGHTINGS, ImageLoading, RetrievalSettings, SettingError
 
 
 def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip_pretrained: str | None = None,
@@ -130,6 +131,23 @@ def build_choices() -> dict:
     return {"index": list(INDEX_KINDS), "engines": ENGINES}
 
 
+def option_defaults(command: str) -> dict[str, Any]:
+    """Each option's default for `command` ("build", "add" or "merge"), read from its options dataclass (the one
+    place each is written): what `--help` shows. Imports the build stage (torch): call it only to show them."""
+    import dataclasses
+
+    if command == "build":
+        from img2prompt.build_index.runner import BuildOptions as options
+    elif command == "add":
+        from img2prompt.build_index.add import AddOptions as options
+    elif command == "merge":
+        from img2prompt.build_index.merge import MergeOptions as options
+    else:
+        raise ValueError(f"no options dataclass for {command!r}")
+    return {field.name: field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+            for field in dataclasses.fields(options)}
+
+
 def format_search(results: list[SearchResult], as_json: bool = False) -> str:
     """`img2prompt search` output: a table, or JSON ([{query, results: [{rank, score, prompt, id, key}]}])."""
     from img2prompt.query.lookup import format_json, format_table
@@ -159,5 +177,5 @@ def npy_ids_path(npy: str | Path) -> Path:
     return ids_path(npy)
 
 
-__all__ = ["add", "build", "merge", "build_choices", "check_environment", "check_query", "environment_problem", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError", "WEIGHTINGS",
+__all__ = ["add", "build", "merge", "build_choices", "option_defaults", "DEFAULT_MODIFIERS", "DEFAULT_SEARCH_K", "check_environment", "check_query", "environment_problem", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError", "WEIGHTINGS",
            "format_search", "format_eval_report", "interrogation_echo", "npy_ids_path"]

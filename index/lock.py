@@ -1,4 +1,5 @@
-"""The build's hold on its folder: the lock, the final swap of a rebuild, and what killed runs leave behind.
+"""The build's hold on its folder: the lock, the final swap of a rebuild, and what killed runs leave behind
+(the swap and the scan for dead runs' folders serve the Kaggle kit's folder too: kit/folder.py).
 
 Leftovers of our own that a killed build can leave: the .lock file, temp files of writes it never renamed
 (.NAME.PID.RANDOM.tmp), a staging folder .NAME.rebuild, a retired old index .NAME.old-PID. The next build
@@ -53,28 +54,57 @@ def exchange_paths(first: Path, second: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
 
 
-def swap_into_place(staged: Path, final: Path) -> None:
-    """Replace the complete index at `final` with `staged` in one atomic exchange of the two folders (Linux
-    renameat2); where that is unavailable, two renames. Then the old index is deleted."""
-    retired = staged
-    if not exchange_paths(staged, final):
-        retired = retired_folder(final, os.getpid())
-        os.rename(final, retired)
+def swap_into_place(staged: Path, final: Path, retired: Path | None = None, *, exchange: bool = True) -> None:
+    """Replace the complete folder at `final` with `staged`, then delete the old one: one atomic exchange of the
+    two folders (Linux renameat2) where the system can and `exchange` asks for it; else two renames, `final` to
+    `retired` (default .NAME.old-PID) and `staged` to `final`, the old folder put back when the second fails.
+    A kill between the two renames leaves `retired` beside a missing `final`, for the next run's clean-up
+    (`leftovers_beside`) to restore or remove. The index and the Kaggle kit both swap through here."""
+    if not final.exists():
         os.rename(staged, final)
+        fsync_dir(final.parent)
+        return
+    old = staged
+    if not (exchange and exchange_paths(staged, final)):
+        old = retired or retired_folder(final, os.getpid())
+        os.rename(final, old)
+        try:
+            os.rename(staged, final)
+        except OSError:
+            os.rename(old, final)
+            raise
     fsync_dir(final.parent)
-    shutil.rmtree(retired, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether the run that named a leftover after its pid still runs (never this process: what it left in an
+    earlier call of this process is a leftover too, or a recycled pid's)."""
     if pid == os.getpid():
-        return False  # we hold the lock and write nothing yet: a file with our pid is a recycled pid's
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # someone else's live process
+    except OSError:
+        return False
     return True
+
+
+def leftovers_beside(final: Path, pattern: str) -> list[tuple[Path, re.Match, bool]]:
+    """Folders beside `final` that a run left, each with its name's match and whether that run still runs:
+    names that fully match `pattern` (a regex whose group `pid` is the writing process); symlinks are never
+    ours. The one scan of dead runs' folders for the index (clean_retired) and the kit (kit/folder.py)."""
+    if not final.parent.is_dir():
+        return []
+    found = []
+    for path in final.parent.iterdir():
+        match = re.fullmatch(pattern, path.name)
+        if match is not None and path.is_dir() and not path.is_symlink():
+            found.append((path, match, pid_alive(int(match["pid"]))))
+    return found
 
 
 def is_own_leftover(path: Path) -> bool:
@@ -109,18 +139,14 @@ def clean_temp_files(*folders: Path) -> list[Path]:
 
 def clean_retired(final: Path) -> list[Path]:
     """Old indexes a killed swap left as .NAME.old-PID: deleted when PID is gone; returns those kept."""
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.old-(\d+)$")
     kept = []
-    for path in final.parent.iterdir() if final.parent.is_dir() else ():
-        match = pattern.match(path.name)
-        if match is None or not path.is_dir():
-            continue
+    for path, match, alive in leftovers_beside(final, rf"\.{re.escape(final.name)}\.old-(?P<pid>\d+)"):
         if not (path / MANIFEST).is_file():
             log.warning("%s looks like a retired index but holds no %s; left in place", path, MANIFEST)
             kept.append(path)
-        elif pid_alive(int(match[1])):
+        elif alive:
             kept.append(path)
-            log.warning("%s: the build swapping it out (pid %s) still runs; left in place", path, match[1])
+            log.warning("%s: the build swapping it out (pid %s) still runs; left in place", path, match["pid"])
         else:
             log.info("removing %s, an old index a killed rebuild left behind", path)
             shutil.rmtree(path, ignore_errors=True)

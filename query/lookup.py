@@ -6,10 +6,11 @@ from typing import Sequence
 
 from img2prompt.query.preflight import check_search_images
 from img2prompt.query.results import SearchResult
+from img2prompt.query.settings import DEFAULT_SEARCH_K
 from img2prompt.errors import UserError
 
 
-def run_search(index, images: Sequence[str] = (), texts: Sequence[str] = (), k: int = 10,
+def run_search(index, images: Sequence[str] = (), texts: Sequence[str] = (), k: int = DEFAULT_SEARCH_K,
                model_weights: str | Sequence[float] | None = None, min_score: float | None = None,
                recursive: bool = False) -> list[SearchResult]:
     """Image results first, then text results, each in the order given; `index` is an Img2PromptIndex. Image

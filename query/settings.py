@@ -29,6 +29,8 @@ DEFAULT_WEIGHTING = "softmax"
 # The public CLIP-H kNN notebook's weights: 1 / (d^6 + 1e-4), d = 1 - cosine (used with k = 100-150).
 DEFAULT_POWER = 6.0
 DEFAULT_EPSILON = 1e-4
+# Search (ranked prompts, no blend): results per query, for `img2prompt search`, the server's /search and the API.
+DEFAULT_SEARCH_K = 10
 
 
 class SettingError(UserError):

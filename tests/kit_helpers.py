@@ -20,7 +20,7 @@ def stub_wheels(monkeypatch, *, fail: Exception | None = None) -> None:
     """build_kit's wheels without pip: img2prompt's own wheel is a fake one of the installed version with no
     requirements (so nothing is fetched, and the kit's notebook finds that version already installed);
     `fail`: building the wheel raises it instead (a build that fails after the index and CLIP are written)."""
-    from img2prompt import kaggle_kit
+    from img2prompt.kit import build as kaggle_kit
 
     def own_wheel(dest: Path) -> Path:
         if fail is not None:
@@ -38,7 +38,7 @@ def build_stub_kit(index: Path, out: Path) -> Path:
     """A kit of `index` at `out`, its wheels stubbed (no pip download), outside any test's monkeypatch."""
     import pytest
 
-    from img2prompt.kaggle_kit import KitOptions, build_kit
+    from img2prompt.kit.build import KitOptions, build_kit
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         stub_wheels(monkeypatch)

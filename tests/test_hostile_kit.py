@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from img2prompt import kit_template
-from img2prompt.kit_files import index_file_records
+from img2prompt.kit import template as kit_template
+from img2prompt.kit.files import index_file_records
 from img2prompt.index.layout import CLIP_VECTORS, MANIFEST, MINILM
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from img2prompt import serve as serve_module  # noqa: E402
-from img2prompt.serve_limits import ServeLimits  # noqa: E402
+from img2prompt.serve.limits import ServeLimits  # noqa: E402
 from serve_fixtures import client, create_app, images, index, upload  # noqa: E402,F401
 from test_serve_hardening import address, get_health, read_reply  # noqa: E402
 

@@ -24,10 +24,10 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from conftest import KAGGLE_SAMPLE, needs_shared
-from img2prompt import kaggle_kit, kit_clip, kit_template, kit_wheels
+from img2prompt.kit import build as kaggle_kit, clip as kit_clip, template as kit_template, wheels as kit_wheels
 from img2prompt.errors import UserError
-from img2prompt.kaggle_kit import KitOptions, build_kit, format_kit_report
-from img2prompt.kit_wheels import Target, resolve_closure
+from img2prompt.kit.build import KitOptions, build_kit, format_kit_report
+from img2prompt.kit.wheels import Target, resolve_closure
 from kit_helpers import make_wheel
 
 KAGGLE_SHIPS = ["torch", "torchvision", "numpy", "pandas", "pyarrow", "pillow"]
@@ -232,7 +232,7 @@ def test_clip_config_for_an_architecture_and_tag():
 
 
 def test_cli_arguments():
-    from img2prompt import cli_kit
+    from img2prompt.cli import kit as cli_kit
 
     parser = argparse.ArgumentParser(prog="img2prompt")
     cli_kit.add_parser(parser.add_subparsers(dest="command"))
@@ -259,10 +259,10 @@ def _template_function(source: str, name: str):
 
 def test_prediction_settings_travel_into_the_kit(built_index, tmp_path, monkeypatch):
     from img2prompt.api import RetrievalSettings
-    from img2prompt.cli_common import settings_of
+    from img2prompt.cli.shared import settings_of
     from kit_helpers import stub_wheels
 
-    from img2prompt import cli_kit
+    from img2prompt.cli import kit as cli_kit
 
     parser = argparse.ArgumentParser(prog="img2prompt")
     cli_kit.add_parser(parser.add_subparsers(dest="command"))

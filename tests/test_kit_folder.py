@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from img2prompt import kaggle_kit, kit_folder
+from img2prompt.kit import build as kaggle_kit, folder as kit_folder
 from img2prompt.errors import UserError
-from img2prompt.kaggle_kit import KitOptions, build_kit
+from img2prompt.kit.build import KitOptions, build_kit
 from kit_helpers import stub_wheels
 
 

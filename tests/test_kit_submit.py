@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from img2prompt import kit_template
+from img2prompt.kit import template as kit_template
 from img2prompt.index.layout import CLIP_VECTORS, MANIFEST, MINILM
 from kit_helpers import build_stub_kit
 from conftest import needs_shared

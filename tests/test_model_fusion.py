@@ -134,7 +134,8 @@ def test_eval_sweeps_model_weights_from_one_encoding(fused, tmp_path):
 
 
 def test_kit_carries_one_clip_folder_per_model(fused_index, tmp_path, tiny_clip_dir):
-    from img2prompt.kaggle_kit import copy_index, verify_kit_clip, write_clip_folders
+    from img2prompt.kit.clip import verify_kit_clip, write_clip_folders
+    from img2prompt.kit.files import copy_index
 
     manifest, _ = copy_index(fused_index, tmp_path / "kit" / "index")
     names, _ = write_clip_folders(manifest["models"]["clip"], None, tmp_path / "kit")

@@ -177,7 +177,7 @@ def test_eval_sweeps_the_switches_and_reports_them(opened_pairs, tmp_path):
 
 
 def test_pairs_alone_with_an_approximate_index_in_its_own_folder(tmp_path, tiny_clip_dir, pairs_file):
-    from img2prompt.kaggle_kit import copy_index
+    from img2prompt.kit.files import copy_index
 
     result = img2prompt.build([], tmp_path / "idx", clip_model=str(tiny_clip_dir), pairs=str(pairs_file),
                               index="hnsw", device="cpu", progress=False)  # one table may be a plain string

@@ -168,7 +168,7 @@ def test_no_common_ids_is_an_error(text_model, tmp_path):
 
 @needs_sample
 def test_the_command_prints_the_table_and_json(tmp_path, capsys, monkeypatch):
-    from img2prompt import cli_score
+    from img2prompt.cli import score as cli_score
 
     parser = argparse.ArgumentParser()
     cli_score.add_parser(parser.add_subparsers(dest="command"))

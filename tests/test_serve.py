@@ -334,13 +334,14 @@ def test_a_failing_request_does_not_fail_its_batch(index):
 def test_serve_arguments():
     import argparse
 
-    from img2prompt import cli_serve, serve
+    from img2prompt.cli import serve as cli_serve
+    from img2prompt.serve.limits import DEFAULT_LIMITS
 
     parser = argparse.ArgumentParser(prog="img2prompt")
     cli_serve.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "idx"])
     assert (args.host, args.port, args.device, args.api_key) == ("127.0.0.1", 8000, "auto", None)
-    assert args.max_upload == serve.DEFAULT_MAX_UPLOAD and args.queue_size == serve.DEFAULT_QUEUE_SIZE
+    assert args.max_upload == DEFAULT_LIMITS.max_upload and args.queue_size == DEFAULT_LIMITS.queue_size
     assert parser.parse_args(["serve", "idx", "--max-upload", "5M"]).max_upload == 5 * 2**20
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "idx", "--max-upload", "lots"])
@@ -350,13 +351,13 @@ def test_missing_serve_extra_is_one_line(monkeypatch):
     import argparse
     import sys
 
-    from img2prompt import cli_serve
+    from img2prompt.cli import serve as cli_serve
     from img2prompt.errors import UserError
 
     parser = argparse.ArgumentParser(prog="img2prompt")
     cli_serve.add_parser(parser.add_subparsers(dest="command"))
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "img2prompt.serve")
+    monkeypatch.delitem(sys.modules, "img2prompt.serve.runner", raising=False)  # what `serve` imports first
     with pytest.raises(UserError, match=r"serve needs fastapi.*img2prompt\[serve\]"):
         cli_serve.run(parser.parse_args(["serve", "idx"]))
 

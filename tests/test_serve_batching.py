@@ -11,7 +11,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 
 from img2prompt.errors import UserError  # noqa: E402
 from img2prompt.serve import ModelWorker  # noqa: E402
-from img2prompt.serve_limits import ServeLimits  # noqa: E402
+from img2prompt.serve.limits import ServeLimits  # noqa: E402
 from serve_fixtures import GatedIndex, images, index  # noqa: E402,F401
 
 
@@ -126,7 +126,7 @@ def test_merge_settings_are_checked():
 def test_merge_flags_reach_the_limits():
     import argparse
 
-    from img2prompt import cli_serve
+    from img2prompt.cli import serve as cli_serve
 
     parser = argparse.ArgumentParser(prog="img2prompt")
     cli_serve.add_parser(parser.add_subparsers(dest="command"))

@@ -20,8 +20,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from img2prompt import serve as serve_module  # noqa: E402
+from img2prompt.serve import routes as serve_routes  # noqa: E402
 from serve_fixtures import GatedIndex, client, create_app, images, index, upload  # noqa: E402,F401
-from img2prompt.serve_limits import ServeLimits  # noqa: E402
+from img2prompt.serve.limits import ServeLimits  # noqa: E402
 
 
 def read_reply(connection: socket.socket, deadline_s: float = 10) -> bytes:
@@ -226,7 +227,7 @@ def test_upload_formats_other_than_png_jpeg_webp_are_refused(client):
 
 def test_form_parts_are_bounded_and_parsed_off_the_event_loop(index, images, monkeypatch):
     threads = []
-    original = serve_module.parse_form
+    original = serve_routes.parse_form
 
     def recording(*args, **kwargs):
         try:
@@ -236,7 +237,7 @@ def test_form_parts_are_bounded_and_parsed_off_the_event_loop(index, images, mon
             threads.append("a worker thread")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(serve_module, "parse_form", recording)
+    monkeypatch.setattr(serve_routes, "parse_form", recording)  # where the routes look it up
     with TestClient(create_app(index, limits=ServeLimits(max_fields=8))) as small:
         many = [("image", ("a.png", images[0].read_bytes(), "image/png"))] + [(f"f{i}", (None, "x")) for i in range(8)]
         response = small.post("/search", files=many)
@@ -289,7 +290,7 @@ def test_tokens_of_a_long_text_equal_its_cut_versions():
 def test_an_empty_api_key_is_an_error(index, monkeypatch):
     import argparse
 
-    from img2prompt import cli_serve
+    from img2prompt.cli import serve as cli_serve
     from img2prompt.errors import UserError
 
     with pytest.raises(ValueError, match="empty"):
@@ -374,7 +375,7 @@ def test_favicon_and_predict_with_text(client):
 def test_limit_flags_become_serve_limits():
     import argparse
 
-    from img2prompt import cli_serve
+    from img2prompt.cli import serve as cli_serve
     from img2prompt.errors import UserError
 
     parser = argparse.ArgumentParser(prog="img2prompt")

@@ -67,7 +67,7 @@ def test_merge_overwrite_through_a_symlink(tmp_path, corpora, tiny_clip_dir):
 
 
 def test_kaggle_kit_overwrite_through_a_symlink(tmp_path, built_index, monkeypatch):
-    from img2prompt.kaggle_kit import KitOptions, build_kit
+    from img2prompt.kit.build import KitOptions, build_kit
     from kit_helpers import stub_wheels
 
     stub_wheels(monkeypatch)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from img2prompt import kit_template
+from img2prompt.kit import template as kit_template
 
 NMS_ERROR = "operator torchvision::nms does not exist"
 

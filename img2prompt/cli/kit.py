@@ -1,9 +1,9 @@
-"""`img2prompt kaggle-kit`: arguments only; the work is in img2prompt.kaggle_kit."""
+"""`img2prompt kaggle-kit`: arguments only; the work is in img2prompt/kit/."""
 from __future__ import annotations
 
 import argparse
 
-from img2prompt.cli_common import add_blend_flags, settings_of
+from img2prompt.cli.shared import add_blend_flags, settings_of
 
 # One example folder, out/kit: out/ is git-ignored, so a kit written from a checkout is never picked up by git.
 EPILOG_KIT = """examples:
@@ -24,7 +24,7 @@ def _names(text: str) -> list[str]:
 
 def add_parser(commands) -> argparse.ArgumentParser:
     """Add the `kaggle-kit` subcommand to the `img2prompt` subparsers."""
-    from img2prompt.kit_wheels import DEFAULT_PLATFORMS, DEFAULT_PREINSTALLED
+    from img2prompt.kit.wheels import DEFAULT_PLATFORMS, DEFAULT_PREINSTALLED
 
     kit = commands.add_parser(
         "kaggle-kit", help="write one folder to upload as a Kaggle dataset for an offline submission",
@@ -59,7 +59,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 def run(args) -> None:
     """Build the kit and print its size report."""
-    from img2prompt.kaggle_kit import KitOptions, build_kit, format_kit_report
+    from img2prompt.kit.build import KitOptions, build_kit, format_kit_report
 
     weights = args.clip_weights[0] if args.clip_weights and len(args.clip_weights) == 1 else args.clip_weights
     report = build_kit(KitOptions(index=args.index, out=args.out, clip_weights=weights,

@@ -1,17 +1,15 @@
-"""`img2prompt serve`: arguments only; the work is in img2prompt.serve (imported only when the command runs,
+"""`img2prompt serve`: arguments only; the work is in img2prompt/serve/ (imported only when the command runs,
 so the other commands never import FastAPI)."""
 from __future__ import annotations
 
 import argparse
 import os
 
-from img2prompt.cli_common import add_model_flags, parse_bytes
-from img2prompt.serve_limits import ServeLimits  # a plain dataclass: building the parser never imports FastAPI
+from img2prompt.cli.shared import add_model_flags, format_bytes, parse_bytes
+# plain dataclasses and constants: building the parser never imports FastAPI
+from img2prompt.serve.limits import DEFAULT_HOST, DEFAULT_LIMITS as DEFAULTS, DEFAULT_PORT, ServeLimits
 
 API_KEY_ENV = "IMG2PROMPT_API_KEY"
-DEFAULTS = ServeLimits()
-DEFAULT_MAX_UPLOAD = "20M"  # DEFAULTS.max_upload, as the help shows it (a test keeps them equal)
-DEFAULT_QUEUE_SIZE = DEFAULTS.queue_size
 
 EPILOG_SERVE = f"""examples:
   img2prompt serve out/index                          # page at http://127.0.0.1:8000/, API docs at /docs
@@ -36,9 +34,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
                     "what `img2prompt search --json` prints, POST /predict the 384-d prediction. Needs the "
                     "serve extra: pip install \"img2prompt[serve]\".")
     serve.add_argument("index", metavar="INDEX_DIR", help="an index folder written by `img2prompt build`")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
-    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    serve.add_argument("--host", default=DEFAULT_HOST,
+                       help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"TCP port (default {DEFAULT_PORT}; 0 = any free port)")
     serve.add_argument("--api-key", metavar="KEY",
                        help=f"require this key (header X-API-Key or Authorization: Bearer) on every API request; "
                             f"the page asks for it (default: ${API_KEY_ENV}, else no key; an empty key is an "
@@ -47,18 +46,18 @@ def add_parser(commands) -> argparse.ArgumentParser:
                        help="another name clients reach this server by (Host header; repeat it; '*' = any). "
                             "127.0.0.1, localhost, ::1 and --host are always allowed; with --host 0.0.0.0 this "
                             "machine's own names and addresses too. Cross-origin POSTs are refused")
-    serve.add_argument("--max-upload", type=parse_bytes, default=parse_bytes(DEFAULT_MAX_UPLOAD), metavar="SIZE",
-                       help=f"largest request body, e.g. 50M (default {DEFAULT_MAX_UPLOAD}); larger "
+    serve.add_argument("--max-upload", type=parse_bytes, default=DEFAULTS.max_upload, metavar="SIZE",
+                       help=f"largest request body, e.g. 50M (default {format_bytes(DEFAULTS.max_upload)}); larger "
                             "uploads get 413 as soon as they pass it")
-    serve.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, metavar="N",
-                       help=f"requests that may wait for the model; more get 503 (default {DEFAULT_QUEUE_SIZE})")
+    serve.add_argument("--queue-size", type=int, default=DEFAULTS.queue_size, metavar="N",
+                       help=f"requests that may wait for the model; more get 503 (default {DEFAULTS.queue_size})")
     limits = serve.add_argument_group("limits per request and per client")
     limits.add_argument("--max-batch", type=int, default=DEFAULTS.max_batch, metavar="N",
                         help=f"images or texts in one request; more get 413 (default {DEFAULTS.max_batch})")
     limits.add_argument("--max-k", type=int, default=DEFAULTS.max_k, metavar="K",
                         help=f"results per query; more get 422 (default {DEFAULTS.max_k}, and the index size)")
     limits.add_argument("--max-json", type=parse_bytes, default=DEFAULTS.max_json, metavar="SIZE",
-                        help="largest JSON body (text queries), e.g. 256K (default 1M)")
+                        help=f"largest JSON body (text queries), e.g. 256K (default {format_bytes(DEFAULTS.max_json)})")
     limits.add_argument("--request-timeout", type=float, default=DEFAULTS.request_timeout, metavar="SECONDS",
                         help="time a request may wait for and use the model; then 503 "
                              f"(default {DEFAULTS.request_timeout:g})")
@@ -82,7 +81,7 @@ def run(args) -> None:
     from img2prompt.errors import UserError
 
     try:
-        from img2prompt.serve import serve
+        from img2prompt.serve.runner import serve
     except ImportError as exc:  # fastapi, uvicorn or python-multipart missing: one line, not a traceback
         raise UserError(f"serve needs {exc.name or 'FastAPI'}, which is not installed: install the serve extra: "
                         "pip install 'img2prompt[serve]'") from exc

@@ -1,5 +1,6 @@
 """What one request (and one client) may cost the server: every bound `img2prompt serve` enforces, in one
-validated place. The defaults fit the page and the Kaggle use (a few 512×512 images, k ≤ 100)."""
+validated place (and where it listens by default). A plain dataclass: the CLI builds its parser from it without
+importing FastAPI. The defaults fit the page and the Kaggle use (a few 512×512 images, k ≤ 100)."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,3 +38,9 @@ class ServeLimits:
         if self.max_connections_per_client > self.max_connections:
             raise ValueError("max_connections_per_client must not be over max_connections")
         return self
+
+
+DEFAULT_LIMITS = ServeLimits()
+# Where `img2prompt serve` listens unless told: this machine only, the usual development port.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000

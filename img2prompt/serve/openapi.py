@@ -55,7 +55,7 @@ def describe(schema: dict[str, Any], keyed: bool) -> dict[str, Any]:
             if not keyed:
                 operation.pop("security", None)
             if (path, method) not in ROUTE_ERRORS:
-                raise ValueError(f"{method.upper()} {path}: add its answers to serve_openapi.ROUTE_ERRORS")
+                raise ValueError(f"{method.upper()} {path}: add its answers to serve/openapi.py's ROUTE_ERRORS")
             responses = operation.setdefault("responses", {})
             for status in route_errors(path, method, keyed):
                 answer = {"description": REASONS[status], "content": {"application/json": {"schema": ERROR_REF}}}
@@ -79,3 +79,14 @@ def install_openapi(app: FastAPI, keyed: bool) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def upload_body(fields: dict, json_schema: dict | None = None) -> dict:
+    """OpenAPI for a body read by hand (so that /docs offers the upload form): multipart image(s) + fields."""
+    image = {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "image file(s): "
+             "PNG, JPEG or WebP"}
+    content = {"multipart/form-data": {"schema": {"type": "object", "required": ["image"],
+                                                  "properties": {"image": image, **fields}}}}
+    if json_schema:
+        content["application/json"] = {"schema": json_schema}
+    return {"requestBody": {"required": True, "content": content}}

@@ -1,10 +1,13 @@
-"""Argument helpers that `img2prompt.cli` and the subcommand modules (cli_serve, ...) share, here so that
-neither imports the other (cli imports cli_serve to add its parser)."""
+"""What the command modules of img2prompt/cli/ share: flag groups (models, prediction, images, verbosity), sizes,
+defaults read from the options dataclasses, and the one way a query command opens its index. Here so that no
+command module imports another (the package's __init__ imports them all to build the parser)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
+from typing import Any
 
 
 class _BareLine(logging.Handler):
@@ -23,6 +26,56 @@ def show_models_line() -> None:
         logger.addHandler(_BareLine())
 
 
+class _OptionDefaults:
+    """Help text whose %(default)s a flag marked by `default_from` reads from its command's options dataclass
+    when the help is shown (not when the parser is built: importing the build stage loads torch)."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        command = getattr(action, "default_from", None)
+        if command is not None:
+            from img2prompt.api import option_defaults
+
+            action = copy.copy(action)
+            action.default = option_defaults(command)[action.dest]
+        return super()._expand_help(action)  # type: ignore[misc]
+
+
+class HelpWithDefaults(_OptionDefaults, argparse.HelpFormatter):
+    pass
+
+
+class RawHelpWithDefaults(_OptionDefaults, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def default_from(command: str, action: argparse.Action) -> argparse.Action:
+    """Leave the flag's default to the field of the same name in `command`'s options dataclass ("build": BuildOptions,
+    "add": AddOptions, "merge": MergeOptions), the one place it is written: the flag is absent from the parsed
+    arguments unless given (pass it on with `given`), and --help shows that field's default (the parser's
+    formatter_class must be HelpWithDefaults or RawHelpWithDefaults)."""
+    action.default = argparse.SUPPRESS
+    action.default_from = command  # type: ignore[attr-defined]
+    return action
+
+
+def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The flags among `names` that were given (a `default_from` flag left out is absent), as keyword arguments."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def add_verbosity_flags(parser: argparse.ArgumentParser, default: Any = False) -> argparse.ArgumentParser:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress bars, warnings only")
+    return parser
+
+
+def add_image_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, help="images per batch (default: 256 on GPU, 64 on CPU)")
+    parser.add_argument("--workers", type=int, help="image decoding processes (default: cores − 1 on GPU, "
+                                                    "0 = in-process on CPU)")
+
+
 def parse_bytes(text: str) -> int:
     """A size such as 8G, 512M, 20MiB or 1000 → bytes; argparse's error for anything else."""
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -34,6 +87,14 @@ def parse_bytes(text: str) -> int:
     if size <= 0:
         raise argparse.ArgumentTypeError(f"not a positive size: {text!r} (e.g. 8G, 512M)")
     return size
+
+
+def format_bytes(size: int) -> str:
+    """A byte count as parse_bytes reads it back: 20971520 → "20M" (whole units only, else the bytes)."""
+    for unit, scale in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
 
 
 def add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool, clip_required: bool = True) -> None:
@@ -114,3 +175,20 @@ def settings_of(args):
     return RetrievalSettings(k=args.k, temperature=args.temperature, alpha=args.alpha, consensus=args.consensus,
                              beta=args.beta, model_weights=args.model_weights, min_score=args.min_score,
                              weighting=args.weighting, power=args.power, epsilon=args.epsilon)
+
+
+def open_index_of(args):
+    """The one way every query command opens an index: the public API. The manifest is read and checked now,
+    the models load on first use, so argument errors come before seconds of model loading."""
+    from img2prompt.api import open_index
+
+    return open_index(args.index, device=args.device, precision=args.precision, clip_model=args.clip_model,
+                      clip_pretrained=args.clip_pretrained, text_model=args.text_model, verify=args.verify, lazy=True)
+
+
+def loading_of(args) -> dict:
+    """--batch-size / --workers / -q as the API's image-loading keywords (checked now, before any work)."""
+    from img2prompt.api import ImageLoading
+
+    ImageLoading(args.batch_size, args.workers)  # checked with the other settings, before any work
+    return {"batch_size": args.batch_size, "workers": args.workers, "progress": not args.quiet}

@@ -10,8 +10,8 @@
       img2prompt-submit.ipynb   the submission notebook; submit.py holds the same code
       README.md, dataset-metadata.json
 
-This module checks the options and runs the build; the parts are kit_wheels (the dependency closure),
-kit_clip (clip folders), kit_files (index, kit.json, README) and kit_folder (which --out may be replaced, the
+This module checks the options and runs the build; the parts are wheels.py (the dependency closure),
+clip.py (clip folders), files.py (index, kit.json, README) and folder.py (which --out may be replaced, the
 swap, leftovers of killed runs). Everything is built in KIT.tmp-<pid> and swapped into place at the end; bad
 arguments are refused before anything is fetched.
 """
@@ -30,11 +30,11 @@ from pathlib import Path
 
 from img2prompt.api import RetrievalSettings, check_query
 from img2prompt.errors import UserError
-from img2prompt.kit_clip import verify_kit_clip, write_clip_folders
-from img2prompt.kit_files import (KIT_FORMAT, KIT_MARKER, MB, KitWheel, copy_index, dataset_metadata, folder_bytes,
+from img2prompt.kit.clip import verify_kit_clip, write_clip_folders
+from img2prompt.kit.files import (KIT_FORMAT, KIT_MARKER, MB, KitWheel, copy_index, dataset_metadata, folder_bytes,
                                   index_file_records, readme_text)
-from img2prompt.kit_folder import check_out_folder, clean_leftovers, swap_into_place, temp_folder
-from img2prompt.kit_wheels import (DEFAULT_PLATFORMS, DEFAULT_PREINSTALLED, PROJECT, Target, build_project_wheel,
+from img2prompt.kit.folder import check_out_folder, clean_leftovers, swap_into_place, temp_folder
+from img2prompt.kit.wheels import (DEFAULT_PLATFORMS, DEFAULT_PREINSTALLED, PROJECT, Target, build_project_wheel,
                                    check_python_version, installed_version, parse_names, pip_download,
                                    read_wheel_metadata, resolve_closure, source_checkout)
 
@@ -84,6 +84,27 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _check_options(options: KitOptions) -> tuple[Path, Path, Target, list[str], list[str]]:
     """Every check that needs no download; returns index dir, out dir, target, preinstalled, leftover notes."""
+    index_dir = _check_index(options)
+    out, leftovers = _check_out(options, index_dir)
+    check_query("kaggle-kit", index_dir, options.settings)  # k against the index, weights against its models
+    given = options.clip_weights if isinstance(options.clip_weights, list) else [options.clip_weights]
+    for weights in given:
+        if weights is not None and not Path(weights).exists():
+            raise UserError(f"--clip-weights {weights}: no such file or folder")
+    target = _check_target(options)
+    preinstalled = parse_names(DEFAULT_PREINSTALLED if options.preinstalled is None else options.preinstalled)
+    if PROJECT in preinstalled:
+        raise UserError("--preinstalled cannot name img2prompt itself")
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise UserError(f"the kit is fetched with pip, which this Python ({sys.executable}) lacks") from exc
+    source_checkout()
+    return index_dir, out, target, preinstalled, leftovers
+
+
+def _check_index(options: KitOptions) -> Path:
+    """The index folder, resolved; one line when it is missing or holds no index."""
     from img2prompt.index.manifest import read_manifest
 
     index_dir = Path(options.index).expanduser().resolve()
@@ -92,6 +113,11 @@ def _check_options(options: KitOptions) -> tuple[Path, Path, Target, list[str], 
     manifest = read_manifest(index_dir)
     if manifest is None or "models" not in manifest:
         raise UserError(f"{options.index} is not an img2prompt index (no manifest.json with models)")
+    return index_dir
+
+
+def _check_out(options: KitOptions, index_dir: Path) -> tuple[Path, list[str]]:
+    """--out resolved, after killed runs' leftovers beside it are dealt with (their notes returned)."""
     out = Path(options.out).expanduser().resolve()
     leftovers = clean_leftovers(out)  # first: it may restore a kit that a killed swap had moved aside
     check_out_folder(out, options.out, options.overwrite)
@@ -101,11 +127,11 @@ def _check_options(options: KitOptions) -> tuple[Path, Path, Target, list[str], 
         raise UserError(f"--out {options.out}: cannot write in {out.parent}")
     if _inside(index_dir, out) or _inside(out, index_dir):
         raise UserError(f"--out {options.out} and the index {options.index} must not contain each other")
-    check_query("kaggle-kit", index_dir, options.settings)  # k against the index, weights against its models
-    given = options.clip_weights if isinstance(options.clip_weights, list) else [options.clip_weights]
-    for weights in given:
-        if weights is not None and not Path(weights).exists():
-            raise UserError(f"--clip-weights {weights}: no such file or folder")
+    return out, leftovers
+
+
+def _check_target(options: KitOptions) -> Target:
+    """The Kaggle image's Python version and wheel platform tags."""
     python_version = check_python_version(options.python_version or "%d.%d" % sys.version_info[:2])
     platforms = tuple(dict.fromkeys(tag.strip() for tag in (options.platforms or DEFAULT_PLATFORMS) if tag.strip()))
     if not platforms:
@@ -113,15 +139,7 @@ def _check_options(options: KitOptions) -> tuple[Path, Path, Target, list[str], 
     for tag in platforms:
         if not re.fullmatch(r"[a-z0-9_]+", tag):
             raise UserError(f"--platform {tag!r} is not a wheel platform tag (e.g. manylinux_2_28_x86_64)")
-    preinstalled = parse_names(DEFAULT_PREINSTALLED if options.preinstalled is None else options.preinstalled)
-    if PROJECT in preinstalled:
-        raise UserError("--preinstalled cannot name img2prompt itself")
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise UserError(f"the kit is fetched with pip, which this Python ({sys.executable}) lacks") from exc
-    source_checkout()
-    return index_dir, out, Target(python_version, platforms), preinstalled, leftovers
+    return Target(python_version, platforms)
 
 
 def build_kit(options: KitOptions) -> KitReport:
@@ -174,10 +192,10 @@ def build_kit(options: KitOptions) -> KitReport:
                       "files": index_file_records(tmp / "index", index_manifest)},
             "wheels": [wheel.__dict__ for wheel in wheels],
             "clip_folders": clip_folders,
-            "settings": options.settings.as_dict(),  # what the notebook submits with (kit_template.py)
+            "settings": options.settings.as_dict(),  # what the notebook submits with (template.py)
         }
         (tmp / KIT_MARKER).write_text(json.dumps(kit_info, indent=2) + "\n", encoding="utf-8")
-        from img2prompt.kit_template import write_submit_files
+        from img2prompt.kit.template import write_submit_files
 
         write_submit_files(tmp)
         (tmp / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(out.name), indent=2) + "\n",

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from img2prompt.kit_clip import CLIP_CONFIG
-from img2prompt.kit_wheels import PROJECT
+from img2prompt.kit.clip import CLIP_CONFIG
+from img2prompt.kit.wheels import PROJECT
 
 log = logging.getLogger(__name__)
 

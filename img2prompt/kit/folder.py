@@ -1,7 +1,8 @@
 """Where a kit is written: which existing folder may be replaced, the swap, and what killed runs left behind.
 
 A kit is built in KIT.tmp-<pid> beside KIT and swapped in at the end (the old kit moves to KIT.old-<pid>,
-the new one to KIT, then the old one is deleted), so a failed or killed build never costs the old kit.
+the new one to KIT, then the old one is deleted), so a failed or killed build never costs the old kit. The swap
+and the scan for dead runs' folders are the index's (index/lock.py); what to do with each folder is the kit's.
 Only a kit (a folder with a readable kit.json) or an empty folder is ever replaced: --overwrite must not
 empty a folder of someone's own files because it was named by mistake.
 """
@@ -15,7 +16,8 @@ import shutil
 from pathlib import Path
 
 from img2prompt.errors import UserError
-from img2prompt.kit_files import KIT_MARKER
+from img2prompt.index.lock import leftovers_beside, swap_into_place as index_swap
+from img2prompt.kit.files import KIT_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -47,39 +49,20 @@ def temp_folder(out: Path, kind: str, pid: int | None = None) -> Path:
     return out.with_name(f"{out.name}.{kind}-{os.getpid() if pid is None else pid}")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():  # this process is not building that kit now: a leftover of an earlier call
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    except OSError:
-        return False
-    return True
-
-
 def clean_leftovers(out: Path) -> list[str]:
     """Deal with KIT.tmp-<pid> / KIT.old-<pid> folders of runs that died; returns one note per folder.
 
     A dead run's temp build is deleted; its KIT.old-<pid> is deleted when KIT exists (the swap finished), and
     renamed back to KIT when KIT is missing (the run died between the two renames: it is the only kit). A
     folder of a live process is reported and left alone (another kaggle-kit may be writing it)."""
-    if not out.parent.is_dir():
-        return []
-    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-(\d+)")
-    found = []
-    for path in out.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and path.is_dir() and not path.is_symlink():
-            found.append((match[1] != "old", path.name, path, match[1], int(match[2])))
+    found = leftovers_beside(out, re.escape(out.name) + r"\.(?P<kind>tmp|old)-(?P<pid>\d+)")
     notes = []
-    for _, _, path, kind, pid in sorted(found):  # old kits first: one may have to be restored
-        if _pid_alive(pid):
+    # old kits first: one may have to be restored
+    for path, match, alive in sorted(found, key=lambda item: (item[1]["kind"] != "old", item[0].name)):
+        pid = int(match["pid"])
+        if alive:
             notes.append(f"{path} belongs to running process {pid} (another kaggle-kit?): left alone")
-        elif kind == "old" and not out.exists() and is_kit(path):
+        elif match["kind"] == "old" and not out.exists() and is_kit(path):
             os.rename(path, out)
             notes.append(f"restored {out} from {path.name}, left by a run killed while it swapped kits")
         else:
@@ -95,16 +78,7 @@ def clean_leftovers(out: Path) -> list[str]:
 
 def swap_into_place(tmp: Path, out: Path) -> None:
     """Move the finished kit `tmp` to `out`; an old kit there is removed only once the new one is in place."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not (is_kit(out) or not any(out.iterdir())):  # filled with something else while the kit was built
+    if out.exists() and not (is_kit(out) or not any(out.iterdir())):  # filled with something else meanwhile
         raise UserError(f"{out} is no longer a kit (no readable {KIT_MARKER}): not replaced")
-    old = temp_folder(out, "old")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    # Two renames through KIT.old-<pid> (a kill between them: clean_leftovers restores it), as the kit always did
+    index_swap(tmp, out, retired=temp_folder(out, "old"), exchange=False)

@@ -145,71 +145,93 @@ def resolve_closure(roots: list[WheelInfo], root_extras: dict[str, set[str]], *,
     outside a specifier met later is fetched again and its old wheel dropped. `extra == ...` requirements
     count only for extras that were asked for (root_extras, or a requirement's `pkg[extra]`).
     """
-    environment = target.marker_environment()
-    preinstalled = {canonicalize_name(name) for name in preinstalled}
-    chosen: dict[str, WheelInfo] = {root.name: root for root in roots}
-    extras: dict[str, set[str]] = {root.name: set(root_extras.get(root.name, ())) for root in roots}
-    specifiers: dict[str, set[str]] = {}
-    required_by: dict[str, set[str]] = {}
-    skipped: set[str] = set()
-    pending: deque[str] = deque(root.name for root in roots)
-    queued = set(pending)
-
-    def combined(name: str) -> SpecifierSet:
-        return SpecifierSet(",".join(sorted(spec for spec in specifiers.get(name, ()) if spec)))
-
-    def need(name: str) -> None:
-        if name not in queued:
-            queued.add(name)
-            pending.append(name)
-
+    closure = _Closure(roots, root_extras, target, preinstalled, fetch, dest, installed_version)
     steps = 0
-    while pending:
+    while closure.pending:
         steps += 1
         if steps > max_steps:
             raise UserError(f"the dependency closure did not settle after {max_steps} steps: "
-                            f"last packages {', '.join(list(pending)[:5])}")
-        name = pending.popleft()
-        queued.discard(name)
-        wheel = chosen.get(name)
-        wanted = combined(name)
-        if wheel is None or not wanted.contains(Version(wheel.version), prereleases=True):
-            prefer = installed_version(name)
-            if prefer is not None and not wanted.contains(Version(prefer), prereleases=True):
-                prefer = None
-            path = fetch(name, wanted, prefer, dest)
-            fetched = read_wheel_metadata(path)
-            if fetched.name != name:
-                raise UserError(f"asked for {name}, the index gave {path.name} ({fetched.name})")
-            if wheel is not None and wheel.path != fetched.path:
-                log.info("  %s %s → %s (a later requirement asks for %s)", name, wheel.version,
-                         fetched.version, wanted)
-                wheel.path.unlink(missing_ok=True)
-            chosen[name] = wheel = fetched
+                            f"last packages {', '.join(list(closure.pending)[:5])}")
+        name = closure.pending.popleft()
+        closure.queued.discard(name)
+        closure.follow(name, closure.settle(name))
+    return Resolution(wheels=closure.chosen, preinstalled_skipped=closure.skipped, required_by=closure.required_by)
+
+
+class _Closure:
+    """resolve_closure's state: the wheel chosen per package, the specifiers and extras asked of each, and the
+    queue of packages to (re)visit."""
+
+    def __init__(self, roots: list[WheelInfo], root_extras: dict[str, set[str]], target: Target,
+                 preinstalled: Iterable[str], fetch: Fetch, dest: Path,
+                 installed_version: Callable[[str], "str | None"]) -> None:
+        self.environment = target.marker_environment()
+        self.preinstalled = {canonicalize_name(name) for name in preinstalled}
+        self.fetch, self.dest, self.installed_version = fetch, dest, installed_version
+        self.chosen: dict[str, WheelInfo] = {root.name: root for root in roots}
+        self.extras: dict[str, set[str]] = {root.name: set(root_extras.get(root.name, ())) for root in roots}
+        self.specifiers: dict[str, set[str]] = {}
+        self.required_by: dict[str, set[str]] = {}
+        self.skipped: set[str] = set()
+        self.pending: deque[str] = deque(root.name for root in roots)
+        self.queued = set(self.pending)
+
+    def combined(self, name: str) -> SpecifierSet:
+        return SpecifierSet(",".join(sorted(spec for spec in self.specifiers.get(name, ()) if spec)))
+
+    def need(self, name: str) -> None:
+        if name not in self.queued:
+            self.queued.add(name)
+            self.pending.append(name)
+
+    def settle(self, name: str) -> WheelInfo:
+        """The wheel of `name` that meets every specifier so far: the chosen one, or a fresh fetch (the
+        version installed here preferred) that replaces it."""
+        wheel = self.chosen.get(name)
+        wanted = self.combined(name)
+        if wheel is not None and wanted.contains(Version(wheel.version), prereleases=True):
+            return wheel
+        prefer = self.installed_version(name)
+        if prefer is not None and not wanted.contains(Version(prefer), prereleases=True):
+            prefer = None
+        path = self.fetch(name, wanted, prefer, self.dest)
+        fetched = read_wheel_metadata(path)
+        if fetched.name != name:
+            raise UserError(f"asked for {name}, the index gave {path.name} ({fetched.name})")
+        if wheel is not None and wheel.path != fetched.path:
+            log.info("  %s %s → %s (a later requirement asks for %s)", name, wheel.version, fetched.version, wanted)
+            wheel.path.unlink(missing_ok=True)
+        self.chosen[name] = fetched
+        return fetched
+
+    def follow(self, name: str, wheel: WheelInfo) -> None:
+        """Queue each dependency of `wheel` that applies on the target and is new or asks for more."""
         for line in wheel.requires:
             try:
                 requirement = Requirement(line)
             except InvalidRequirement as exc:
                 raise UserError(f"{wheel.path.name}: bad Requires-Dist {line!r} ({exc})") from exc
-            if not requirement_applies(requirement, environment, extras.get(name, ())):
+            if not requirement_applies(requirement, self.environment, self.extras.get(name, ())):
                 continue
             dependency = canonicalize_name(requirement.name)
-            required_by.setdefault(dependency, set()).add(name)
-            if dependency in preinstalled:
-                skipped.add(dependency)
-                continue
-            changed = False
-            spec = str(requirement.specifier)
-            if spec not in specifiers.setdefault(dependency, set()):
-                specifiers[dependency].add(spec)
-                changed = True
-            new_extras = {canonicalize_name(extra) for extra in requirement.extras} - extras.get(dependency, set())
-            if new_extras:
-                extras.setdefault(dependency, set()).update(new_extras)
-                changed = True
-            if dependency not in chosen or changed:
-                need(dependency)
-    return Resolution(wheels=chosen, preinstalled_skipped=skipped, required_by=required_by)
+            self.required_by.setdefault(dependency, set()).add(name)
+            if dependency in self.preinstalled:
+                self.skipped.add(dependency)
+            elif self.ask(dependency, requirement) or dependency not in self.chosen:
+                self.need(dependency)
+
+    def ask(self, dependency: str, requirement: Requirement) -> bool:
+        """Record the requirement's specifier and extras for `dependency`; whether either is new."""
+        changed = False
+        spec = str(requirement.specifier)
+        if spec not in self.specifiers.setdefault(dependency, set()):
+            self.specifiers[dependency].add(spec)
+            changed = True
+        new_extras = {canonicalize_name(extra) for extra in requirement.extras} - self.extras.get(dependency, set())
+        if new_extras:
+            self.extras.setdefault(dependency, set()).update(new_extras)
+            changed = True
+        return changed
 
 
 def pip_download(name: str, specifier: SpecifierSet, prefer: str | None, dest: Path, *, target: Target) -> Path:

@@ -14,7 +14,6 @@ from img2prompt.errors import UserError
 log = logging.getLogger(__name__)
 
 CLIP_CONFIG = "open_clip_config.json"
-CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
 def _local_dir_folder(name: str) -> Path | None:
@@ -24,6 +23,8 @@ def _local_dir_folder(name: str) -> Path | None:
 
 
 def _weights_in(folder: Path) -> Path:
+    from img2prompt.encoders.models import CHECKPOINT_SUFFIXES  # here: that module imports torch
+
     found = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES)
     preferred = [path for path in found if path.stem == "open_clip_pytorch_model"]
     if not (preferred or found):
@@ -37,6 +38,8 @@ def clip_config_for(name: str, pretrained: str | None) -> dict:
     QuickGELU only where the installed open_clip applies it for the tag (open_clip < 3 built `openai` weights
     with QuickGELU; 3.x only warns and keeps the config's activation)."""
     import open_clip
+
+    from img2prompt.encoders.models import CHECKPOINT_SUFFIXES
 
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:

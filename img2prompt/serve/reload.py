@@ -9,7 +9,7 @@ the old opened index until this endpoint re-opens it with the options the server
 - The new index is opened in a thread (models load there, not on the event loop, not on the model worker, so
   searches keep being answered meanwhile); one reload at a time (409 while one runs).
 - The swap is two assignments on the event loop with no await between, so a handler sees the old index or the
-  new one, never a mix. A job already queued keeps a reference to the index it was queued on (`_Job.index`)
+  new one, never a mix. A job already queued keeps a reference to the index it was queued on (`worker._Job.index`)
   and finishes on it. The old index is not closed here: it is freed by reference counting the moment the last
   job holding it is done (closing it could pull its search backend from under a job still running). Nothing
   may hold it in a reference cycle (a session's closures, a model's replica list, the worker's last job):
@@ -31,7 +31,7 @@ _LOCK_KEY = "reload_lock"
 
 
 def swap_index(state: Any, index) -> int:
-    """Make `index` the one new requests use (state: serve.ServeState); returns the previous index's count."""
+    """Make `index` the one new requests use (state: routes.ServeState); returns the previous index's count."""
     previous = state.index.count
     state.index = state.worker.index = index  # no await between: handlers never see half a swap
     state.max_k = min(index.count, state.limits.max_k)
@@ -39,7 +39,7 @@ def swap_index(state: Any, index) -> int:
 
 
 async def reload_index(request: Request) -> dict:
-    state = request.app.state.serve  # serve.ServeState (not imported: serve imports this module)
+    state = request.app.state.serve  # routes.ServeState (not imported: routes imports this module)
     if state.api_key is None and not state.loopback:
         raise HTTPException(403, "/admin/reload needs an API key on a server bound to a non-loopback address "
                                  "(start it with --api-key)")
