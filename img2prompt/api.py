@@ -147,7 +147,7 @@ def interrogation_echo(handle, as_json: bool = False):
 
 def format_eval_report(report: dict) -> str:
     """`img2prompt eval`'s text report of `Img2PromptIndex.evaluate`'s dict."""
-    from img2prompt.query.evaluate import format_report
+    from img2prompt.query.eval_report import format_report
 
     return format_report(report)
 
