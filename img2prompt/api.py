@@ -79,7 +79,7 @@ def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None
     refused in well under a second). precision: "fp32", "fp16" or "bf16" for the CLIP towers (default: fp16
     autocast on CUDA, fp32 on CPU).
     """
-    from img2prompt.query.engine import Img2PromptIndex
+    from img2prompt.query.opened_index import Img2PromptIndex
     from img2prompt.storage import is_url
 
     if is_url(path):  # an index on an object store: read from its validated local cache copy
