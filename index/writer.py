@@ -20,18 +20,18 @@ import pyarrow.parquet as pq
 
 from img2prompt.atomic import atomic_path, write_atomic, write_json_atomic
 from img2prompt.errors import UserError
-from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, IMAGE_KEYS_FOLDER, INDEX_FILES, LOCK,
-                                     MANIFEST, MINILM, MINILM_MEAN, OPTIONAL_FILES, PHRASE_VECTORS, PHRASES, PROMPT_GROUP_ROWS,
-                                     PROMPTS,
-                                     SHARD_INT8_SUFFIXES, SHARD_SUFFIXES, SHARDS, STATE_BUILDING, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE,
-                                     file_record, file_sha256, prompts_sha256, shard_path, staging_folder)
+from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, IMAGE_KEYS_FOLDER, INDEX_FILES,
+                                     INT8_FORMAT_VERSION, KEY_PCA, LOCK, MANIFEST, MINILM, MINILM_I8, MINILM_MEAN,
+                                     MINILM_SCALE, OPTIONAL_FILES, PHRASE_VECTORS, PHRASES, PROMPT_GROUP_ROWS, PROMPTS,
+                                     SEGMENT_FORMAT_VERSION, SEGMENTS, SHARD_INT8_SUFFIXES, SHARD_SUFFIXES, SHARDS,
+                                     STATE_BUILDING, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE, file_record, file_sha256,
+                                     prompts_sha256, shard_path, staging_folder)
 from img2prompt.index.folder_decision import (DONE, REFUSE, RESUME, FolderDecision, FolderState, decide_folder,
                                               is_foreign)
 from img2prompt.index.lock import clean_retired, clean_temp_files, lock_folder, swap_into_place
 from img2prompt.index.manifest import read_manifest
-from img2prompt.index.segments import SEGMENT_FORMAT_VERSION, SEGMENTS
-from img2prompt.index.minilm_store import (INT8, INT8_FORMAT_VERSION, MINILM_I8, MINILM_SCALE, minilm_dtype,
-                                           minilm_file_names, minilm_rows, prediction_change, write_int8)
+from img2prompt.index.minilm_store import (INT8, minilm_dtype, minilm_file_names, minilm_rows, prediction_change,
+                                           write_int8)
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class IndexWriter:
         manifest = self.root / MANIFEST
         if manifest.exists():
             manifest.unlink()  # first, so a half-cleared folder never looks complete
-        for name in INDEX_FILES + OPTIONAL_FILES + (MINILM_I8, MINILM_SCALE, "key_pca.npz"):
+        for name in INDEX_FILES + OPTIONAL_FILES + (MINILM_I8, MINILM_SCALE, KEY_PCA):
             (self.root / name).unlink(missing_ok=True)
         for folder in (SHARDS, IMAGE_KEYS_FOLDER, SEGMENTS):
             shutil.rmtree(self.root / folder, ignore_errors=True)
