@@ -76,7 +76,7 @@ def _text_queries(session: QuerySession, labels: pd.DataFrame, k: int, exclude, 
 class EvalJob:
     """One eval run read as its phases: `steps()` names them in order (the optional ones only when asked for),
     each a method that reads and writes the job's state; `run()` runs them and returns the report. Every check
-    that can refuse the inputs runs in the first step, before a model loads or an image is read."""
+    that needs no model runs in the first step, before a model loads or an image is read."""
 
     def __init__(self, session: QuerySession, options: EvalOptions) -> None:
         self.session, self.options, self.index = session, options, session.index
@@ -88,7 +88,7 @@ class EvalJob:
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
         steps = [("check", self.check), ("truth", self.embed_truth), ("leakage", self.find_leakage),
                  ("retrieve", self.retrieve), ("head", self.predict_head), ("score", self.score),
-                 ("index", self.measure_index)]
+                 ("index_quality", self.measure_index)]
         if self.options.captions:
             steps.append(("captions", self.compare_captions))
         if self.options.sweep:
