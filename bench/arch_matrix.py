@@ -76,6 +76,8 @@ def write_folder(architecture: str, dest: Path) -> tuple[float, float]:
 
 def run_jobs(clips: list[Path], work: Path, corpus: Path, images: Path) -> dict:
     """build → submit → search --text with the CLI, as a user runs them; per command peak RSS and rates."""
+    from img2prompt.index.layout import MANIFEST
+
     index = work / "index"
     models = [arg for clip in clips for arg in ("--clip-model", str(clip))]
     build, build_rss, build_s = timed([str(BIN / "img2prompt"), "-q", "build", str(corpus), "--out", str(index),
@@ -86,7 +88,7 @@ def run_jobs(clips: list[Path], work: Path, corpus: Path, images: Path) -> dict:
     search, search_rss, _ = timed([str(BIN / "img2prompt"), "-q", "search", str(index), "--text",
                                    "a castle on a hill, matte painting", "--k", "3", "--json", "--device", "cpu"])
     prompts = build["count"] if isinstance(build.get("count"), int) else 16
-    manifest = json.loads((index / "manifest.json").read_text())
+    manifest = json.loads((index / MANIFEST).read_text())
     return {"build_rss_gib": build_rss, "build_s": build_s, "submit_rss_gib": submit_rss, "submit_s": submit_s,
             "search_rss_gib": search_rss, "s_per_prompt": build["timings_s"]["encode_clip"] / max(prompts, 1),
             "s_per_image": submit["timings_s"]["encode"] / max(submit["predicted"], 1),

@@ -32,6 +32,7 @@ import numpy as np
 
 from img2prompt.index import flat, topk
 from img2prompt.index.flat import exact_search
+from img2prompt.index.layout import CLIP_VECTORS
 
 GiB = 2**30
 BASE_ROWS = 1 << 18  # distinct random rows; the file repeats them with rolled columns (still unit vectors)
@@ -114,7 +115,7 @@ def cold_part(args) -> list[tuple]:
         note = f"; only {free / GiB:.0f} GiB free: {rows:,} rows (leaves 10 GiB)"
     if rows <= 0:
         sys.exit(f"not enough free disk in {folder}")
-    path = folder / "clip.f16"
+    path = folder / CLIP_VECTORS
     size = rows * args.dim * 2
     out = []
     try:

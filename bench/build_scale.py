@@ -53,6 +53,7 @@ def disk_bytes(folder: Path) -> int:
 
 
 def kill_resume(workdir: Path, size: int, clip: Path, text: Path) -> None:
+    from img2prompt.index.layout import MANIFEST
     from img2prompt.index.reader import open_index
 
     corpus = synthetic_corpus(workdir / f"corpus-{size}.txt", size)
@@ -63,7 +64,7 @@ def kill_resume(workdir: Path, size: int, clip: Path, text: Path) -> None:
                                stderr=subprocess.DEVNULL)
     while process.poll() is None:
         try:
-            manifest = json.loads((out / "manifest.json").read_text())
+            manifest = json.loads((out / MANIFEST).read_text())
             if len(manifest.get("shards", [])) >= size // SHARD_SIZE // 2:
                 os.kill(process.pid, signal.SIGKILL)
                 break
@@ -71,7 +72,7 @@ def kill_resume(workdir: Path, size: int, clip: Path, text: Path) -> None:
             pass
         time.sleep(0.05)
     process.wait()
-    done = len(json.loads((out / "manifest.json").read_text())["shards"])
+    done = len(json.loads((out / MANIFEST).read_text())["shards"])
     summary, seconds, rss = run_measured(build_command(corpus, out, clip, text, "--resume"))
     ours, theirs = open_index(out, verify=True), open_index(reference, verify=True)
     same = (ours.prompts == theirs.prompts and np.array_equal(ours.minilm, theirs.minilm)
@@ -89,6 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     check_device(args.device)
     DEVICE[1] = args.device
+    from img2prompt.index.layout import MANIFEST
     from img2prompt.stand_in import write_tiny_clip, write_tiny_text_model
 
     with tempfile.TemporaryDirectory() as temp:
@@ -102,7 +104,7 @@ def main() -> None:
             corpus = synthetic_corpus(workdir / f"corpus-{size}.txt", size)
             out = workdir / f"index-{size}"
             summary, seconds, rss = run_measured(build_command(corpus, out, clip, text, "--overwrite"))
-            encode_rss = json.loads((out / "manifest.json").read_text())["memory"]["peak_rss_mib_after_encode"]
+            encode_rss = json.loads((out / MANIFEST).read_text())["memory"]["peak_rss_mib_after_encode"]
             print(f"{summary['count']:>10,} {seconds:>8.1f} {summary['count'] / seconds:>10.0f} {rss:>13.0f} "
                   f"{encode_rss:>13.0f} {disk_bytes(out) / summary['count']:>14.1f}", flush=True)
         if args.kill_resume:

@@ -50,6 +50,7 @@ def main() -> None:
     import ray
 
     from img2prompt.build_index.runner import BuildOptions, run_build
+    from img2prompt.index.layout import CLIP_VECTORS, MINILM, PROMPTS
     from img2prompt.stand_in import write_tiny_clip
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
@@ -73,7 +74,7 @@ def main() -> None:
                   f"(summed over shards), encode_minilm {timings.get('encode_minilm', 0):.1f} s")
             if label == "local folder":  # the shards are gone once consolidated: their rows are these files
                 shard_bytes = sum((work / "idx" / name).stat().st_size
-                                  for name in ("clip.f16", "minilm.f16", "prompts.parquet")) / shards
+                                  for name in (CLIP_VECTORS, MINILM, PROMPTS)) / shards
         print(f"shard files: about {shard_bytes / 1024:.0f} KiB a shard")
     finally:
         ray.shutdown()

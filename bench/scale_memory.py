@@ -39,8 +39,10 @@ def synthetic_prompts(low: int, high: int) -> list[str]:
 
 def base_index(work: Path) -> Path:
     """A real index of 400 prompts built with the stand-in models."""
+    from img2prompt.index.layout import MANIFEST
+
     out = work / "base"
-    if (out / "manifest.json").exists():
+    if (out / MANIFEST).exists():
         return out
     from img2prompt.build_index.runner import BuildOptions, run_build
     from img2prompt.stand_in import write_tiny_clip, write_tiny_text_model
@@ -58,21 +60,21 @@ def scaled_index(base: Path, work: Path, count: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from img2prompt.index.layout import PROMPT_GROUP_ROWS
+    from img2prompt.index.layout import CLIP_VECTORS, MANIFEST, MINILM, PROMPT_GROUP_ROWS, PROMPTS
 
     out = work / f"idx-{count}"
-    if (out / "manifest.json").exists():
+    if (out / MANIFEST).exists():
         return out
     tmp = work / f".idx-{count}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp)
-    manifest = json.loads((tmp / "manifest.json").read_text())
+    manifest = json.loads((tmp / MANIFEST).read_text())
     clip_dim, text_dim = manifest["models"]["clip"]["dim"], manifest["models"]["text"]["dim"]
     rng = np.random.default_rng(count)
     block = 262_144
-    with pq.ParquetWriter(tmp / "prompts.parquet", pa.schema([("id", pa.int64()), ("prompt", pa.string()),
+    with pq.ParquetWriter(tmp / PROMPTS, pa.schema([("id", pa.int64()), ("prompt", pa.string()),
                                                                ("key", pa.string())])) as writer, \
-            open(tmp / "clip.f16", "wb") as clip, open(tmp / "minilm.f16", "wb") as minilm:
+            open(tmp / CLIP_VECTORS, "wb") as clip, open(tmp / MINILM, "wb") as minilm:
         for low in range(0, count, block):
             high = min(low + block, count)
             writer.write_table(pa.table({"id": np.arange(low, high, dtype=np.int64),
@@ -84,9 +86,9 @@ def scaled_index(base: Path, work: Path, count: int) -> Path:
     manifest["count"] = count
     for entry in manifest.get("key_ranges", []):
         entry["rows"] = [0, count]
-    for name in ("prompts.parquet", "clip.f16", "minilm.f16"):
+    for name in (PROMPTS, CLIP_VECTORS, MINILM):
         manifest["files"][name]["bytes"] = (tmp / name).stat().st_size
-    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    (tmp / MANIFEST).write_text(json.dumps(manifest))
     tmp.rename(out)
     return out
 

@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from img2prompt.index.key_pca import KEY_PCA, KeyPCA, fit_keys, grown_recall, reduced_recall, save_pca, \
+from img2prompt.index.key_pca import KeyPCA, fit_keys, grown_recall, reduced_recall, save_pca, \
     write_projected
-from img2prompt.index.layout import CLIP_VECTORS, VECTOR_DTYPE
+from img2prompt.index.layout import CLIP_VECTORS, KEY_PCA, VECTOR_DTYPE
 from img2prompt.index.reader import PromptIndex
 from img2prompt.index.recall import RECALL_TARGET
 from img2prompt.index.segments import ConcatRows, segments_of

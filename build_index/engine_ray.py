@@ -155,11 +155,12 @@ def _die_mid_write_if_asked(crash: str, number: int) -> None:
         return
     Path(marker).write_text(f"{os.getpid()}\n")
     from img2prompt.index import writer as index_format
+    from img2prompt.index.layout import SHARD_SUFFIXES
 
     real = index_format.write_atomic
 
     def dying_write_atomic(target, write):
-        if not str(target).endswith(".minilm.npy"):
+        if not str(target).endswith(SHARD_SUFFIXES["minilm"]):
             return real(target, write)
 
         def half_then_die(handle):

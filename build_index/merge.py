@@ -42,8 +42,8 @@ from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt.encoders.models import resolve_device
 from img2prompt.encoders.prompts import KeySet, dedup_keys
 from img2prompt.errors import UserError
-from img2prompt.index.key_pca import KEY_PCA, KeyPCA, check_key_dims, reduced_recall, save_pca
-from img2prompt.index.layout import MINILM_MEAN, TEXT_KEYS
+from img2prompt.index.key_pca import KeyPCA, check_key_dims, reduced_recall, save_pca
+from img2prompt.index.layout import KEY_PCA, MINILM_MEAN, TEXT_KEYS
 from img2prompt.index.manifest import content_sha256, read_manifest
 from img2prompt.index.minilm_store import INT8, Int8Rows, dequantise, minilm_dtype, quantise
 from img2prompt.index.reader import PromptIndex, open_index

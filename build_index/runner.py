@@ -31,7 +31,7 @@ from img2prompt.errors import UserError
 from img2prompt.memory import max_workers
 from img2prompt.index.backend import backend_class
 from img2prompt.build_index.shards import plan_shards
-from img2prompt.index.layout import IMAGE_KEYS, IMAGE_KEYS_FOLDER, REGRESSION, REGRESSION_STATS, TEXT_KEYS
+from img2prompt.index.layout import IMAGE_KEYS, IMAGE_KEYS_FOLDER, KEY_PCA, REGRESSION, REGRESSION_STATS, TEXT_KEYS
 from img2prompt.index.manifest import KeyRange
 from img2prompt.index.writer import IndexWriter, ShardTask
 from img2prompt.index.plan import plan_index
@@ -43,7 +43,7 @@ from img2prompt.encoders.precision import announce_models, build_key_precision, 
 from img2prompt.build_index.replicas import check_build_devices, load_build_replicas
 from img2prompt.progress import progress_bar
 
-from img2prompt.index.key_pca import KEY_PCA, check_key_dims, reduce_keys
+from img2prompt.index.key_pca import check_key_dims, reduce_keys
 
 log = logging.getLogger(__name__)
 

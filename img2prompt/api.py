@@ -80,7 +80,7 @@ def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None
     refused in well under a second). precision: "fp32", "fp16" or "bf16" for the CLIP towers (default: fp16
     autocast on CUDA, fp32 on CPU).
     """
-    from img2prompt.query.engine import Img2PromptIndex
+    from img2prompt.query.opened_index import Img2PromptIndex
     from img2prompt.storage import is_url
 
     if is_url(path):  # an index on an object store: read from its validated local cache copy
@@ -165,7 +165,7 @@ def interrogation_echo(handle, as_json: bool = False):
 
 def format_eval_report(report: dict) -> str:
     """`img2prompt eval`'s text report of `Img2PromptIndex.evaluate`'s dict."""
-    from img2prompt.query.evaluate import format_report
+    from img2prompt.query.eval_report import format_report
 
     return format_report(report)
 

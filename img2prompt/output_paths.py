@@ -3,20 +3,20 @@
 One check for every command that writes: each output (with the side files it also writes, e.g. --save-npy's
 NAME.ids.txt) must be a file in an existing folder, must not be an input file, must not be another output
 (or another output's side file), and must not lie inside an input folder (images, an index) or inside any
-index folder (a folder holding an img2prompt manifest.json). Files are compared as the file system sees them:
-symlinks followed, hard links and case-insensitive names (macOS, Windows) caught by comparing inodes.
+index folder. Files are compared as the file system sees them: symlinks followed, hard links and
+case-insensitive names (macOS, Windows) caught by comparing inodes.
+
+What makes a folder an index is the index format's to say (index/manifest.py's `is_index_folder`): this
+module sits below index/, so the callers pass that test in.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from img2prompt.errors import UserError
-
-MANIFEST = "manifest.json"  # the index format's manifest name (index/format.py owns the format itself)
 
 PathLike = str | os.PathLike
 
@@ -73,24 +73,13 @@ def _folder_identity(path: Path) -> tuple[int, int] | None:
     return (stat.st_dev, stat.st_ino)
 
 
-def is_index_folder(folder: Path) -> bool:
-    """A folder holding an img2prompt manifest (one with a format_version, or one that cannot be parsed:
-    a damaged index is still an index to protect)."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        payload = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return True
-    return not isinstance(payload, dict) or "format_version" in payload
-
-
-def check_outputs(outputs: Iterable[Output], inputs: Mapping[str, PathLike | Iterable[PathLike] | None]) -> None:
+def check_outputs(outputs: Iterable[Output], inputs: Mapping[str, PathLike | Iterable[PathLike] | None], *,
+                  is_index: Callable[[Path], bool]) -> None:
     """Raise UserError (one line) for the first output that cannot be written safely; see the module note.
 
     `inputs` maps an input's name (its flag, or e.g. "INDEX_DIR") to a file or folder (or several; None =
-    unused). Folders given as inputs protect everything under them."""
+    unused). Folders given as inputs protect everything under them, and so does every folder `is_index`
+    says is an index (index/manifest.py's `is_index_folder`)."""
     input_files: list[tuple[str, tuple]] = []
     input_folders: list[tuple[str, tuple[int, int]]] = []
     for name, value in inputs.items():
@@ -107,11 +96,11 @@ def check_outputs(outputs: Iterable[Output], inputs: Mapping[str, PathLike | Ite
         if output.path is None:
             continue
         for who, path in output.files():
-            _check_one(who, path, seen, input_files, input_folders)
+            _check_one(who, path, seen, input_files, input_folders, is_index)
 
 
 def _check_one(who: str, path: Path, seen: dict[tuple, str], input_files: list[tuple[str, tuple]],
-               input_folders: list[tuple[str, tuple[int, int]]]) -> None:
+               input_folders: list[tuple[str, tuple[int, int]]], is_index: Callable[[Path], bool]) -> None:
     if path.is_dir():
         raise UserError(f"{who} {path} is a folder: give a file path")
     if not path.parent.is_dir():
@@ -128,6 +117,6 @@ def _check_one(who: str, path: Path, seen: dict[tuple, str], input_files: list[t
         for input_label, input_identity in input_folders:
             if ancestor_identity == input_identity:
                 raise UserError(f"{who} {path} lies inside the {input_label} input folder: write it elsewhere")
-        if is_index_folder(ancestor):
+        if is_index(ancestor):
             raise UserError(f"{who} {path} lies inside the index folder {ancestor}: write it elsewhere")
     seen[identity] = who

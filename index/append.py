@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from img2prompt.atomic import atomic_path, fsync_dir
-from img2prompt.index.key_pca import KEY_PCA, write_projected
-from img2prompt.index.layout import CLIP_VECTORS, MINILM, MINILM_MEAN, PROMPTS, VECTOR_DTYPE
+from img2prompt.index.key_pca import write_projected
+from img2prompt.index.layout import CLIP_VECTORS, KEY_PCA, MINILM, MINILM_MEAN, PROMPTS, VECTOR_DTYPE
 from img2prompt.index.minilm_store import INT8, minilm_dtype, minilm_file_names, write_int8
 from img2prompt.index.reader import PromptIndex
 from img2prompt.index.segments import segment_folder, segments_of

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from img2prompt.atomic import atomic_path, write_atomic
-from img2prompt.index.layout import VECTOR_DTYPE
+from img2prompt.index.layout import KEY_PCA, VECTOR_DTYPE
 from img2prompt.errors import UserError
 
-KEY_PCA = "key_pca.npz"
 FIT_SAMPLE = 100_000  # keys the PCA is fitted on (seeded sample; the covariance is key_dim², not rows²)
 ADD_SAMPLE = 5_000  # rows an add's re-measure searches (their full-width keys: the old ones are re-encoded)
 

@@ -20,6 +20,7 @@
                            manifest's "segments" say where; ids continue after the base files' rows
       regression_stats.npz the ridge head's sufficient statistics (XᵀX, XᵀY, sums, held-out ids): an add
                            refits the head from them and the new rows only
+      key_pca.npz          with `build --key-dims`: the PCA that projects keys and queries (index/key_pca.py)
       shards/NNNNN.*       row-aligned shards while a build runs (deleted once the index is complete)
       .lock                held (flock) by the build writing the folder; removed when the build completes
 
@@ -35,11 +36,15 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_VERSION = 3  # 2: flat indexes keep one copy of the vectors; 3: key ranges (image-keyed entries)
-READABLE_VERSIONS = (1, 2, 3, 4, 5)  # 4: int8 MiniLM storage (index/minilm_store.py); fp16 builds still write 3
-# 5: rows in segments (index/segments.py): an index grown by `add`
+INT8_FORMAT_VERSION = 4  # int8 MiniLM (index/minilm_store.py) or PCA keys: readers before 4 refuse it by version
+SEGMENT_FORMAT_VERSION = 5  # rows in segments (index/segments.py), an index grown by `add`: readers before 5
+# would read only the base rows, so they refuse it by version
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # fp16 builds without PCA keys still write 3
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.parquet"
 MINILM = "minilm.f16"
+MINILM_I8 = "minilm.i8"  # instead of MINILM with int8 storage: int8 [count, text_dim]
+MINILM_SCALE = "minilm_scale.f32"  # ... and its float32 [count] per-row scale
 CLIP_VECTORS = "clip.f16"
 MINILM_MEAN = "minilm_mean.npy"
 FAISS = "clip.faiss"
@@ -49,6 +54,8 @@ PHRASES = "phrases.parquet"  # the modifier vocabulary (phrase, count) for reada
 PHRASE_VECTORS = "phrases.f16"  # float16 [phrases, clip_dim], L2-normalised CLIP text vectors of the phrases
 REGRESSION = "regression.npz"
 REGRESSION_STATS = "regression_stats.npz"  # the head's sufficient statistics (index/ridge.py), for add
+KEY_PCA = "key_pca.npz"  # build --key-dims: the PCA projecting keys and queries (index/key_pca.py)
+SEGMENTS = "segments"  # rows appended by add: segments/NNNNN/ (index/segments.py)
 IMAGE_KEYS_FOLDER = "image_keys"  # the image range's backend files
 STATE_BUILDING = "building"
 STATE_COMPLETE = "complete"

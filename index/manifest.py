@@ -14,9 +14,22 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from img2prompt.errors import UserError
-from img2prompt.index.layout import (CLIP_VECTORS, INDEX_FILES, KEY_KINDS, MANIFEST, PHRASE_VECTORS, PHRASES,
-                                     PROMPTS, REGRESSION, TEXT_KEYS)
-from img2prompt.index.minilm_store import FP16, MINILM_DTYPES, MINILM_F16, minilm_dtype, minilm_file_names
+from img2prompt.index.layout import (CLIP_VECTORS, INDEX_FILES, KEY_KINDS, KEY_PCA, MANIFEST, MINILM,
+                                     PHRASE_VECTORS, PHRASES, PROMPTS, REGRESSION, TEXT_KEYS)
+from img2prompt.index.minilm_store import FP16, MINILM_DTYPES, minilm_dtype, minilm_file_names
+
+
+def is_index_folder(folder: Path) -> bool:
+    """A folder holding an img2prompt manifest (one with a format_version, or one that cannot be parsed:
+    a damaged index is still an index to protect)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        payload = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not isinstance(payload, dict) or "format_version" in payload
 
 
 def read_manifest(root: Path) -> dict | None:
@@ -157,7 +170,7 @@ def _check_files(problems: _Problems, files: Any, dtype: str = FP16) -> None:
         problems.need(record["bytes"] >= 0, f"files.{name}.bytes", record["bytes"])
         problems.need(isinstance(record.get("sha256"), str) and len(record["sha256"]) == 64,
                       f"files.{name}.sha256", record.get("sha256"))
-    required = tuple(n for n in INDEX_FILES if n != MINILM_F16) + minilm_file_names(dtype)
+    required = tuple(n for n in INDEX_FILES if n != MINILM) + minilm_file_names(dtype)
     for name in required:
         problems.need(name in files, f"files.{name}", why="(not listed)")
     if PHRASES in files:
@@ -250,7 +263,7 @@ def _check_key_pca(problems: _Problems, pca: Any, models: Any, files: dict) -> N
     """--key-dims: 1 ≤ dims < the CLIP dim, key_dim that dim, its file listed; what add reads of the fit typed."""
     clip_dim = (models.get("clip") or {}).get("dim") if isinstance(models, dict) and isinstance(
         models.get("clip"), dict) else None
-    problems.need("key_pca.npz" in files, "files.key_pca.npz", why="(not listed)")
+    problems.need(KEY_PCA in files, f"files.{KEY_PCA}", why="(not listed)")
     if not problems.need(isinstance(pca, dict), "key_pca", pca):
         return
     problems.need(_is_int(pca.get("dims")) and _is_int(clip_dim) and 1 <= pca["dims"] < clip_dim, "key_pca.dims",

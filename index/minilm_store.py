@@ -19,13 +19,10 @@ from typing import Iterable
 import numpy as np
 
 from img2prompt.atomic import atomic_path, write_atomic
+from img2prompt.index.layout import MINILM, MINILM_I8, MINILM_SCALE
 
 FP16, INT8 = "fp16", "int8"
 MINILM_DTYPES = (FP16, INT8)
-MINILM_F16 = "minilm.f16"
-MINILM_I8 = "minilm.i8"
-MINILM_SCALE = "minilm_scale.f32"
-INT8_FORMAT_VERSION = 4  # readers before 4 refuse an int8 index by its version (they would read minilm.f16)
 _BLOCK = 65_536
 
 
@@ -35,14 +32,14 @@ def minilm_dtype(manifest: dict) -> str:
 
 
 def minilm_file_names(dtype: str) -> tuple[str, ...]:
-    return (MINILM_I8, MINILM_SCALE) if dtype == INT8 else (MINILM_F16,)
+    return (MINILM_I8, MINILM_SCALE) if dtype == INT8 else (MINILM,)
 
 
 def minilm_file_bytes(dtype: str, count: int, dim: int) -> dict[str, int]:
     """The exact size of each MiniLM file (checked when an index opens)."""
     if dtype == INT8:
         return {MINILM_I8: count * dim, MINILM_SCALE: count * 4}
-    return {MINILM_F16: count * dim * 2}
+    return {MINILM: count * dim * 2}
 
 
 def quantise(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +83,7 @@ def minilm_rows(root: Path, manifest: dict, count: int, dim: int):
     if minilm_dtype(manifest) == INT8:
         return Int8Rows(np.memmap(root / MINILM_I8, dtype=np.int8, mode="r", shape=(count, dim)),
                         np.memmap(root / MINILM_SCALE, dtype=np.float32, mode="r", shape=(count,)))
-    return np.memmap(root / MINILM_F16, dtype=np.float16, mode="r", shape=(count, dim))
+    return np.memmap(root / MINILM, dtype=np.float16, mode="r", shape=(count, dim))
 
 
 def write_int8(root: Path, blocks: Iterable[np.ndarray]) -> None:

@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 
 from img2prompt.errors import UserError, short_reason
 from img2prompt.index import manifest as schema
-from img2prompt.index.layout import (CLIP_VECTORS, MANIFEST, MINILM_MEAN, PHRASE_VECTORS, PHRASES, PROMPTS,
+from img2prompt.index.layout import (CLIP_VECTORS, KEY_PCA, MANIFEST, MINILM_MEAN, PHRASE_VECTORS, PHRASES, PROMPTS,
                                      READABLE_VERSIONS, REGRESSION, SHARDS, STATE_COMPLETE, VECTOR_BYTES,
                                      VECTOR_DTYPE, file_sha256)
 from img2prompt.index.manifest import KeyRange, read_manifest
-from img2prompt.index.key_pca import KEY_PCA, load_pca
+from img2prompt.index.key_pca import load_pca
 from img2prompt.index.minilm_store import minilm_dtype, minilm_file_bytes, minilm_rows
 from img2prompt.index.segments import Segment, concat_rows, segments_of
 

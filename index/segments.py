@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SEGMENTS = "segments"
-SEGMENT_FORMAT_VERSION = 5  # readers before 5 would read only the base rows: they refuse the index by version
+from img2prompt.index.layout import SEGMENTS
 
 
 @dataclass(frozen=True)

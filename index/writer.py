@@ -20,16 +20,18 @@ import pyarrow.parquet as pq
 
 from img2prompt.atomic import atomic_path, write_atomic, write_json_atomic
 from img2prompt.errors import UserError
-from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, IMAGE_KEYS_FOLDER, INDEX_FILES, LOCK,
-                                     MANIFEST, MINILM, MINILM_MEAN, OPTIONAL_FILES, PHRASE_VECTORS, PHRASES, PROMPT_GROUP_ROWS,
-                                     PROMPTS,
-                                     SHARD_INT8_SUFFIXES, SHARD_SUFFIXES, SHARDS, STATE_BUILDING, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE,
-                                     file_record, file_sha256, prompts_sha256, shard_path, staging_folder)
-from img2prompt.index.lock import clean_retired, clean_temp_files, lock_folder, only_own_leftovers, swap_into_place
+from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, IMAGE_KEYS_FOLDER, INDEX_FILES,
+                                     INT8_FORMAT_VERSION, KEY_PCA, LOCK, MANIFEST, MINILM, MINILM_I8, MINILM_MEAN,
+                                     MINILM_SCALE, OPTIONAL_FILES, PHRASE_VECTORS, PHRASES, PROMPT_GROUP_ROWS, PROMPTS,
+                                     SEGMENT_FORMAT_VERSION, SEGMENTS, SHARD_INT8_SUFFIXES, SHARD_SUFFIXES, SHARDS,
+                                     STATE_BUILDING, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE, file_record, file_sha256,
+                                     prompts_sha256, shard_path, staging_folder)
+from img2prompt.index.folder_decision import (DONE, REFUSE, RESUME, FolderDecision, FolderState, decide_folder,
+                                              is_foreign)
+from img2prompt.index.lock import clean_retired, clean_temp_files, lock_folder, swap_into_place
 from img2prompt.index.manifest import read_manifest
-from img2prompt.index.segments import SEGMENT_FORMAT_VERSION, SEGMENTS
-from img2prompt.index.minilm_store import (INT8, INT8_FORMAT_VERSION, MINILM_I8, MINILM_SCALE, minilm_dtype,
-                                           minilm_file_names, minilm_rows, prediction_change, write_int8)
+from img2prompt.index.minilm_store import (INT8, minilm_dtype, minilm_file_names, minilm_rows, prediction_change,
+                                           write_int8)
 
 log = logging.getLogger(__name__)
 
@@ -117,83 +119,53 @@ class IndexWriter:
         self._lock = lock_folder(self.final)
         try:
             existing = read_manifest(self.final)
-            # A folder holding only our lock and temp files is a build killed before its first manifest.
-            if existing is None and not only_own_leftovers(self.final):
-                self._keep_lock_file = had_lock_file  # leave the user's folder as it was
-                self.close()
-                raise UserError(f"{self.final} exists, is not empty and is not an index: choose another --out"
-                                + (" (--overwrite only replaces an index, never other files)" if overwrite else ""))
-            clean_retired(self.final)
-            state = existing.get("state") if existing else None
-            staging = staging_folder(self.final)
-            staged = read_manifest(staging) if staging.is_dir() else None
-            self._keep_lock_file = had_lock_file and state != STATE_COMPLETE  # a complete index carries none
-            if state == STATE_COMPLETE and resume and self._finished(existing, staging, staged, build):
-                return
-            if state == STATE_COMPLETE:
-                # Rebuild beside the complete index and swap at the very end: a failed or interrupted rebuild
-                # never costs the index it was meant to replace.
-                self.root = staging
-                if os.stat(self.final).st_dev != os.stat(self.final.parent).st_dev:
-                    raise UserError(f"--out {self.final} is a mount point: a rebuild is written beside it and "
-                                    "swapped in, which cannot cross filesystems; move the old index away first, or "
-                                    "build into a folder inside the mount")
-                if staged and staged.get("state") == STATE_COMPLETE:
-                    # the old index a swap retired (or a rebuild killed just before its swap): never resumable
-                    self._drop_staging(staging, "a complete index a killed rebuild left beside")
-                    staged = None
-                if not overwrite and not (resume and staged and staged.get("state") == STATE_BUILDING):
-                    raise UserError(f"{self.final} already holds a complete index: pass --overwrite to replace it")
-                existing, state = staged, staged.get("state") if staged else None
-                if not resume:
-                    state = None  # --overwrite: a fresh rebuild
-            else:
-                self.root = self.final
-                if staging.is_dir() and (staged is not None or only_own_leftovers(staging)):
-                    # a rebuild of an index that is no longer here: nothing can resume it
-                    self._drop_staging(staging, "the staging folder of a rebuild whose index is gone")
-            if state == STATE_BUILDING and not (resume or overwrite):
-                raise UserError(f"{self.final} holds an unfinished build ({len(existing.get('shards', []))} shards done): "
-                                "pass --resume to continue it or --overwrite to start over")
-            if resume and state == STATE_BUILDING:
-                if existing.get("build") != build:
-                    changed = sorted(key for key in set(build) | set(existing.get("build", {}))
-                                     if build.get(key) != existing.get("build", {}).get(key))
-                    raise UserError(f"{self.final}: cannot resume, the build settings differ from the interrupted "
-                                    f"build ({', '.join(changed)}); rerun with --overwrite to start over")
-                if existing.get("format_version") != FORMAT_VERSION:
-                    raise UserError(f"{self.final}: the unfinished build was started by another img2prompt version "
-                                    f"(format {existing.get('format_version')}); rerun with --overwrite")
-                self.manifest = existing
-                clean_temp_files(self.root, self.root / SHARDS, self.root / IMAGE_KEYS_FOLDER,
-                                 *sorted((self.root / SEGMENTS).glob("*")))
-            else:
-                self._clear()
-                self.manifest = {"format_version": FORMAT_VERSION, "state": STATE_BUILDING, "build": build,
-                                 "shards": [], "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-                self._save_manifest()
+            foreign = is_foreign(self.final, existing)
+            if not foreign:
+                clean_retired(self.final)
+            folder = FolderState.read(self.final, existing, foreign, had_lock_file)
+            decision = decide_folder(folder, build, resume=resume, overwrite=overwrite)
+            self._keep_lock_file = decision.keep_lock_file  # leave the user's folder as it was
+            self._carry_out(decision, folder, build)
         except BaseException:
             self.close()  # a refusal must not keep the lock (a notebook keeps the exception alive)
             raise
 
-    def _finished(self, existing: dict, staging: Path, staged: dict | None, build: dict) -> bool:
+    def _carry_out(self, decision: FolderDecision, folder: FolderState, build: dict) -> None:
+        """Do what `decide_folder` decided: finish, refuse, resume or start over (in the staging folder for a
+        rebuild of a complete index)."""
+        staging = staging_folder(self.final)
+        if decision.action == DONE:
+            self._finished(folder.manifest, staging, decision.swap_staged)
+            return
+        if decision.drop_staging:
+            self._drop_staging(staging, decision.drop_staging)
+        if decision.action == REFUSE:
+            raise UserError(decision.message)
+        self.root = staging if decision.rebuild else self.final
+        if decision.action == RESUME:
+            self.manifest = folder.staged if decision.rebuild else folder.manifest
+            clean_temp_files(self.root, self.root / SHARDS, self.root / IMAGE_KEYS_FOLDER,
+                             *sorted((self.root / SEGMENTS).glob("*")))
+        else:
+            self._clear()
+            self.manifest = {"format_version": FORMAT_VERSION, "state": STATE_BUILDING, "build": build,
+                             "shards": [], "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            self._save_manifest()
+
+    def _finished(self, existing: dict, staging: Path, swap_staged: bool) -> None:
         """`resume` of a job that was killed after its final manifest: the complete index at `final` is this
-        very job's (or its staged rebuild is complete and only the swap is missing: it is swapped in now). Its
-        leftovers go (shards/, the staging or retired folder); sets `done` and returns True."""
-        if existing.get("build") != build and staged and staged.get("state") == STATE_COMPLETE \
-                and staged.get("build") == build:
+        very job's (or, `swap_staged`, its staged rebuild is complete and only the swap is missing: it is
+        swapped in now). Its leftovers go (shards/, the staging or retired folder); sets `done`."""
+        if swap_staged:
             shutil.rmtree(staging / SHARDS, ignore_errors=True)
             (staging / LOCK).unlink(missing_ok=True)
             swap_into_place(staging, self.final)  # what the killed job's complete() had left to do
             existing = read_manifest(self.final)
-        if existing is None or existing.get("build") != build:
-            return False
         if staging.is_dir():
             self._drop_staging(staging, "left by the job that completed this index")
         shutil.rmtree(self.final / SHARDS, ignore_errors=True)  # a kill between the manifest and the cleanup
         self.root, self.manifest, self.done = self.final, existing, existing
         log.info("%s: already complete, nothing to do", self.final)
-        return True
 
     def close(self) -> None:
         """Release the folder lock (also released when the process ends, however it ends). A complete index
@@ -214,7 +186,7 @@ class IndexWriter:
         manifest = self.root / MANIFEST
         if manifest.exists():
             manifest.unlink()  # first, so a half-cleared folder never looks complete
-        for name in INDEX_FILES + OPTIONAL_FILES + (MINILM_I8, MINILM_SCALE, "key_pca.npz"):
+        for name in INDEX_FILES + OPTIONAL_FILES + (MINILM_I8, MINILM_SCALE, KEY_PCA):
             (self.root / name).unlink(missing_ok=True)
         for folder in (SHARDS, IMAGE_KEYS_FOLDER, SEGMENTS):
             shutil.rmtree(self.root / folder, ignore_errors=True)

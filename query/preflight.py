@@ -12,6 +12,7 @@ from img2prompt.errors import UserError
 from img2prompt.query.image_walk import walk_images
 from img2prompt.storage import is_url
 from img2prompt.index.reader import PromptIndex, open_index
+from img2prompt.index.manifest import is_index_folder
 from img2prompt.output_paths import Output, check_outputs
 from img2prompt.query.settings import RetrievalSettings
 
@@ -38,7 +39,8 @@ def check_submit_paths(index_root: str | Path | None, images: str, out: str, exp
         raise UserError(f"--save-npy {save_npy}: the file name must end in .npy")
     check_outputs([Output("--out", out), Output("--explain", explain),
                    Output("--save-npy", save_npy, (("id list", npy_ids_path(save_npy)),) if save_npy else ())],
-                  {"--sample-submission": sample_submission, "IMAGES_DIR": images, "INDEX_DIR": index_root})
+                  {"--sample-submission": sample_submission, "IMAGES_DIR": images, "INDEX_DIR": index_root},
+                  is_index=is_index_folder)
     if not Path(images).is_dir():
         raise UserError(f"images folder not found: {images}")
     if sample_submission is not None and not Path(sample_submission).is_file():
@@ -54,7 +56,7 @@ def check_eval_paths(index_root: str | Path | None, labels: str, images: str | N
         raise UserError("--plot needs matplotlib, which is not installed: pip install 'img2prompt[eval]'")
     check_outputs([Output("--out", out), Output("--plot", plot)],
                   {"--labels": labels, **{f"--captions {name}": path for name, path in captions.items()},
-                   "IMAGES_DIR": images, "INDEX_DIR": index_root})
+                   "IMAGES_DIR": images, "INDEX_DIR": index_root}, is_index=is_index_folder)
     if not Path(labels).is_file():
         raise UserError(f"labels file not found: {labels}")
     if images is not None and not Path(images).is_dir():

@@ -26,6 +26,7 @@ import pandas as pd
 
 from img2prompt.atomic import write_json_atomic
 from img2prompt.errors import UserError, short_reason
+from img2prompt.index.manifest import is_index_folder
 from img2prompt.output_paths import Output, check_outputs
 from img2prompt.query.submission import EMBED_DIM, ID_COLUMN, VALUE_COLUMN
 
@@ -268,7 +269,8 @@ def run_score(options: ScoreOptions, text_model=None) -> dict:
     devices = parse_devices(options.device)  # --device cuda without a GPU: refused before any file is read
     prediction = options.submission or options.captions
     check_outputs([Output("--out", options.out)],
-                  {"--labels": options.labels, "--submission" if options.submission else "--captions": prediction})
+                  {"--labels": options.labels, "--submission" if options.submission else "--captions": prediction},
+                  is_index=is_index_folder)
     labels = read_prompt_table(options.labels, "labels")
     # read the prediction before loading the scorer: a malformed file fails in a second, not after a model load
     submission = read_submission(options.submission) if options.submission else None

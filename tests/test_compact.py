@@ -8,9 +8,9 @@ import pytest
 
 from conftest import DATA, run_cli
 from img2prompt.errors import UserError
-from img2prompt.index.layout import FORMAT_VERSION, MANIFEST
-from img2prompt.index.minilm_store import (INT8_FORMAT_VERSION, MINILM_F16, MINILM_I8, MINILM_SCALE, Int8Rows,
-                                           dequantise, prediction_change, quantise)
+from img2prompt.index.layout import FORMAT_VERSION, INT8_FORMAT_VERSION, MANIFEST, MINILM_I8, MINILM_SCALE
+from img2prompt.index.layout import MINILM as MINILM_F16
+from img2prompt.index.minilm_store import Int8Rows, dequantise, prediction_change, quantise
 from img2prompt.index.reader import open_index
 
 
@@ -190,7 +190,7 @@ def pca_int8_index(tmp_path_factory, tiny_clip_dir, corpus_file):
 
 
 def test_pca_index_stores_reduced_keys_its_pca_and_recall(pca_int8_index):
-    from img2prompt.index.key_pca import KEY_PCA
+    from img2prompt.index.layout import KEY_PCA
 
     index = open_index(pca_int8_index, verify=True)
     pca = index.manifest["key_pca"]
@@ -203,7 +203,7 @@ def test_pca_index_stores_reduced_keys_its_pca_and_recall(pca_int8_index):
 def test_a_mis_shaped_pca_is_one_line_on_open(pca_int8_index, tmp_path):
     import shutil
 
-    from img2prompt.index.key_pca import KEY_PCA
+    from img2prompt.index.layout import KEY_PCA
 
     copy = tmp_path / "idx"
     shutil.copytree(pca_int8_index, copy)

@@ -13,7 +13,8 @@ from conftest import DATA, KAGGLE_SAMPLE, needs_shared, read_data_prompts
 from img2prompt.encoders.text import minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index.reader import open_index
-from img2prompt.query.evaluate import eval_options, competition_score, cosine_rows, run_eval
+from img2prompt.query.eval_options import eval_options
+from img2prompt.query.evaluate import competition_score, cosine_rows, run_eval
 
 
 def test_metric_by_hand():
@@ -164,13 +165,13 @@ def test_labels_errors(built_index, tmp_path):
 # New names are imported inside the tests so that each test fails on its own when its feature is missing.
 
 def test_alpha_grid_reaches_the_corpus_mean():
-    from img2prompt.query.evaluate import SWEEP_ALPHA
+    from img2prompt.query.eval_options import SWEEP_ALPHA
 
     assert min(SWEEP_ALPHA) == 0.0 and max(SWEEP_ALPHA) == 1.0 and list(SWEEP_ALPHA) == sorted(SWEEP_ALPHA)
 
 
 def test_folds_are_seeded_balanced_and_leave_one_out_when_small():
-    from img2prompt.query.evaluate import fold_ids
+    from img2prompt.query.eval_sweep import fold_ids
 
     folds = fold_ids(12, 5, seed=0)
     assert sorted(np.bincount(folds)) == [2, 2, 2, 3, 3]
@@ -190,7 +191,7 @@ CV_BY_HAND = (0.4 + 0.1 + 0.5 + 0.5) / 4
 
 
 def test_cross_validation_by_hand():
-    from img2prompt.query.evaluate import cross_validate
+    from img2prompt.query.eval_sweep import cross_validate
 
     held_out, chosen = cross_validate(COSINES, np.array([0, 1, 2, 3]))
     np.testing.assert_array_equal(chosen, [1, 0, 0, 0])
@@ -199,7 +200,7 @@ def test_cross_validation_by_hand():
 
 
 def test_sweep_summary_recommends_the_all_data_choice_and_warns():
-    from img2prompt.query.evaluate import sweep_summary
+    from img2prompt.query.eval_sweep import sweep_summary
     from img2prompt.query.settings import RetrievalSettings
 
     grid = [RetrievalSettings(k=1, temperature=0.05, alpha=0.0), RetrievalSettings(k=5, temperature=0.05, alpha=0.0)]
@@ -294,7 +295,7 @@ def test_a_sweep_that_cannot_beat_the_corpus_mean_says_so(built_index, labels):
                       sweep_temperature=(0.05,), sweep_alpha=(1.0,))  # every setting is the corpus mean
     assert report["cross_validation"]["score"] == pytest.approx(report["baselines"]["corpus_mean"], abs=1e-7)
     assert any(w.startswith("the sweep's choice does not beat baseline") for w in report["warnings"])
-    from img2prompt.query.evaluate import format_report
+    from img2prompt.query.eval_report import format_report
 
     text = format_report(report)
     for needle in ("cross-validated score of the sweep's choice", "(chosen on all 20 images",
@@ -309,7 +310,7 @@ def test_a_sweep_that_cannot_beat_the_corpus_mean_says_so(built_index, labels):
 def test_plot_draws_baselines_and_marks_the_recommended_setting():
     import matplotlib.pyplot as plt
 
-    from img2prompt.query.evaluate import draw_sweep
+    from img2prompt.query.eval_report import draw_sweep
 
     rows = [{"k": k, "temperature": t, "alpha": a, "score": 0.1 * k + t + a}
             for k in (1, 3) for t in (0.05, 0.5) for a in (0.0, 1.0)]
@@ -333,7 +334,7 @@ def test_plot_draws_baselines_and_marks_the_recommended_setting():
 
 def test_caption_sets_beside_retrieval_with_the_paired_difference(built_index, text_model, heldout_truth, tmp_path):
     """alpha = 1 makes retrieval the corpus mean, so every per-image number can be computed by hand."""
-    from img2prompt.query.evaluate import format_report
+    from img2prompt.query.eval_report import format_report
 
     heldout = pd.read_csv(DATA / "heldout.csv", dtype=str)
     exact, rotated = tmp_path / "exact.csv", tmp_path / "rotated.csv"
@@ -384,7 +385,7 @@ def test_caption_set_errors(built_index, labels, tmp_path):
 def test_plot_draws_caption_sets_as_lines():
     import matplotlib.pyplot as plt
 
-    from img2prompt.query.evaluate import draw_sweep
+    from img2prompt.query.eval_report import draw_sweep
 
     rows = [{"k": k, "temperature": 0.05, "alpha": 0.0, "score": 0.1 * k} for k in (1, 3)]
     figure = draw_sweep(rows, {"k": 1, "temperature": 0.05, "alpha": 0.0}, {"knn": 0.5}, None,
@@ -407,7 +408,7 @@ def test_plot_without_matplotlib_names_the_extra(built_index, labels, tmp_path, 
 
 
 def test_sweep_reports_the_best_of_each_weighting(built_index, labels):
-    from img2prompt.query.evaluate import format_report
+    from img2prompt.query.eval_report import format_report
 
     report = evaluate(built_index, labels, exclude_exact=True, sweep=True, sweep_k=(3, 10), sweep_temperature=(0.05,),
                       sweep_alpha=(0.0,), sweep_weighting=("softmax", "inverse-distance"), sweep_power=(2.0, 6.0))

@@ -36,16 +36,16 @@ def photos(tmp_path, sample_images) -> Path:
 @pytest.fixture()
 def counted(monkeypatch):
     """How many images reach the encoder (monkeypatched seam of Img2PromptIndex.interrogate)."""
-    import img2prompt.query.engine as engine
+    import img2prompt.query.opened_index as opened_index
 
     seen = []
-    real = engine.embed_images
+    real = opened_index.embed_images
 
     def counting(clip, images, *args, **kwargs):
         seen.extend(map(str, images))
         return real(clip, images, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "embed_images", counting)
+    monkeypatch.setattr(opened_index, "embed_images", counting)
     return seen
 
 

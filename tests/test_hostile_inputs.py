@@ -11,7 +11,8 @@ import pytest
 import img2prompt
 from conftest import run_cli
 from img2prompt.errors import UserError
-from img2prompt.query.evaluate import eval_options, run_eval
+from img2prompt.query.eval_options import eval_options
+from img2prompt.query.evaluate import run_eval
 
 
 @pytest.fixture(scope="module")

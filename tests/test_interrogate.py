@@ -82,7 +82,8 @@ def test_an_index_without_vocabulary_says_so(copied, tmp_path, sample_images):
 def test_eval_scores_the_readable_prompt(built_index, text_model):
     import pandas as pd
 
-    from img2prompt.query.evaluate import eval_options, run_eval
+    from img2prompt.query.eval_options import eval_options
+    from img2prompt.query.evaluate import run_eval
 
     labels = pd.read_csv(KAGGLE_SAMPLE / "prompts.csv")
     images = [KAGGLE_SAMPLE / "images" / f"{image_id}.png" for image_id in labels["imgId"]]

@@ -115,7 +115,8 @@ def test_cli_takes_one_value_per_model(fused_index, tiny_clip_dir, tmp_path):
 
 
 def test_eval_sweeps_model_weights_from_one_encoding(fused, tmp_path):
-    from img2prompt.query.evaluate import eval_options, run_eval
+    from img2prompt.query.eval_options import eval_options
+    from img2prompt.query.evaluate import run_eval
 
     labels = tmp_path / "labels.csv"
     pd.DataFrame({"imgId": [path.stem for path in IMAGES],

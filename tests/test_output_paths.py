@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import pytest
 
+from img2prompt import output_paths
 from img2prompt.errors import UserError
-from img2prompt.output_paths import Output, check_outputs, is_index_folder
+from img2prompt.index.manifest import is_index_folder
+from img2prompt.output_paths import Output
+
+check_outputs = partial(output_paths.check_outputs, is_index=is_index_folder)  # as the query commands call it
 
 
 @pytest.fixture

@@ -150,7 +150,8 @@ def test_no_head_is_a_one_line_error(tmp_path, tiny_clip_dir, corpus_file, sampl
 
 
 def test_eval_sweeps_the_switches_and_reports_them(opened_pairs, tmp_path):
-    from img2prompt.query.evaluate import eval_options, run_eval
+    from img2prompt.query.eval_options import eval_options
+    from img2prompt.query.evaluate import run_eval
 
     labels = tmp_path / "labels.csv"
     pd.DataFrame({"imgId": [path.stem for path in IMAGES],

@@ -15,7 +15,8 @@ from img2prompt.query.results import ImageInput, SearchResult
 from img2prompt.errors import UserError
 from img2prompt.encoders.image_embed import ImageEmbeddings, embed_images, image_label
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS, Interrogation, compose_all
-from img2prompt.query.evaluate import eval_options, run_eval
+from img2prompt.query.eval_options import eval_options
+from img2prompt.query.evaluate import run_eval
 from img2prompt.query.folder_job import FolderJob, FolderReport, run_folder_job
 from img2prompt.query.lookup import run_search
 from img2prompt.query.predict import blended_scores, predict_rows, retrieve
