@@ -28,21 +28,18 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, check_corpus_files, count_rows,
-                                           expand_corpus_paths, file_fingerprint, iter_prompts)
-from img2prompt.build_index.engine import engine_class
-from img2prompt.build_index.pairs import check_pair_files, expand_pair_paths, iter_pairs
+from img2prompt.build_index.corpus import (CorpusReport, check_corpus_files, count_rows, expand_corpus_paths,
+                                           file_fingerprint)
+from img2prompt.build_index.job import JobContext, LoadedModels, PhaseTimer, peak_rss_mib, prepare_job, run_job
+from img2prompt.build_index.options import AddOptions, as_build, index_settings  # AddOptions: also imported from here
+from img2prompt.build_index.pairs import check_pair_files, expand_pair_paths
 from img2prompt.build_index.phrases import MIN_COUNT, merge_phrases
-from img2prompt.build_index.runner import (BuildJob, BuildOptions, BuildResult, PhaseTimer, build_search_backend,
-                                           encode_shards, peak_rss_mib, precision_of, ridge_accumulator)
-from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
-from img2prompt.build_index.shards import plan_shards
+from img2prompt.build_index.runner import (BuildJob, BuildResult, build_search_backend, encode_shards, plan_tasks,
+                                           precision_of, ridge_accumulator)
 from img2prompt.encoders.clip_ensemble import load_named_clips
 from img2prompt.encoders.models import load_text_model, resolve_device
 from img2prompt.encoders.precision import announce_models, index_precision
@@ -57,33 +54,12 @@ from img2prompt.index.manifest import KeyRange, content_sha256, read_manifest, v
 from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
 from img2prompt.index.ridge import RidgeAccumulator, read_state
-from img2prompt.index.writer import IndexWriter, ShardTask
 from img2prompt.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 SKIP_IN_INDEX = "duplicate_of_index"  # a new prompt the index already holds
 CHUNK = 65_536  # rows read at a time when the head is refitted
-
-
-@dataclass
-class AddOptions:
-    index: str
-    corpus: list[str]
-    clip_model: str | list[str] | None = None  # where the index's CLIP weights are here (None: as the manifest
-    # names them); the identity must match the manifest
-    clip_pretrained: str | list[str | None] | None = None
-    text_model: str | None = None
-    column: str = "prompt"
-    batch_size: int = 256
-    device: str = "auto"
-    shard_size: int = 100_000
-    max_chars: int = DEFAULT_MAX_CHARS
-    resume: bool = False
-    progress: bool = True
-    retrain: bool = False  # rebuild the search structure over every row instead of adding to it
-    pairs: list[str] | None = None  # (image, prompt) tables: new image-keyed entries (build_index/pairs.py)
-    near_dup: float | None = None  # also drop a new prompt whose MiniLM cosine to a kept or indexed one is ≥ this
 
 
 def check_index(root: Path, verb: str = "add to", image_keys: bool = True) -> dict:
@@ -115,9 +91,9 @@ def check_models(root: Path, manifest: dict, models: dict) -> None:
                             f"{describe(have)} was given: add needs the index's own models")
 
 
-def load_index_models(options, root: Path, manifest: dict, device, timer: PhaseTimer) -> tuple:
-    """(clip, text_model, identities, precision) an add or a merge encodes with, checked against the index's
-    `manifest`; the towers run in the precision the index was built in (new rows never mix bf16 into fp32)."""
+def load_index_models(options, root: Path, manifest: dict, device, timer: PhaseTimer) -> tuple[LoadedModels, str]:
+    """(models, precision) an add or a merge encodes with, checked against the index's `manifest`; the towers
+    run in the precision the index was built in (new rows never mix bf16 into fp32)."""
     precision = index_precision((manifest.get("build") or {}).get("precision"))
     with timer.phase("load_models"):
         clip = load_named_clips(options.clip_model, options.clip_pretrained, device, precision=precision)
@@ -125,7 +101,7 @@ def load_index_models(options, root: Path, manifest: dict, device, timer: PhaseT
     announce_models([device], precision)  # the command's one line: where the models run
     models = {"clip": clip.identity(), "text": text_model.identity()}
     check_models(root, manifest, models)
-    return clip, text_model, models, precision
+    return LoadedModels(clip, text_model, models), precision
 
 
 def manifest_clip_models(manifest: dict) -> dict:
@@ -146,13 +122,14 @@ def describe(identity) -> str:
 class AddJob(BuildJob):
     """A BuildJob over the new prompts only, whose later steps extend the index's files instead of rebuilding."""
 
-    def __init__(self, *args, old: PromptIndex, retrain: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, context: JobContext, *, old: PromptIndex, retrain: bool = False) -> None:
+        super().__init__(context)
         self.old, self.retrain = old, retrain
         self.appended: AppendedRows | None = None
 
     def steps(self):
-        steps = [("encode", self.encode), ("append", self.append)]
+        steps = [("encode", self.encode)] + ([("near_dup", self.near_dup)] if self.options.near_dup else [])
+        steps += [("nothing_new", self.stop_if_nothing_new), ("append", self.append)]
         if "key_pca" in self.old.manifest:  # before the search, which indexes the (maybe re-projected) keys
             steps.append(("key_pca", self.key_pca))
         steps += [("search", self.grow_search), ("calibration", self.calibrate)]
@@ -162,42 +139,22 @@ class AddJob(BuildJob):
             steps.append(("phrases", self.merge_phrases))
         return steps
 
-    def run(self) -> BuildResult:
-        """The steps, unless the corpus holds nothing new (and no retrain was asked): then the index is left
-        exactly as it was."""
-        steps = self.steps()
-        steps[0][1]()
-        if self.options.near_dup:
-            self.near_dup()
+    def stop_if_nothing_new(self) -> None:
+        """The corpus holds nothing new (and no retrain was asked): the job ends here, the index left exactly
+        as it was."""
         if self.report["added"] == 0 and not self.retrain:
             self.writer.abandon()
             log.info("%s: nothing new to add (%d prompts already in the index)", self.old.root,
                      self.report["skipped"].get(SKIP_IN_INDEX, 0))
-            return BuildResult(manifest=self.old.manifest, report=self.report, timings=self.timer.rounded())
-        for _, step in steps[1:]:
-            step()
-        return self.commit()
+            self.outcome = BuildResult(manifest=self.old.manifest, report=self.report, timings=self.timer.rounded())
 
     def encode(self) -> None:
         seen = KeySet()  # the index's dedup keys: 8 bytes a prompt, streamed from its files
         for batch in self.old.stream_prompt_batches():
             seen.add_new(dedup_keys(batch))
-        corpus = CorpusReport()
-
-        def new_prompts() -> Iterator[str]:
-            return iter_prompts(self.paths, self.options.column, corpus, self.options.max_chars,
-                                known=(seen, SKIP_IN_INDEX))
-
-        def tasks() -> Iterator[ShardTask]:  # text keys first, then image keys (as a build plans them)
-            after = 0
-            for task in plan_shards(new_prompts(), self.options.shard_size):
-                after = task.number + 1
-                yield task
-            yield from plan_shards(iter_pairs(self.pair_paths, pairs, self.options.max_chars),
-                                   self.options.shard_size, first_number=after)
-
-        pairs = CorpusReport()
-        self.report, self.encoded_rows = encode_shards(self.writer, self.engine, self.encoder, self.spec, tasks(),
+        corpus, pairs = CorpusReport(), CorpusReport()
+        tasks = plan_tasks(self.paths, self.pair_paths, corpus, pairs, self.options, False, known=(seen, SKIP_IN_INDEX))
+        self.report, self.encoded_rows = encode_shards(self.writer, self.engine, self.encoder, self.spec, tasks,
                                                        corpus, self.options, self.timer, total_rows=self.total_rows,
                                                        pairs=pairs)
         self.report["added"] = self.writer.rows_committed()
@@ -412,31 +369,16 @@ def run_add(options: AddOptions) -> BuildResult:
         read_state(root / REGRESSION_STATS, old.count, old.clip_vectors.shape[1], old.text_dim)
     device = resolve_device(options.device)
     timer = PhaseTimer()
-    clip, text_model, models, precision = load_index_models(options, root, old_manifest, device, timer)
-    plan = old_manifest.get("search", {})
-    build = BuildOptions(corpus=[str(path) for path in paths], out=str(root), clip_model=options.clip_model,
-                         clip_pretrained=options.clip_pretrained, text_model=options.text_model,
-                         column=options.column, batch_size=options.batch_size, device=options.device,
-                         shard_size=options.shard_size, index=plan.get("kind", "auto"),
-                         max_memory=old_manifest.get("build_options", {}).get("max_memory"),
-                         resume=options.resume, max_chars=options.max_chars, progress=options.progress,
-                         seed=old_manifest.get("build_options", {}).get("seed", 0),
-                         regression="regression" in old_manifest, near_dup=options.near_dup, precision=precision)
+    models, precision = load_index_models(options, root, old_manifest, device, timer)
+    # overwrite: the grown index replaces the old one (staged beside it, swapped in)
+    build = as_build(options, corpus=[str(path) for path in paths], out=str(root), clip_model=options.clip_model,
+                     overwrite=True, precision=precision, **index_settings(old_manifest))
     # The resume key: the very index being grown (its files' checksums), the new files, the encode settings.
-    build_key = {"add_to": content_sha256(old_manifest), "models": models, "retrain": options.retrain,
+    build_key = {"add_to": content_sha256(old_manifest), "models": models.identities, "retrain": options.retrain,
                  "precision": precision_of(device, precision), "batch_size": options.batch_size,
                  "corpus": [file_fingerprint(path) for path in paths], "column": options.column,
                  "shard_size": options.shard_size, "max_chars": options.max_chars, "near_dup": options.near_dup,
                  **({"pairs": [file_fingerprint(path) for path in pair_paths]} if pair_paths else {})}
-    engine = engine_class("local").from_options(build)
-    writer = IndexWriter(root, build_key, resume=options.resume, overwrite=True)
-    encoder = ShardEncoder(clip, text_model, options.batch_size, None)
-    spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
-                       options.batch_size, None, models, precision=precision)
-    try:
-        job = AddJob(writer, engine, encoder, spec, paths, pair_paths, models, device, count_rows(paths + pair_paths),
-                     build, timer,
-                     old=old, retrain=options.retrain)
-        return job.run()
-    finally:
-        writer.close()
+    context = prepare_job(build, build_key, models, device, timer, paths=paths, pair_paths=pair_paths,
+                          total_rows=count_rows(paths + pair_paths))
+    return run_job(AddJob, context, old=old, retrain=options.retrain)

@@ -139,37 +139,44 @@ def is_text_type(kind: pa.DataType) -> bool:
 def _raw_table_rows(path: Path, column: str, hint: str = " (choose one with --column)",
                     type_hint: str = TYPE_HINT) -> Iterator[RawRow]:
     """`hint` ends the missing-column error, `type_hint` the not-text one (each names the option to fix it)."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    if path.suffix.lower() == ".parquet":
+        return _raw_parquet_rows(path, column, hint, type_hint)
+    return _raw_csv_rows(path, column, hint)
 
-        try:
-            # an fsspec file object is seekable: pyarrow reads the footer, then one row group at a time
-            parquet = pq.ParquetFile(storage.open_read(path.url) if isinstance(path, storage.UrlPath) else path)
-        except UserError:
-            raise
-        except Exception as exc:
-            raise UserError(f"{path}: not a readable parquet file ({exc})") from exc
-        _check_column(path, column, parquet.schema_arrow.names, hint)
-        kind = parquet.schema_arrow.field(column).type
-        if not is_text_type(kind):
-            raise UserError(f"{path}: column {column!r} holds {kind}, not text{type_hint}")
-        try:
-            for batch in parquet.iter_batches(columns=[column], batch_size=READ_CHUNK_ROWS):
-                for value in batch.column(0).to_pylist():
-                    yield _parquet_value(value)
-        except (OSError, pa.ArrowException) as exc:  # a damaged page or footer inside the file
-            raise UserError(f"{path}: parquet data is damaged ({short_reason(exc)})") from exc
-        return
+
+def _raw_parquet_rows(path: Path, column: str, hint: str, type_hint: str) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+
+    try:
+        # an fsspec file object is seekable: pyarrow reads the footer, then one row group at a time
+        parquet = pq.ParquetFile(storage.open_read(path.url) if isinstance(path, storage.UrlPath) else path)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable parquet file ({exc})") from exc
+    _check_column(path, column, parquet.schema_arrow.names, hint)
+    kind = parquet.schema_arrow.field(column).type
+    if not is_text_type(kind):
+        raise UserError(f"{path}: column {column!r} holds {kind}, not text{type_hint}")
+    try:
+        for batch in parquet.iter_batches(columns=[column], batch_size=READ_CHUNK_ROWS):
+            for value in batch.column(0).to_pylist():
+                yield _parquet_value(value)
+    except (OSError, pa.ArrowException) as exc:  # a damaged page or footer inside the file
+        raise UserError(f"{path}: parquet data is damaged ({short_reason(exc)})") from exc
+
+
+def _raw_csv_rows(path: Path, column: str, hint: str) -> Iterator[RawRow]:
+    """CSV, or TSV by its suffix."""
     import pandas as pd
 
     if path.stat().st_size == 0:
         return
     _check_text_encoding(path)
-    separator = "\t" if suffix == ".tsv" else ","
+    separator = "\t" if path.suffix.lower() == ".tsv" else ","
     # TSV has no quoting: a field that starts with '"' is text (PartiPrompts' '"G I G G L E" painted…'),
     # and quote processing would swallow the rows after it.
-    quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+    quoting = csv.QUOTE_NONE if separator == "\t" else csv.QUOTE_MINIMAL
     try:
         header = pd.read_csv(str(path), sep=separator, nrows=0, encoding="utf-8-sig", encoding_errors="replace",
                              quoting=quoting)
@@ -184,7 +191,8 @@ def _raw_table_rows(path: Path, column: str, hint: str = " (choose one with --co
     except pd.errors.EmptyDataError:
         return  # only blank lines: nothing to read
     except pd.errors.ParserError as exc:
-        raise UserError(f"{path}: cannot parse as {'TSV' if separator == chr(9) else 'CSV'}: {short_reason(exc)}") from exc
+        kind = "TSV" if separator == "\t" else "CSV"
+        raise UserError(f"{path}: cannot parse as {kind}: {short_reason(exc)}") from exc
 
 
 def _parquet_value(value) -> RawRow:

@@ -327,213 +327,302 @@ class RayEngine(BuildEngine):
     def run(self, tasks: Iterator[ShardTask], encoder: ShardEncoder, spec: EncoderSpec, root: Path,
             progress: Callable[[int], None] | None = None) -> Iterator[tuple[dict, dict]]:
         started_ray = self._connect()
-        slots: list[_Slot] = []
+        scheduler: _Scheduler | None = None
         fetching = ThreadPoolExecutor(RECEIVE_THREADS, thread_name_prefix="receive-shard")
         try:
             workers, resources = self._plan(spec)
-            actor_spec = replace(spec, device="cuda") if spec.device.startswith("cuda") else spec
-            # the actor's own threads (tokenizing, the GPU build's CPU side); encoding uses spec.threads on CPU
-            threads = spec.threads or max(1, int(resources["num_cpus"]))
-            options = {**resources, "max_concurrency": IN_FLIGHT_PER_WORKER + 1}  # + the progress query
-            log.info("ray: %d workers (%s each, %d torch threads) on a cluster of %s", workers,
-                     ", ".join(f"{key} {value:g}" for key, value in resources.items()), threads,
-                     {key: value for key, value in ray.cluster_resources().items() if key in ("CPU", "GPU")})
-            spec_ref = ray.put(actor_spec)
-            crash, cwd = os.environ.get(CRASH_ENV), os.getcwd()
             sink = self.store or SharedFolder(str(Path(root).resolve()))
-
-            def start(slot: _Slot) -> None:
-                slot.actor = _Actor.options(**options).remote(spec_ref, threads, cwd, sink, crash)
-                slot.generation += 1
-                slot.ready, slot.host, slot.calls, slot.reported = False, "starting", 0, 0
-                pending[slot.actor.ready.remote()] = ("ready", slot, slot.generation, None)
-
-            pending: dict = {}
-            slots = [_Slot(index) for index in range(workers)]
-            for slot in slots:
-                start(slot)
-            yield from self._schedule(tasks, slots, pending, start, sink, root, fetching, progress)
+            scheduler = _Scheduler(tasks, workers, self._actor_factory(spec, resources, workers, sink), sink, root,
+                                   fetching, progress, self.max_tries)
+            scheduler.start_all()
+            yield from scheduler.run()
         finally:
             fetching.shutdown(wait=True, cancel_futures=True)
-            for slot in slots:
+            for slot in scheduler.slots if scheduler is not None else []:
                 if slot.actor is not None:
                     with contextlib.suppress(Exception):  # never hide the error that brought us here
                         ray.kill(slot.actor, no_restart=True)
             if started_ray:
                 ray.shutdown()
 
-    def _schedule(self, tasks: Iterator[ShardTask], slots: list[_Slot], pending: dict, start,
-                  sink: SharedFolder | ShardStore, root: Path, fetching: ThreadPoolExecutor,
-                  progress: Callable[[int], None] | None = None) -> Iterator[tuple[dict, dict]]:
-        retry: deque[_Attempt] = deque()
-        tasks = iter(tasks)
-        exhausted = False
-        submitted = done = rows = 0
-        began = last_log = last_result = last_warning = time.monotonic()
-        receiving: deque = deque()  # futures of (record, seconds), given to the runner in the order they came
+    def _actor_factory(self, spec: EncoderSpec, resources: dict, workers: int,
+                       sink: SharedFolder | ShardStore) -> "_ActorFactory":
+        """How each worker slot's actor is made (the driver's spec put in the object store once)."""
+        actor_spec = replace(spec, device="cuda") if spec.device.startswith("cuda") else spec
+        # the actor's own threads (tokenizing, the GPU build's CPU side); encoding uses spec.threads on CPU
+        threads = spec.threads or max(1, int(resources["num_cpus"]))
+        options = {**resources, "max_concurrency": IN_FLIGHT_PER_WORKER + 1}  # + the progress query
+        log.info("ray: %d workers (%s each, %d torch threads) on a cluster of %s", workers,
+                 ", ".join(f"{key} {value:g}" for key, value in resources.items()), threads,
+                 {key: value for key, value in ray.cluster_resources().items() if key in ("CPU", "GPU")})
+        return _ActorFactory(options, ray.put(actor_spec), threads, os.getcwd(), sink, os.environ.get(CRASH_ENV))
 
-        def receive(record: dict, seconds: dict) -> tuple[dict, dict]:
-            """The shard's files into the index folder, checked (from a store; a shared folder has them)."""
-            return record, {**seconds, **sink.receive(record, root)}
 
-        def received(wait: bool) -> Iterator[tuple[dict, dict]]:
-            """The fetched shards, oldest first, to the runner (which commits each); with `wait`, all of them."""
-            while receiving and (wait or receiving[0].done()):
-                record, seconds = receiving.popleft().result()  # a failed fetch raises its UserError here
-                yield record, seconds
-                sink.discard(record)  # committed now: the store's copy is no longer needed
+@dataclass
+class _ActorFactory:
+    """Makes a worker slot's actor, at the start and again after a death, always with the same arguments."""
+    options: dict  # the actor's resources and concurrency
+    spec_ref: object  # the EncoderSpec in the object store
+    threads: int
+    cwd: str
+    sink: SharedFolder | ShardStore
+    crash: str | None = None  # CRASH_ENV
 
-        def next_attempt() -> _Attempt | None:
-            nonlocal exhausted, submitted
-            if retry:
-                return retry.popleft()
-            if exhausted:
-                return None
-            task = next(tasks, None)
-            if task is None:
-                exhausted = True
-                return None
-            submitted += 1
-            return _Attempt(task, ray.put(task))
+    def __call__(self) -> object:
+        return _Actor.options(**self.options).remote(self.spec_ref, self.threads, self.cwd, self.sink, self.crash)
 
-        def pending_calls() -> int:
-            return sum(len(slot.running) for slot in slots)
 
-        def fill() -> None:
-            while True:
-                free = [slot for slot in slots if slot.ready and len(slot.running) < IN_FLIGHT_PER_WORKER]
-                if not free:
-                    return
-                slot = min(free, key=lambda s: (len(s.running), s.index))
-                attempt = next_attempt()
-                if attempt is None:
-                    return
-                ref = slot.actor.encode.remote(attempt.ref, slot.calls)
-                slot.calls += 1
-                slot.running.append((ref, attempt))
-                pending[ref] = ("shard", slot, slot.generation, attempt)
+@dataclass
+class _Tally:
+    """The scheduler's counts and clocks, behind its progress lines and its waiting warning."""
+    began: float
+    submitted: int = 0
+    done: int = 0
+    rows: int = 0
+    last_log: float = 0.0
+    last_result: float = 0.0
+    last_warning: float = 0.0
 
-        def failed(attempt: _Attempt, slot: _Slot, reason: str, counts: bool) -> None:
-            if counts:
-                attempt.tries += 1
-                slot.failures += 1
-                log.warning("ray: shard %d failed on worker %d (%s; %d failures on it) — try %d of %d: %s",
-                            attempt.task.number, slot.index, slot.host, slot.failures, attempt.tries,
-                            self.max_tries, reason)
-                if attempt.tries >= self.max_tries:
-                    raise UserError(f"shard {attempt.task.number} failed after {attempt.tries} tries: {reason}")
-            retry.append(attempt)
+    def __post_init__(self) -> None:
+        self.last_log = self.last_result = self.last_warning = self.began
 
-        def outcome(ref, attempt: _Attempt, slot: _Slot) -> tuple[str, object]:
-            """("done", (record, seconds)), ("failed", None): the worker raised, the shard is retried or the
-            build stops; or ("died", reason): the actor is gone, for died() to handle."""
-            try:
-                return "done", ray.get(ref, timeout=WAITING_LOG_S)
-            except RayTaskError as exc:  # the worker raised: it is alive, only this shard failed
-                if (error := _user_error(exc)) is not None:
-                    raise error from None
-                failed(attempt, slot, _reason(exc), counts=True)
-                return "failed", None
-            except RayError as exc:  # the actor (its process or node) died
-                return "died", _reason(exc)
+    def quiet_for(self, now: float) -> float:
+        """Seconds since the last result or the last waiting warning, whichever came later."""
+        return now - max(self.last_result, self.last_warning)
 
-        def settle(slot: _Slot, ref) -> list[tuple[dict, dict]]:
-            """One of the slot's calls finished: its result, if it has one."""
-            attempt = next(item[1] for item in slot.running if item[0] == ref)
-            kind, value = outcome(ref, attempt, slot)
-            if kind == "died":
-                return died(slot)
-            slot.running = deque(item for item in slot.running if item[0] != ref)
-            return [value] if kind == "done" else []
+    def progress_line(self, now: float, exhausted: bool, slots: list[_Slot]) -> str:
+        failures = {slot.index: slot.failures for slot in slots if slot.failures} or "none"
+        return (f"ray: {self.done}/{self.submitted}{'' if exhausted else '+'} shards, {self.rows} prompts, "
+                f"{self.rows / max(now - self.began, 1e-9):.0f} prompts/s over {len(slots)} workers; "
+                f"failures per worker: {failures}")
 
-        def died(slot: _Slot) -> list[tuple[dict, dict]]:
-            """The slot's actor is gone: keep what its calls finished before (Ray may report them after the
-            death), count a try against its oldest unfinished call (the one it was encoding), resubmit the
-            others for free, and start a new actor."""
-            results, blamed, why = [], False, "unknown"
-            for ref, attempt in list(slot.running):
-                pending.pop(ref, None)
-                kind, value = outcome(ref, attempt, slot)
-                if kind == "done":
-                    results.append(value)
-                elif kind == "died":
-                    why = value if not blamed else why
-                    failed(attempt, slot, value, counts=not blamed)
-                    blamed = True
-            slot.running.clear()
-            log.warning("ray: worker %d (%s) died (%s); starting a new one", slot.index, slot.host, why)
-            with contextlib.suppress(Exception):
-                ray.kill(slot.actor, no_restart=True)
-            start(slot)
-            return results
+    def end_line(self, now: float, slots: list[_Slot]) -> str:
+        elapsed = now - self.began
+        return (f"ray: encoded {self.done} shards, {self.rows} prompts in {elapsed:.1f} s "
+                f"({self.rows / max(elapsed, 1e-9):.0f} prompts/s over {len(slots)} workers)")
 
-        def poll_progress() -> None:
-            """Driver-side aggregation: each live actor's encoded rows since the last poll go to `progress`."""
-            live = [slot for slot in slots if slot.ready and slot.running]
-            try:
-                counts = ray.get([slot.actor.encoded.remote() for slot in live], timeout=PROGRESS_POLL_S)
-            except (RayError, TimeoutError):
-                return  # a dying actor: its rows are reported when its shard is retried
-            for slot, count in zip(live, counts):
-                if count > slot.reported:
-                    progress(count - slot.reported)
-                    slot.reported = count
 
+class _Scheduler:
+    """The driver's side of a Ray build: shard tasks to the slots whose actors have loaded their models (at most
+    IN_FLIGHT_PER_WORKER each), results to the runner in the order they come (fetched from the store first),
+    failed shards retried up to `max_tries` and dead actors replaced (the module docstring tells the rules).
+
+    `pending` maps each outstanding Ray call to (kind, slot, the slot's actor generation, attempt): "ready" for
+    an actor's model load, "shard" for an encode call; a call to an actor since replaced is ignored."""
+
+    def __init__(self, tasks: Iterator[ShardTask], workers: int, make_actor: Callable[[], object],
+                 sink: SharedFolder | ShardStore, root: Path, fetching: ThreadPoolExecutor,
+                 progress: Callable[[int], None] | None = None, max_tries: int = MAX_TRIES) -> None:
+        self.tasks, self.make_actor, self.sink, self.root = iter(tasks), make_actor, sink, root
+        self.fetching, self.progress, self.max_tries = fetching, progress, max_tries
+        self.slots = [_Slot(index) for index in range(workers)]
+        self.pending: dict = {}
+        self.retry: deque[_Attempt] = deque()
+        self.exhausted = False  # every task has been taken from `tasks`
+        self.receiving: deque = deque()  # futures of (record, seconds), given to the runner in the order they came
+        self.tally = _Tally(time.monotonic())
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def run(self) -> Iterator[tuple[dict, dict]]:
         while True:
-            fill()
-            yield from received(wait=False)
-            if exhausted and not retry and not any(slot.running for slot in slots):
+            self.fill()
+            yield from self.received(wait=False)
+            if self.all_done():
                 break
-            timeout = PROGRESS_POLL_S if progress else WAITING_LOG_S
-            finished, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
-            if progress:
-                poll_progress()
-            if not finished and time.monotonic() - max(last_result, last_warning) < WAITING_LOG_S:
+            ref = self.next_finished()
+            if ref is None:
                 continue
-            if not finished:
-                last_warning = time.monotonic()
-                waiting = [slot.index for slot in slots if not slot.ready]
-                log.warning("ray: no result for %.0f s; %d shards running, workers %s still starting (placement "
-                            "needs free %s)", time.monotonic() - last_result,
-                            sum(len(slot.running) for slot in slots), waiting or "none", ray.available_resources())
-                continue
-            ref = finished[0]
-            kind, slot, generation, _ = pending.pop(ref)
-            last_result = time.monotonic()
+            kind, slot, generation, _ = self.pending.pop(ref)
+            self.tally.last_result = time.monotonic()
             if generation != slot.generation:
                 continue  # a call to an actor already replaced
             if kind == "ready":
-                try:
-                    slot.host = ray.get(ref)
-                    slot.ready = True
-                except RayError as exc:
-                    if (error := _user_error(exc)) is not None:
-                        raise error from None
-                    slot.loads_failed += 1
-                    reason = _reason(exc)
-                    log.warning("ray: worker %d could not start (%d of %d): %s", slot.index, slot.loads_failed,
-                                self.max_tries, reason)
-                    if slot.loads_failed >= self.max_tries:
-                        raise UserError(f"Ray worker {slot.index} could not load the models after "
-                                        f"{slot.loads_failed} tries: {reason}") from None
-                    with contextlib.suppress(Exception):
-                        ray.kill(slot.actor, no_restart=True)
-                    start(slot)
+                self.on_ready(slot, ref)
                 continue
-            for record, seconds in settle(slot, ref):
-                done += 1
-                rows += record["count"]
-                now = time.monotonic()
-                if now - last_log >= PROGRESS_LOG_S or (exhausted and not retry and not pending_calls()):
-                    last_log = now
-                    log.info("ray: %d/%s shards, %d prompts, %.0f prompts/s over %d workers; failures per worker: "
-                             "%s", done, f"{submitted}" if exhausted else f"{submitted}+", rows,
-                             rows / max(now - began, 1e-9), len(slots),
-                             {slot.index: slot.failures for slot in slots if slot.failures} or "none")
-                receiving.append(fetching.submit(receive, record, seconds))
-            yield from received(wait=False)
-        yield from received(wait=True)
-        elapsed = time.monotonic() - began
-        log.info("ray: encoded %d shards, %d prompts in %.1f s (%.0f prompts/s over %d workers)", done, rows,
-                 elapsed, rows / max(elapsed, 1e-9), len(slots))
+            self.on_shard(slot, ref)
+            yield from self.received(wait=False)
+        yield from self.received(wait=True)
+        log.info("%s", self.tally.end_line(time.monotonic(), self.slots))
 
+    def all_done(self) -> bool:
+        return self.exhausted and not self.retry and not any(slot.running for slot in self.slots)
+
+    def next_finished(self):
+        """The next finished call, or None after a wait without one (polling the progress bar meanwhile, and
+        warning what the build waits for when nothing has come for WAITING_LOG_S)."""
+        timeout = PROGRESS_POLL_S if self.progress else WAITING_LOG_S
+        finished, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+        if self.progress:
+            self.poll_progress()
+        if finished:
+            return finished[0]
+        if self.tally.quiet_for(time.monotonic()) >= WAITING_LOG_S:
+            self.warn_waiting()
+        return None
+
+    def warn_waiting(self) -> None:
+        self.tally.last_warning = time.monotonic()
+        waiting = [slot.index for slot in self.slots if not slot.ready]
+        log.warning("ray: no result for %.0f s; %d shards running, workers %s still starting (placement "
+                    "needs free %s)", time.monotonic() - self.tally.last_result, self.running_calls(),
+                    waiting or "none", ray.available_resources())
+
+    # -- actors ------------------------------------------------------------------------------------------
+
+    def start_all(self) -> None:
+        for slot in self.slots:
+            self.start(slot)
+
+    def start(self, slot: _Slot) -> None:
+        """A new actor in the slot; its model load (ready()) is awaited like any call."""
+        slot.actor = self.make_actor()
+        slot.generation += 1
+        slot.ready, slot.host, slot.calls, slot.reported = False, "starting", 0, 0
+        self.pending[slot.actor.ready.remote()] = ("ready", slot, slot.generation, None)
+
+    def restart(self, slot: _Slot) -> None:
+        with contextlib.suppress(Exception):
+            ray.kill(slot.actor, no_restart=True)
+        self.start(slot)
+
+    def on_ready(self, slot: _Slot, ref) -> None:
+        """An actor's model load ended: it takes tasks now, or it is started again (MAX_TRIES loads a slot)."""
+        try:
+            slot.host = ray.get(ref)
+            slot.ready = True
+        except RayError as exc:
+            if (error := _user_error(exc)) is not None:
+                raise error from None
+            slot.loads_failed += 1
+            reason = _reason(exc)
+            log.warning("ray: worker %d could not start (%d of %d): %s", slot.index, slot.loads_failed,
+                        self.max_tries, reason)
+            if slot.loads_failed >= self.max_tries:
+                raise UserError(f"Ray worker {slot.index} could not load the models after "
+                                f"{slot.loads_failed} tries: {reason}") from None
+            self.restart(slot)
+
+    # -- handing out tasks -------------------------------------------------------------------------------
+
+    def next_attempt(self) -> _Attempt | None:
+        """A shard to retry, else the next task (put in the object store once), else None."""
+        if self.retry:
+            return self.retry.popleft()
+        if self.exhausted:
+            return None
+        task = next(self.tasks, None)
+        if task is None:
+            self.exhausted = True
+            return None
+        self.tally.submitted += 1
+        return _Attempt(task, ray.put(task))
+
+    def fill(self) -> None:
+        """Every ready slot with room gets a call, the least busy first (then the lowest index)."""
+        while True:
+            free = [slot for slot in self.slots if slot.ready and len(slot.running) < IN_FLIGHT_PER_WORKER]
+            if not free:
+                return
+            slot = min(free, key=lambda s: (len(s.running), s.index))
+            attempt = self.next_attempt()
+            if attempt is None:
+                return
+            ref = slot.actor.encode.remote(attempt.ref, slot.calls)
+            slot.calls += 1
+            slot.running.append((ref, attempt))
+            self.pending[ref] = ("shard", slot, slot.generation, attempt)
+
+    def running_calls(self) -> int:
+        return sum(len(slot.running) for slot in self.slots)
+
+    # -- results -----------------------------------------------------------------------------------------
+
+    def on_shard(self, slot: _Slot, ref) -> None:
+        """One of the slot's encode calls finished: its result (if any) counted and its files fetched."""
+        for record, seconds in self.settle(slot, ref):
+            self.tally.done += 1
+            self.tally.rows += record["count"]
+            now = time.monotonic()
+            if now - self.tally.last_log >= PROGRESS_LOG_S or \
+                    (self.exhausted and not self.retry and not self.running_calls()):
+                self.tally.last_log = now
+                log.info("%s", self.tally.progress_line(now, self.exhausted, self.slots))
+            self.receiving.append(self.fetching.submit(self.receive, record, seconds))
+
+    def settle(self, slot: _Slot, ref) -> list[tuple[dict, dict]]:
+        """One of the slot's calls finished: its result, if it has one."""
+        attempt = next(item[1] for item in slot.running if item[0] == ref)
+        kind, value = self.outcome(ref, attempt, slot)
+        if kind == "died":
+            return self.died(slot)
+        slot.running = deque(item for item in slot.running if item[0] != ref)
+        return [value] if kind == "done" else []
+
+    def outcome(self, ref, attempt: _Attempt, slot: _Slot) -> tuple[str, object]:
+        """("done", (record, seconds)), ("failed", None): the worker raised, the shard is retried or the
+        build stops; or ("died", reason): the actor is gone, for died() to handle."""
+        try:
+            return "done", ray.get(ref, timeout=WAITING_LOG_S)
+        except RayTaskError as exc:  # the worker raised: it is alive, only this shard failed
+            if (error := _user_error(exc)) is not None:
+                raise error from None
+            self.failed(attempt, slot, _reason(exc), counts=True)
+            return "failed", None
+        except RayError as exc:  # the actor (its process or node) died
+            return "died", _reason(exc)
+
+    def failed(self, attempt: _Attempt, slot: _Slot, reason: str, counts: bool) -> None:
+        """The attempt goes back for a retry; one that `counts` is a try against the shard (and a failure of the
+        slot), and the build stops at the shard's max_tries-th."""
+        if counts:
+            attempt.tries += 1
+            slot.failures += 1
+            log.warning("ray: shard %d failed on worker %d (%s; %d failures on it) — try %d of %d: %s",
+                        attempt.task.number, slot.index, slot.host, slot.failures, attempt.tries,
+                        self.max_tries, reason)
+            if attempt.tries >= self.max_tries:
+                raise UserError(f"shard {attempt.task.number} failed after {attempt.tries} tries: {reason}")
+        self.retry.append(attempt)
+
+    def died(self, slot: _Slot) -> list[tuple[dict, dict]]:
+        """The slot's actor is gone: keep what its calls finished before (Ray may report them after the
+        death), count a try against its oldest unfinished call (the one it was encoding), resubmit the
+        others for free, and start a new actor."""
+        results, blamed, why = [], False, "unknown"
+        for ref, attempt in list(slot.running):
+            self.pending.pop(ref, None)
+            kind, value = self.outcome(ref, attempt, slot)
+            if kind == "done":
+                results.append(value)
+            elif kind == "died":
+                why = value if not blamed else why
+                self.failed(attempt, slot, value, counts=not blamed)
+                blamed = True
+        slot.running.clear()
+        log.warning("ray: worker %d (%s) died (%s); starting a new one", slot.index, slot.host, why)
+        self.restart(slot)
+        return results
+
+    def poll_progress(self) -> None:
+        """Driver-side aggregation: each live actor's encoded rows since the last poll go to `progress`."""
+        live = [slot for slot in self.slots if slot.ready and slot.running]
+        try:
+            counts = ray.get([slot.actor.encoded.remote() for slot in live], timeout=PROGRESS_POLL_S)
+        except (RayError, TimeoutError):
+            return  # a dying actor: its rows are reported when its shard is retried
+        for slot, count in zip(live, counts):
+            if count > slot.reported:
+                self.progress(count - slot.reported)
+                slot.reported = count
+
+    def receive(self, record: dict, seconds: dict) -> tuple[dict, dict]:
+        """The shard's files into the index folder, checked (from a store; a shared folder has them)."""
+        return record, {**seconds, **self.sink.receive(record, self.root)}
+
+    def received(self, wait: bool) -> Iterator[tuple[dict, dict]]:
+        """The fetched shards, oldest first, to the runner (which commits each); with `wait`, all of them."""
+        while self.receiving and (wait or self.receiving[0].done()):
+            record, seconds = self.receiving.popleft().result()  # a failed fetch raises its UserError here
+            yield record, seconds
+            self.sink.discard(record)  # committed now: the store's copy is no longer needed

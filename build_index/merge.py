@@ -34,11 +34,9 @@ import numpy as np
 from img2prompt.atomic import write_atomic
 from img2prompt.build_index.add import describe, load_index_models, manifest_clip_models
 from img2prompt.build_index.corpus import CorpusReport
-from img2prompt.build_index.engine import engine_class
-from img2prompt.build_index.result import finished_result
-from img2prompt.build_index.runner import (BuildJob, BuildOptions, BuildResult, PhaseTimer, encode_shards,
-                                           peak_rss_mib)
-from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
+from img2prompt.build_index.job import JobContext, PhaseTimer, peak_rss_mib, prepare_job, run_job
+from img2prompt.build_index.options import MergeOptions, as_build, index_settings  # MergeOptions: imported from here
+from img2prompt.build_index.runner import BuildJob, BuildResult, encode_shards
 from img2prompt.encoders.models import resolve_device
 from img2prompt.encoders.prompts import KeySet, dedup_keys
 from img2prompt.errors import UserError
@@ -55,22 +53,6 @@ log = logging.getLogger(__name__)
 
 SKIP_IN_EARLIER = "duplicate_of_earlier_index"  # a row an earlier input already holds
 OPEN_TRIES = 3  # an input whose folder keeps being swapped while it is opened is refused after this many
-
-
-@dataclass
-class MergeOptions:
-    indexes: list[str]
-    out: str
-    clip_model: str | list[str] | None = None  # where the inputs' CLIP weights are here (phrases; None: as the
-    # first input's manifest names them); the identity must match
-    clip_pretrained: str | list[str | None] | None = None
-    text_model: str | None = None
-    device: str = "auto"
-    shard_size: int = 100_000
-    overwrite: bool = False
-    resume: bool = False
-    progress: bool = True
-    key_dims: int | None = None  # refit a PCA of the merged (full-width) keys to this many dims
 
 
 def open_input(index: str) -> PromptIndex:
@@ -252,8 +234,8 @@ class InputSums:
 class MergeJob(BuildJob):
     """A BuildJob whose encode step copies the inputs' rows (deduplicated) in as shards; nothing is encoded."""
 
-    def __init__(self, *args, inputs: list[PromptIndex], plan: KeyPlan, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, context: JobContext, *, inputs: list[PromptIndex], plan: KeyPlan) -> None:
+        super().__init__(context)
         self.inputs, self.plan = inputs, plan
         self.int8 = self.options.minilm_dtype == INT8
         # an int8 input's rows are not its float16 rows: the mean comes from the inputs' means (by count)
@@ -370,30 +352,14 @@ def run_merge(options: MergeOptions) -> BuildResult:
         options = dataclasses.replace(options, **manifest_clip_models(manifests[0]))
     device = resolve_device(options.device)
     timer = PhaseTimer()
-    clip, text_model, models, _ = load_index_models(options, inputs[0].root, manifests[0], device, timer)
-    first = manifests[0]
-    build = BuildOptions(corpus=[], out=options.out, clip_model=options.clip_model,
-                         clip_pretrained=options.clip_pretrained, text_model=options.text_model,
-                         device=options.device, shard_size=options.shard_size,
-                         index=first.get("search", {}).get("kind", "auto"),
-                         max_memory=first.get("build_options", {}).get("max_memory"), resume=options.resume,
-                         overwrite=options.overwrite, progress=options.progress,
-                         seed=first.get("build_options", {}).get("seed", 0), regression="regression" in first,
-                         minilm_dtype=INT8 if any(minilm_dtype(m) == INT8 for m in manifests) else "fp16",
-                         key_dims=options.key_dims)
+    models, precision = load_index_models(options, inputs[0].root, manifests[0], device, timer)
+    build = as_build(options, corpus=[], out=options.out, clip_model=options.clip_model, precision=precision,
+                     minilm_dtype=INT8 if any(minilm_dtype(m) == INT8 for m in manifests) else "fp16",
+                     **index_settings(manifests[0]))
     # The resume key: the very inputs (their prompts' checksums) in order, the models, the shard size.
-    build_key = {"merge_of": [content_sha256(manifest) for manifest in manifests], "models": models,
+    build_key = {"merge_of": [content_sha256(manifest) for manifest in manifests], "models": models.identities,
                  "shard_size": options.shard_size,
                  **({"key_dims": options.key_dims} if options.key_dims is not None else {})}
-    engine = engine_class("local").from_options(build)
-    writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
-    if writer.done is not None:  # a resume of a merge killed after its final manifest: leftovers cleaned
-        writer.close()
-        return finished_result(writer.done)
-    encoder = ShardEncoder(clip, text_model, 1, None)
-    spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device), 1, None, models)
-    try:
-        return MergeJob(writer, engine, encoder, spec, [], [], models, device, 0, build, timer,
-                        inputs=inputs, plan=plan).run()
-    finally:
-        writer.close()
+    # a resume of a merge killed after its final manifest returns that index (its leftovers cleaned)
+    context = prepare_job(build, build_key, models, device, timer)
+    return run_job(MergeJob, context, inputs=inputs, plan=plan)

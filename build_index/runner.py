@@ -9,23 +9,21 @@ corpus still yields exactly the same prompts for them and that their files are i
 from __future__ import annotations
 
 import logging
-import resource
-import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from img2prompt.build_index.corpus import (DEFAULT_MAX_CHARS, CorpusReport, check_corpus_files, count_rows,
+from img2prompt.build_index.corpus import (CorpusReport, check_corpus_files, count_rows,
                                            expand_corpus_paths, file_fingerprint, iter_prompt_rows, iter_prompts)
 from img2prompt.index.calibration import fit_calibration
 from img2prompt.build_index.engine import BuildEngine, engine_class
+from img2prompt.build_index.job import JobContext, LoadedModels, PhaseTimer, peak_rss_mib, prepare_job, run_job
+from img2prompt.build_index.options import DEFAULT_SHARD_SIZE, BuildOptions  # noqa: F401 (their old home)
 from img2prompt.build_index.pairs import SKIP_UNREADABLE_IMAGE, check_pair_files, expand_pair_paths, iter_pairs
-from img2prompt.build_index.phrases import MIN_COUNT, mine_phrases
+from img2prompt.build_index.phrases import mine_phrases
 from img2prompt.build_index.precomputed import check_against_model, misaligned, open_precomputed
-from img2prompt.build_index.result import BuildResult, finished_result
+from img2prompt.build_index.result import BuildResult
 from img2prompt.index.ridge import RidgeAccumulator
-from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder, encode_threads
+from img2prompt.build_index.shard_encoder import EncoderSpec, ShardEncoder
 from img2prompt import storage
 from img2prompt.errors import UserError
 from img2prompt.memory import max_workers
@@ -47,67 +45,6 @@ from img2prompt.index.key_pca import check_key_dims, reduce_keys
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHARD_SIZE = 100_000
-
-
-@dataclass
-class BuildOptions:
-    corpus: list[str]
-    out: str
-    clip_model: str | list[str]  # several: one index holding each model's keys (img2prompt/clip_ensemble.py)
-    clip_pretrained: str | list[str | None] | None = None
-    text_model: str | None = None
-    column: str = "prompt"
-    batch_size: int = 256
-    device: str = "auto"
-    precision: str | None = None  # the CLIP towers: fp32 / fp16 / bf16 (None: fp16 autocast on CUDA, fp32 on CPU)
-    shard_size: int = DEFAULT_SHARD_SIZE
-    index: str = "auto"
-    max_memory: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    max_chars: int = DEFAULT_MAX_CHARS
-    recall_queries: int = 1000
-    seed: int = 0
-    progress: bool = True
-    workers: int | None = None  # tokenizing processes (None: cores − 1 on CUDA, in-process on CPU)
-    embeddings: list[str] | None = None  # precomputed CLIP text vectors (.npy), row-aligned with the corpus
-    phrase_min_count: int = MIN_COUNT  # a modifier phrase needs this many prompts to enter the vocabulary
-    engine: str = "local"  # who runs the shard tasks (build_index/engine.py)
-    engine_options: dict = field(default_factory=dict)  # the engine's own settings (e.g. a cluster address)
-    pairs: list[str] | None = None  # (image, prompt) tables: image-keyed entries (build_index/pairs.py)
-    regression: bool = True  # fit the ridge head CLIP → MiniLM (used only when a query asks for --beta > 0)
-    minilm_dtype: str = "fp16"  # "int8": MiniLM rows int8 + per-row scale (index/minilm_store.py, format 4)
-    key_dims: int | None = None  # PCA of the CLIP keys to this many dims (index/key_pca.py); None: full width
-    near_dup: float | None = None  # drop a prompt whose MiniLM cosine to a kept one is ≥ this (build_index/near_dup.py)
-    shard_store: str | None = None  # set by `--out URL`: where remote workers send shards (build_index/shard_store.py)
-
-
-class PhaseTimer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def phase(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] += time.perf_counter() - self.start
-
-        return _Phase()
-
-    def rounded(self) -> dict[str, float]:
-        """Seconds per phase, to the millisecond (the manifest's timings_s)."""
-        return {name: round(seconds, 3) for name, seconds in self.seconds.items()}
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
 
 def precision_of(device, precision: str | None = None) -> str:
     """What the CLIP vectors are computed in: part of the resume key (and so of the manifest's build record),
@@ -123,6 +60,31 @@ def run_build(options: BuildOptions) -> BuildResult:
         return build_to_url(options, run_build)
     check_build_options(options)
     engine = engine_class(options.engine).from_options(options)  # an engine's missing extra fails here, early
+    paths, pair_paths = build_inputs(options)
+    timer = PhaseTimer()
+    devices = parse_devices(options.device)
+    device = resolve_device(options.device)
+    check_build_devices(options)  # several devices run in this process: not with --engine ray
+    models = load_build_models(options, devices, device, timer)
+    total_rows = count_rows(paths + pair_paths)
+    precomputed = None
+    if options.embeddings:
+        precomputed = open_precomputed(options.embeddings)
+        exact = all(path.suffix.lower() in (".txt", ".parquet") for path in paths)  # CSV counts are estimates
+        check_against_model(precomputed, models.clip.dim, total_rows if exact else None)
+    build_key = {"models": models.identities, "precision": precision_of(device, options.precision),
+                 "batch_size": options.batch_size,
+                 "corpus": [file_fingerprint(path) for path in paths],
+                 "embeddings": [file_fingerprint(path) for path in precomputed.files] if precomputed else None,
+                 "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars,
+                 **({"pairs": [file_fingerprint(path) for path in pair_paths]} if pair_paths else {})}
+    context = prepare_job(options, build_key, models, device, timer, engine=engine, paths=paths,
+                          pair_paths=pair_paths, total_rows=total_rows, precomputed=precomputed)
+    return run_job(BuildJob, context)
+
+
+def build_inputs(options: BuildOptions) -> tuple[list[Path], list[Path]]:
+    """(corpus files, pair tables), each readable with the columns it needs, or a one-line refusal."""
     paths = expand_corpus_paths(options.corpus) if options.corpus else []
     pair_paths = expand_pair_paths(options.pairs) if options.pairs else []
     if not paths and not pair_paths:
@@ -131,43 +93,20 @@ def run_build(options: BuildOptions) -> BuildResult:
         raise UserError("--embeddings gives CLIP text vectors for the corpus; it cannot be combined with --pairs")
     check_corpus_files(paths, options.column)
     check_pair_files(pair_paths)
-    timer = PhaseTimer()
-    devices = parse_devices(options.device)
-    device = resolve_device(options.device)
-    check_build_devices(options)  # several devices run in this process: not with --engine ray
+    return paths, pair_paths
+
+
+def load_build_models(options: BuildOptions, devices, device, timer: PhaseTimer) -> LoadedModels:
+    """The models a build encodes with (one MiniLM per device of a multi-device --device), announced in one
+    line; a --key-dims the CLIP width cannot take is refused before any corpus row is encoded."""
     with timer.phase("load_models"):
         clip = load_named_clips(options.clip_model, options.clip_pretrained, device, precision=options.precision)
         text_model = load_text_model(options.text_model, device)
         text_replicas = load_build_replicas(options, clip, text_model)  # --device cuda:0,cuda:1: one per GPU
     announce_models(devices, options.precision)  # the one line saying where the models run
-    models = {"clip": clip.identity(), "text": text_model.identity()}
     if options.key_dims is not None:
-        check_key_dims(options.key_dims, clip.dim)  # before any corpus row is encoded
-    total_rows = count_rows(paths + pair_paths)
-    precomputed = None
-    if options.embeddings:
-        precomputed = open_precomputed(options.embeddings)
-        exact = all(path.suffix.lower() in (".txt", ".parquet") for path in paths)  # CSV counts are estimates
-        check_against_model(precomputed, clip.dim, total_rows if exact else None)
-    build_key = {"models": models, "precision": precision_of(device, options.precision),
-                 "batch_size": options.batch_size,
-                 "corpus": [file_fingerprint(path) for path in paths],
-                 "embeddings": [file_fingerprint(path) for path in precomputed.files] if precomputed else None,
-                 "column": options.column, "shard_size": options.shard_size, "max_chars": options.max_chars,
-                 **({"pairs": [file_fingerprint(path) for path in pair_paths]} if pair_paths else {})}
-    writer = IndexWriter(options.out, build_key, resume=options.resume, overwrite=options.overwrite)
-    if writer.done is not None:
-        writer.close()
-        return finished_result(writer.done)
-    threads = encode_threads(device)  # the driver's: a Ray worker encodes with it too (same bits)
-    encoder = ShardEncoder(clip, text_model, options.batch_size, precomputed, text_replicas, threads)
-    spec = EncoderSpec(options.clip_model, options.clip_pretrained, options.text_model, str(device),
-                       options.batch_size, options.embeddings, models, threads, options.precision)
-    try:
-        return BuildJob(writer, engine, encoder, spec, paths, pair_paths, models, device, total_rows, options,
-                        timer).run()
-    finally:
-        writer.close()
+        check_key_dims(options.key_dims, clip.dim)
+    return LoadedModels(clip, text_model, {"clip": clip.identity(), "text": text_model.identity()}, text_replicas)
 
 
 def check_build_options(options: BuildOptions) -> None:
@@ -195,9 +134,11 @@ def check_build_options(options: BuildOptions) -> None:
 
 
 def plan_tasks(paths, pair_paths, corpus: CorpusReport, pairs: CorpusReport, options: BuildOptions,
-               precomputed: bool) -> Iterator[ShardTask]:
-    """Text-keyed shard tasks, then the image-keyed ones numbered after them (all text keys come first)."""
-    prompts = (iter_prompt_rows if precomputed else iter_prompts)(paths, options.column, corpus, options.max_chars)
+               precomputed: bool, known: tuple | None = None) -> Iterator[ShardTask]:
+    """Text-keyed shard tasks, then the image-keyed ones numbered after them (all text keys come first).
+    `known`: (dedup keys, skip reason) of prompts not to index again (an add: the index's own)."""
+    prompts = (iter_prompt_rows if precomputed else iter_prompts)(paths, options.column, corpus, options.max_chars,
+                                                                   known)
     after = 0
     for task in plan_shards(prompts, options.shard_size):
         after = task.number + 1
@@ -207,19 +148,23 @@ def plan_tasks(paths, pair_paths, corpus: CorpusReport, pairs: CorpusReport, opt
 
 class BuildJob:
     """One build, read as its phases: `steps()` names them in order (optional ones only when asked for), each
-    step a method that reads and writes the job's state; `run()` times each and commits the manifest last."""
+    step a method that reads and writes the job's state; `run()` runs them and commits the manifest last,
+    unless a step set `outcome` (the job's result without a commit)."""
 
-    def __init__(self, writer: IndexWriter, engine: BuildEngine, encoder: ShardEncoder, spec: EncoderSpec, paths,
-                 pair_paths, models: dict, device, total_rows: int, options: BuildOptions, timer: PhaseTimer) -> None:
-        self.writer, self.engine, self.encoder, self.spec = writer, engine, encoder, spec
-        self.paths, self.pair_paths, self.models, self.device = paths, pair_paths, models, device
-        self.total_rows, self.options, self.timer = total_rows, options, timer
+    def __init__(self, context: JobContext) -> None:
+        self.context = context  # the parts every step reads, by their names (build_index/job.py)
+        self.options, self.writer, self.engine, self.timer = context.options, context.writer, context.engine, \
+            context.timer
+        self.encoder, self.spec, self.models, self.device = context.encoder, context.spec, context.models, \
+            context.device
+        self.paths, self.pair_paths, self.total_rows = context.paths, context.pair_paths, context.total_rows
         self.report: dict = {}
         self.encoded_rows = self.count = 0
         self.key_ranges: list[KeyRange] = []
         self.files: tuple[str, ...] = ()
         self.extra: dict = {}
         self.memory: dict = {}
+        self.outcome: BuildResult | None = None  # set by a step that ends the job early (add: nothing new)
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
         steps = [("encode", self.encode)] + ([("near_dup", self.near_dup)] if self.options.near_dup else [])
@@ -237,8 +182,10 @@ class BuildJob:
 
     def run(self) -> BuildResult:
         for name, step in self.steps():
-            log.debug("build step: %s", name)
+            log.debug("%s step: %s", type(self).__name__, name)
             step()
+            if self.outcome is not None:
+                return self.outcome
         return self.commit()
 
     # -- the phases -------------------------------------------------------------------------------------
