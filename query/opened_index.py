@@ -22,7 +22,7 @@ from img2prompt.query.lookup import run_search
 from img2prompt.query.predict import blended_scores, predict_rows, retrieve
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import ModelOverrides, QuerySession, open_session
-from img2prompt.query.settings import ImageLoading, RetrievalSettings
+from img2prompt.query.settings import DEFAULT_SEARCH_K, ImageLoading, RetrievalSettings
 from img2prompt.query.submit import SubmitOptions, SubmitReport, run_submit
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Img2PromptIndex:
         return predictions, self._results([image_label(image, i) for i, image in enumerate(images)],
                                           found.neighbours, found.failed)
 
-    def search_images(self, images: Sequence[ImageInput], k: int = 10, *, batch_size: int = 16,
+    def search_images(self, images: Sequence[ImageInput], k: int = DEFAULT_SEARCH_K, *, batch_size: int = 16,
                       workers: int | None = 0, model_weights: str | Sequence[float] | None = None,
                       min_score: float | None = None, embedded: ImageEmbeddings | None = None) -> list[SearchResult]:
         """Ranked prompts per image, in input order; an undecodable image gets a result with `error`.
@@ -107,7 +107,7 @@ class Img2PromptIndex:
         return self._results([image_label(image, i) for i, image in enumerate(images)], found.neighbours,
                              found.failed, settings, found.query_vectors)
 
-    def search(self, images: Sequence[str] = (), texts: Sequence[str] = (), k: int = 10, *,
+    def search(self, images: Sequence[str] = (), texts: Sequence[str] = (), k: int = DEFAULT_SEARCH_K, *,
                model_weights: str | Sequence[float] | None = None, min_score: float | None = None,
                recursive: bool = False) -> list[SearchResult]:
         """Image results first, then text results (`img2prompt search`); image paths are checked first; a
@@ -156,7 +156,7 @@ class Img2PromptIndex:
             raise UserError(f"{self.session.index.root} has no phrase vocabulary (built before it existed): "
                             "rebuild it with this img2prompt to interrogate")
 
-    def search_texts(self, texts: Sequence[str], k: int = 10, *, model_weights: str | Sequence[float] | None = None,
+    def search_texts(self, texts: Sequence[str], k: int = DEFAULT_SEARCH_K, *, model_weights: str | Sequence[float] | None = None,
                      min_score: float | None = None, vectors: np.ndarray | None = None) -> list[SearchResult]:
         """Ranked prompts per query text (CLIP text → CLIP text), in input order; `vectors`: `embed_texts(texts)`
         done already (a server merging requests into one encoder call)."""
