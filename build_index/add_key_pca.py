@@ -1,5 +1,6 @@
-"""`add` to an index built with `--key-dims` (issue #30 item 5): its PCA was fitted on the build's rows, and the
-new rows may not fit it. The index keeps only the projected keys, so what needs full-width keys re-encodes the
+"""`add` to an index built with `--key-dims`: the PCA's recall measured again over the grown index (`--retrain` refits it).
+
+Its PCA was fitted on the build's rows, and the new rows may not fit it. The index keeps only the projected keys, so what needs full-width keys re-encodes the
 old rows' prompts with the index's own CLIP model (identity-checked by add); the new rows' full-width keys are
 still in the add's shards.
 

@@ -1,4 +1,4 @@
-"""A PCA of the CLIP keys (issue #21 part 2 (b), `build --key-dims D`).
+"""`build --key-dims D`: an uncentred PCA of the CLIP keys, fitted on a seeded sample, projecting keys and queries alike.
 
 Build: reduce_keys runs right after consolidate (before the search backends, so they index the reduced
 keys), fits on a seeded sample of ≤ FIT_SAMPLE keys, measures held-out recall@10 of exact search over the

@@ -6,33 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-# Package → folder, as pyproject.toml installs them.
-FOLDERS = {"img2prompt": ROOT / "img2prompt", "img2prompt.index": ROOT / "index",
-           "img2prompt.build_index": ROOT / "build_index", "img2prompt.query": ROOT / "query"}
-BOTTOM = {"img2prompt.errors", "img2prompt.atomic", "img2prompt.progress", "img2prompt.memory",
-          "img2prompt.output_paths", "img2prompt.storage"}
-# Higher number = higher layer; a module may import only its own layer or lower ones. Two packages on one
-# layer stay apart: the stages (build_index, query), and the server and the kit (front ends the CLI runs).
-LAYERS = [("img2prompt.encoders", 1), ("img2prompt.stand_in", 1), ("img2prompt.index", 2),
-          ("img2prompt.build_index", 3), ("img2prompt.query", 3), ("img2prompt.api", 4), ("img2prompt.serve", 5), ("img2prompt.kit", 5),
-          ("img2prompt.cli", 6), ("img2prompt.__main__", 6)]
-APART = {3, 5}
-FRONT_END = 7  # anything else: a module no layer names
-
-
-def _modules() -> dict[str, Path]:
-    found = {}
-    for package, folder in FOLDERS.items():
-        for path in folder.rglob("*.py"):
-            parts = list(path.relative_to(folder).with_suffix("").parts)
-            if parts[0] in FOLDERS and package == "img2prompt":  # a subpackage listed on its own
-                continue
-            if package == "img2prompt" and parts[0] in ("index", "build_index", "query"):
-                continue
-            name = ".".join([package, *parts])
-            found[name.removesuffix(".__init__")] = path
-    return found
+from module_map import APART, BOTTOM, FOLDERS, layer as _layer, modules as _modules
 
 
 def _imports(path: Path, name: str) -> set[str]:
@@ -45,15 +19,6 @@ def _imports(path: Path, name: str) -> set[str]:
         elif isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
     return {module for module in out if module.startswith("img2prompt")}
-
-
-def _layer(module: str) -> tuple[int, str]:
-    if module in BOTTOM or module == "img2prompt":
-        return 0, "bottom"
-    for prefix, layer in LAYERS:
-        if module == prefix or module.startswith(prefix + "."):
-            return layer, prefix
-    return FRONT_END, "front end"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Is the installed torch / torchvision pair one that works together? Read from package metadata, without
+"""Whether the installed torch / torchvision pair works together, read from package metadata, without
 importing either (a mismatched pair fails deep inside `import open_clip` with a 40-line traceback:
 `RuntimeError: operator torchvision::nms does not exist`). Versions that match can still be different builds
 (torch 2.13.0+cpu beside PyPI's CUDA torchvision 0.28.0): the metadata cannot tell, so `import_problem`

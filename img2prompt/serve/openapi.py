@@ -1,5 +1,6 @@
-"""The server's OpenAPI document (/openapi.json, /docs) as the server behaves, so that a generated client or a
-schema-based fuzzer finds no difference between the two:
+"""The server's OpenAPI document (/openapi.json, /docs) as the server behaves.
+
+A generated client or a schema-based fuzzer finds no difference between the two:
 
 - every answer a route can give is documented on that route (the bodies are read by hand, so FastAPI sees
   none of the 400/408/413/415/422/503 answers on its own), each a {"detail": "..."} object;
