@@ -1,4 +1,4 @@
-"""The public Python API: the one trunk that the CLI, the Kaggle notebook (and later the server) call.
+"""The public Python API: the one trunk that the CLI, the server, the Kaggle kit and its notebook call.
 
     import img2prompt
     with img2prompt.open_index("/kaggle/input/my-index", clip_model="/kaggle/input/my-kit/clip") as index:

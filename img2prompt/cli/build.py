@@ -7,8 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from img2prompt.cli.shared import (HelpWithDefaults, RawHelpWithDefaults, add_model_flags, default_from, given,
-                                   parse_bytes)
+from img2prompt.cli.shared import RawHelpWithDefaults, add_model_flags, default_from, given, parse_bytes
 
 EPILOG_BUILD = """examples:
   img2prompt build data/prompts.txt --out out/index --clip-model ViT-L-14 \\
@@ -16,6 +15,21 @@ EPILOG_BUILD = """examples:
   img2prompt build 'corpora/*.parquet' --column prompt --out idx --clip-model local-dir:/models/clip-vit-l14
   img2prompt build big.txt --out idx --clip-model ViT-L-14 --clip-pretrained openai --resume   # after a crash
   img2prompt build big.txt --out idx --clip-model ViT-L-14 --clip-pretrained openai --device cuda:0 --precision bf16
+"""
+
+EPILOG_ADD = """examples:
+  img2prompt add out/index more.txt                # encoded with the models the index's manifest names
+  img2prompt add out/index 'new/*.parquet' --column prompt --near-dup 0.9
+  img2prompt add out/index --pairs new_pairs.csv   # image-keyed entries only
+  img2prompt add out/index more.txt --clip-model /models/clip-vit-l14   # the index's weights live here
+  img2prompt add out/index more.txt --resume       # after a crash
+  img2prompt add out/index more.txt --retrain      # when add warned that recall dropped
+"""
+
+EPILOG_MERGE = """examples:
+  img2prompt merge idx_a idx_b --out idx_ab                # a prompt in both keeps idx_a's row
+  img2prompt merge idx_a idx_b --out idx_ab --key-dims 512 # refit a PCA of the merged keys (full-width inputs)
+  img2prompt merge idx_a idx_b --out idx_ab --resume       # after a crash
 """
 
 
@@ -91,9 +105,9 @@ def _add_build_parser(commands, common: argparse.ArgumentParser) -> None:
 
 def _add_add_parser(commands, common: argparse.ArgumentParser) -> None:
     add = commands.add_parser("add", parents=[common], help="add new prompts to a complete index (same models)",
-                              formatter_class=HelpWithDefaults,
+                              epilog=EPILOG_ADD, formatter_class=RawHelpWithDefaults,
                               description="Grow INDEX_DIR with the prompts of CORPUS files: deduplicated against "
-                                          "the index, encoded with the index's own models, swapped in when whole.")
+                                          "the index,\nencoded with the index's own models, swapped in when whole.")
     add.add_argument("index", metavar="INDEX_DIR", help="a complete index folder")
     add.add_argument("corpus", nargs="*", metavar="CORPUS", help="new prompt files (txt/csv/tsv/parquet)")
     add.add_argument("--pairs", nargs="+", metavar="TABLE",
@@ -101,8 +115,9 @@ def _add_add_parser(commands, common: argparse.ArgumentParser) -> None:
                           "entries, as `build --pairs`")
     default_from("add", add.add_argument("--column", help="prompt column in csv/tsv/parquet (default: %(default)s)"))
     add_model_flags(add, for_build=True, clip_required=False)
-    default_from("add", add.add_argument("--batch-size", type=int))
-    default_from("add", add.add_argument("--shard-size", type=int))
+    default_from("add", add.add_argument("--batch-size", type=int, help="encoder batch size (default %(default)s)"))
+    default_from("add", add.add_argument("--shard-size", type=int,
+                                         help="new prompts per shard, the unit of resume (default %(default)s)"))
     add.add_argument("--resume", action="store_true", help="finish an interrupted add")
     default_from("add", add.add_argument(
         "--near-dup", type=float, metavar="T",
@@ -116,16 +131,17 @@ def _add_add_parser(commands, common: argparse.ArgumentParser) -> None:
 
 def _add_merge_parser(commands, common: argparse.ArgumentParser) -> None:
     merge = commands.add_parser("merge", parents=[common], help="merge complete indexes (same models) into one",
-                                formatter_class=HelpWithDefaults,
+                                epilog=EPILOG_MERGE, formatter_class=RawHelpWithDefaults,
                                 description="Copy the rows of INDEX_DIR... (no re-encoding) into --out, prompts "
-                                            "deduplicated across them (first index wins), search rebuilt. Compact "
-                                            "inputs merge too: any int8 input makes an int8 index (rows kept as "
+                                            "deduplicated across them\n(first index wins), search rebuilt. Compact "
+                                            "inputs merge too: any int8 input makes an int8 index\n(rows kept as "
                                             "stored); inputs sharing one --key-dims PCA keep their keys, full-width "
-                                            "inputs beside them are projected through it (recall@10 re-measured).")
+                                            "inputs\nbeside them are projected through it (recall@10 re-measured).")
     merge.add_argument("indexes", nargs="+", metavar="INDEX_DIR", help="complete index folders, in priority order")
     merge.add_argument("--out", required=True, metavar="INDEX_DIR", help="new index folder to write")
     add_model_flags(merge, for_build=True, clip_required=False)
-    default_from("merge", merge.add_argument("--shard-size", type=int))
+    default_from("merge", merge.add_argument("--shard-size", type=int,
+                                             help="rows per shard written, the unit of resume (default %(default)s)"))
     merge.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     merge.add_argument("--resume", action="store_true", help="finish an interrupted merge")
     merge.add_argument("--key-dims", type=int, metavar="D",

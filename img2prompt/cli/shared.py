@@ -122,8 +122,8 @@ def add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool, clip_re
         group.add_argument("--text-model", help="check that this scorer is the one the index was built with")
     group.add_argument("--device", default="auto",
                        help="auto (cuda if present), cpu, cuda, cuda:N, or several GPUs: cuda:0,cuda:1 or cuda:all "
-                            "(data-parallel encoding, same vectors as one GPU; search uses the first); cuda without "
-                            "a usable GPU is an error, never a CPU fall-back (default: auto)")
+                            "(data-parallel encoding, same vectors as one GPU; an exact search splits its rows over "
+                            "them); cuda without a usable GPU is an error, never a CPU fall-back (default: auto)")
     if clip_required or not for_build:  # add and merge encode as the index was built
         group.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                            help="what the CLIP towers compute in: fp32, or fp16 / bf16 autocast (default: fp16 on "
