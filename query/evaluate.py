@@ -255,8 +255,10 @@ class EvalJob:
         cosines = sweep_cosines(self.grid, lambda settings: self.score_of(settings, cosines=False),
                                 lambda blended, beta: cosine_rows(mix_rows(blended, self.head, beta, self.ok),
                                                                   self.truth))
-        self.report.update(sweep_summary(self.grid, cosines, self.report["baselines"],
-                                         baseline_flags(self.options, self.shrink)))
+        summary = sweep_summary(self.grid, cosines, self.report["baselines"], baseline_flags(self.options, self.shrink))
+        # the sweep's warnings join the head's and the captions' (an update alone would drop those)
+        summary["warnings"] = self.report.get("warnings", []) + summary["warnings"]
+        self.report.update(summary)
         if self.options.plot:
             plot_sweep(self.report, self.options.plot)
 

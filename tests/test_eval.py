@@ -371,6 +371,16 @@ def test_caption_sets_beside_retrieval_with_the_paired_difference(built_index, t
     assert row.split()[:5] == ["exact", "100", "1.0000", f"{retrieval.mean():.4f}", f"{retrieval.mean() - 1:+.4f}"]
 
 
+def test_a_sweep_keeps_the_caption_warnings_beside_its_own(built_index, tmp_path):
+    """--sweep adds its warnings to the report's; it used to replace the captions' (and the head's) warnings."""
+    heldout = pd.read_csv(DATA / "heldout.csv", dtype=str)
+    partial = tmp_path / "partial.csv"
+    heldout[:90].to_csv(partial, index=False)
+    report = evaluate(built_index, DATA / "heldout.csv", k=20, sweep=True, captions={"part": str(partial)})
+    assert sum(w.startswith("captions part: 10 labelled image(s) have no caption") for w in report["warnings"]) == 1
+    assert report["sweep"] and report["cross_validation"]  # the sweep ran and reported
+
+
 def test_caption_set_errors(built_index, labels, tmp_path):
     with pytest.raises(UserError, match="--captions: the name 'a' is given twice"):
         evaluate(built_index, labels, captions=[("a", str(labels)), ("a", str(labels))])
