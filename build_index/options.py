@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 
+from img2prompt.encoders import DEFAULT_DEVICE
 from img2prompt.build_index.corpus import DEFAULT_MAX_CHARS
 from img2prompt.build_index.phrases import MIN_COUNT
 
@@ -20,7 +21,7 @@ class ModelSettings:
     """Build, add, merge: where the models come from and run."""
     clip_pretrained: str | list[str | None] | None = None
     text_model: str | None = None
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from img2prompt.errors import UserError
 from img2prompt.query.results import ImageInput, SearchResult
 from img2prompt.query.interrogate import DEFAULT_MODIFIERS
-from img2prompt.query.settings import DEFAULT_SEARCH_K, WEIGHTINGS, ImageLoading, RetrievalSettings, SettingError
+from img2prompt.encoders import DEFAULT_DEVICE
+from img2prompt.query.settings import DEFAULT_SEARCH_K, DEFAULT_SUBMISSION, WEIGHTINGS, ImageLoading, RetrievalSettings, SettingError
 
 
 def build(corpus: str | Sequence[str], out: str | Path, *, clip_model: str, clip_pretrained: str | None = None,
@@ -69,7 +70,7 @@ def merge(indexes: Sequence[str | Path], out: str | Path, *, clip_model: str | S
                                   **options))
 
 
-def open_index(path: str | Path, *, device: str = "auto", clip_model: str | None = None,
+def open_index(path: str | Path, *, device: str = DEFAULT_DEVICE, clip_model: str | None = None,
                clip_pretrained: str | None = None, text_model: str | None = None, verify: bool = False,
                lazy: bool = False, precision: str | None = None):
     """Open a built index with its CLIP model; returns an `Img2PromptIndex` (also a context manager).
@@ -177,5 +178,5 @@ def npy_ids_path(npy: str | Path) -> Path:
     return ids_path(npy)
 
 
-__all__ = ["add", "build", "merge", "build_choices", "option_defaults", "DEFAULT_MODIFIERS", "DEFAULT_SEARCH_K", "check_environment", "check_query", "environment_problem", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError", "WEIGHTINGS",
+__all__ = ["add", "build", "merge", "build_choices", "option_defaults", "DEFAULT_MODIFIERS", "DEFAULT_DEVICE", "DEFAULT_SEARCH_K", "DEFAULT_SUBMISSION", "check_environment", "check_query", "environment_problem", "ImageLoading", "open_index", "RetrievalSettings", "SearchResult", "SettingError", "UserError", "WEIGHTINGS",
            "format_search", "format_eval_report", "interrogation_echo", "npy_ids_path"]

@@ -22,7 +22,8 @@ from img2prompt.query.lookup import run_search
 from img2prompt.query.predict import blended_scores, predict_rows, retrieve
 from img2prompt.query.search import Neighbours
 from img2prompt.query.session import ModelOverrides, QuerySession, open_session
-from img2prompt.query.settings import DEFAULT_SEARCH_K, ImageLoading, RetrievalSettings
+from img2prompt.encoders import DEFAULT_DEVICE
+from img2prompt.query.settings import DEFAULT_SEARCH_K, DEFAULT_SUBMISSION, ImageLoading, RetrievalSettings
 from img2prompt.query.submit import SubmitOptions, SubmitReport, run_submit
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class Img2PromptIndex:
         self.session = session
 
     @classmethod
-    def open(cls, path: str | Path, *, device: str = "auto", clip_model: str | None = None,
+    def open(cls, path: str | Path, *, device: str = DEFAULT_DEVICE, clip_model: str | None = None,
              clip_pretrained: str | None = None, text_model: str | None = None,
              verify: bool = False, lazy: bool = False, precision: str | None = None) -> "Img2PromptIndex":
         overrides = ModelOverrides(clip_model, clip_pretrained, text_model, precision)
@@ -167,7 +168,7 @@ class Img2PromptIndex:
                                                                   model_weights=settings.model_weights),
                              settings=settings, query_vectors=vectors)
 
-    def submission(self, images_dir: str | Path, out: str | Path = "submission.csv",
+    def submission(self, images_dir: str | Path, out: str | Path = DEFAULT_SUBMISSION,
                    sample_submission: str | Path | None = None, settings: RetrievalSettings | None = None, *,
                    explain: str | Path | None = None, save_npy: str | Path | None = None, strict: bool = False,
                    batch_size: int | None = None, workers: int | None = None, progress: bool = False,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
+from img2prompt.encoders import DEFAULT_DEVICE
 from img2prompt.encoders.clip_ensemble import ClipEnsemble, load_clip_ensemble
 from img2prompt.errors import UserError
 from img2prompt.index.reader import PromptIndex, open_index
@@ -150,7 +151,7 @@ def _with_replicas(clip: ClipEnsemble, device: str, load: Callable) -> ClipEnsem
     return clip
 
 
-def open_session(index_dir: str, overrides: ModelOverrides | None = None, device: str = "auto",
+def open_session(index_dir: str, overrides: ModelOverrides | None = None, device: str = DEFAULT_DEVICE,
                  verify: bool = False, lazy: bool = False) -> QuerySession:
     """The index (its manifest checked) and, unless `lazy`, its CLIP model(s) loaded and identity-checked."""
     overrides = overrides or ModelOverrides()

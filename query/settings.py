@@ -31,6 +31,7 @@ DEFAULT_POWER = 6.0
 DEFAULT_EPSILON = 1e-4
 # Search (ranked prompts, no blend): results per query, for `img2prompt search`, the server's /search and the API.
 DEFAULT_SEARCH_K = 10
+DEFAULT_SUBMISSION = "submission.csv"  # where `submit` writes unless told
 
 
 class SettingError(UserError):

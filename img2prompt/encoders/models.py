@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from img2prompt.encoders import DEFAULT_DEVICE
 from img2prompt.errors import UserError, short_reason
 from img2prompt.encoders.tokenization import FastClipTokenizer, make_clip_tokenizer
 
@@ -37,7 +38,7 @@ HF_HUB_PREFIX = "hf-hub:"
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
+def resolve_device(spec: str = DEFAULT_DEVICE) -> torch.device:
     """auto → cuda when present, else cpu. Asking for cuda without one is an error, never a silent fallback."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 import uvicorn  # the serve extra, imported here so that a missing piece is named before any model loads
 from fastapi import FastAPI
 
+from img2prompt.encoders import DEFAULT_DEVICE
 from img2prompt.errors import UserError
 from img2prompt.serve.app import create_app
 from img2prompt.serve.guard import LOOPBACK_NAMES
@@ -77,7 +78,7 @@ def background_server(app: FastAPI, host: str = DEFAULT_HOST, port: int = 0, *,
         sock.close()
 
 
-def serve(index_path: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto",
+def serve(index_path: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = DEFAULT_DEVICE,
           api_key: str | None = None, limits: ServeLimits | None = None, allowed_hosts: Sequence[str] = (),
           clip_model: str | None = None, clip_pretrained: str | None = None, text_model: str | None = None,
           verify: bool = False, log_level: str = "info", precision: str | None = None) -> None:
