@@ -38,6 +38,7 @@ def _folder(tmp_path: Path, files=FILES, sha: bool = True) -> Path:
     folder = tmp_path / f"index-{uuid.uuid4().hex[:6]}"
     folder.mkdir()
     for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
     manifest = {"format_version": 4, "state": "complete", "files": {n: _listed(d, sha) for n, d in files.items()}}
     (folder / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
@@ -214,3 +215,57 @@ def test_the_plain_files_of_an_index_published_before_generations_are_deleted_af
     left = sorted(entry.rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False))
     assert left == sorted([MANIFEST, manifest["generation"]])
     assert remote.fetch(f"memory://{root}").joinpath("prompts.txt").read_bytes() == FILES["prompts.txt"]
+
+
+def test_publish_to_a_file_url_twice_then_fetch(tmp_path):
+    """A file:// target has folders: the generation's folder is made on the first PUT into it, an existing
+    target folder is published over, the replaced generation is deleted, and the fetch reads the new files."""
+    target = tmp_path / "store" / "idx"
+    url = f"file://{target}"
+    nested = {**FILES, "segments/00001/clip.f16": b"\x03" * 8}
+    remote.publish(_folder(tmp_path, files=nested), url)
+    first = json.loads((target / MANIFEST).read_text(encoding="utf-8"))["generation"]
+    assert (target / first / "segments/00001/clip.f16").read_bytes() == b"\x03" * 8
+    changed = {**nested, "prompts.txt": b"another prompt\n"}
+    remote.publish(_folder(tmp_path, files=changed), url)
+    second = json.loads((target / MANIFEST).read_text(encoding="utf-8"))["generation"]
+    assert second != first and sorted(p.name for p in target.iterdir()) == sorted([MANIFEST, second])
+    local = remote.fetch(url)
+    assert {name: (local / name).read_bytes() for name in changed} == changed
+    assert not list(tmp_path.glob("**/clip.f16/*"))  # no folder made from a file's name
+
+
+def test_a_download_that_fails_midway_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    url, _ = _published(tmp_path)
+
+    def dropped(fs, remote_path, handle):
+        handle.write(b"\x01")
+        raise ConnectionResetError("peer went away")
+
+    monkeypatch.setattr(remote, "_copy_from", dropped)
+    with pytest.raises(UserError) as caught:
+        remote.fetch(url)
+    message = str(caught.value)
+    assert message.startswith(f"{url}: downloading clip.f16 failed (") and "peer went away" in message
+    assert message.endswith("run again to retry (the files already fetched are kept)") and "\n" not in message
+    cache = next((tmp_path / "cache" / "remote" / "index").iterdir())
+    assert [p.name for p in cache.iterdir()] == []  # no partial file, no manifest
+
+
+def test_a_generation_is_stale_after_exactly_one_day(monkeypatch):
+    """The rule in words: a generation left a day ago (86 400 s) by a killed publish is deleted; younger
+    ones may be a publish in flight."""
+    assert remote.STALE_AFTER_S == 24 * 3600
+    fs = fsspec.filesystem("memory")
+    root = f"/day-{uuid.uuid4().hex}"
+    now = 1_800_000_000.0
+    monkeypatch.setattr(remote.time, "time", lambda: now)
+
+    def name(age_s: float) -> str:
+        return "gen-" + remote.time.strftime("%Y%m%dT%H%M%SZ", remote.time.gmtime(now - age_s)) + "-ab12"
+
+    day_and_a_second, day_less_a_minute = name(86_401), name(86_340)
+    for gen in (day_and_a_second, day_less_a_minute):
+        fs.pipe_file(f"{root}/{gen}/clip.f16", b"x")
+    remote._drop_stale(fs, root, "gen-keep", None)
+    assert [entry.rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False)] == [day_less_a_minute]
