@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -269,3 +270,153 @@ def test_a_generation_is_stale_after_exactly_one_day(monkeypatch):
         fs.pipe_file(f"{root}/{gen}/clip.f16", b"x")
     remote._drop_stale(fs, root, "gen-keep", None)
     assert [entry.rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False)] == [day_less_a_minute]
+
+
+def test_files_of_the_wrong_size_are_fetched_again_even_all_at_once_in_the_same_process(tmp_path):
+    url, _ = _published(tmp_path)
+    local = remote.fetch(url)  # checked in this process: later fetches compare sizes only
+    for name, data in FILES.items():
+        (local / name).write_bytes(data + b"!")
+    assert remote.fetch(url) == local
+    assert {name: (local / name).read_bytes() for name in FILES} == FILES
+
+
+def test_a_local_target_commits_the_manifest_by_rename(tmp_path, monkeypatch):
+    renames = []
+    real = remote.os.replace
+    monkeypatch.setattr(remote.os, "replace", lambda src, dst: (renames.append((src, dst)), real(src, dst)))
+    target = tmp_path / "store"
+    remote.publish(_folder(tmp_path), f"file://{target}")
+    assert len(renames) == 1 and renames[0][1] == str(target / MANIFEST) and renames[0][0].endswith(".tmp")
+    assert not list(target.glob(".*.tmp"))
+    renames.clear()
+    remote.publish(_folder(tmp_path), f"memory://rename-{uuid.uuid4().hex}")  # an object store: one PUT
+    assert renames == []
+
+
+def test_a_file_deleted_by_a_republish_mid_download_is_fetched_from_the_new_index(tmp_path, monkeypatch):
+    url, _ = _published(tmp_path)
+    newer = {name: data[::-1] for name, data in FILES.items()}
+    real = remote._copy_from
+    calls = []
+
+    def republished_meanwhile(fs, remote_path, handle):
+        calls.append(remote_path)
+        if len(calls) == 1:  # the first file vanishes: a newer publish replaced the index and dropped it
+            remote.publish(_folder(tmp_path, files=newer), url)
+            raise FileNotFoundError(remote_path)
+        real(fs, remote_path, handle)
+
+    monkeypatch.setattr(remote, "_copy_from", republished_meanwhile)
+    local = remote.fetch(url)
+    assert {name: (local / name).read_bytes() for name in FILES} == newer
+
+
+def test_a_file_gone_mid_download_without_a_republish_is_one_line(tmp_path, monkeypatch):
+    url, _ = _published(tmp_path)
+    attempts = []
+
+    def gone(fs, remote_path, handle):
+        attempts.append(remote_path)
+        raise FileNotFoundError(remote_path)
+
+    monkeypatch.setattr(remote, "_copy_from", gone)
+    with pytest.raises(UserError, match=r"downloading clip.f16 failed \(.*run again to retry"):
+        remote.fetch(url)
+    assert len(attempts) == 1  # not taken for a republish: no retry
+
+
+def test_an_index_deleted_mid_fetch_is_not_an_index(tmp_path, monkeypatch):
+    url, manifest = _published(tmp_path)
+    fs, root = remote.storage.filesystem(url)
+    real = remote._read_manifest
+
+    def then_deleted(*args):
+        answer = real(*args)
+        if fs.exists(f"{root}/{MANIFEST}"):
+            fs.rm(root, recursive=True)  # the whole index removed after its manifest was read
+        return answer
+
+    monkeypatch.setattr(remote, "_read_manifest", then_deleted)
+    with pytest.raises(UserError, match=r"not an index \(no manifest.json; an upload that did not finish\?\)"):
+        remote.fetch(url)
+
+
+@pytest.mark.parametrize("name", ["../escape.bin", ".", "sub/../../escape.bin"])
+def test_a_listed_name_outside_the_cache_is_refused_before_any_fetch(tmp_path, name):
+    url, manifest = _published(tmp_path)
+    fs, root = remote.storage.filesystem(url)
+    manifest["files"][name] = _listed(b"evil")
+    fs.pipe_file(f"{root}/{manifest['generation']}/{name}", b"evil")
+    fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(manifest).encode())
+    with pytest.raises(UserError, match=f"file name '{re.escape(name)}' resolves outside the cache folder"):
+        remote.fetch(url)
+    assert not list(tmp_path.glob("**/escape.bin"))
+    assert not list((tmp_path / "cache").glob("**/clip.f16"))  # nothing fetched at all
+
+
+@pytest.mark.parametrize("body, message", [
+    (None, r"not an index \(no manifest.json"),
+    (b"{not json", "manifest.json: not valid JSON"),
+    (b"[1, 2]", "manifest.json: holds a JSON list, not an object: not an index"),
+])
+def test_a_missing_or_unreadable_manifest_is_one_line(body, message):
+    url = f"memory://manifest-{uuid.uuid4().hex}/idx"
+    fs, root = remote.storage.filesystem(url)
+    fs.pipe_file(f"{root}/other", b"x")
+    if body is not None:
+        fs.pipe_file(f"{root}/{MANIFEST}", body)
+    with pytest.raises(UserError, match=message):
+        remote.fetch(url)
+
+
+def test_the_manifest_limit_is_64_mib_inclusive(tmp_path):
+    url, manifest = _published(tmp_path)
+    fs, root = remote.storage.filesystem(url)
+    body = json.dumps(manifest).encode()
+    fs.pipe_file(f"{root}/{MANIFEST}", body + b" " * ((64 << 20) - len(body)))  # exactly 64 MiB: JSON whitespace
+    assert remote.fetch(url).is_dir()
+    fs.pipe_file(f"{root}/{MANIFEST}", body + b" " * ((64 << 20) + 1 - len(body)))
+    with pytest.raises(UserError, match="larger than 67,108,864 bytes: not an index manifest"):
+        remote.fetch(url)
+
+
+class _Listless:
+    """A memory store whose listing fails as a store without listing does (or finds nothing)."""
+
+    def __init__(self, fs, error) -> None:
+        self.fs, self.error = fs, error
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def ls(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [NotImplementedError("no listing"), FileNotFoundError("gone")])
+def test_publish_cleanup_survives_a_store_without_listing(error):
+    fs = fsspec.filesystem("memory")
+    root = f"/listless-{uuid.uuid4().hex}"
+    fs.pipe_file(f"{root}/clip.f16", b"x")
+    fs.pipe_file(f"{root}/gen-20200101T000000Z-ab/clip.f16", b"x")
+    remote._drop_stale(_Listless(fs, error), root, "gen-new", {"files": {"clip.f16": {}}})
+    assert not fs.exists(f"{root}/clip.f16")  # the replaced plain index's file: still deleted
+    assert fs.exists(f"{root}/gen-20200101T000000Z-ab/clip.f16")  # unlisted: left for the next publish
+
+
+def test_a_failed_delete_is_a_warning_not_an_error(caplog):
+    fs = fsspec.filesystem("memory")
+    root = f"/undeletable-{uuid.uuid4().hex}"
+    fs.pipe_file(f"{root}/gen-20200101T000000Z-ab/clip.f16", b"x")
+
+    class Stubborn(_Listless):
+        def ls(self, *args, **kwargs):
+            return self.fs.ls(*args, **kwargs)
+
+        def rm(self, *args, **kwargs):
+            raise PermissionError("read-only")
+
+    with caplog.at_level("WARNING", logger="img2prompt.index.remote"):
+        remote._drop_stale(Stubborn(fs, None), root, "gen-new", {"generation": "gen-20200101T000000Z-ab"})
+    assert "could not delete the replaced index's file (read-only)" in caplog.text
