@@ -113,3 +113,33 @@ def test_a_bad_index_row_is_named_as_the_index_s(tmp_path):
         damaged[row] = np.nan
         with pytest.raises(UserError, match=f"the index's MiniLM row {row} is NaN or zero: the index is damaged"):
             shard_keep_masks(_writer(tmp_path, {1: spread(2)}), 0.9, before=damaged)
+
+
+def test_one_new_row_against_the_index_rows_is_compared():
+    """add with a single new prompt: one decided row (one prober) is still checked against the index's rows."""
+    rows = unit([[1, 0, 0], [0, 1, 0], [0, 0.001, 1], [1, 0.001, 0]])
+    keep, stats = near_dup_keep(rows, 0.99, fixed=3)
+    assert keep.tolist() == [False] and stats.seen == 1 and stats.dropped == 1
+    keep, _ = near_dup_keep(rows[[0, 1]], 0.99, fixed=1)
+    assert keep.tolist() == [True]
+
+
+def test_the_first_bad_row_is_named_and_zero_means_a_norm_below_1e_6():
+    rows = spread(6)
+    rows[[2, 4]] = 0
+    with pytest.raises(UserError, match="row 2 has a NaN or zero MiniLM vector"):
+        near_dup_mask(rows, 0.9)
+    tiny = np.zeros((2, 8), np.float32)
+    tiny[0, 1] = 1
+    tiny[1, 0] = np.float32(1e-6)  # norm exactly 1e-6 (float32): small, not zero
+    assert near_dup_mask(tiny, 0.9)[0].tolist() == [True, True]
+    tiny[1, 0] = np.nextafter(np.float32(1e-6), np.float32(0))
+    with pytest.raises(UserError, match="row 1 has a NaN or zero"):
+        near_dup_mask(tiny, 0.9)
+
+
+def test_more_rows_than_small_rows_but_fewer_than_a_cell_is_one_exact_cell():
+    rows = np.concatenate([spread(11), spread(11)[:1]])
+    for cell_rows in (11, 20):  # count // cell_rows = 1, then 0: at least one cell
+        mask, stats = near_dup_keep(rows, 0.99, params=NearDupParams(cell_rows=cell_rows, small_rows=10, chunk=16))
+        assert stats.method == "exact" and mask.tolist() == [True] * 11 + [False]
