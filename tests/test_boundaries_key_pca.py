@@ -94,3 +94,32 @@ def test_fit_keys_section_and_the_streamed_rewrite(tmp_path, monkeypatch):
     write_projected(target, pca, keys, block=7)
     stored = np.fromfile(target, dtype=np.float16).reshape(-1, 3)
     np.testing.assert_array_equal(stored, pca.project(keys).astype(np.float16))
+
+
+def test_a_pickled_pca_file_is_refused_not_loaded(tmp_path):
+    path = tmp_path / key_pca.KEY_PCA
+    with open(path, "wb") as handle:
+        np.savez(handle, components=np.array([[object()] * 6] * 2, dtype=object))
+    with pytest.raises(UserError, match=r"key_pca.npz: not readable \(ValueError\): the index is damaged"):
+        load_pca(path, 6, 2)
+
+
+def test_the_fit_uses_the_sampled_rows_and_refuses_dims_at_the_key_dim(monkeypatch):
+    keys = _keys(120)
+    monkeypatch.setattr(key_pca, "FIT_SAMPLE", 100)
+    pca, _, _ = fit_keys(keys, 3, seed=0, queries=7)
+    fit_rows, _, _ = plan_fit(120, 0, 7)
+    np.testing.assert_array_equal(pca.components, fit_pca(keys[fit_rows], 3).components)
+    assert not np.allclose(pca.components, fit_pca(keys, 3).components, atol=1e-4)
+    with pytest.raises(UserError, match="--key-dims must be from 1 to 5"):
+        fit_pca(keys, 6)
+
+
+def test_reduced_recall_is_recall_at_10_by_default():
+    keys, queries = _keys(200, seed=1), _keys(5, seed=2)
+    pca = fit_pca(keys, 2)
+    full = np.argsort(-(queries @ keys.T), axis=1, kind="stable")
+    reduced = np.argsort(-(pca.project(queries) @ pca.project(keys).T), axis=1, kind="stable")
+    expected = {k: np.mean([len(set(full[q, :k]) & set(reduced[q, :k])) / k for q in range(5)]) for k in (9, 10, 11)}
+    assert len(set(expected.values())) == 3  # the data tells k = 9, 10 and 11 apart
+    assert key_pca.reduced_recall(keys, queries, pca) == pytest.approx(expected[10])

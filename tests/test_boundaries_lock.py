@@ -179,3 +179,9 @@ def test_the_lock_folder_is_made_with_its_parents(tmp_path):
     handle = lock.lock_folder(tmp_path / "a" / "b" / "out")
     handle.close()
     assert (tmp_path / "a" / "b" / "out" / LOCK).is_file()
+
+
+def test_a_missing_folder_does_not_stop_the_cleaning_of_the_next(tmp_path, dead_pid):
+    dead = tmp_path / f".clip.f16.{dead_pid}.ab12.tmp"
+    dead.write_text("x")
+    assert lock.clean_temp_files(tmp_path / "absent", tmp_path) == [] and not dead.exists()
