@@ -40,6 +40,7 @@ def test_int8_rows_read_like_an_array_of_rows():
     np.testing.assert_array_equal(rows[1], dequantise(quantised[1], scale[1]))
     np.testing.assert_array_equal(rows[[2, 0]], dequantise(quantised[[2, 0]], scale[[2, 0]]))
     np.testing.assert_array_equal(np.asarray(rows), dequantise(quantised, scale))
+    assert np.asarray(rows).dtype == np.float32  # no dtype asked: the rows as they are, float32
     assert np.asarray(rows, dtype=np.float64).dtype == np.float64
     with pytest.raises(TypeError, match="row indices only"):
         rows[0, 1]
