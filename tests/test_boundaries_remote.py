@@ -370,6 +370,7 @@ def test_a_missing_or_unreadable_manifest_is_one_line(body, message):
         remote.fetch(url)
 
 
+@pytest.mark.slow  # two 64 MiB manifests parsed and hashed: 6.8 s on the loaded shared machine
 def test_the_manifest_limit_is_64_mib_inclusive(tmp_path):
     url, manifest = _published(tmp_path)
     fs, root = remote.storage.filesystem(url)
