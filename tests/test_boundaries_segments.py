@@ -65,3 +65,23 @@ def test_one_part_is_itself_and_all_empty_parts_read_as_empty():
     empty = ConcatRows([np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)])
     assert len(empty) == 0 and empty.shape == (0, 2) and empty[0:5].shape == (0, 2)
     assert empty[np.zeros(0, np.int64)].shape == (0, 2)
+
+
+def test_concat_rows_type_facts():
+    rows = ConcatRows(PARTS)
+    assert rows.ndim == 2 and np.asarray(rows).dtype == np.float32  # no dtype asked: the parts' own
+    one = ConcatRows([np.zeros((0, 2), np.float32), PARTS[0]])  # the empty part dropped: one part left
+    assert one.shape == (3, 2) and one.dtype == np.float32
+    np.testing.assert_array_equal(one[np.array([2, 0])], PARTS[0][[2, 0]])
+    mixed = ConcatRows([PARTS[0].astype(np.float16), PARTS[2]])
+    assert mixed.dtype == np.float16  # the first part's dtype names the rows'
+    segment = Segment("segments/00001", 5, 4)
+    assert hash(segment) == hash(Segment("segments/00001", 5, 4))  # frozen: hashable, a value
+    with pytest.raises(AttributeError):
+        segment.count = 5
+
+
+def test_the_segment_format_is_version_5():
+    from img2prompt.index.segments import SEGMENT_FORMAT_VERSION
+
+    assert SEGMENT_FORMAT_VERSION == 5  # docs/index-format.md: readers before 5 refuse an index with segments
