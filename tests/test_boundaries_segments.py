@@ -85,3 +85,12 @@ def test_the_segment_format_is_version_5():
     from img2prompt.index.segments import SEGMENT_FORMAT_VERSION
 
     assert SEGMENT_FORMAT_VERSION == 5  # docs/index-format.md: readers before 5 refuse an index with segments
+
+
+def test_a_slice_inside_one_part_is_a_view_and_steps_are_honoured():
+    rows = ConcatRows(PARTS)
+    assert np.shares_memory(rows[3:4], PARTS[2]) and np.shares_memory(rows[4:8], PARTS[3])  # no copy
+    for key in (slice(1, 8, 2), slice(0, 8, 3), slice(7, 0, -2)):
+        np.testing.assert_array_equal(np.asarray(rows[key]), WHOLE[key])
+    mixed = ConcatRows([PARTS[0].astype(np.float16), PARTS[2]])
+    assert mixed[np.zeros(0, np.int64)].dtype == np.float16  # no rows: still the rows' dtype
