@@ -246,7 +246,10 @@ def _download(fs, root: str, url: str, raw: bytes, manifest: dict, name: str, ta
     try:
         write_atomic(target, lambda handle: _copy_from(fs, remote, handle))
     except Exception as exc:  # a dropped connection or short body, whatever the fsspec backend raises
-        if isinstance(exc, FileNotFoundError) and _manifest_changed(fs, root, raw):
+        # write_atomic re-raises a read's OSError as a plain OSError naming the target: the backend's own
+        # FileNotFoundError (memory://, http(s):// raise one without an errno) is its cause
+        gone = isinstance(exc, FileNotFoundError) or isinstance(exc.__cause__, FileNotFoundError)
+        if gone and _manifest_changed(fs, root, raw):
             raise _Republished from exc
         raise UserError(f"{url}: downloading {name} failed ({type(exc).__name__}: {short_reason(exc)}); "
                         "run again to retry (the files already fetched are kept)") from exc

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Run several modules' passes one after the other: bench/mutation/queue.sh NAME...
+for name in "$@"; do bench/mutation/run.sh "$name" > "bench/mutation/out/$name.log" 2>&1 || echo "$name: rc $?"; done
