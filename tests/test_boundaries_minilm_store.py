@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from img2prompt.index import minilm_store
-from img2prompt.index.minilm_store import (FP16, INT8, MINILM_F16, MINILM_I8, MINILM_SCALE, Int8Rows, dequantise,
-                                           minilm_dtype, minilm_file_bytes, minilm_file_names, minilm_rows,
+from img2prompt.index.layout import MINILM as MINILM_F16, MINILM_I8, MINILM_SCALE
+from img2prompt.index.minilm_store import (FP16, INT8, Int8Rows, dequantise, minilm_dtype, minilm_file_bytes, minilm_file_names, minilm_rows,
                                            quantise, write_int8)
 
 

@@ -82,7 +82,7 @@ def test_concat_rows_type_facts():
 
 
 def test_the_segment_format_is_version_5():
-    from img2prompt.index.segments import SEGMENT_FORMAT_VERSION
+    from img2prompt.index.layout import SEGMENT_FORMAT_VERSION
 
     assert SEGMENT_FORMAT_VERSION == 5  # docs/index-format.md: readers before 5 refuse an index with segments
 
