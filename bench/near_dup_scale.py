@@ -9,11 +9,13 @@ peak RSS (ru_maxrss, which counts the mapped rows' pages it touched) and the pea
 (RssAnon sampled every 50 ms: what the filter itself holds, outside the page cache) are its own.
 
 Usage: python bench/near_dup_scale.py [--sizes 500000 1000000 2000000 4000000] [--exact 50000] [--work /tmp/nds]
+       [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -67,6 +69,7 @@ def child(path: Path, count: int, work: Path) -> None:
     seconds = time.perf_counter() - start
     stop.set()
     print(json.dumps({"rows": count, "seconds": seconds, "dropped": stats.dropped, "method": stats.method,
+                      "pairs": stats.pairs, "split": stats.split,
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "rss_before": before, "anon_peak": anon[0]}))
 
@@ -99,6 +102,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[500_000, 1_000_000, 2_000_000, 4_000_000])
     parser.add_argument("--exact", type=int, default=50_000, help="rows for the agreement check (0: skip)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/near-dup-scale"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OpenMP/BLAS threads of each size's process (0: the libraries' default); 1 by default "
+                             "because on a shared 2-core box spinning BLAS/OpenMP threads made the times 3-18x noisier")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -112,19 +118,24 @@ def main() -> None:
     if args.exact:
         print(agreement(path, args.exact), flush=True)
     results = []
+    env = dict(os.environ)
+    if args.threads:
+        env.update({name: str(args.threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
     for count in args.sizes:
         out = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--child", str(count),
-                              str(args.work)], capture_output=True, text=True, check=True)
+                              str(args.work)], capture_output=True, text=True, check=True, env=env)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]
         print(f"{count:,} rows: {r['seconds']:.1f} s ({r['seconds'] / count * 1e6:.1f} µs/row), peak RSS "
               f"{r['peak_rss'] / 2**20:.0f} MiB, peak anonymous {r['anon_peak'] / 2**20:.0f} MiB, dropped "
-              f"{r['dropped']:,}; {r['method']}", flush=True)
-    print("\n| rows | s | µs/row | peak RSS MiB | peak anon MiB | anon B/row | dropped |")
-    print("|---|---|---|---|---|---|---|")
+              f"{r['dropped']:,}; cosines/row {r['pairs'] / count:.0f}, {r['split']} cells split; {r['method']}",
+              flush=True)
+    print("\n| rows | s | µs/row | cosines/row | cells split | peak RSS MiB | RSS B/row | peak anon MiB | anon B/row | dropped |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['rows']:,} | {r['seconds']:.1f} | {r['seconds'] / r['rows'] * 1e6:.1f} | "
-              f"{r['peak_rss'] / 2**20:.0f} | {r['anon_peak'] / 2**20:.0f} | {r['anon_peak'] / r['rows']:.1f} | "
+              f"{r['pairs'] / r['rows']:.0f} | {r['split']:,} | {r['peak_rss'] / 2**20:.0f} | "
+              f"{r['peak_rss'] / r['rows']:.0f} | {r['anon_peak'] / 2**20:.0f} | {r['anon_peak'] / r['rows']:.1f} | "
               f"{r['dropped']:,} |")
     if len(results) >= 2:
         n = np.array([r["rows"] for r in results], float)

@@ -43,7 +43,6 @@ from img2prompt.build_index.runner import (BuildJob, BuildResult, build_search_b
 from img2prompt.encoders.clip_ensemble import load_named_clips
 from img2prompt.encoders.models import load_text_model, resolve_device
 from img2prompt.encoders.precision import announce_models, index_precision
-from img2prompt.encoders.prompts import KeySet, dedup_keys
 from img2prompt.errors import UserError
 from img2prompt.index.append import AppendedRows, append_segment, link_file
 from img2prompt.index.backend import backend_class
@@ -51,6 +50,7 @@ from img2prompt.index.calibration import fit_calibration
 from img2prompt.index.layout import (IMAGE_KEYS, IMAGE_KEYS_FOLDER, MANIFEST, PHRASES, REGRESSION, REGRESSION_STATS,
                                      STATE_COMPLETE, TEXT_KEYS)
 from img2prompt.index.manifest import KeyRange, content_sha256, read_manifest, validate_complete
+from img2prompt.index.prompt_keys import IndexKeys
 from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.index.recall import RECALL_TARGET, measure_recall
 from img2prompt.index.ridge import RidgeAccumulator, read_state
@@ -149,9 +149,7 @@ class AddJob(BuildJob):
             self.outcome = BuildResult(manifest=self.old.manifest, report=self.report, timings=self.timer.rounded())
 
     def encode(self) -> None:
-        seen = KeySet()  # the index's dedup keys: 8 bytes a prompt, streamed from its files
-        for batch in self.old.stream_prompt_batches():
-            seen.add_new(dedup_keys(batch))
+        seen = IndexKeys.of_index(self.old)  # each segment's stored sorted keys, memory-mapped (else computed)
         corpus, pairs = CorpusReport(), CorpusReport()
         tasks = plan_tasks(self.paths, self.pair_paths, corpus, pairs, self.options, False, known=(seen, SKIP_IN_INDEX))
         self.report, self.encoded_rows = encode_shards(self.writer, self.engine, self.encoder, self.spec, tasks,

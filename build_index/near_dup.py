@@ -9,11 +9,16 @@ already on disk, and the work is sharded by coarse cell.
 2. bucket: each row gets a home cell (its nearest) and `probes` probe cells (its nearest few, home first);
    the row ids are counting-sorted by cell into memory-mapped files beside the output;
 3. edges: per cell, the exact cosines of the rows probing it against the rows living there; every pair
-   (later row i, earlier row j) with cosine ≥ T is an edge, written to disk bucketed by i;
+   (later row i, earlier row j) with cosine ≥ T is an edge, written to disk bucketed by i. k-means cells come
+   out unbalanced (at 400k rows the size-biased mean cell was 5× the mean, and it grew with N), so a cell with
+   more than SPLIT_FACTOR × its mean members is first cut into sub-cells the same way (homes, SPLIT_PROBES
+   probes): the cosines per row stay bounded (NearDupStats.pairs counts them);
 4. greedy: in corpus order, row i is kept unless an earlier KEPT row shares an edge with it.
 
 The greedy is the exact first-kept-wins rule over the pairs looked at; the approximation is only in which pairs
-are looked at (a near-duplicate whose home is not among the row's probe cells is missed). Below SMALL_ROWS rows
+are looked at (a near-duplicate whose home is not among the row's probe cells is missed). Assigning a row
+costs ≈ k1 + TOP_PROBES × cells / k1 dot products with k1 = √cells (≈ 2√(N / CELL_ROWS): the one term that
+grows with N, 0.5k dot products a row at 4M rows, 1.9k at 50M, against ≈ 2–4k cosines a row in the cells). Below SMALL_ROWS rows
 there is one cell: exact. In RAM: the centroids (≈ N / CELL_ROWS × 1.5 KB, i.e. ≈ 6 B a row), CHUNK-row buffers,
 one cell's Gram matrix and the keep mask itself (1 B a row): nothing else per row. NaN or zero vectors are
 refused (one-line error): normalised MiniLM vectors never are, so one means a damaged shard.
@@ -39,8 +44,9 @@ FINE_SAMPLE_PER_CELL = 16  # rows per fine cell the fine level is trained on
 CHUNK = 16_384  # rows read and assigned at a time
 EDGE_FLUSH = 1 << 20  # edges held before they are appended to their bucket files
 SEED = 1234
+SPLIT_FACTOR = 4  # a cell with more members than SPLIT_FACTOR × its mean is cut into sub-cells
+SPLIT_PROBES = 2  # sub-cells a prober looks in, inside a crowded cell
 GRAM_SIDE = 4096  # rows a side of one cell's Gram block (64 MiB of float32 at most)
-PROBE_TABLE = 1 << 21  # candidate (row, fine cell) scores held at once while probing
 
 
 @dataclass
@@ -49,6 +55,8 @@ class NearDupStats:
     seen: int = 0
     dropped: int = 0
     method: str = "exact"
+    pairs: int = 0  # cosines computed (the work: ≈ N × a bounded number when the cells are balanced)
+    split: int = 0  # crowded cells cut into sub-cells
 
     def manifest(self) -> dict:
         return {"threshold": self.threshold, "dropped": self.dropped, "seen": self.seen, "method": self.method}
@@ -64,6 +72,12 @@ class NearDupParams:
     small_rows: int = SMALL_ROWS
     chunk: int = CHUNK
     seed: int = SEED
+    split_rows: int = 0  # 0: SPLIT_FACTOR × cell_rows × homes (the mean members of a cell times SPLIT_FACTOR)
+    split_probes: int = SPLIT_PROBES
+
+    @property
+    def split_limit(self) -> int:
+        return self.split_rows or SPLIT_FACTOR * self.cell_rows * self.homes
 
 
 class BadRow(UserError):
@@ -92,23 +106,23 @@ class CoarseCells:
         return len(self.fine)
 
     def probe(self, rows: np.ndarray, probes: int, top_probes: int) -> np.ndarray:
-        """[n, probes] cell numbers of each row, nearest first (-1 where fewer cells exist); in pieces whose
-        candidate table (rows × top_probes × widest top's fine cells) stays under PROBE_TABLE entries."""
-        step = max(1, PROBE_TABLE // (top_probes * int(np.diff(self.first).max())))
-        return np.concatenate([self._probe(rows[low:low + step], probes, top_probes)
-                               for low in range(0, len(rows), step)])
-
-    def _probe(self, rows: np.ndarray, probes: int, top_probes: int) -> np.ndarray:
+        """[n, probes] cell numbers of each row, nearest first (-1 where fewer cells exist). Each row is scored
+        against the fine cells of its `top_probes` nearest tops only, grouped by top (no table padded to the
+        widest top), so a row costs ≈ k1 + top_probes × (cells / k1) dot products."""
         tops = _top_k(rows @ self.top.T, min(top_probes, len(self.top)))
-        widest = int(np.diff(self.first).max())
-        scores = np.full((len(rows), tops.shape[1], widest), -np.inf, np.float32)
+        width = min(probes, int(np.diff(self.first).max()))  # a top's best `probes` cells hold the row's best
+        scores = np.full((len(rows), tops.shape[1], width), -np.inf, np.float32)
         cells = np.full(scores.shape, -1, np.int64)
         for slot in range(tops.shape[1]):
-            for top in np.unique(tops[:, slot]):
-                where = np.flatnonzero(tops[:, slot] == top)
+            order = np.argsort(tops[:, slot], kind="stable")
+            bounds = np.searchsorted(tops[order, slot], np.arange(len(self.top) + 1))
+            for top in np.flatnonzero(np.diff(bounds)):
+                where = order[bounds[top]:bounds[top + 1]]
                 low, high = int(self.first[top]), int(self.first[top + 1])
-                scores[where, slot, :high - low] = rows[where] @ self.fine[low:high].T
-                cells[where, slot, :high - low] = np.arange(low, high)
+                block = rows[where] @ self.fine[low:high].T
+                best = _top_k(block, min(width, high - low))
+                scores[where, slot, :best.shape[1]] = np.take_along_axis(block, best, axis=1)
+                cells[where, slot, :best.shape[1]] = best + low
         scores, cells = scores.reshape(len(rows), -1), cells.reshape(len(rows), -1)
         best = _top_k(scores, min(probes, scores.shape[1]))
         return np.take_along_axis(cells, best, axis=1)
@@ -152,7 +166,7 @@ def train_cells(source, cells: int, seed: int) -> CoarseCells:
     at once: the fine level is trained one top cell at a time)."""
     count = len(source)
     rng = np.random.default_rng(seed)
-    k1 = max(1, min(256, int(round(np.sqrt(cells)))))
+    k1 = max(1, min(1024, int(round(np.sqrt(cells)))))
     sample = np.sort(rng.choice(count, size=min(count, max(TOP_SAMPLE, 39 * k1)), replace=False))
     top = _kmeans(_gather(source, sample), min(k1, len(sample)), seed)
     fine_ids = np.sort(rng.choice(count, size=min(count, FINE_SAMPLE_PER_CELL * cells), replace=False))
@@ -238,6 +252,8 @@ class _Edges:
         self.folder, self.count, self.buckets = folder, max(count, 1), buckets
         self.pending: list[np.ndarray] = []
         self.held = 0
+        self.pairs = 0  # cosines computed
+        self.split = 0  # crowded cells cut
 
     def add(self, pairs: np.ndarray) -> None:
         if len(pairs):
@@ -263,25 +279,72 @@ class _Edges:
         return np.fromfile(path, dtype=np.int64).reshape(-1, 2)
 
 
-def _cell_edges(source, files: _CellFiles, edges: _Edges, threshold: float) -> None:
-    """Per cell: exact cosines of the rows probing it against its earlier rows living there."""
+def _cell_edges(source, files: _CellFiles, edges: _Edges, threshold: float, params: NearDupParams) -> None:
+    """Per cell: exact cosines of the rows probing it against its earlier rows living there; a crowded cell
+    (more than params.split_limit members: k-means cells are unbalanced, and the work of a cell is members ×
+    probers) is split first, so the pairs looked at per row stay bounded whatever N is."""
     for cell in range(files.cells):
         members = np.asarray(files.home_ids[files.home_start[cell]:files.home_start[cell] + files.home_counts[cell]])
         probers = np.asarray(files.probe_ids[files.probe_start[cell]:
                                              files.probe_start[cell] + files.probe_counts[cell]])
         if len(members) == 0 or len(probers) == 0 or probers[-1] <= members[0]:
             continue
-        for start in range(0, len(members), GRAM_SIDE):  # bounds the Gram matrix of a crowded cell
-            near = members[start:start + GRAM_SIDE]
-            near_rows = _gather(source, near)
-            for low in range(0, len(probers), GRAM_SIDE):
-                ids = probers[low:low + GRAM_SIDE]
-                if ids[-1] <= near[0]:
-                    continue
-                gram = _gather(source, ids) @ near_rows.T
-                hit_i, hit_j = np.nonzero((gram >= threshold) & (ids[:, None] > near[None, :]))
-                edges.add(np.stack([ids[hit_i], near[hit_j]], axis=1))
+        if files.cells > 1 and len(members) > params.split_limit:
+            _split_cell_edges(source, members, probers, edges, threshold, params, cell)
+        else:
+            _block_edges(source, members, probers, edges, threshold)
     edges.flush()
+
+
+def _block_edges(source, members: np.ndarray, probers: np.ndarray, edges: _Edges, threshold: float) -> None:
+    """Edges between sorted `probers` and the earlier of sorted `members`, GRAM_SIDE rows a side at a time
+    (bounds the Gram matrix of a crowded cell)."""
+    for start in range(0, len(members), GRAM_SIDE):
+        near = members[start:start + GRAM_SIDE]
+        near_rows = _gather(source, near)
+        for low in range(0, len(probers), GRAM_SIDE):
+            ids = probers[low:low + GRAM_SIDE]
+            if ids[-1] <= near[0]:
+                continue
+            hit_i, hit_j = np.nonzero(_gather(source, ids) @ near_rows.T >= threshold)
+            edges.pairs += len(ids) * len(near)
+            later = ids[hit_i] > near[hit_j]  # only (later, earlier) pairs: the few hits, not the whole block
+            edges.add(np.stack([ids[hit_i[later]], near[hit_j[later]]], axis=1))
+
+
+def _split_cell_edges(source, members: np.ndarray, probers: np.ndarray, edges: _Edges, threshold: float,
+                      params: NearDupParams, cell: int) -> None:
+    """A crowded cell cut into ≈ len(members) / cell_rows sub-cells (k-means on a bounded sample of its members):
+    each member lives in its `homes` nearest sub-cells, each prober looks in its `split_probes` nearest."""
+    count = -(-len(members) // params.cell_rows)
+    edges.split += 1
+    rng = np.random.default_rng(params.seed + cell)
+    sample = np.sort(rng.choice(members, size=min(len(members), 32 * count, TOP_SAMPLE), replace=False))
+    centroids = _kmeans(_gather(source, sample), min(count, len(sample)), params.seed + cell)
+    home_of = _nearest(source, members, centroids, params.homes)
+    probe_of = _nearest(source, probers, centroids, params.split_probes)
+    home_ids, home_start = _group(members, home_of, len(centroids))
+    probe_ids, probe_start = _group(probers, probe_of, len(centroids))
+    for sub in range(len(centroids)):
+        near = home_ids[home_start[sub]:home_start[sub + 1]]
+        ids = probe_ids[probe_start[sub]:probe_start[sub + 1]]
+        if len(near) and len(ids) and ids[-1] > near[0]:
+            _block_edges(source, near, ids, edges, threshold)
+
+
+def _nearest(source, ids: np.ndarray, centroids: np.ndarray, k: int) -> np.ndarray:
+    """[len(ids), k] nearest centroid numbers of the rows `ids` (read GRAM_SIDE rows at a time)."""
+    k = min(k, len(centroids))
+    return np.concatenate([_top_k(_gather(source, ids[low:low + GRAM_SIDE]) @ centroids.T, k)
+                           for low in range(0, len(ids), GRAM_SIDE)])
+
+
+def _group(ids: np.ndarray, groups: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids laid out group after group (ascending within a group, as `ids` is sorted) and the groups' starts."""
+    flat = groups.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=count))])
+    return np.repeat(ids, groups.shape[1])[order], starts
 
 
 def _greedy(edges: _Edges, count: int, fixed: int) -> np.ndarray:
@@ -322,10 +385,11 @@ def near_dup_keep(source, threshold: float, *, fixed: int = 0, work_dir: str | P
         _assign(source, cells, files, fixed, params)
         files.sort(fixed)
         edges = _Edges(Path(folder), count)
-        _cell_edges(source, files, edges, threshold)
+        _cell_edges(source, files, edges, threshold, params)
         keep = _greedy(edges, count, fixed)[fixed:]
         del files
     stats.dropped = int((~keep).sum())
+    stats.pairs, stats.split = edges.pairs, edges.split
     stats.method = "exact" if cells.count == 1 else \
         f"cells(n={cells.count}, homes={params.homes}, probes={params.probes}) exact within cells"
     return keep, stats

@@ -20,7 +20,9 @@ import numpy as np
 
 from img2prompt.atomic import atomic_path, fsync_dir
 from img2prompt.index.key_pca import write_projected
-from img2prompt.index.layout import CLIP_VECTORS, KEY_PCA, MINILM, MINILM_MEAN, PROMPTS, VECTOR_DTYPE
+from img2prompt.index.layout import (CLIP_VECTORS, KEY_PCA, MINILM, MINILM_MEAN, PROMPT_KEYS, PROMPTS,
+                                     VECTOR_DTYPE)
+from img2prompt.index.prompt_keys import segment_key_names
 from img2prompt.index.minilm_store import INT8, minilm_dtype, minilm_file_names, write_int8
 from img2prompt.index.reader import PromptIndex
 from img2prompt.index.segments import segment_folder, segments_of
@@ -44,7 +46,7 @@ def row_file_names(manifest: dict) -> list[str]:
     """Every row file of an index (each segment's prompts, keys and MiniLM rows), and its key PCA."""
     names = [part.name(name) for part in segments_of(manifest)
              for name in (PROMPTS, CLIP_VECTORS) + minilm_file_names(minilm_dtype(manifest))]
-    return names + ([KEY_PCA] if KEY_PCA in manifest.get("files", {}) else [])
+    return names + segment_key_names(manifest) + ([KEY_PCA] if KEY_PCA in manifest.get("files", {}) else [])
 
 
 def link_file(source: Path, target: Path) -> bool:
@@ -96,7 +98,7 @@ def append_segment(writer: IndexWriter, old: PromptIndex) -> AppendedRows:
     _save_array(root / MINILM_MEAN, (total / grown.count).astype(np.float32))
     fsync_dir(new_root)
     names = (PROMPTS, CLIP_VECTORS) + minilm_file_names(minilm_dtype(manifest))
-    new_files = tuple(f"{folder}/{name}" for name in names)
+    new_files = tuple(f"{folder}/{name}" for name in names + ((PROMPT_KEYS,) if (new_root / PROMPT_KEYS).is_file() else ()))
     return AppendedRows(grown, segments, linked, new_files, old.count)
 
 

@@ -11,6 +11,8 @@
                            (flat/torch search them directly; approximate kinds re-rank from them)
       minilm.i8 + minilm_scale.f32  instead of minilm.f16 with `build --minilm-dtype int8` (format 4)
       minilm_mean.npy      float32 [text_dim], mean of the MiniLM rows (the corpus-mean prediction)
+      prompt_keys.npy      uint64, sorted unique dedup keys of prompts.parquet (index/prompt_keys.py; add reads
+                           them; also in each segment folder; optional: indexes before it compute them)
       clip.faiss           only for approximate kinds (hnsw, ivfpq): the FAISS index, inner product, ids = prompt ids
       image_keys/          the image-keyed range's own backend files (same names), when it has an approximate kind
       regression.npz       the ridge head CLIP → MiniLM (index/ridge.py), when the build fitted one
@@ -42,6 +44,7 @@ SEGMENT_FORMAT_VERSION = 5  # rows in segments (index/segments.py), an index gro
 READABLE_VERSIONS = (1, 2, 3, 4, 5)  # fp16 builds without PCA keys still write 3
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.parquet"
+PROMPT_KEYS = "prompt_keys.npy"  # sorted uint64 dedup keys of the folder's prompts (index/prompt_keys.py)
 MINILM = "minilm.f16"
 MINILM_I8 = "minilm.i8"  # instead of MINILM with int8 storage: int8 [count, text_dim]
 MINILM_SCALE = "minilm_scale.f32"  # ... and its float32 [count] per-row scale

@@ -22,8 +22,9 @@ from img2prompt.atomic import atomic_path, write_atomic, write_json_atomic
 from img2prompt.errors import UserError
 from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, IMAGE_KEYS_FOLDER, INDEX_FILES,
                                      INT8_FORMAT_VERSION, KEY_PCA, LOCK, MANIFEST, MINILM, MINILM_I8, MINILM_MEAN,
-                                     MINILM_SCALE, OPTIONAL_FILES, PHRASE_VECTORS, PHRASES, PROMPT_GROUP_ROWS, PROMPTS,
-                                     SEGMENT_FORMAT_VERSION, SEGMENTS, SHARD_INT8_SUFFIXES, SHARD_SUFFIXES, SHARDS,
+                                     MINILM_SCALE, OPTIONAL_FILES, PHRASE_VECTORS, PHRASES, PROMPT_GROUP_ROWS,
+                                     PROMPT_KEYS, PROMPTS, SEGMENT_FORMAT_VERSION, SEGMENTS, SHARD_INT8_SUFFIXES,
+                                     SHARD_SUFFIXES, SHARDS,
                                      STATE_BUILDING, STATE_COMPLETE, TEXT_KEYS, VECTOR_DTYPE, file_record, file_sha256,
                                      prompts_sha256, shard_path, staging_folder)
 from img2prompt.index.folder_decision import (DONE, REFUSE, RESUME, FolderDecision, FolderState, decide_folder,
@@ -279,6 +280,9 @@ class IndexWriter:
                 writer.write_table(table, row_group_size=PROMPT_GROUP_ROWS)  # lookups read one group
                 first_id += len(prompts)
             writer.close()
+        from img2prompt.index.prompt_keys import write_prompt_keys  # add's dedup reads them, not the prompts
+        write_prompt_keys(folder, (batch.column(0).to_pylist() for batch in
+                                   pq.ParquetFile(folder / PROMPTS).iter_batches(columns=["prompt"], batch_size=100_000)))
         return count, clip_dim, text_dim
 
     def key_rows(self) -> dict[str, tuple[int, int]]:
@@ -370,6 +374,7 @@ class IndexWriter:
         dtype = minilm_dtype(info)  # int8 MiniLM: its own files and format 4 (older readers refuse it)
         linked = linked or {}
         names = tuple(n for n in INDEX_FILES if n != MINILM) + minilm_file_names(dtype)
+        names += (PROMPT_KEYS,) if (self.root / PROMPT_KEYS).is_file() else ()  # absent in a pre-keys index's add
         files = {name: linked.get(name) or file_record(self.root / name)
                  for name in dict.fromkeys(names + tuple(extra_files) + tuple(linked))}
         # format 4 for every compacted index (int8 MiniLM or PCA keys): a reader before 4 refuses it by version;

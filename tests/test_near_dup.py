@@ -181,3 +181,43 @@ def test_crowded_cell_in_bounded_gram_blocks(monkeypatch):
     rows = clustered(700, seed=4)
     monkeypatch.setattr(module, "GRAM_SIDE", 37)
     assert near_dup_mask(rows, 0.9)[0].tolist() == exact_greedy(rows, 0.9).tolist()
+
+
+def test_crowded_cells_are_split_bounding_the_work_with_the_same_decisions(monkeypatch):
+    """A cell with more than split_limit members is cut into sub-cells, so the cosines computed per row stay
+    bounded (a crowded cell alone costs members × probers), with the same decisions. Crowded cells are forced
+    here by a quantiser with 8× too few cells (k-means' own imbalance grows them the same way at scale)."""
+    from build_index import near_dup as module
+
+    rng = np.random.default_rng(5)
+    base = clustered(4000, dim=48, centres=40, noise=0.8, seed=5)
+    copies = base[rng.integers(0, 4000, 800)] + 0.02 * rng.normal(size=(800, 48)).astype(np.float32)
+    rows = np.concatenate([base, copies / np.linalg.norm(copies, axis=1, keepdims=True)])
+    exact = exact_greedy(rows, 0.95)
+    original = module.train_cells
+    monkeypatch.setattr(module, "train_cells", lambda source, cells, seed: original(source, max(2, cells // 8), seed))
+    keep, stats = near_dup_mask(rows, 0.95, params=SHARDED)
+    unsplit, whole = near_dup_mask(rows, 0.95, params=NearDupParams(cell_rows=64, small_rows=256, chunk=300,
+                                                                    split_rows=10 ** 9))
+    assert stats.split >= 5 and whole.split == 0
+    assert stats.pairs < 0.5 * whole.pairs  # the crowded cells' members × probers blocks are gone
+    assert stats.pairs / len(rows) < 4 * SHARDED.probes * SHARDED.homes * SHARDED.cell_rows
+    assert (~exact).sum() >= 790 and (keep == exact).mean() >= 0.999 and (unsplit == exact).mean() >= 0.999
+    assert (near_dup_mask(rows, 0.95, params=SHARDED)[0] == keep).all()  # deterministic
+
+
+def test_probe_is_the_best_cells_under_the_nearest_tops():
+    """probe() (grouped by top, no padded table) returns, per row, the `probes` best-scoring fine cells among
+    the fine cells of its `top_probes` nearest tops, best first."""
+    from build_index.near_dup import train_cells
+
+    rows = clustered(3000, seed=8)
+    cells = train_cells(rows, 60, 3)
+    assert len(cells.top) > 2 and len(set(np.diff(cells.first).tolist())) > 1  # tops of unequal widths
+    got = cells.probe(rows[:400], 4, 2)
+    for row, chosen in zip(rows[:400], got):
+        tops = np.argsort(-(cells.top @ row))[:2]
+        candidates = np.concatenate([np.arange(cells.first[t], cells.first[t + 1]) for t in tops])
+        scores = cells.fine[candidates] @ row
+        want = candidates[np.argsort(-scores, kind="stable")[:4]]
+        assert np.allclose(cells.fine[chosen] @ row, cells.fine[want] @ row, atol=1e-6)
