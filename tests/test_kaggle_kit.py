@@ -210,9 +210,9 @@ def test_clip_that_does_not_match_the_index_is_refused(built_index, other_clip_d
 
 def test_pretrained_tag_without_a_file_asks_for_clip_weights(tmp_path):
     with pytest.raises(UserError, match="--clip-weights"):
-        kit_clip.write_clip_folder({"name": "ViT-B-32", "pretrained": "openai"}, None, tmp_path / "clip")
+        kit_clip.copy_member_clip({"name": "ViT-B-32", "pretrained": "openai"}, None, tmp_path / "clip")
     with pytest.raises(UserError, match="--clip-weights"):
-        kit_clip.write_clip_folder({"name": "local-dir:/nonexistent/clip", "pretrained": None}, None,
+        kit_clip.copy_member_clip({"name": "local-dir:/nonexistent/clip", "pretrained": None}, None,
                                      tmp_path / "clip")
 
 

@@ -65,7 +65,7 @@ def clip_config_for(name: str, pretrained: str | None) -> dict:
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
 
 
-def write_clip_folder(clip_identity: dict, clip_weights: str | None, dest: Path) -> str:
+def copy_member_clip(clip_identity: dict, clip_weights: str | None, dest: Path) -> str:
     """Write dest/open_clip_config.json + the weights for the index's CLIP; returns where they came from."""
     name, pretrained = clip_identity["name"], clip_identity.get("pretrained")
     weights_arg = Path(clip_weights) if clip_weights else None
@@ -117,7 +117,7 @@ def write_clip_folders(clip_identity: dict, clip_weights: str | list | None, des
         raise UserError(f"the index holds {len(members)} CLIP models but {len(weights)} --clip-weights were given: "
                         "give one per model, in the order they were built")
     names = ["clip"] if len(members) == 1 else [f"clip-{number}" for number in range(1, len(members) + 1)]
-    sources = [write_clip_folder(member, member_weights, dest / name)
+    sources = [copy_member_clip(member, member_weights, dest / name)
                for member, member_weights, name in zip(members, weights, names)]
     return names, "; ".join(sources)
 
