@@ -187,7 +187,7 @@ class IndexWriter:
         manifest = self.root / MANIFEST
         if manifest.exists():
             manifest.unlink()  # first, so a half-cleared folder never looks complete
-        for name in INDEX_FILES + OPTIONAL_FILES + (MINILM_I8, MINILM_SCALE, KEY_PCA):
+        for name in INDEX_FILES + OPTIONAL_FILES + (MINILM_I8, MINILM_SCALE, KEY_PCA, PROMPT_KEYS):
             (self.root / name).unlink(missing_ok=True)
         for folder in (SHARDS, IMAGE_KEYS_FOLDER, SEGMENTS):
             shutil.rmtree(self.root / folder, ignore_errors=True)

@@ -13,7 +13,7 @@ import pytest
 
 from img2prompt.errors import UserError
 from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, INT8_FORMAT_VERSION, LOCK, MANIFEST,
-                                     MINILM, MINILM_MEAN, PROMPTS, SEGMENT_FORMAT_VERSION, SHARDS, TEXT_KEYS,
+                                     MINILM, MINILM_MEAN, PROMPT_KEYS, PROMPTS, SEGMENT_FORMAT_VERSION, SHARDS, TEXT_KEYS,
                                      file_sha256, shard_path, staging_folder)
 from img2prompt.index.writer import IndexWriter, ShardTask, save_shard, save_shard_int8
 
@@ -157,7 +157,7 @@ def test_complete_records_every_file_and_the_format_version(tmp_path, info, vers
     manifest = writer.complete({"count": 2, **info}, extra_files=("extra.bin",), linked=linked)
     assert manifest["format_version"] == version and manifest["state"] == "complete"
     assert manifest["build"] == BUILD and manifest["count"] == 2
-    assert set(manifest["files"]) == {PROMPTS, MINILM, CLIP_VECTORS, MINILM_MEAN, "extra.bin", "linked.bin"}
+    assert set(manifest["files"]) == {PROMPTS, PROMPT_KEYS, MINILM, CLIP_VECTORS, MINILM_MEAN, "extra.bin", "linked.bin"}
     assert manifest["files"]["extra.bin"] == {"bytes": 5, "sha256": file_sha256(writer.root / "extra.bin")}
     assert manifest["files"]["linked.bin"] == linked["linked.bin"]
     assert json.loads((tmp_path / "idx" / MANIFEST).read_text()) == manifest
