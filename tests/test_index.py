@@ -24,8 +24,8 @@ def test_build_counts_and_manifest(built_index, clip, text_model):
     assert manifest["metric"] == "inner_product" and manifest["search"]["kind"] == "flat"
     assert manifest["search"]["recall_at_10"]["recall"] == 1.0
     # one copy of the vectors: a flat index searches clip.f16 itself, no float32 clip.faiss beside it
-    assert set(manifest["files"]) == {"prompts.parquet", "minilm.f16", "clip.f16", "minilm_mean.npy",
-                                      "phrases.parquet", "phrases.f16", "regression.npz", "regression_stats.npz"}
+    assert set(manifest["files"]) == {"prompts.parquet", "prompt_keys.npy", "minilm.f16", "clip.f16",
+                                      "minilm_mean.npy", "phrases.parquet", "phrases.f16", "regression.npz", "regression_stats.npz"}
     assert [entry["keys"] for entry in manifest["key_ranges"]] == ["text"] and "calibration" not in manifest
     assert manifest["regression"]["rows"] == {"text": 160}
     assert not (built_index / "clip.faiss").exists()
