@@ -127,18 +127,22 @@ def cold_part(args) -> list[tuple]:
         rate, dd_s = dd_rate(path)
         log(f"# dd: {rate / 1e6:.0f} MB/s ({dd_s:.0f} s), {state}")
         out.append(("dd sequential read of the key file", f"{rate / 1e6:.0f} MB/s", "-", "-", f"{size / 1e9:.1f} GB, {state}"))
-        keys = np.memmap(path, dtype=np.float16, mode="r", shape=(rows, args.dim))
         chunk = flat.chunk_rows(args.dim)
+        # a search command has torch imported (its CLIP encoder) before it scans: time the scan, not the import
+        exact_search(unit_rows(1000, args.dim, seed=9).astype(np.float16), unit_rows(2, args.dim, seed=9), args.k)
         for count in args.queries:
             rate_c = compute_rate(args.dim, count, args.k, max(chunk, int(args.compute_flop / (2 * count * args.dim))))
             limit_rows = rows
             if rows / rate_c > args.budget_s:  # compute-bound: a prefix, whole chunks
                 limit_rows = max(chunk, int(rate_c * args.budget_s) // chunk * chunk)
+            # a fresh map each time: pages still mapped by a live map survive drop_caches (not cold otherwise)
+            keys = np.memmap(path, dtype=np.float16, mode="r", shape=(rows, args.dim))
             state = drop_cache()
             query = unit_rows(count, args.dim, seed=7)
             started = time.perf_counter()
             exact_search(keys[:limit_rows], query, args.k)
             ours = time.perf_counter() - started
+            del keys
             read_s, compute_s = limit_rows * args.dim * 2 / rate, limit_rows / rate_c
             bound = "disk" if read_s >= compute_s else "compute"
             ratio = max(read_s, compute_s) / ours
