@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from img2prompt.index import flat, topk
-from img2prompt.index.chunks import file_span, float32_chunks
+from img2prompt.index.chunks import ChunkReader, file_span, float32_chunks, map_position
 from img2prompt.index.flat import FlatBackend, exact_search
 from img2prompt.index.segments import ConcatRows
 from row_sources import CountingRows
@@ -95,6 +95,32 @@ def test_file_span_finds_the_bytes_of_a_memmap_view(tmp_path):
     chunks = [(start, block.copy()) for start, block in float32_chunks(mapped[30:60], 7)]
     assert [start for start, _ in chunks] == [0, 7, 14, 21, 28]
     np.testing.assert_array_equal(np.concatenate([block for _, block in chunks]), rows[30:60].astype(np.float32))
+
+
+def test_converted_rows_of_a_map_are_released_but_a_copy_on_write_map_keeps_its_changes(tmp_path):
+    """Rows of a read-only map are unmapped once converted (a scan larger than RAM must not leave them mapped),
+    each byte of them once; the answers are unchanged. A copy-on-write map is never released: its changed
+    rows live only in this process, and the scan must see them."""
+    rows = integer_rows(3_000, 32, seed=30)
+    path = tmp_path / "clip.f16"
+    mapped = write_keys(path, rows)
+    reader = ChunkReader(mapped)
+    out = np.empty((3_000, 32), np.float32)
+    for start in range(0, 3_000, 700):  # chunk boundaries inside pages: a shared page is released twice
+        reader.fill(out[:min(700, 3_000 - start)], start, min(start + 700, 3_000))
+        np.testing.assert_array_equal(out[:min(700, 3_000 - start)], rows[start:start + 700].astype(np.float32))
+    reader.close()
+    assert rows.nbytes <= reader.released < rows.nbytes + 5 * 4096
+    query = integer_rows(4, 32, seed=31, dtype=np.float32)
+    np.testing.assert_array_equal(exact_search(mapped, query, 5, chunk=333)[1], brute(rows, query, 5)[1])
+
+    private = np.memmap(path, dtype=np.float16, mode="c", shape=rows.shape)
+    private[2_999] = query[0].astype(np.float16) * 3  # only in this process: the best row for query 0
+    reader = ChunkReader(private)
+    reader.fill(out, 0, 3_000)
+    assert out[2_999].tolist() == (query[0] * 3).tolist() and reader.released == 0
+    assert map_position(private) is None and map_position(mapped[10:20])[1] == 10 * 32 * 2
+    assert exact_search(private, query, 1, chunk=128)[1][0, 0] == 2_999
 
 
 def test_each_row_is_read_once_for_many_query_batches():
