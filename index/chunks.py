@@ -1,27 +1,28 @@
-"""Row chunks of stored vectors as float32, read and converted ahead of the scoring that consumes them.
+"""Row chunks of stored vectors as float32, converted in the scan's own thread while the disk reads ahead.
 
-Exact search is bound by the slower of reading the keys and scoring them; this module makes the reading side
-run beside the scoring instead of before it. A prefetch thread fills one of two reused float32 buffers while
-the caller scores the other, so no chunk-sized array is allocated per chunk:
+Exact search is bound by the slower of reading the keys and scoring them; this module keeps the disk busy
+beside the scoring without a second CPU thread: a C-contiguous memory map (clip.f16, or a segment's part of
+a ConcatRows) gets a posix_fadvise(WILLNEED) over the chunk being converted and the next READ_AHEAD_CHUNKS,
+so the kernel reads them asynchronously while the caller converts and scores; each converted range is then
+unmapped (madvise DONTNEED: the pages stay in the page cache, but a scan of a file larger than RAM no longer
+leaves the kernel reclaiming pages this process maps). Anything else (an ndarray, Int8Rows, a row counter in
+the tests) is sliced once per chunk and converted. One reused float32 buffer, no chunk-sized array per chunk.
 
-- a C-contiguous memory map (clip.f16, or a segment's part of a ConcatRows) first gets a
-  posix_fadvise(WILLNEED) over this chunk and the next, so the disk reads ahead asynchronously while the
-  mapped rows convert straight into the buffer (measured here: pread into a staging buffer, then convert,
-  cost 1.5-4× the CPU of converting from the map directly);
-- anything else (an ndarray, Int8Rows, a row counter in the tests) is sliced once per chunk and converted.
-
-float16 → float32 goes through torch's vectorised copy when torch is importable (measured 5× numpy's
-astype on this machine), else numpy's. A float32 C-contiguous array is handed out as views, uncopied.
+Why no conversion thread (it was one until issue 31's idle-machine run): beside OpenBLAS's two threads on
+two cores it stalled the matmul, 1.45× the time of converting inline for 256 queries in RAM (bench/RESULTS.md);
+the conversion itself is ~5% of that scan (torch's vectorised cast, measured 5× numpy's astype here).
+A float32 C-contiguous array is handed out as views, uncopied.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
+
+READ_AHEAD_CHUNKS = 2  # chunks the kernel is asked to read beyond the one being converted
 
 # torch only reads the (read-only) memory map it is given here; its warning about writes does not apply
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -35,11 +36,20 @@ def _torch():
     return torch
 
 
+SERIAL_COPY_ELEMENTS = 32_767  # below torch's parallel grain (32,768): each piece's cast stays in this thread
+
+
 def convert_into(out: np.ndarray, rows: np.ndarray) -> None:
-    """out[:] = rows as float32, with no temporary (torch's vectorised cast for writable float16)."""
+    """out[:] = rows as float32, with no temporary: torch's vectorised cast (5× numpy's here) for float16,
+    in pieces small enough that torch does not wake its thread pool: beside OpenBLAS's threads, a parallel
+    cast between two matmuls cost more than the cast (chunk of 21,845 × 768: matmul 14.1 ms + cast 4.4 ms ran
+    25.8 ms interleaved; one-thread pieces 9.0 + 8.2 = 17.0 ms; bench/RESULTS.md)."""
     torch = _torch() if rows.dtype == np.float16 and out.dtype == np.float32 else None
-    if torch is not None and out.flags.c_contiguous and rows.flags.c_contiguous:
-        torch.from_numpy(out).copy_(torch.from_numpy(rows))
+    if torch is not None and out.flags.c_contiguous and rows.flags.c_contiguous and len(rows):
+        target, source = torch.from_numpy(out), torch.from_numpy(rows)
+        step = max(1, SERIAL_COPY_ELEMENTS // max(1, rows[0].size))
+        for first in range(0, len(rows), step):
+            target[first:first + step].copy_(source[first:first + step])
     else:
         np.copyto(out, rows, casting="unsafe")
 
@@ -150,33 +160,24 @@ class ChunkReader:
         self.fds.clear()
 
 
-def float32_chunks(vectors, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, float32 [rows, dim] view) for consecutive chunks; the next chunk is read while the caller
-    works on this one. A view is valid until the next one is asked for (its buffer is then refilled)."""
+def float32_chunks(vectors, chunk_rows: int, ahead_chunks: int = READ_AHEAD_CHUNKS) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, float32 [rows, dim] view) for consecutive chunks, converted into one reused buffer in the
+    calling thread; the kernel reads the next `ahead_chunks` chunks of a mapped file meanwhile (advice, no
+    thread). A view is valid until the next one is asked for (its buffer is then refilled)."""
     count = len(vectors)
     if isinstance(vectors, np.ndarray) and vectors.dtype == np.float32 and vectors.flags.c_contiguous \
             and not isinstance(vectors, np.memmap):
         for start in range(0, count, chunk_rows):
             yield start, vectors[start:start + chunk_rows]
         return
-    starts = list(range(0, count, chunk_rows))
-    if not starts:
+    if count == 0:
         return
     reader = ChunkReader(vectors)
-    buffers = [np.empty((min(chunk_rows, count), reader.dim), dtype=np.float32) for _ in range(min(2, len(starts)))]
-
-    def fill(i: int) -> None:
-        stop = min(starts[i] + chunk_rows, count)
-        reader.fill(buffers[i % len(buffers)], starts[i], stop, ahead=chunk_rows)
-
+    buffer = np.empty((min(chunk_rows, count), reader.dim), dtype=np.float32)
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
-            pending = pool.submit(fill, 0)
-            for i, start in enumerate(starts):
-                pending.result()
-                if i + 1 < len(starts):  # the buffer handed out last time is free again
-                    pending = pool.submit(fill, i + 1)
-                yield start, buffers[i % len(buffers)][:min(chunk_rows, count - start)]
-            pending.result()
+        for start in range(0, count, chunk_rows):
+            stop = min(start + chunk_rows, count)
+            reader.fill(buffer, start, stop, ahead=ahead_chunks * chunk_rows)
+            yield start, buffer[:stop - start]
     finally:
         reader.close()

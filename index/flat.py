@@ -1,10 +1,10 @@
 """Exact search over the index's own float16 vectors (clip.f16): no second copy of them on disk.
 
 On CPU the vectors stream once per call, whatever the number of queries (corpus chunk outer, query batches
-inner): index/chunks.py reads and converts the next chunk into a reused float32 buffer on a prefetch thread
-while this one scores the current chunk; index/topk.py scores each (query batch × row tile) with the kernel
+inner): index/chunks.py converts each chunk into a reused float32 buffer in this thread while the kernel reads
+the next chunks of the file ahead (advice, no second CPU thread beside BLAS's); index/topk.py scores each (query batch × row tile) with the kernel
 measured fastest for the batch size (BLAS matmul into a reused score buffer + a threshold select against each
-query's running k-th score, or faiss.knn) and keeps each query's running top-k. Memory: two chunk buffers,
+query's running k-th score, or faiss.knn) and keeps each query's running top-k. Memory: one chunk buffer,
 one score tile, the top-k state. On a GPU the same kind loads as the torch backend, see index/torch_exact.py.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from img2prompt.index.backend import QUERY_BATCH, SearchBackend, backend_class
 from img2prompt.index.chunks import float32_chunks
 from img2prompt.index.topk import RunningTopK, choose_kernel, score_block
 
-SCAN_BYTES = 64 * 2**20  # one float32 chunk buffer (two are live: one scored, one being read)
+SCAN_BYTES = 64 * 2**20  # the float32 chunk buffer
 SCORE_BYTES = 16 * 2**20  # one query batch × row tile of float32 scores
 SCAN_CHUNK: int | None = None  # rows per chunk; None: SCAN_BYTES' worth (tests set a tiny one)
 
@@ -57,7 +57,7 @@ class FlatBackend(SearchBackend):
     @classmethod
     def estimate_bytes(cls, count: int, dim: int, params: dict) -> int:
         chunk = min(count, chunk_rows(dim)) * dim * 4
-        return 2 * chunk + SCORE_BYTES * 5 // 4  # two chunk buffers, a score tile and its mask; keys are mapped
+        return chunk + SCORE_BYTES * 5 // 4  # the chunk buffer, a score tile and its mask; keys are mapped
 
     @classmethod
     def load(cls, root: Path, vectors: np.ndarray, params: dict, device: str = "cpu") -> SearchBackend:

@@ -8,7 +8,7 @@ CPU_RESIDENT_BYTES in all, float32) and streams the rest once per search call:
     CUDA  a read-ahead thread preads the next chunk into one of two reused pinned fp16 host buffers while a
           copy stream moves the previous one into one of two reused device buffers and the compute stream
           scores the one before (events order the three); host memory: 2 × STREAM_BYTES per device
-    CPU   index/chunks.py's read-ahead into two reused float32 buffers
+    CPU   index/chunks.py's chunks: one reused float32 buffer, converted in this thread while the disk reads ahead
 
 Each (query batch, chunk) is one matmul + top-k, merged into the batch's running top-k on the device; the
 devices search in parallel threads and their lists are merged on the host. The final candidates are re-scored

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from img2prompt.index import flat, topk
-from img2prompt.index.chunks import ChunkReader, file_span, float32_chunks, map_position
+from img2prompt.index.chunks import ChunkReader, convert_into, file_span, float32_chunks, map_position
 from img2prompt.index.flat import FlatBackend, exact_search
 from img2prompt.index.segments import ConcatRows
 from row_sources import CountingRows
@@ -123,6 +123,15 @@ def test_converted_rows_of_a_map_are_released_but_a_copy_on_write_map_keeps_its_
     assert exact_search(private, query, 1, chunk=128)[1][0, 0] == 2_999
 
 
+@pytest.mark.parametrize("count", [1, 42, 43, 100])
+def test_the_cast_in_serial_pieces_covers_every_row(count):
+    """768-d rows are cast 42 at a time (under torch's parallel grain): every piece, the last short one too."""
+    rows = np.random.default_rng(count).standard_normal((count, 768)).astype(np.float16)
+    out = np.full((count, 768), np.nan, np.float32)
+    convert_into(out, rows)
+    np.testing.assert_array_equal(out, rows.astype(np.float32))
+
+
 def test_each_row_is_read_once_for_many_query_batches():
     vectors = integer_rows(3_000, 16, seed=7)
     source = CountingRows(vectors)
@@ -136,7 +145,7 @@ def test_each_row_is_read_once_for_many_query_batches():
 
 
 def test_memory_does_not_grow_with_the_rows(tmp_path, monkeypatch):
-    """Two chunk buffers, one score tile: the same peak for 4× the rows (no chunk-sized array per chunk)."""
+    """One chunk buffer, one score tile: the same peak for 4× the rows (no chunk-sized array per chunk)."""
     monkeypatch.setattr(flat, "SCAN_BYTES", 64 * 1024)
     monkeypatch.setattr(flat, "SCORE_BYTES", 32 * 1024)
     query = integer_rows(4, 32, seed=9, dtype=np.float32)
