@@ -1,9 +1,11 @@
 """Row chunks of stored vectors as float32, converted in the scan's own thread while the disk reads ahead.
 
 Exact search is bound by the slower of reading the keys and scoring them; this module keeps the disk busy
-beside the scoring without a second CPU thread: a C-contiguous memory map (clip.f16, or a segment's part of
-a ConcatRows) gets a posix_fadvise(WILLNEED) over the chunk being converted and the next READ_AHEAD_CHUNKS,
-so the kernel reads them asynchronously while the caller converts and scores; each converted range is then
+beside the scoring without a second CPU-bound thread: for a C-contiguous memory map (clip.f16, or a segment's
+part of a ConcatRows) an advice thread gives posix_fadvise(WILLNEED) for up to READ_AHEAD_CHUNKS chunks past
+the one being converted, so the kernel reads them while the caller converts and scores (the advice can block
+while the device queue is full: on the caller's thread it serialised reading and scoring, 0.55× of `dd` for
+64 queries; bench/RESULTS.md); each converted range is then
 unmapped (madvise DONTNEED: the pages stay in the page cache, but a scan of a file larger than RAM no longer
 leaves the kernel reclaiming pages this process maps). Anything else (an ndarray, Int8Rows, a row counter in
 the tests) is sliced once per chunk and converted. One reused float32 buffer, no chunk-sized array per chunk.
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import warnings
 from typing import Iterator
 
 import numpy as np
 
 READ_AHEAD_CHUNKS = 2  # chunks the kernel is asked to read beyond the one being converted
+ADVICE_BYTES = 128 * 1024  # one read-ahead advice: Linux's smallest usual cap on what one call reads
 
 # torch only reads the (read-only) memory map it is given here; its warning about writes does not apply
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -102,6 +106,7 @@ class ChunkReader:
         self.maps: dict[int, tuple[mmap.mmap, int]] = {}  # piece number → its map, for releasing read rows
         self.fds: list[int] = []
         self.released = 0  # bytes of mapped rows handed back after conversion (tests read it)
+        self.advised = 0  # bytes advised to the kernel for reading (tests read it)
         for first, part in _pieces(vectors):
             span = file_span(part) if np.dtype(part.dtype) == np.float16 else None
             handle = None
@@ -114,13 +119,25 @@ class ChunkReader:
                     self.maps[len(self.pieces)] = position
             self.pieces.append((first, part, handle))
 
-    def fill(self, out: np.ndarray, start: int, stop: int, ahead: int = 0) -> None:
-        """out[:stop - start] = rows [start, stop) as float32; `ahead` more rows are advised to the kernel."""
+    @property
+    def file_backed(self) -> bool:
+        return bool(self.fds)
+
+    def advise(self, start: int, stop: int) -> None:
+        """Ask the kernel to read rows [start, stop) of the mapped files now; may block while it queues them."""
+        for first, part, handle in self.pieces:
+            low, high = max(start - first, 0), min(stop - first, len(part))
+            if handle is not None and low < high:
+                self._advise(handle, low, high)
+
+    def fill(self, out: np.ndarray, start: int, stop: int, ahead: int | None = 0) -> None:
+        """out[:stop - start] = rows [start, stop) as float32; `ahead` more rows are advised to the kernel
+        (None: no advice here, another thread gives it)."""
         for number, (first, part, handle) in enumerate(self.pieces):
             low, high = max(start - first, 0), min(stop - first, len(part))
             if low >= high:
                 continue
-            if handle is not None:
+            if handle is not None and ahead is not None:
                 self._advise(handle, low, min(len(part), high + ahead))
             convert_into(out[first + low - start:first + high - start], np.asarray(part[low:high]))
             if number in self.maps:
@@ -130,9 +147,15 @@ class ChunkReader:
         """Ask the kernel to read rows [low, high) now (asynchronously): the disk keeps reading while the
         rows before them convert."""
         fd, offset = handle
-        if hasattr(os, "posix_fadvise") and high > low:
-            row_bytes = self.dim * 2
-            os.posix_fadvise(fd, offset + low * row_bytes, (high - low) * row_bytes, os.POSIX_FADV_WILLNEED)
+        if not hasattr(os, "posix_fadvise") or high <= low:
+            return
+        row_bytes = self.dim * 2
+        begin, end = offset + low * row_bytes, offset + high * row_bytes
+        # Linux reads at most max(read_ahead_kb, max_sectors_kb) of one WILLNEED call and drops the rest
+        # (measured: one call over 1 GiB left it unread), so the range goes in ADVICE_BYTES pieces
+        for piece in range(begin, end, ADVICE_BYTES):
+            os.posix_fadvise(fd, piece, min(ADVICE_BYTES, end - piece), os.POSIX_FADV_WILLNEED)
+        self.advised += end - begin
 
     def _release(self, position: tuple[mmap.mmap, int], low: int, high: int) -> None:
         """Unmap rows [low, high) once converted (madvise DONTNEED): they stay in the page cache, but a scan
@@ -160,10 +183,38 @@ class ChunkReader:
         self.fds.clear()
 
 
+class _AdviceThread:
+    """Advises the chunks of a scan to the kernel, at most `window` chunks beyond the one being converted.
+    posix_fadvise(WILLNEED) queues the reads and can block while the device's queue is full; on its own
+    thread that blocking overlaps the conversion and scoring, and the thread spends no CPU beside BLAS's."""
+
+    def __init__(self, reader: ChunkReader, spans: list[tuple[int, int]], window: int) -> None:
+        self.reader, self.spans = reader, spans
+        self.free = threading.Semaphore(window + 1)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="read-advice", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for start, stop in self.spans:
+            self.free.acquire()
+            if self.stopping:
+                return
+            self.reader.advise(start, stop)
+
+    def consumed(self) -> None:
+        self.free.release()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.free.release()
+        self.thread.join()
+
+
 def float32_chunks(vectors, chunk_rows: int, ahead_chunks: int = READ_AHEAD_CHUNKS) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, float32 [rows, dim] view) for consecutive chunks, converted into one reused buffer in the
-    calling thread; the kernel reads the next `ahead_chunks` chunks of a mapped file meanwhile (advice, no
-    thread). A view is valid until the next one is asked for (its buffer is then refilled)."""
+    calling thread while the kernel reads up to `ahead_chunks` chunks ahead of a mapped file (an advice thread
+    that does no CPU work). A view is valid until the next one is asked for (its buffer is then refilled)."""
     count = len(vectors)
     if isinstance(vectors, np.ndarray) and vectors.dtype == np.float32 and vectors.flags.c_contiguous \
             and not isinstance(vectors, np.memmap):
@@ -172,12 +223,17 @@ def float32_chunks(vectors, chunk_rows: int, ahead_chunks: int = READ_AHEAD_CHUN
         return
     if count == 0:
         return
+    spans = [(start, min(start + chunk_rows, count)) for start in range(0, count, chunk_rows)]
     reader = ChunkReader(vectors)
     buffer = np.empty((min(chunk_rows, count), reader.dim), dtype=np.float32)
+    advice = _AdviceThread(reader, spans, ahead_chunks) if reader.file_backed else None
     try:
-        for start in range(0, count, chunk_rows):
-            stop = min(start + chunk_rows, count)
-            reader.fill(buffer, start, stop, ahead=ahead_chunks * chunk_rows)
+        for start, stop in spans:
+            reader.fill(buffer, start, stop, ahead=None if advice else 0)
+            if advice:
+                advice.consumed()
             yield start, buffer[:stop - start]
     finally:
+        if advice:
+            advice.stop()  # before the files close: no advice on a closed descriptor
         reader.close()

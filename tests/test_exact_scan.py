@@ -132,6 +132,31 @@ def test_the_cast_in_serial_pieces_covers_every_row(count):
     np.testing.assert_array_equal(out, rows.astype(np.float32))
 
 
+def test_a_scan_advises_every_byte_of_its_files_in_pieces_the_kernel_reads_whole(tmp_path, monkeypatch):
+    """Linux reads only the first max(read_ahead_kb, max_sectors_kb) of one WILLNEED advice: every byte of
+    both segment files is advised, in pieces of at most ADVICE_BYTES, before the files close."""
+    from img2prompt.index import chunks
+
+    calls, closed = [], []
+    monkeypatch.setattr(chunks.os, "posix_fadvise", lambda fd, offset, length, advice: calls.append(
+        (fd, offset, length, advice, fd in closed)))
+    real_close = chunks.os.close
+    monkeypatch.setattr(chunks.os, "close", lambda fd: (closed.append(fd), real_close(fd)))
+    monkeypatch.setattr(chunks, "ADVICE_BYTES", 1_000)
+    parts = [integer_rows(count, 24, seed=40 + i) for i, count in enumerate((700, 333))]
+    maps = [write_keys(tmp_path / f"clip{i}.f16", part) for i, part in enumerate(parts)]
+    query = integer_rows(3, 24, seed=42, dtype=np.float32)
+    ids = exact_search(ConcatRows(maps), query, 4, chunk=100)[1]
+    np.testing.assert_array_equal(ids, brute(np.concatenate(parts), query, 4)[1])
+    assert calls and all(length <= 1_000 and advice == chunks.os.POSIX_FADV_WILLNEED and not after_close
+                         for _, _, length, advice, after_close in calls)
+    for fd, part in zip(sorted({call[0] for call in calls}), parts):
+        covered = np.zeros(part.nbytes, bool)
+        for _, offset, length, _, _ in (call for call in calls if call[0] == fd):
+            covered[offset:offset + length] = True
+        assert covered.all()
+
+
 def test_each_row_is_read_once_for_many_query_batches():
     vectors = integer_rows(3_000, 16, seed=7)
     source = CountingRows(vectors)
