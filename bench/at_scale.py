@@ -108,6 +108,8 @@ def cold_part(args) -> list[tuple]:
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
+    if args.reuse and (folder / CLIP_VECTORS).exists():  # its space counts as free: it is what would be written
+        free += (folder / CLIP_VECTORS).stat().st_size
     rows = args.rows
     note = ""
     if free < 40 * GiB:
