@@ -175,3 +175,14 @@ def test_int8_rows_are_quantised_per_row_in_blocks(tmp_path, monkeypatch, block)
     every = np.concatenate([minilm_rows(OLD).astype(np.float16).astype(np.float64),
                             minilm_rows(NEW).astype(np.float16).astype(np.float64)])
     assert np.allclose(np.load(writer.root / MINILM_MEAN), every.mean(axis=0), atol=1e-6)
+
+
+def test_the_next_segment_follows_the_last_one_not_the_first(tmp_path):
+    old_index(tmp_path)
+    for number in range(2):
+        fake_add(tmp_path / "old", [write_lines(tmp_path / f"add{number}.txt", [f"added prompt {number}"])])
+    old = open_index(tmp_path / "old")
+    assert [entry["number"] for entry in old.manifest["segments"]] == [1, 2]
+    appended = append_segment(staged(tmp_path), old)
+    assert appended.first_id == 14 and appended.segments[-1] == {"number": 3, "first_id": 14, "count": 7}
+    assert appended.new_files[0] == f"segments/00003/{PROMPTS}"
