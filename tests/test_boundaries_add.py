@@ -20,6 +20,7 @@ import pytest
 from img2prompt.build_index import add
 from img2prompt.build_index.add import (SKIP_IN_INDEX, AddJob, check_add_options, check_index, check_models,
                                         describe, manifest_clip_models)
+from img2prompt.build_index.corpus import file_fingerprint
 from img2prompt.build_index.options import AddOptions
 from img2prompt.errors import UserError
 from img2prompt.index.layout import MANIFEST, REGRESSION_STATS
@@ -246,6 +247,7 @@ def test_build_then_add_equals_building_it_all(tmp_path, files, caplog):
         assert manifest[key] == old_manifest[key], key
     assert manifest["rates"]["encoded_now"] == 30 and manifest["memory"]["peak_rss_mib_at_end"] > 0
     assert json.loads((tmp_path / "grown" / MANIFEST).read_text()) == manifest  # what was committed
+    assert manifest["build"]["corpus"] == [file_fingerprint(files.new)] and "pairs" not in manifest["build"]
     # the regression head from the kept sums + the new rows is the one fitted on every row
     assert grown.regression_head.rows == full.regression_head.rows == {"text": 70}
     assert np.allclose(grown.regression_head.weights, full.regression_head.weights, atol=1e-5)
@@ -333,6 +335,7 @@ def test_near_dup_drops_new_prompts_near_the_index_s_text_rows_or_each_other(tmp
     assert result.report["skipped"]["near_duplicate"] == 2
     (entry,) = result.manifest["history"]
     assert entry["count"] == 3 and entry["near_dup"]["dropped"] == 2 and entry["near_dup"]["threshold"] == 0.97
+    assert entry["duplicates_of_index"] == 0  # none: counted as 0
     index = open_index(tmp_path / "idx", verify=True)
     assert index.prompt_rows(range(41, 44)) == ["a fresh harbour", "a robot playing chess", "a castle at dawn ~ 3"]
     assert [(r.keys, r.start, r.stop) for r in index.key_ranges] == [("text", 0, 40), ("image", 40, 41),
@@ -450,6 +453,10 @@ def test_pairs_added_to_a_text_index_get_a_range_and_the_calibration_a_build_fit
     assert np.array_equal(np.asarray(index.clip_vectors[70:]), image_keys([image for image, _ in table])
                           .astype(np.float16))
     assert result.manifest["calibration"] == full.manifest["calibration"]
+    # the resume key (the manifest's "build") holds the pairs tables' fingerprints, as a build's does
+    assert result.manifest["build"]["pairs"] == [file_fingerprint(pairs)] == full.manifest["build"]["pairs"]
+    ranges = result.manifest["key_ranges"]
+    assert result.manifest["search"] == ranges[0]["search"] != ranges[-1]["search"]  # the text range's
     assert index.regression_head.rows == full.regression_head.rows == {"text": 70, "image": 5}
     assert np.allclose(index.regression_head.weights, full.regression_head.weights, atol=1e-5)
     assert result.manifest["history"][-1]["count"] == 35
@@ -470,6 +477,7 @@ def test_an_index_with_image_keys_keeps_its_ranges_files_and_calibration(tmp_pat
     assert [(r["keys"], r["rows"], r["folder"]) for r in manifest["key_ranges"]] == [
         ("text", [0, 40], ""), ("image", [40, 44], "image_keys"), ("text", [44, 74], "segments/00001"),
         ("image", [74, 77], "segments/00001/image_keys")]
+    assert manifest["search"] == manifest["key_ranges"][0]["search"] != manifest["key_ranges"][-1]["search"]
     assert manifest["key_ranges"][:2] == before["key_ranges"]
     assert manifest["calibration"] == before["calibration"]
     for name in ("clip.faiss", "image_keys/clip.faiss"):  # the old ranges' structures, linked in unchanged
@@ -483,17 +491,22 @@ def test_an_index_with_image_keys_keeps_its_ranges_files_and_calibration(tmp_pat
         assert int(found[0, 0]) + key_range.start == row
 
 
+@pytest.mark.parametrize("keys", ["text", "image"])
 @pytest.mark.parametrize("new_rows, kind", [(2, "flat"), (3, "hnsw")])
-def test_new_ranges_too_small_for_the_index_kind_are_planned_by_size(tmp_path, files, monkeypatch, new_rows, kind):
+def test_new_ranges_too_small_for_the_index_kind_are_planned_by_size(tmp_path, files, monkeypatch, new_rows, kind,
+                                                                     keys):
     from img2prompt.index.hnsw import HnswBackend
 
     first = write_pairs(tmp_path / "first.csv", [(f"a{n}.png", f"old image prompt {n}") for n in range(4)])
     fake_build(tmp_path / "idx", [files.old], pairs=[first], index="hnsw")
     monkeypatch.setattr(HnswBackend, "min_count", 3)  # at least 3 rows: exactly 3 is enough
-    later = write_pairs(tmp_path / "later.csv", [(f"b{n}.png", f"new image prompt {n}") for n in range(new_rows)])
-    manifest = fake_add(tmp_path / "idx", [], pairs=[later]).manifest
+    if keys == "image":
+        later = write_pairs(tmp_path / "later.csv", [(f"b{n}.png", f"new image prompt {n}") for n in range(new_rows)])
+        manifest = fake_add(tmp_path / "idx", [], pairs=[later]).manifest
+    else:  # new text rows of an index with image keys: a range of their own, planned here (not by the build step)
+        manifest = fake_add(tmp_path / "idx", [write_lines(tmp_path / "new.txt", NEW[:new_rows])]).manifest
     assert [(r["keys"], r["rows"], r["search"]["kind"]) for r in manifest["key_ranges"]] == [
-        ("text", [0, 40], "hnsw"), ("image", [40, 44], "hnsw"), ("image", [44, 44 + new_rows], kind)]
+        ("text", [0, 40], "hnsw"), ("image", [40, 44], "hnsw"), (keys, [44, 44 + new_rows], kind)]
 
 
 # -- regression head, phrases ------------------------------------------------------------------------------
@@ -621,3 +634,12 @@ def test_a_retrain_of_a_key_dims_index_with_new_rows_equals_building_it_all(tmp_
     for name in ("clip.f16", "key_pca.npz"):  # rewritten, recorded anew (not the old index's links)
         assert manifest["files"][name] != built["files"][name]
     assert list(manifest["files"]).count("segments/00001/clip.f16") == 1
+
+
+def test_near_dup_is_recorded_in_this_add_s_history_entry(tmp_path, files):
+    fake_build(tmp_path / "idx", [files.old])
+    fake_add(tmp_path / "idx", [write_lines(tmp_path / "first.txt", ["an earlier add"])])
+    new = ["a fresh harbour", "a fresh harbour ~ 2", "a robot playing chess"]
+    history = fake_add(tmp_path / "idx", [write_lines(tmp_path / "new.txt", new)], near_dup=0.97).manifest["history"]
+    assert [entry["count"] for entry in history] == [1, 2] and "near_dup" not in history[0]
+    assert history[1]["near_dup"]["dropped"] == 1 and history[1]["count_before"] == 41
