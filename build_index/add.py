@@ -338,7 +338,9 @@ class AddJob(BuildJob):
         manifest = self.writer.complete({
             **carried, "count": self.count, "search": self.key_ranges[0].plan,
             "key_ranges": [key_range.as_dict() for key_range in self.key_ranges],
-            "segments": self.appended.segments, **self.extra,
+            # none yet (a retrain of a never-grown index adds no rows): no key, as a build writes it; an empty
+            # list is refused by the manifest's schema, which would leave the index unreadable
+            **({"segments": self.appended.segments} if self.appended.segments else {}), **self.extra,
             "corpus": self.old.manifest.get("corpus", {}), "timings_s": timings,
             "rates": {"encoded_now": self.encoded_rows}, "memory": self.memory,
         }, self.files, linked=self.appended.linked)
