@@ -10,6 +10,7 @@ boundaries, first input wins with its counts, the MiniLM mean of int8 inputs, th
 re-measured, the resume of a killed merge."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -89,14 +90,14 @@ class RowsJob(BuildJob):
                        "clip_truncated": 0}
 
 
-def build_input(out: Path, prompts: list[str], seed: int, identities: dict = IDS, **settings) -> Path:
-    rng = np.random.default_rng(seed)
+def build_input(out: Path, prompts: list[str], rows_seed: int, identities: dict = IDS, **settings) -> Path:
+    rng = np.random.default_rng(rows_seed)
     clip = unit(rng.standard_normal((len(prompts), CLIP_DIM)))
     minilm = unit(rng.standard_normal((len(prompts), TEXT_DIM)))
     options = BuildOptions(corpus=[], out=str(out), clip_model="fake-clip", index="flat", device="cpu",
                            progress=False, shard_size=25, recall_queries=50, **settings)
     models = LoadedModels(FakeClip(), FakeText(), identities)
-    context = prepare_job(options, {"models": identities, "synthetic": seed}, models, "cpu", PhaseTimer())
+    context = prepare_job(options, {"models": identities, "synthetic": rows_seed}, models, "cpu", PhaseTimer())
     run_job(RowsJob, context, prompts=prompts, clip=clip, minilm=minilm)
     return out
 
@@ -116,7 +117,7 @@ def built(tmp_path_factory, no_fsync) -> Path:
     root = tmp_path_factory.mktemp("merge-boundaries")
     other = {"clip": {**CLIP_ID, "sha256": "e" * 64}, "text": TEXT_ID}
     for name, prompts, seed, extra in (
-            ("a", PROMPTS[:40], 1, {}), ("b", B_PROMPTS, 2, {}), ("plain", PROMPTS[70:90], 3, {"regression": False}),
+            ("a", PROMPTS[:40], 1, {}), ("b", B_PROMPTS, 2, {}), ("plain", PROMPTS[70:90], 3, {"regression": False, "seed": 3}),
             ("a_i8", PROMPTS[:40], 1, {"minilm_dtype": "int8"}), ("b_i8", B_PROMPTS, 2, {"minilm_dtype": "int8"}),
             ("a_pca", PROMPTS[:40], 1, {"key_dims": 4}), ("b_pca", B_PROMPTS, 2, {"key_dims": 4}),
             ("one_i8", PROMPTS[95:96], 4, {"minilm_dtype": "int8", "regression": False}),
@@ -130,10 +131,10 @@ def built(tmp_path_factory, no_fsync) -> Path:
 def merged(monkeypatch, tmp_path, built):
     """merged(names, out="m", **options): run_merge over the built inputs with the stand-in models; the options
     load_index_models was given are in merged.loaded."""
-    loaded = []
+    loaded, roots = [], []
 
     def load_index_models(options, root, manifest, device, timer):
-        loaded.append(options)
+        loaded.append(options), roots.append((Path(root), manifest["build"]))
         return LoadedModels(FakeClip(), FakeText(), IDS), "fp32"
 
     monkeypatch.setattr(merge_module, "load_index_models", load_index_models)
@@ -143,7 +144,7 @@ def merged(monkeypatch, tmp_path, built):
         return run_merge(MergeOptions(indexes=[str(built / name) for name in names], out=str(tmp_path / out),
                                       **options))
 
-    run.loaded = loaded
+    run.loaded, run.roots = loaded, roots
     return run
 
 
@@ -191,15 +192,20 @@ def test_no_duplicates_no_skip_entry_and_no_regression_after_an_input_without_on
     result = merged(["plain", "a"])
     assert result.report["skipped"] == {} and result.report["kept"] == result.report["read"] == 60
     assert "regression" not in result.manifest and "regression.npz" not in result.manifest["files"]
+    assert result.manifest["build_options"]["seed"] == 3  # the first input's settings
     _, prompts, _, _ = rows_of(tmp_path / "m")
     assert prompts == PROMPTS[70:90] + PROMPTS[:40]
+    result = merged(["a", "plain"], out="m2")  # the first input's head: refitted over the merged rows
+    assert "regression" in result.manifest and result.manifest["build_options"]["seed"] == 0
 
 
-def test_clip_model_defaults_to_the_first_manifests_and_a_given_one_is_kept(merged, tmp_path):
+def test_clip_model_defaults_to_the_first_manifests_and_a_given_one_is_kept(merged, built, tmp_path):
     merged(["a", "b"])
     merged(["a", "b"], out="m2", clip_model="here/fake-clip")
     assert merged.loaded[0].clip_model == ["fake-clip"] and merged.loaded[0].clip_pretrained == [None]
     assert merged.loaded[1].clip_model == "here/fake-clip"
+    first = json.loads((built / "a" / "manifest.json").read_text())["build"]
+    assert merged.roots == [(built / "a", first)] * 2  # checked against the first input, named by its folder
 
 
 @pytest.mark.parametrize("size", [0, -1])
@@ -237,6 +243,23 @@ def test_int8_rows_as_stored_and_the_mean_from_the_inputs(merged, built, tmp_pat
     assert result.manifest["minilm"]["int8_inputs"] == [str(built / part) for part in parts if part.endswith("i8")]
     index, prompts, clip, _ = rows_of(folder)
     assert prompts == PROMPTS[:70] and index.count == 70
+
+
+def test_int8_rows_and_scales_are_carried_exactly_as_stored(merged, built, tmp_path):
+    """An int8 input whose scales are not those of float16 rows (any other quantiser): its rows are copied, not
+    quantised again from the merged float16 file."""
+    import shutil
+
+    shutil.copytree(built / "a_i8", tmp_path / "odd_i8")
+    path = tmp_path / "odd_i8" / MINILM_SCALE
+    odd = np.fromfile(path, np.float32) * np.float32(1.0013)
+    odd.tofile(path)  # same size: opened without --verify, as a merge opens its inputs
+    result = run_merge(MergeOptions(indexes=[str(tmp_path / "odd_i8"), str(built / "b_i8")], out=str(tmp_path / "m"),
+                                    device="cpu", progress=False, shard_size=SHARD))
+    assert result.manifest["count"] == 70
+    assert np.array_equal(np.fromfile(tmp_path / "m" / MINILM_SCALE, np.float32)[:40], odd)
+    stored = np.fromfile(tmp_path / "odd_i8" / MINILM_I8, np.int8)
+    assert np.array_equal(np.fromfile(tmp_path / "m" / MINILM_I8, np.int8)[:stored.size], stored)
 
 
 def test_a_one_row_merge_in_shards_of_one_row(merged, built, tmp_path):
@@ -592,6 +615,10 @@ def test_input_sums_use_the_fewer_of_kept_and_dropped_rows():
     assert sums.counts == [3, 1]
     assert np.array_equal(sums.kept, [1101.0, 2202.0]) and np.array_equal(sums.dropped, [10.0, 20.0])
     assert np.array_equal(sums.total(opened), np.array([4.0, 2.0]) - [10.0, 20.0])
+    sums = InputSums()  # 1 + 1 kept, 2 + 0 dropped: each count adds up its own rows
+    sums.add(_rows(minilm[:3]), [0], minilm[[0]])
+    sums.add(_rows(minilm[3:]), [0], minilm[[3]])
+    assert sums.counts == [2, 2] and np.array_equal(sums.total(opened), [1001.0, 2002.0])
     sums = InputSums()  # float16 input: always its kept rows
     sums.add(_rows(minilm, int8=False), [0, 1, 3], minilm[[0, 1, 3]])
     assert sums.int8 is False and np.array_equal(sums.total(opened), [1011.0, 2022.0])
@@ -613,6 +640,8 @@ def test_projection_section_of_inputs_sharing_one_projection():
     sections[1] = {"dims": 4, "recall_at_10": 0.95}  # no queries, not held out
     section = projection_section([SimpleNamespace(manifest={"key_pca": s}) for s in sections], plan, seed=0)
     assert (section["recall_at_10"], section["queries"], section["held_out"]) == (0.9, 10, False)
+    assert {key: section[key] for key in ("dims", "key_dim", "fit_rows", "seed")} == {
+        "dims": 4, "key_dim": 16, "fit_rows": 40, "seed": 0}  # the first input's, though the second lacks some
 
 
 def _full(name, count, seed):
