@@ -171,12 +171,13 @@ def test_first_seen_answers_as_one_growing_key_set():
     rng = np.random.default_rng(3)
     vocabulary = [f"prompt number {i}" for i in range(120)]
 
-    def segment(size, unique=True):
-        chosen = rng.choice(len(vocabulary), size=size, replace=not unique)
-        return [vocabulary[i].upper() if rng.random() < 0.3 else vocabulary[i] for i in chosen]
+    def segment(size, unique=True, pool=vocabulary):
+        chosen = rng.choice(len(pool), size=size, replace=not unique)
+        return [pool[i].upper() if rng.random() < 0.3 else pool[i] for i in chosen]
 
+    repeated = segment(30, unique=False, pool=[f"only here {i}" for i in range(12)])  # repeats no earlier key
     indexes = [_FakeIndex([segment(40), segment(25)], [True, True]),
-               _FakeIndex([segment(50), segment(30, unique=False), segment(20)], [True, True, False]),
+               _FakeIndex([segment(50), repeated, segment(20)], [True, True, False]),
                _FakeIndex([segment(60)], [False])]
     seen, reference = FirstSeen(), KeySet()
     for index in indexes:
