@@ -150,7 +150,9 @@ def linked_copy(folder: Path, out: Path, strip_keys: bool = False) -> Path:
 
 
 def models(work: Path) -> dict:
-    return {"clip_model": str(work / "clip"), "text_model": str(work / "text"), "device": "cpu", "progress": False}
+    # resolved: a model's identity is its path as the index's manifest records it (a symlinked --work differs)
+    return {"clip_model": str((work / "clip").resolve()), "text_model": str((work / "text").resolve()),
+            "device": "cpu", "progress": False}
 
 
 def run_query(command: str, folder: Path, work: Path) -> None:
