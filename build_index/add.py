@@ -149,7 +149,8 @@ class AddJob(BuildJob):
             self.outcome = BuildResult(manifest=self.old.manifest, report=self.report, timings=self.timer.rounded())
 
     def encode(self) -> None:
-        seen = IndexKeys.of_index(self.old)  # each segment's stored sorted keys, memory-mapped (else computed)
+        # each segment's stored sorted keys, memory-mapped (else computed: append stores them)
+        seen = self.index_keys = IndexKeys.of_index(self.old)
         corpus, pairs = CorpusReport(), CorpusReport()
         tasks = plan_tasks(self.paths, self.pair_paths, corpus, pairs, self.options, False, known=(seen, SKIP_IN_INDEX))
         self.report, self.encoded_rows = encode_shards(self.writer, self.engine, self.encoder, self.spec, tasks,
@@ -182,9 +183,10 @@ class AddJob(BuildJob):
 
     def append(self) -> None:
         with self.timer.phase("append"):
-            self.appended = append_segment(self.writer, self.old)
+            self.appended = append_segment(self.writer, self.old, self.index_keys.computed)
+        self.index_keys = None  # stored now where they were computed; the steps after need no keys
         self.count = self.appended.grown.count
-        self.files += self.appended.new_files
+        self.files += self.appended.new_files + self.appended.keys_written
 
     def key_pca(self) -> None:
         """An index built with --key-dims: its PCA measured again over the grown index, or with --retrain refitted

@@ -38,12 +38,13 @@ from img2prompt.build_index.job import JobContext, PhaseTimer, peak_rss_mib, pre
 from img2prompt.build_index.options import MergeOptions, as_build, index_settings  # MergeOptions: imported from here
 from img2prompt.build_index.runner import BuildJob, BuildResult, encode_shards
 from img2prompt.encoders.models import resolve_device
-from img2prompt.encoders.prompts import KeySet, dedup_keys
+from img2prompt.encoders.prompts import dedup_keys
 from img2prompt.errors import UserError
 from img2prompt.index.key_pca import KeyPCA, check_key_dims, reduced_recall, save_pca
 from img2prompt.index.layout import KEY_PCA, MINILM_MEAN, TEXT_KEYS
 from img2prompt.index.manifest import content_sha256, read_manifest
 from img2prompt.index.minilm_store import INT8, Int8Rows, dequantise, minilm_dtype, quantise
+from img2prompt.index.prompt_keys import FirstSeen
 from img2prompt.index.reader import PromptIndex, open_index
 from img2prompt.index.recall import RECALL_TARGET
 from img2prompt.index.segments import ConcatRows
@@ -268,11 +269,12 @@ class MergeJob(BuildJob):
         per_input: list[dict] = []
 
         def tasks() -> Iterator[ShardTask]:
-            seen = KeySet()  # sorted 8-byte keys: 8 bytes a kept prompt
+            seen = FirstSeen()  # the inputs' stored sorted keys, memory-mapped: nothing held a prompt
             filler = ShardFiller(self.writer, self.options.shard_size, self.int8)
             for number, opened in enumerate(self.inputs):
                 entry = {"index": str(opened.root), "count": opened.count, "duplicates": 0}
                 self.input_sums = InputSums()
+                seen.start(opened)
                 for rows in iter_rows(opened, self.options.shard_size):
                     keep = np.flatnonzero(seen.add_new(dedup_keys(rows.prompts))).tolist()
                     corpus.kept += len(keep)

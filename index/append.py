@@ -22,7 +22,7 @@ from img2prompt.atomic import atomic_path, fsync_dir
 from img2prompt.index.key_pca import write_projected
 from img2prompt.index.layout import (CLIP_VECTORS, KEY_PCA, MINILM, MINILM_MEAN, PROMPT_KEYS, PROMPTS,
                                      VECTOR_DTYPE)
-from img2prompt.index.prompt_keys import segment_key_names
+from img2prompt.index.prompt_keys import save_keys, segment_key_names
 from img2prompt.index.minilm_store import INT8, minilm_dtype, minilm_file_names, write_int8
 from img2prompt.index.reader import PromptIndex
 from img2prompt.index.segments import segment_folder, segments_of
@@ -40,6 +40,7 @@ class AppendedRows:
     linked: dict[str, dict]  # {name: record} of the old index's files linked in unchanged
     new_files: tuple[str, ...]  # the new segment's files
     first_id: int  # the first new row's id
+    keys_written: tuple[str, ...] = ()  # key files written for old segments that had none (prompt_keys.py)
 
 
 def row_file_names(manifest: dict) -> list[str]:
@@ -65,19 +66,23 @@ def link_file(source: Path, target: Path) -> bool:
             return False
 
 
-def append_segment(writer: IndexWriter, old: PromptIndex) -> AppendedRows:
+def append_segment(writer: IndexWriter, old: PromptIndex,
+                   computed_keys: dict[str, np.ndarray] | None = None) -> AppendedRows:
     """Link `old`'s row files into the writer's folder, write the writer's committed shards as the next
-    segment (keys through the index's PCA, MiniLM rows in its dtype) and the updated MiniLM mean."""
+    segment (keys through the index's PCA, MiniLM rows in its dtype) and the updated MiniLM mean.
+    `computed_keys`: {key file name: sorted unique keys} of old segments that had no key file (an index
+    written before them; IndexKeys.computed): written beside their linked rows, so the next add reads them."""
     root, manifest = writer.root, old.manifest
     linked = {}
     for name in row_file_names(manifest):
         link_file(old.root / name, root / name)
         linked[name] = manifest["files"][name]
+    keys_written = _write_missing_keys(root, manifest, computed_keys or {})
     previous = manifest.get("segments") or []
     if writer.rows_committed() == 0:  # nothing new (an add that only retrains): the old rows and mean as they are
         link_file(old.root / MINILM_MEAN, root / MINILM_MEAN)
         linked[MINILM_MEAN] = manifest["files"][MINILM_MEAN]
-        return AppendedRows(PromptIndex(root=root, manifest=manifest), previous, linked, (), old.count)
+        return AppendedRows(PromptIndex(root=root, manifest=manifest), previous, linked, (), old.count, keys_written)
     number = (previous[-1]["number"] + 1) if previous else 1
     folder = segment_folder(number)
     count, _, _ = writer.consolidate(into=folder, first_id=old.count)
@@ -99,7 +104,17 @@ def append_segment(writer: IndexWriter, old: PromptIndex) -> AppendedRows:
     fsync_dir(new_root)
     names = (PROMPTS, CLIP_VECTORS) + minilm_file_names(minilm_dtype(manifest))
     new_files = tuple(f"{folder}/{name}" for name in names + ((PROMPT_KEYS,) if (new_root / PROMPT_KEYS).is_file() else ()))
-    return AppendedRows(grown, segments, linked, new_files, old.count)
+    return AppendedRows(grown, segments, linked, new_files, old.count, keys_written)
+
+
+def _write_missing_keys(root: Path, manifest: dict, computed: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """The computed keys of the old segments whose key file the manifest lacks, written (atomically) into the
+    staging folder: new files there, none shared with the old index, listed by the new manifest only."""
+    names = [name for name in computed if name not in manifest.get("files", {})]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        save_keys(root / name, computed[name])
+    return tuple(names)
 
 
 def _project_keys(folder: Path, pca, count: int, clip_dim: int) -> None:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -183,8 +183,21 @@ class PromptIndex:
         """Map the vectors and open the prompt files now: a reader keeps the files it opened even when a
         rebuild swaps a new index into this folder meanwhile (a long-running server, say)."""
         self.prompt_groups  # noqa: B018 (opens the files)
-        for name in ("minilm", "clip_vectors", "minilm_mean", "phrases", "regression_head", "key_pca"):
+        for name in ("minilm", "clip_vectors", "minilm_mean", "phrases", "regression_head", "key_pca",
+                     "stored_prompt_keys"):
             getattr(self, name)
+
+    @cached_property
+    def stored_prompt_keys(self) -> list[np.ndarray | None]:
+        """Each segment's sorted dedup keys (index/prompt_keys.py), memory-mapped (nothing read until a lookup),
+        None for a segment whose manifest lists no key file (an index written before them)."""
+        from img2prompt.index.prompt_keys import stored_keys
+
+        try:
+            return [stored_keys(self.root, self.manifest, part) for part in self.segments]
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{self.root}: a prompt_keys.npy is not readable ({short_reason(exc)}): the index is "
+                            "damaged, rebuild it") from exc
 
     @cached_property
     def prompt_groups(self) -> PromptGroups:
@@ -232,12 +245,16 @@ class PromptIndex:
         for _, batch in self.iter_prompt_batches(size):
             yield batch
 
-    def iter_prompt_batches(self, size: int = 100_000) -> Iterator[tuple[int, list[str]]]:
-        """(first id, prompts) in id order, a batch at a time, never the whole column; streamed from the files
-        open_index opened (preload), so a rebuild swapped into the folder meanwhile never pairs its prompts
-        with the vectors mapped before it."""
+    def iter_prompt_batches(self, size: int = 100_000,
+                            parts: Collection[int] | None = None) -> Iterator[tuple[int, list[str]]]:
+        """(first id, prompts) in id order, a batch at a time, never the whole column (a batch never spans two
+        segments); streamed from the files open_index opened (preload), so a rebuild swapped into the folder
+        meanwhile never pairs its prompts with the vectors mapped before it. `parts`: only these segments
+        (positions in `segments`)."""
         groups = self.prompt_groups
-        for path, parquet, part in zip(groups.paths, groups.files, self.segments):
+        for number, (path, parquet, part) in enumerate(zip(groups.paths, groups.files, self.segments)):
+            if parts is not None and number not in parts:
+                continue
             first = part.first_id
             try:
                 for batch in parquet.iter_batches(columns=["prompt"], batch_size=size):

@@ -281,8 +281,10 @@ class IndexWriter:
                 first_id += len(prompts)
             writer.close()
         from img2prompt.index.prompt_keys import write_prompt_keys  # add's dedup reads them, not the prompts
+        prompts = pq.ParquetFile(folder / PROMPTS)  # its row count: the keys fill one preallocated array
         write_prompt_keys(folder, (batch.column(0).to_pylist() for batch in
-                                   pq.ParquetFile(folder / PROMPTS).iter_batches(columns=["prompt"], batch_size=100_000)))
+                                   prompts.iter_batches(columns=["prompt"], batch_size=100_000)),
+                          prompts.metadata.num_rows)
         return count, clip_dim, text_dim
 
     def key_rows(self) -> dict[str, tuple[int, int]]:
