@@ -3,16 +3,16 @@
 Exact search is bound by the slower of reading the keys and scoring them; this module keeps the disk busy
 beside the scoring without a second CPU-bound thread: for a C-contiguous memory map (clip.f16, or a segment's
 part of a ConcatRows) an advice thread gives posix_fadvise(WILLNEED) for up to READ_AHEAD_CHUNKS chunks past
-the one being converted, so the kernel reads them while the caller converts and scores (the advice can block
-while the device queue is full: on the caller's thread it serialised reading and scoring, 0.55× of `dd` for
-64 queries; bench/RESULTS.md); each converted range is then
-unmapped (madvise DONTNEED: the pages stay in the page cache, but a scan of a file larger than RAM no longer
-leaves the kernel reclaiming pages this process maps). Anything else (an ndarray, Int8Rows, a row counter in
+the one being converted, in ADVICE_BYTES pieces (Linux reads only the first read_ahead_kb of one call), so the
+kernel reads them while the caller converts and scores (the calls block while the device queue is full, hence
+their own thread); each converted range is then unmapped (madvise DONTNEED: the pages stay in the page cache,
+but a scan of a file larger than RAM no longer leaves the kernel reclaiming pages this process maps). Anything else (an ndarray, Int8Rows, a row counter in
 the tests) is sliced once per chunk and converted. One reused float32 buffer, no chunk-sized array per chunk.
 
 Why no conversion thread (it was one until issue 31's idle-machine run): beside OpenBLAS's two threads on
-two cores it stalled the matmul, 1.45× the time of converting inline for 256 queries in RAM (bench/RESULTS.md);
-the conversion itself is ~5% of that scan (torch's vectorised cast, measured 5× numpy's astype here).
+two cores it stalled the matmul (a chunk's matmul + cast 25.8 ms interleaved against 17.0 ms with the cast in
+this thread; bench/RESULTS.md); the cast is ≈ 10% of a 256-query scan in RAM (torch's vectorised cast, 5×
+numpy's astype here).
 A float32 C-contiguous array is handed out as views, uncopied.
 """
 from __future__ import annotations
