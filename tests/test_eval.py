@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 
 from conftest import DATA, KAGGLE_SAMPLE, needs_shared, read_data_prompts
+from img2prompt.encoders.prompts import dedup_keys
 from img2prompt.encoders.text import minilm_embeddings
 from img2prompt.errors import UserError
 from img2prompt.index.reader import open_index
 from img2prompt.query.eval_options import eval_options
-from img2prompt.query.evaluate import competition_score, cosine_rows, run_eval
+from img2prompt.query.evaluate import competition_score, cosine_rows, exact_matches, run_eval
 
 
 def test_metric_by_hand():
@@ -46,6 +47,39 @@ def evaluate(built_index, labels, **kwargs):
     # the inverse-distance family (test_sweep_reports_the_best_of_each_weighting) stay off
     kwargs = {"sweep_consensus": (0.0,), "sweep_beta": (0.0,), "sweep_weighting": ("softmax",), **kwargs}
     return run_eval(_OPENED[built_index].session, eval_options(str(labels), progress=False, **kwargs))
+
+
+class _SegmentedPrompts:
+    """An index's prompts in three segments; the first and last with their sorted key files, the middle
+    without (an index written before them). Records which segments a pass streams."""
+
+    def __init__(self) -> None:
+        self.segments = [["a red car", "blue sky", "A Red Car"], ["old prompt", "blue sky"], ["night city", "sun"]]
+        stored = [np.unique(dedup_keys(prompts)) for prompts in self.segments]
+        self.stored_prompt_keys = [stored[0], None, stored[2]]
+        self.streamed: list[set[int]] = []
+
+    def iter_prompt_batches(self, size: int = 100_000, parts=None):
+        self.streamed.append(set(parts))
+        first = 0
+        for number, prompts in enumerate(self.segments):
+            if number in parts:
+                yield first, prompts
+            first += len(prompts)
+
+
+def test_leakage_streams_only_the_segments_whose_keys_hold_a_label():
+    """exact_matches: the ids of each label's normalised copies, found by streaming only the segments whose
+    stored keys hold a label (and those with no key file); none when no segment can hold one."""
+    index = _SegmentedPrompts()
+    session = type("Session", (), {"index": index})()
+    assert exact_matches(session, ["a red  car", "night CITY", "unseen"]) == [{0, 2}, {5}, set()]
+    assert index.streamed == [{0, 1, 2}]
+    assert exact_matches(session, ["sun"]) == [{6}] and index.streamed[-1] == {1, 2}
+    assert exact_matches(session, ["blue sky"]) == [{1, 4}] and index.streamed[-1] == {0, 1}
+    index.stored_prompt_keys[1] = np.unique(dedup_keys(index.segments[1]))
+    before = len(index.streamed)
+    assert exact_matches(session, ["unseen", "never"]) == [set(), set()] and len(index.streamed) == before
 
 
 def test_text_mode_baselines_and_leakage_guard(built_index, labels, text_model):
