@@ -267,12 +267,16 @@ class IndexWriter:
             for block in self.iter_shard_arrays("minilm"):
                 total += block.astype(np.float64).sum(axis=0)
             _save_array(self.root / MINILM_MEAN, (total / count).astype(np.float32))
+        from img2prompt.index.prompt_keys import fill_keys, save_keys, squeeze_sorted  # add's dedup reads them
+
+        keys, filled = np.empty(count, np.uint64), 0  # the prompts' dedup keys, filled as they are written
         with atomic_path(folder / PROMPTS) as tmp:
             writer = None
             for record in self._ordered_records():
                 prompts = pq.read_table(shard_path(self.root, record["number"], "prompts")).column("prompt")
                 mask = (self.keep or {}).get(record["number"])
                 prompts = prompts if mask is None else prompts.filter(pa.array(mask))
+                filled = fill_keys(keys, filled, prompts.to_pylist())
                 table = pa.table({"id": pa.array(np.arange(first_id, first_id + len(prompts), dtype=np.int64)),
                                   "prompt": prompts,
                                   "key": pa.array([record.get("keys", TEXT_KEYS)] * len(prompts), type=pa.string())})
@@ -280,11 +284,7 @@ class IndexWriter:
                 writer.write_table(table, row_group_size=PROMPT_GROUP_ROWS)  # lookups read one group
                 first_id += len(prompts)
             writer.close()
-        from img2prompt.index.prompt_keys import write_prompt_keys  # add's dedup reads them, not the prompts
-        prompts = pq.ParquetFile(folder / PROMPTS)  # its row count: the keys fill one preallocated array
-        write_prompt_keys(folder, (batch.column(0).to_pylist() for batch in
-                                   prompts.iter_batches(columns=["prompt"], batch_size=100_000)),
-                          prompts.metadata.num_rows)
+        save_keys(folder / PROMPT_KEYS, squeeze_sorted(keys[:filled]))  # sorted in place: 9 bytes a prompt at most
         return count, clip_dim, text_dim
 
     def key_rows(self) -> dict[str, tuple[int, int]]:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from img2prompt.encoders.prompts import dedup_keys
 from img2prompt.errors import UserError
 from img2prompt.index.layout import (CLIP_VECTORS, FORMAT_VERSION, IMAGE_KEYS, INT8_FORMAT_VERSION, LOCK, MANIFEST,
                                      MINILM, MINILM_MEAN, PROMPT_KEYS, PROMPTS, SEGMENT_FORMAT_VERSION, SHARDS, TEXT_KEYS,
@@ -106,6 +107,7 @@ def test_consolidation_ids_mean_and_keep_masks(tmp_path):
     assert writer.consolidate() == (5, 6, 4)
     table = pq.read_table(writer.root / PROMPTS).to_pydict()
     assert table == {"id": [0, 1, 2, 3, 4], "prompt": ["a", "b", "c", "d", "e"], "key": [TEXT_KEYS] * 5}
+    assert np.load(writer.root / PROMPT_KEYS).tolist() == sorted(dedup_keys(list("abcde")).tolist())
     assert np.array_equal(np.asarray(writer.vectors("clip")), clip)
     assert np.array_equal(np.asarray(writer.vectors("minilm")), minilm)
     assert np.allclose(np.load(writer.root / MINILM_MEAN), minilm.astype(np.float64).mean(axis=0), atol=1e-6)
@@ -115,6 +117,7 @@ def test_consolidation_ids_mean_and_keep_masks(tmp_path):
     assert writer.consolidate(into="seg", first_id=10) == (3, 6, 4)
     table = pq.read_table(writer.root / "seg" / PROMPTS).to_pydict()
     assert table["id"] == [10, 11, 12] and table["prompt"] == ["a", "c", "e"]
+    assert np.load(writer.root / "seg" / PROMPT_KEYS).tolist() == sorted(dedup_keys(["a", "c", "e"]).tolist())
     raw = np.fromfile(writer.root / "seg" / CLIP_VECTORS, dtype=np.float16).reshape(3, 6)
     assert np.array_equal(raw, clip[[0, 2, 4]])
     assert not (writer.root / "seg" / MINILM_MEAN).exists()
