@@ -66,9 +66,8 @@ def file_span(array) -> tuple[str, int] | None:
     if mapped is None:
         return None
     try:  # numpy maps from the allocation-granularity boundary below the memmap's offset
-        base = np.frombuffer(mapped, dtype=np.uint8).ctypes.data
         start = int(array.offset) - int(array.offset) % mmap.ALLOCATIONGRANULARITY
-        offset = start + array.ctypes.data - base
+        offset = start + _position_in(mapped, array)
         if offset < 0 or offset + array.nbytes > os.path.getsize(array.filename):
             return None
     except (TypeError, ValueError, OSError, BufferError):
@@ -83,9 +82,14 @@ def map_position(array) -> tuple[mmap.mmap, int] | None:
     if mapped is None or getattr(array, "mode", "c") not in ("r", "r+", "readonly", "readwrite"):
         return None
     try:
-        return mapped, array.ctypes.data - np.frombuffer(mapped, dtype=np.uint8).ctypes.data
+        return mapped, _position_in(mapped, array)
     except (TypeError, ValueError, BufferError):
         return None
+
+
+def _position_in(mapped: mmap.mmap, array: np.ndarray) -> int:
+    """Byte position of array's first element in the mmap it views."""
+    return array.ctypes.data - np.frombuffer(mapped, dtype=np.uint8).ctypes.data
 
 
 def _pieces(vectors) -> list[tuple[int, object]]:
