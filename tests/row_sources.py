@@ -1,6 +1,8 @@
 """Row sources the search tests share: a float16 array that counts the rows handed out, and unit vectors."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 
@@ -9,6 +11,7 @@ class CountingRows:
 
     def __init__(self, array: np.ndarray) -> None:
         self.array, self.rows_read = array, 0
+        self.lock = threading.Lock()  # scan lanes read it from several threads
 
     shape = property(lambda self: self.array.shape)
     dtype = property(lambda self: self.array.dtype)
@@ -18,7 +21,8 @@ class CountingRows:
 
     def __getitem__(self, key):
         part = self.array[key]
-        self.rows_read += len(part)
+        with self.lock:
+            self.rows_read += len(part)
         return part
 
 

@@ -1,0 +1,59 @@
+"""numpy's BLAS thread count, read and held at one thread while scan lanes run (each lane is one core's work).
+
+A scan in lanes runs one single-threaded matmul per core instead of one matmul over every core: the cast and
+the top-k select of one lane then overlap the others' matmuls instead of leaving BLAS's other threads waiting
+(bench/RESULTS.md, "Exact scan in lanes"). The limit is process-wide (OpenBLAS has one thread count), so
+concurrent scans share it: the first to start sets one thread, the last to finish restores the count.
+Only OpenBLAS pools are touched (numpy's, faiss's), not torch's MKL / OpenMP, which other threads may be using.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator
+
+_lock = threading.Lock()
+_holders = 0  # scans holding OpenBLAS at one thread now
+_restore = None  # the limiter that puts the counts back
+_saved_threads = 1  # blas_threads() before the first holder set one
+
+
+def _openblas():
+    import numpy  # noqa: F401  (loads its OpenBLAS, so that the controller sees it)
+
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # without it the pools are left as they are: one lane
+        return None
+    return ThreadpoolController().select(internal_api="openblas")
+
+
+def blas_threads() -> int:
+    """Threads numpy's matmul runs on now (OpenBLAS's count, at most the usable cores); 1 when unknown."""
+    if _holders:  # a scan holds it at one: the count a scan may use is the one restored afterwards
+        return _saved_threads
+    pools = _openblas()
+    counts = [pool["num_threads"] for pool in (pools.info() if pools is not None else [])]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(max(counts, default=1), cores))
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """OpenBLAS at one thread inside the block (reference-counted across threads)."""
+    global _holders, _restore, _saved_threads
+    with _lock:
+        if _holders == 0:
+            _saved_threads = blas_threads()
+            pools = _openblas()
+            _restore = pools.limit(limits=1) if pools is not None else None
+        _holders += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _holders -= 1
+            if _holders == 0 and _restore is not None:
+                _restore.restore_original_limits()
+                _restore = None
