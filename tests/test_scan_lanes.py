@@ -138,3 +138,25 @@ def test_a_lane_casts_a_chunk_in_one_single_threaded_call():
     thread.join()
     assert seen == {"threads": 1, "calls": [300], "equal": True}
     assert not getattr(chunks._lane, "serial", False)  # this thread still casts in pieces under the grain
+
+
+@pytest.mark.parametrize("lanes, ahead_bytes, window", [(1, 10 * 2_400, 10), (2, 10 * 2_400, 11), (1, 100, 2)])
+def test_the_read_ahead_covers_its_bytes_beyond_the_chunks_being_converted(tmp_path, lanes, ahead_bytes, window):
+    """READ_AHEAD_BYTES of the file (at least READ_AHEAD_CHUNKS chunks), one more chunk per extra lane, are
+    advised before anything is converted; no further until chunks are consumed."""
+    import time
+
+    keys = write_keys(tmp_path / "clip.f16", integer_rows(5_000, 24, seed=69))  # 50-row chunks: 2,400 bytes
+    with ChunkQueue(keys, 50, lanes=lanes, ahead_bytes=ahead_bytes) as queue:
+        want = (window + 1) * 2_400  # the chunks being converted (one) + the window
+        deadline = time.monotonic() + 5
+        while queue.reader.advised < want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert queue.reader.advised == want
+        lane = queue.lane()
+        next(lane)
+        deadline = time.monotonic() + 5
+        while queue.reader.advised < want + 2_400 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert queue.reader.advised == want + 2_400
