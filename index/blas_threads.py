@@ -19,14 +19,20 @@ _restore = None  # the limiter that puts the counts back
 _saved_threads = 1  # blas_threads() before the first holder set one
 
 
-def _openblas():
-    import numpy  # noqa: F401  (loads its OpenBLAS, so that the controller sees it)
+_pools = []  # [the OpenBLAS pools] once looked up: finding the loaded libraries costs ≈ 1.4 ms a time
 
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # without it the pools are left as they are: one lane
-        return None
-    return ThreadpoolController().select(internal_api="openblas")
+
+def _openblas():
+    if not _pools:
+        import numpy  # noqa: F401  (loads its OpenBLAS, so that the controller sees it)
+
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # without it the pools are left as they are: one lane
+            _pools.append(None)
+        else:
+            _pools.append(ThreadpoolController().select(internal_api="openblas"))
+    return _pools[0]
 
 
 def blas_threads() -> int:

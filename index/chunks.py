@@ -1,18 +1,22 @@
-"""Row chunks of stored vectors as float32, converted in the scan's own thread while the disk reads ahead.
+"""Row chunks of stored vectors as float32, converted by the scanning threads while the disk reads ahead.
 
 Exact search is bound by the slower of reading the keys and scoring them; this module keeps the disk busy
-beside the scoring without a second CPU-bound thread: for a C-contiguous memory map (clip.f16, or a segment's
-part of a ConcatRows) an advice thread gives posix_fadvise(WILLNEED) for up to READ_AHEAD_CHUNKS chunks past
-the one being converted, in ADVICE_BYTES pieces (Linux reads only the first read_ahead_kb of one call), so the
-kernel reads them while the caller converts and scores (the calls block while the device queue is full, hence
-their own thread); each converted range is then unmapped (madvise DONTNEED: the pages stay in the page cache,
-but a scan of a file larger than RAM no longer leaves the kernel reclaiming pages this process maps). Anything else (an ndarray, Int8Rows, a row counter in
-the tests) is sliced once per chunk and converted. One reused float32 buffer, no chunk-sized array per chunk.
+beside the scoring without a CPU-bound helper thread: for a C-contiguous memory map (clip.f16, or a segment's
+part of a ConcatRows) an advice thread gives posix_fadvise(WILLNEED) for READ_AHEAD_BYTES (at least
+READ_AHEAD_CHUNKS chunks) past the chunks being converted, in ADVICE_BYTES pieces (Linux reads only the first
+read_ahead_kb of one call), so the kernel reads them while the scan converts and scores (the calls block while
+the device queue is full, hence their own thread); each converted range is then unmapped (madvise DONTNEED: the
+pages stay in the page cache, but a scan of a file larger than RAM no longer leaves the kernel reclaiming pages
+this process maps). Anything else (an ndarray, Int8Rows, a row counter in the tests) is sliced once per chunk
+and converted. ChunkQueue hands consecutive chunks to one or several scanning threads ("lanes", index/flat.py),
+each converting into its own reused float32 buffer: no chunk-sized array per chunk.
 
-Why no conversion thread (it was one until issue 31's idle-machine run): beside OpenBLAS's two threads on
-two cores it stalled the matmul (a chunk's matmul + cast 25.8 ms interleaved against 17.0 ms with the cast in
-this thread; bench/RESULTS.md); the cast is ≈ 10% of a 256-query scan in RAM (torch's vectorised cast, 5×
-numpy's astype here).
+Why the conversion runs in the scanning thread (it was a thread of its own until issue 31's idle-machine run):
+beside OpenBLAS's two threads on two cores a conversion thread stalled the matmul (a chunk's matmul + cast
+25.8 ms interleaved against 17.0 ms with the cast in the scanning thread; bench/RESULTS.md). With one lane
+the cast goes in pieces under torch's parallel grain (its thread pool beside BLAS's cost more than the cast);
+in a lane, whose thread runs a one-thread matmul, torch's OpenMP count is set to one for that thread and a
+chunk is cast in one call (the pieces' call overhead was ≈ 37% of the cast).
 A float32 C-contiguous array is handed out as views, uncopied.
 """
 from __future__ import annotations
@@ -53,12 +57,17 @@ def serial_casts_in_this_thread() -> None:
     if torch is None:
         return
     torch.get_num_threads()  # torch sets this thread's OpenMP count on first use: before ours, not after
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return
-    ThreadpoolController().select(user_api="openmp").limit(limits=1)  # this thread's count (an OpenMP ICV)
+    if not _openmp:  # looked up once (≈ 1.4 ms), after torch is loaded
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            return
+        _openmp.append(ThreadpoolController().select(user_api="openmp"))
+    _openmp[0].limit(limits=1)  # this thread's count: an OpenMP ICV is per thread
     _lane.serial = True
+
+
+_openmp = []  # [the OpenMP runtimes' controller]
 
 
 def convert_into(out: np.ndarray, rows: np.ndarray) -> None:

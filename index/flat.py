@@ -1,11 +1,16 @@
 """Exact search over the index's own float16 vectors (clip.f16): no second copy of them on disk.
 
 On CPU the vectors stream once per call, whatever the number of queries (corpus chunk outer, query batches
-inner): index/chunks.py converts each chunk into a reused float32 buffer in this thread while the kernel reads
-the next chunks of the file ahead (advice, no second CPU thread beside BLAS's); index/topk.py scores each (query batch × row tile) with the kernel
+inner), in lanes: one scanning thread per BLAS thread (numpy's count: OMP/OPENBLAS_NUM_THREADS=1 gives one),
+each claiming the next chunk, converting it into its own float32 buffer (index/chunks.py, while the kernel reads
+the file ahead) and scoring it with a one-thread matmul into its own top-k lists, merged at the end. A
+matmul per core instead of one over both cores lets one lane's cast and top-k select overlap the other's
+matmul instead of leaving BLAS's second thread waiting (256 queries over 1M × 768 in RAM: 0.85× of faiss in
+one lane, ≈ 1× in two; bench/RESULTS.md). index/topk.py scores each (query batch × row tile) with the kernel
 measured fastest for the batch size (BLAS matmul into a reused score buffer + a threshold select against each
-query's running k-th score, or faiss.knn) and keeps each query's running top-k. Memory: one chunk buffer,
-one score tile, the top-k state. On a GPU the same kind loads as the torch backend, see index/torch_exact.py.
+query's running k-th score, or faiss.knn in one lane) and keeps each query's running top-k. Memory per lane:
+one chunk buffer, one score tile, the top-k lists. On a GPU the same kind loads as the torch backend, see
+index/torch_exact.py.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ def chunk_rows(dim: int) -> int:
 def scan_lanes(chunks: int) -> int:
     """Lanes for a scan of `chunks` chunks: as many as BLAS has threads (so OMP/OPENBLAS_NUM_THREADS=1 gives
     one), never more than the chunks."""
-    return max(1, min(SCAN_LANES or blas_threads(), chunks))
+    return 1 if chunks <= 1 else max(1, min(SCAN_LANES or blas_threads(), chunks))
 
 
 @dataclass
