@@ -74,7 +74,10 @@ def needed_bytes(rows: int) -> int:
 
 def recipe_blocks(work: Path):
     """blocks(kind, count, dim) for scale_memory.write_vectors: keys as at_scale writes them, MiniLM rows as
-    near_dup_scale writes them (one clustered 2^18-row block), each rolled along the dims block after block."""
+    near_dup_scale writes them (one clustered 2^18-row block), each rolled along the dims block after block;
+    the MiniLM block is quantised once (a roll keeps each row's scale)."""
+    from img2prompt.index.minilm_store import quantise
+
     def blocks(kind: str, count: int, dim: int):
         if kind == "clip":
             yield from at_scale.synthetic_keys(count, dim)
@@ -82,18 +85,26 @@ def recipe_blocks(work: Path):
         assert dim == near_dup_scale.DIM, dim
         path = work / "minilm-base.npy"
         near_dup_scale.write_rows(path, min(at_scale.BASE_ROWS, count))
-        base = np.load(path)
+        base, scale = quantise(np.load(path))
         for number, start in enumerate(range(0, count, len(base))):
-            yield (np.roll(base, number, axis=1) if number else base)[:count - start]
+            yield (np.roll(base, number, axis=1) if number else base)[:count - start], scale[:count - start]
     return blocks
 
 
 def prepare(work: Path, rows: int, commands: list[str]) -> None:
     """The folder (and merge's N/2 input); run in a child of its own."""
+    started = time.perf_counter()
     base = scale_memory.base_index(work, recipe=True)
+    log(f"# base index built (stand-in models, {scale_memory.RECIPE}) in {time.perf_counter() - started:.0f} s")
+    started = time.perf_counter()
     scale_memory.scaled_index(base, work, rows, recipe_blocks(work))
+    seconds = time.perf_counter() - started
+    log(f"# {rows:,} rows written in {seconds:.0f} s ({seconds / rows * 1e6:.1f} µs/row)")
     if {"merge", "merge-dedup"} & set(commands):  # merge-dedup reads its prompts only
+        started = time.perf_counter()
         scale_memory.scaled_index(base, work, rows // 2, sparse=True)
+        log(f"# merge's {rows // 2:,}-prompt input (prompts and keys; sparse vector files) in "
+            f"{time.perf_counter() - started:.0f} s")
 
 
 def near_dup_child(folder: Path, rows: int) -> None:
@@ -120,10 +131,12 @@ def mib(value: float) -> str:
 
 
 def memory_row(name: str, row: dict, rows: int, limit: tuple[str, str], state: str) -> tuple:
-    ours = (f"{row['seconds']:.1f} s; anon {mib(row['anon_peak'])} ({row['anon_peak'] / rows:.1f} B/prompt); "
+    """B/prompt = peak ÷ N: fixed costs (torch, the models) included, an upper bound on scale_memory's slope."""
+    ours = (f"{row['seconds']:.1f} s; anon {mib(row['anon_peak'])} (≤ {row['anon_peak'] / rows:.1f} B/prompt); "
             f"VmHWM {mib(row['peak_rss'])}")
-    return (f"{name}, {rows:,} prompts", ours, *limit,
-            f"own process; {state}; B/prompt = peak ÷ N, fixed costs included (an upper bound on the slope)")
+    if name == "add-neardup":
+        ours += f"; {rows / row['seconds']:,.0f} old rows/s"
+    return f"{name}, {rows:,} prompts", ours, *limit, f"own process, whole command; {state}"
 
 
 def memory_part(args, work: Path, folder: Path, rows: int, dd_rate: float) -> list[tuple]:
@@ -144,7 +157,7 @@ def memory_part(args, work: Path, folder: Path, rows: int, dd_rate: float) -> li
                 continue
         for label, cold in ((" first answer, cold", True), (" first answer, warm", False)) if command == "search" \
                 else (("", False),):
-            state = at_scale.drop_cache() if cold else "page cache as the previous step left it"
+            state = at_scale.drop_cache() if cold else "cache as left"
             started = time.perf_counter()
             row = scale_memory.measure(command, folder, work, rows)
             if row is None:
@@ -210,7 +223,7 @@ def parse() -> argparse.Namespace:
                         help="a fresh folder is made (and removed) under this one (default /work/at-scale-tmp)")
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 64, 1024, 16384])
     parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--budget-s", type=float, default=150.0,
+    parser.add_argument("--budget-s", type=float, default=90.0,
                         help="a query count whose compute limit exceeds this searches the key file's first rows")
     parser.add_argument("--compute-flop", type=float, default=5e10, help="work per compute-rate measurement")
     parser.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=scale_memory.COMMANDS,

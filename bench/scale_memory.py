@@ -89,7 +89,8 @@ def random_unit_blocks(rng: np.random.Generator, count: int, dim: int, block: in
 
 def write_vectors(folder: Path, manifest: dict, count: int, blocks, sparse: bool = False) -> list[str]:
     """clip.f16 (at the key dim: the PCA's when the index has one) and the MiniLM file(s) in the manifest's dtype,
-    each from `blocks(kind, count, dim)` (float16 blocks); `sparse`: files of the right size holding no data
+    each from `blocks(kind, count, dim)` (float16 blocks; for an int8 index, MiniLM blocks may come quantised
+    already as (int8 rows, scale) pairs); `sparse`: files of the right size holding no data
     (zeros, no disk: for inputs whose vectors a measurement never reads). Returns the names written."""
     from img2prompt.index.layout import CLIP_VECTORS, MINILM, MINILM_I8, MINILM_SCALE
     from img2prompt.index.minilm_store import INT8, minilm_dtype, minilm_file_bytes, quantise
@@ -108,7 +109,7 @@ def write_vectors(folder: Path, manifest: dict, count: int, blocks, sparse: bool
     if dtype == INT8:
         with open(folder / MINILM_I8, "wb") as quantised_file, open(folder / MINILM_SCALE, "wb") as scale_file:
             for rows in blocks("minilm", count, text_dim):
-                quantised, scale = quantise(rows)
+                quantised, scale = rows if isinstance(rows, tuple) else quantise(rows)
                 quantised_file.write(quantised.tobytes())
                 scale_file.write(scale.tobytes())
     else:
