@@ -27,10 +27,13 @@ The 20M run (the issue's size; run it on an idle machine, nothing else on the di
 
     python bench/at_scale_folder.py --rows 20000000 --near-dup-rows 1000000
 
-  needs ≈ 37 GB free disk under --dir (checked before any work; merge would need ≈ 37 GB more and is skipped
-  below that), and takes roughly 45-75 min on this 2-core box (ESTIMATE from a 300k-row run, scaled by bytes
-  and rows: folder writing ≈ 8-12 min, each full scan ≈ dd's time of 28 GB, 16,384 queries capped by
-  --budget-s, near-dup 1M rows ≈ 2-6 min). A quick functional run (< 1 GB, ~3 min):
+  ESTIMATES from a 300k-row run (1,829 B/prompt on disk, 30-45 µs/row written, 64 µs/row near-dup) and the
+  20M at_scale.py runs (dd 314-588 MB/s, 28 GB key file written in 862 s under load):
+  disk ≈ 37 GB (the check asks ≈ 40 GiB free under --dir before any work; `merge` would need ≈ 37 GB more and is
+  skipped below that, saying so); time ≈ 35-60 min: folder writing 10-20 min, item 1 ≈ 6-8 min (dd + 4 searches,
+  1,024 and 16,384 queries capped by --budget-s), item 4 ≈ 12-18 min (five full scans of the keys, add-prekeys
+  and merge-dedup hash every prompt), near-dup over 1M rows 1-3 min. --add-neardup adds ≈ 1 h at 20M (5,800 old
+  rows/s measured at 300k). A quick functional run (< 1 GB of disk, ~5 min):
 
     python bench/at_scale_folder.py --rows 300000 --near-dup-rows 100000 --budget-s 20
 """
@@ -57,7 +60,7 @@ from common import anon_peak_sampler
 
 COMMANDS = ("search", "explain", "interrogate", "eval", "add", "add-prekeys", "add-dedup", "merge-dedup", "merge")
 SCANS = ("search", "explain", "interrogate", "eval")  # a full pass over the keys: dd's time bounds them
-PROMPT_BYTES = 48  # prompts.parquet per row, with slack (a 300k-row run: ≈ 14 B compressed)
+PROMPT_BYTES = 48  # prompts.parquet per row, with slack (measured ≈ 18-25 B at 0.3-0.5M rows)
 MARGIN = 5 * GiB  # left free for the add / near-dup scratch files and the rest of the machine
 NEAR_DUP_T = 0.95
 
@@ -105,6 +108,8 @@ def prepare(work: Path, rows: int, commands: list[str]) -> None:
         scale_memory.scaled_index(base, work, rows // 2, sparse=True)
         log(f"# merge's {rows // 2:,}-prompt input (prompts and keys; sparse vector files) in "
             f"{time.perf_counter() - started:.0f} s")
+    if "build-dedup" in commands:
+        scale_memory.corpus_file(work, rows)
 
 
 def near_dup_child(folder: Path, rows: int) -> None:
