@@ -119,7 +119,6 @@ def cold_part(args) -> list[tuple]:
         sys.exit(f"not enough free disk in {folder}")
     path = folder / CLIP_VECTORS
     size = rows * args.dim * 2
-    out = []
     try:
         started = time.perf_counter()
         if args.reuse and path.exists() and path.stat().st_size == size:
@@ -128,39 +127,48 @@ def cold_part(args) -> list[tuple]:
             write_keys(path, rows, args.dim)
             log(f"# wrote {rows:,} × {args.dim} fp16 = {size / 1e9:.1f} GB to {path} in "
                 f"{time.perf_counter() - started:.0f} s{note}")
-        state = drop_cache()
-        rate, dd_s = dd_rate(path)
-        log(f"# dd: {rate / 1e6:.0f} MB/s ({dd_s:.0f} s), {state}")
-        out.append(("dd sequential read of the key file", f"{rate / 1e6:.0f} MB/s", "-", "-", f"{size / 1e9:.1f} GB, {state}"))
-        chunk = flat.chunk_rows(args.dim)
-        # a search command has torch imported (its CLIP encoder) before it scans: time the scan, not the import
-        exact_search(unit_rows(1000, args.dim, seed=9).astype(np.float16), unit_rows(2, args.dim, seed=9), args.k)
-        for count in args.queries:
-            rate_c = compute_rate(args.dim, count, args.k, max(chunk, int(args.compute_flop / (2 * count * args.dim))))
-            limit_rows = rows
-            if rows / rate_c > args.budget_s:  # compute-bound: a prefix, whole chunks
-                limit_rows = max(chunk, int(rate_c * args.budget_s) // chunk * chunk)
-            # a fresh map each time: pages still mapped by a live map survive drop_caches (not cold otherwise)
-            keys = np.memmap(path, dtype=np.float16, mode="r", shape=(rows, args.dim))
-            state = drop_cache()
-            query = unit_rows(count, args.dim, seed=7)
-            started = time.perf_counter()
-            exact_search(keys[:limit_rows], query, args.k)
-            ours = time.perf_counter() - started
-            del keys
-            read_s, compute_s = limit_rows * args.dim * 2 / rate, limit_rows / rate_c
-            bound = "disk" if read_s >= compute_s else "compute"
-            ratio = max(read_s, compute_s) / ours
-            log(f"# {count:,} queries over {limit_rows:,} rows: ours {ours:.1f} s; dd would read them in {read_s:.1f} s, "
-                f"numpy GEMM + top-k in RAM computes them in {compute_s:.1f} s; {ratio:.2f}× of the {bound} limit; "
-                f"kernels measured {topk.KERNEL_TIMINGS}")
-            out.append((f"cold search, {count:,} queries, k {args.k}", f"{ours:.1f} s ({limit_rows:,} rows)",
-                        f"{max(read_s, compute_s):.1f} s ({bound}: dd {read_s:.1f} s, GEMM {compute_s:.1f} s)",
-                        f"{ratio:.2f}×", state))
+        return cold_search(path, rows, args.dim, args)[0]
     finally:
         path.unlink(missing_ok=True)
         log(f"# removed {path}")
-    return out
+
+
+def cold_search(path: Path, rows: int, dim: int, args) -> tuple[list[tuple], float]:
+    """dd's cold sequential rate of the key file `path` (rows × dim float16, raw: a folder's clip.f16 or the file
+    cold_part writes), then our cold flat search for each of args.queries against the slower of dd and the numpy
+    GEMM limit (args: queries, k, budget_s, compute_flop). Returns (table rows, dd bytes/s)."""
+    size = rows * dim * 2
+    out = []
+    state = drop_cache()
+    rate, dd_s = dd_rate(path)
+    log(f"# dd: {rate / 1e6:.0f} MB/s ({dd_s:.0f} s), {state}")
+    out.append(("dd sequential read of the key file", f"{rate / 1e6:.0f} MB/s", "-", "-", f"{size / 1e9:.1f} GB, {state}"))
+    chunk = flat.chunk_rows(dim)
+    # a search command has torch imported (its CLIP encoder) before it scans: time the scan, not the import
+    exact_search(unit_rows(1000, dim, seed=9).astype(np.float16), unit_rows(2, dim, seed=9), args.k)
+    for count in args.queries:
+        rate_c = compute_rate(dim, count, args.k, max(chunk, int(args.compute_flop / (2 * count * dim))))
+        limit_rows = rows
+        if rows / rate_c > args.budget_s:  # compute-bound: a prefix, whole chunks
+            limit_rows = min(rows, max(chunk, int(rate_c * args.budget_s) // chunk * chunk))
+        # a fresh map each time: pages still mapped by a live map survive drop_caches (not cold otherwise)
+        keys = np.memmap(path, dtype=np.float16, mode="r", shape=(rows, dim))
+        state = drop_cache()
+        query = unit_rows(count, dim, seed=7)
+        started = time.perf_counter()
+        exact_search(keys[:limit_rows], query, args.k)
+        ours = time.perf_counter() - started
+        del keys
+        read_s, compute_s = limit_rows * dim * 2 / rate, limit_rows / rate_c
+        bound = "disk" if read_s >= compute_s else "compute"
+        ratio = max(read_s, compute_s) / ours
+        log(f"# {count:,} queries over {limit_rows:,} rows: ours {ours:.1f} s; dd would read them in {read_s:.1f} s, "
+            f"numpy GEMM + top-k in RAM computes them in {compute_s:.1f} s; {ratio:.2f}× of the {bound} limit; "
+            f"kernels measured {topk.KERNEL_TIMINGS}")
+        out.append((f"cold search, {count:,} queries, k {args.k}", f"{ours:.1f} s ({limit_rows:,} rows)",
+                    f"{max(read_s, compute_s):.1f} s ({bound}: dd {read_s:.1f} s, GEMM {compute_s:.1f} s)",
+                    f"{ratio:.2f}×", state))
+    return out, rate
 
 
 def in_ram_part(args) -> list[tuple]:

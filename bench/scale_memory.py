@@ -55,30 +55,77 @@ def synthetic_prompts(low: int, high: int) -> list[str]:
             for i in range(low, high)]
 
 
-def base_index(work: Path) -> Path:
-    """A real index of 400 prompts built with the stand-in models."""
+# the 50M recipe's layout (README "A 50M-prompt index on Kaggle"): 768-d CLIP keys PCA-projected to 704, 384-d
+# MiniLM stored int8; stand-in models of those widths (random weights: only sizes and code paths are real)
+RECIPE = {"clip_dim": 768, "text_dim": 384, "key_dims": 704, "minilm_dtype": "int8"}
+
+
+def base_index(work: Path, recipe: bool = False) -> Path:
+    """A real index of 400 prompts built with the stand-in models (tiny widths, fp16; `recipe`: RECIPE's layout)."""
     from img2prompt.index.layout import MANIFEST
 
     out = work / "base"
     if (out / MANIFEST).exists():
         return out
     from img2prompt.build_index.runner import BuildOptions, run_build
-    from img2prompt.stand_in import write_tiny_clip, write_tiny_text_model
+    from img2prompt.stand_in import TINY_CLIP_CONFIG, write_tiny_clip, write_tiny_text_model
 
-    clip, text = write_tiny_clip(work / "clip"), write_tiny_text_model(work / "text")
+    layout = {"key_dims": RECIPE["key_dims"], "minilm_dtype": RECIPE["minilm_dtype"]} if recipe else {}
+    clip = write_tiny_clip(work / "clip", config=dict(TINY_CLIP_CONFIG, embed_dim=RECIPE["clip_dim"]) if recipe else None)
+    text = write_tiny_text_model(work / "text", **({"dim": RECIPE["text_dim"]} if recipe else {}))
     corpus = work / "base.txt"
     corpus.write_text("\n".join(synthetic_prompts(0, 400)) + "\n", encoding="utf-8")
     run_build(BuildOptions(corpus=[str(corpus)], out=str(out), clip_model=str(clip), text_model=str(text),
-                           device="cpu", progress=False, index="flat"))
+                           device="cpu", progress=False, index="flat", **layout))
     return out
 
 
-def scaled_index(base: Path, work: Path, count: int) -> Path:
-    """`base` with its rows replaced by `count` synthetic ones (in the on-disk format, index/ writer's layout)."""
+def random_unit_blocks(rng: np.random.Generator, count: int, dim: int, block: int = 262_144):
+    """float16 blocks of random unit rows (count rows in all)."""
+    for low in range(0, count, block):
+        rows = rng.normal(size=(min(block, count - low), dim)).astype(np.float32)
+        yield (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+
+
+def write_vectors(folder: Path, manifest: dict, count: int, blocks, sparse: bool = False) -> list[str]:
+    """clip.f16 (at the key dim: the PCA's when the index has one) and the MiniLM file(s) in the manifest's dtype,
+    each from `blocks(kind, count, dim)` (float16 blocks; for an int8 index, MiniLM blocks may come quantised
+    already as (int8 rows, scale) pairs); `sparse`: files of the right size holding no data
+    (zeros, no disk: for inputs whose vectors a measurement never reads). Returns the names written."""
+    from img2prompt.index.layout import CLIP_VECTORS, MINILM, MINILM_I8, MINILM_SCALE
+    from img2prompt.index.minilm_store import INT8, minilm_dtype, minilm_file_bytes, quantise
+
+    key_dim = (manifest.get("key_pca") or {}).get("dims") or manifest["models"]["clip"]["dim"]
+    text_dim, dtype = manifest["models"]["text"]["dim"], minilm_dtype(manifest)
+    sizes = {CLIP_VECTORS: count * key_dim * 2, **minilm_file_bytes(dtype, count, text_dim)}
+    if sparse:
+        for name, size in sizes.items():
+            with open(folder / name, "wb") as handle:
+                handle.truncate(size)
+        return list(sizes)
+    with open(folder / CLIP_VECTORS, "wb") as clip:
+        for rows in blocks("clip", count, key_dim):
+            clip.write(rows.tobytes())
+    if dtype == INT8:
+        with open(folder / MINILM_I8, "wb") as quantised_file, open(folder / MINILM_SCALE, "wb") as scale_file:
+            for rows in blocks("minilm", count, text_dim):
+                quantised, scale = rows if isinstance(rows, tuple) else quantise(rows)
+                quantised_file.write(quantised.tobytes())
+                scale_file.write(scale.tobytes())
+    else:
+        with open(folder / MINILM, "wb") as handle:
+            for rows in blocks("minilm", count, text_dim):
+                handle.write(rows.tobytes())
+    return list(sizes)
+
+
+def scaled_index(base: Path, work: Path, count: int, blocks=None, sparse: bool = False) -> Path:
+    """`base` with its rows replaced by `count` synthetic ones (in the on-disk format, index/ writer's layout):
+    vectors from `blocks(kind, count, dim)` (default: random unit rows), see write_vectors."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from img2prompt.index.layout import CLIP_VECTORS, MANIFEST, MINILM, PROMPT_GROUP_ROWS, PROMPT_KEYS, PROMPTS
+    from img2prompt.index.layout import MANIFEST, PROMPT_GROUP_ROWS, PROMPT_KEYS, PROMPTS
     from img2prompt.index.prompt_keys import write_prompt_keys
 
     out = work / f"idx-{count}"
@@ -88,26 +135,23 @@ def scaled_index(base: Path, work: Path, count: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp)
     manifest = json.loads((tmp / MANIFEST).read_text())
-    clip_dim, text_dim = manifest["models"]["clip"]["dim"], manifest["models"]["text"]["dim"]
     rng = np.random.default_rng(count)
+    blocks = blocks or (lambda kind, rows, dim: random_unit_blocks(rng, rows, dim))
     block = 262_144
     with pq.ParquetWriter(tmp / PROMPTS, pa.schema([("id", pa.int64()), ("prompt", pa.string()),
-                                                     ("key", pa.string())])) as writer, \
-            open(tmp / CLIP_VECTORS, "wb") as clip, open(tmp / MINILM, "wb") as minilm:
+                                                     ("key", pa.string())])) as writer:
         for low in range(0, count, block):
             high = min(low + block, count)
             writer.write_table(pa.table({"id": np.arange(low, high, dtype=np.int64),
                                          "prompt": synthetic_prompts(low, high),
                                          "key": ["text"] * (high - low)}), row_group_size=PROMPT_GROUP_ROWS)
-            for handle, dim in ((clip, clip_dim), (minilm, text_dim)):
-                rows = rng.normal(size=(high - low, dim)).astype(np.float32)
-                handle.write((rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16).tobytes())
+    vectors = write_vectors(tmp, manifest, count, blocks, sparse)
     write_prompt_keys(tmp, (synthetic_prompts(low, min(low + block, count)) for low in range(0, count, block)),
                       count)
     manifest["count"] = count
     for entry in manifest.get("key_ranges", []):
         entry["rows"] = [0, count]
-    for name in (PROMPTS, CLIP_VECTORS, MINILM, PROMPT_KEYS):
+    for name in (PROMPTS, PROMPT_KEYS, *vectors):
         manifest["files"].setdefault(name, {})["bytes"] = (tmp / name).stat().st_size
     (tmp / MANIFEST).write_text(json.dumps(manifest))
     tmp.rename(out)
