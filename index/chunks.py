@@ -292,6 +292,11 @@ class ChunkQueue:
                 self.advice.consumed()
             yield start, buffer[:stop - start]
 
+    def cancel(self) -> None:
+        """No further chunks for any lane (one lane failed: the others stop after their current chunk)."""
+        with self.claim_lock:
+            self.claimed = len(self.spans)
+
     def close(self) -> None:
         if self.advice:
             self.advice.stop()  # before the files close: no advice on a closed descriptor

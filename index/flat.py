@@ -5,8 +5,8 @@ inner), in lanes: one scanning thread per BLAS thread (numpy's count: OMP/OPENBL
 each claiming the next chunk, converting it into its own float32 buffer (index/chunks.py, while the kernel reads
 the file ahead) and scoring it with a one-thread matmul into its own top-k lists, merged at the end. A
 matmul per core instead of one over both cores lets one lane's cast and top-k select overlap the other's
-matmul instead of leaving BLAS's second thread waiting (256 queries over 1M × 768 in RAM: 0.85× of faiss in
-one lane, ≈ 1× in two; bench/RESULTS.md). index/topk.py scores each (query batch × row tile) with the kernel
+matmul instead of leaving BLAS's second thread waiting (in RAM, 1M × 768: 16 queries 1.76× → 2.79× of faiss,
+256 queries 0.85× → 0.89–0.95×; bench/RESULTS.md "Exact scan in lanes"). index/topk.py scores each (query batch × row tile) with the kernel
 measured fastest for the batch size (BLAS matmul into a reused score buffer + a threshold select against each
 query's running k-th score, or faiss.knn in one lane) and keeps each query's running top-k. Memory per lane:
 one chunk buffer, one score tile, the top-k lists. On a GPU the same kind loads as the torch backend, see
@@ -14,6 +14,7 @@ index/torch_exact.py.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,19 +82,15 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int | 
     batches = [queries[first:first + query_batch] for first in range(0, len(queries), query_batch)]
     tile_bytes = SCORE_BYTES if lanes == 1 else LANE_SCORE_BYTES
     tiles = [max(1, min(rows, tile_bytes // (4 * len(batch)))) for batch in batches]
-    if lanes == 1:
-        kernels = [kernel or choose_kernel(len(batch), dim, k, tile, float(len(batch)) * count * dim)
-                   for batch, tile in zip(batches, tiles)]
-        plan = _Plan(batches, tiles, kernels, k)
-        with ChunkQueue(vectors, rows) as queue:
-            states = plan.scan(queue.lane())
-        return _joined(states)
-    with one_blas_thread():  # each lane's matmul on its own core; timed under the same condition
-        kernels = [kernel or choose_kernel(len(batch), dim, k, tile, float(len(batch)) * count * dim, lanes=True)
+    holding = one_blas_thread() if lanes > 1 else contextlib.nullcontext()
+    with holding:  # in lanes each matmul runs on one core; the kernels are timed under the same condition
+        kernels = [kernel or choose_kernel(len(batch), dim, k, tile, float(len(batch)) * count * dim, lanes > 1)
                    for batch, tile in zip(batches, tiles)]
         plan = _Plan(batches, tiles, kernels, k)
         with ChunkQueue(vectors, rows, lanes) as queue:
-            per_lane = _run_lanes([lambda: plan.scan(queue.lane()) for _ in range(lanes)])
+            if lanes == 1:
+                return _joined(plan.scan(queue.lane()))
+            per_lane = _run_lanes([lambda: plan.scan(queue.lane()) for _ in range(lanes)], queue.cancel)
     merged = []
     for number, batch in enumerate(batches):
         state = RunningTopK(len(batch), k)
@@ -103,8 +100,9 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int | 
     return _joined(merged)
 
 
-def _run_lanes(work: list) -> list:
-    """Each callable in its own thread; their results in order; the first error raised here."""
+def _run_lanes(work: list, cancel) -> list:
+    """Each callable in its own thread; their results in order. On an error the others are cancelled (no
+    further chunks handed out) and the first error is raised here."""
     results, errors = [None] * len(work), []
 
     def run(number: int) -> None:
@@ -112,6 +110,7 @@ def _run_lanes(work: list) -> list:
             results[number] = work[number]()
         except BaseException as exc:  # re-raised in the caller's thread
             errors.append(exc)
+            cancel()
 
     threads = [threading.Thread(target=run, args=(number,), name=f"scan-lane-{number}") for number in range(len(work))]
     for thread in threads:

@@ -69,18 +69,20 @@ def test_lanes_read_each_row_once_from_segment_files(tmp_path, monkeypatch):
 
 
 def test_an_error_in_a_lane_reaches_the_caller_and_every_lane_stops(monkeypatch):
+    """The failing lane cancels the queue: the other lane stops after its current chunk, not at the end."""
     class FailingRows(CountingRows):
         def __getitem__(self, key):
-            if isinstance(key, slice) and (key.start or 0) >= 500:
+            if isinstance(key, slice) and key.start == 500:  # one chunk, in one lane
                 raise OSError("disk read failed at row 500")
             return super().__getitem__(key)
 
     monkeypatch.setattr(flat, "SCAN_LANES", 2)
     before = threading.active_count()
+    rows = FailingRows(integer_rows(100_000, 8, seed=64))
     with pytest.raises(OSError, match="row 500"):
-        exact_search(FailingRows(integer_rows(1_000, 8, seed=64)), integer_rows(3, 8, seed=65, dtype=np.float32),
-                     5, chunk=100)
+        exact_search(rows, integer_rows(3, 8, seed=65, dtype=np.float32), 5, chunk=100)
     assert threading.active_count() == before and blas_threads._holders == 0
+    assert rows.rows_read < 10_000  # cancelled: not the 100,000 rows a lane alone would go on to read
 
 
 def test_blas_is_held_at_one_thread_while_any_scan_runs_and_restored_after_the_last():
@@ -102,7 +104,7 @@ def test_one_blas_thread_means_one_lane(monkeypatch):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     names = []
     real = flat._run_lanes
-    monkeypatch.setattr(flat, "_run_lanes", lambda work: (names.append(len(work)), real(work))[1])
+    monkeypatch.setattr(flat, "_run_lanes", lambda work, cancel: (names.append(len(work)), real(work, cancel))[1])
     vectors, query = integer_rows(500, 8, seed=66), integer_rows(2, 8, seed=67, dtype=np.float32)
     with threadpoolctl.threadpool_limits(1, user_api="blas"):
         assert flat.scan_lanes(100) == 1
