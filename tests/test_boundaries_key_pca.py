@@ -123,3 +123,37 @@ def test_reduced_recall_is_recall_at_10_by_default():
     expected = {k: np.mean([len(set(full[q, :k]) & set(reduced[q, :k])) / k for q in range(5)]) for k in (9, 10, 11)}
     assert len(set(expected.values())) == 3  # the data tells k = 9, 10 and 11 apart
     assert key_pca.reduced_recall(keys, queries, pca) == pytest.approx(expected[10])
+
+
+@pytest.mark.parametrize("count, taken", [(1, 0), (10, 3), (1_000, 0), (1_000, 1), (5_000, 300), (7, 7)])
+def test_nth_not_in_is_the_complement_in_order(count, taken):
+    rng = np.random.default_rng(count + taken)
+    ids = np.sort(rng.choice(count, size=taken, replace=False))
+    others = np.setdiff1d(np.arange(count), ids)
+    np.testing.assert_array_equal(key_pca.nth_not_in(ids, np.arange(len(others))), others)
+
+
+def test_the_grown_recall_samples_the_other_rows_without_an_array_of_every_row():
+    """The same rows as drawing from an array of the other ids, in memory that follows the sample, not the index
+    (an add to a 20M-prompt index held 1.2 GB in setdiff1d over every row; bench/RESULTS.md)."""
+    import tracemalloc
+
+    pca = fit_pca(_keys(400, 6), 3)
+    drawn = []
+
+    def full_keys_of(ids):
+        drawn.append(ids)
+        return _keys(len(ids), 6, seed=int(ids.sum() % 1000))
+
+    count, new_rows = 5_000_000, np.arange(4_999_900, 5_000_000)
+    key_pca.grown_recall(pca, lambda ids: _keys(len(ids), 6), 3_000, np.arange(2_900, 3_000))  # imports done
+    tracemalloc.start()
+    key_pca.grown_recall(pca, full_keys_of, count, new_rows, seed=3, queries=50, sample=2_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 2**20, peak  # 5M ids as int64 alone are 40 MB
+
+    rng = np.random.default_rng(3)
+    query_ids = np.sort(rng.choice(new_rows, size=50, replace=False))
+    others = rng.choice(np.setdiff1d(np.arange(count), query_ids), size=1_950, replace=False)
+    np.testing.assert_array_equal(drawn[0], np.union1d(query_ids, others))
