@@ -42,6 +42,13 @@ def log(text: str) -> None:
     print(text, flush=True)
 
 
+def print_table(rows: list[tuple]) -> None:
+    """The bench's rows as one markdown table."""
+    print("\n| figure | ours | peer or limit | ratio | conditions |\n|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def unit_rows(count: int, dim: int, seed: int) -> np.ndarray:
     rows = np.random.default_rng(seed).standard_normal((count, dim), dtype=np.float32)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
@@ -244,9 +251,7 @@ def main() -> None:
     if "in-ram" not in args.skip:
         rows += in_ram_part(args)
     log(f"# load at the end {os.getloadavg()[0]:.1f}")
-    print("\n| figure | ours | peer or limit | ratio | conditions |\n|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

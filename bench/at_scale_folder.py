@@ -266,9 +266,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         log(f"# removed {work}")
     log(f"# whole run {time.perf_counter() - started:.0f} s, load at the end {os.getloadavg()[0]:.1f}")
-    print("\n| figure | ours | peer or limit | ratio | conditions |\n|---|---|---|---|---|")
-    for row in table:
-        print("| " + " | ".join(row) + " |")
+    at_scale.print_table(table)
 
 
 if __name__ == "__main__":
