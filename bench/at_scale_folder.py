@@ -25,14 +25,12 @@ or limit | ratio | conditions). Asserts nothing about speed.
 
 The 20M run (the issue's size; run it on an idle machine, nothing else on the disk or CPUs):
 
-    python bench/at_scale_folder.py --rows 20000000 --near-dup-rows 1000000
+    python bench/at_scale_folder.py --rows 20000000 --near-dup-rows 2000000 --compute-flop 5e10
 
-  ESTIMATES from a 300k-row run (1,829 B/prompt on disk, 30-45 µs/row written, 64 µs/row near-dup) and the
-  20M at_scale.py runs (dd 314-588 MB/s, 28 GB key file written in 862 s under load):
-  disk ≈ 37 GB (the check asks ≈ 40 GiB free under --dir before any work; `merge` would need ≈ 37 GB more and is
-  skipped below that, saying so); time ≈ 35-60 min: folder writing 10-20 min, item 1 ≈ 6-8 min (dd + 4 searches,
-  1,024 and 16,384 queries capped by --budget-s), item 4 ≈ 12-18 min (five full scans of the keys, add-prekeys
-  and merge-dedup hash every prompt), near-dup over 1M rows 1-3 min. --add-neardup adds ≈ 1 h at 20M (5,800 old
+  Measured (2026-12-08, idle 2 cores, bench/RESULTS.md): 36.4 GB of disk (the check asks ≈ 40 GiB free under
+  --dir before any work; `merge` would need ≈ 37 GB more and is skipped below that, saying so); 1,118 s in all:
+  folder written in 250 s, item 1 ≈ 6 min (dd + 4 searches, 1,024 and 16,384 queries capped by --budget-s),
+  item 4 ≈ 8 min, near-dup over 2M rows 132 s. --add-neardup adds ≈ 1 h at 20M (ESTIMATED from 5,800 old
   rows/s measured at 300k). A quick functional run (< 1 GB of disk, ~5 min):
 
     python bench/at_scale_folder.py --rows 300000 --near-dup-rows 100000 --budget-s 20
