@@ -3,6 +3,7 @@ and its own top-k lists, merged at the end. The lists must equal one lane's (and
 ties included; the OpenBLAS thread count is held at one while any scan runs and restored after the last."""
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -88,7 +89,7 @@ def test_an_error_in_a_lane_reaches_the_caller_and_every_lane_stops(monkeypatch)
 def test_blas_is_held_at_one_thread_while_any_scan_runs_and_restored_after_the_last():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     with threadpoolctl.threadpool_limits(2, user_api="blas"):  # a known count to come back to
-        assert set(openblas_threads()) == {2} and blas_threads.blas_threads() == min(2, len(__import__("os").sched_getaffinity(0)))
+        assert set(openblas_threads()) == {2} and blas_threads.blas_threads() == min(2, len(os.sched_getaffinity(0)))
         first, second = blas_threads.one_blas_thread(), blas_threads.one_blas_thread()
         first.__enter__()
         second.__enter__()
@@ -113,7 +114,7 @@ def test_one_blas_thread_means_one_lane(monkeypatch):
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
         exact_search(vectors, query, 3, chunk=10)
         exact_search(vectors, query, 3, chunk=500)  # one chunk: one lane
-    assert names == ([2] if len(__import__("os").sched_getaffinity(0)) >= 2 else [])
+    assert names == ([2] if len(os.sched_getaffinity(0)) >= 2 else [])
 
 
 def test_a_lane_casts_a_chunk_in_one_single_threaded_call():
