@@ -29,6 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
+from img2prompt.index.blas_threads import one_openmp_thread_here
+
 READ_AHEAD_CHUNKS = 2  # at least this many chunks are advised beyond those being converted
 READ_AHEAD_BYTES = 64 * 2**20  # and at least this much of the file (small chunks: as deep a read-ahead as large ones)
 ADVICE_BYTES = 128 * 1024  # one read-ahead advice: Linux's smallest usual cap on what one call reads
@@ -57,17 +59,8 @@ def serial_casts_in_this_thread() -> None:
     if torch is None:
         return
     torch.get_num_threads()  # torch sets this thread's OpenMP count on first use: before ours, not after
-    if not _openmp:  # looked up once (≈ 1.4 ms), after torch is loaded
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            return
-        _openmp.append(ThreadpoolController().select(user_api="openmp"))
-    _openmp[0].limit(limits=1)  # this thread's count: an OpenMP ICV is per thread
-    _lane.serial = True
-
-
-_openmp = []  # [the OpenMP runtimes' controller]
+    if one_openmp_thread_here():  # after torch is loaded: its runtime is then among those found
+        _lane.serial = True
 
 
 def convert_into(out: np.ndarray, rows: np.ndarray) -> None:

@@ -18,7 +18,7 @@ from test_exact_scan import brute, integer_rows, write_keys
 
 
 def openblas_threads() -> list[int]:
-    return [pool["num_threads"] for pool in blas_threads._openblas().info()]
+    return [pool["num_threads"] for pool in blas_threads._pools("openblas").info()]
 
 
 @pytest.mark.parametrize("lanes", [2, 3, 5])
